@@ -490,8 +490,19 @@ impl Journal {
         if self.file.is_some() && end <= self.options.segment_size {
             return Ok(());
         }
-        // The buffered records belong to the current segment: flush them there first.
+        // The buffered records belong to the current segment: write and sync them there first,
+        // since the group's commit will sync only the new segment.
         self.write_buffer()?;
+        if let Some(file) = &self.file {
+            if let Err(error) = file.sync_data() {
+                self.poisoned = true;
+                return Err(JournalError::Io {
+                    operation: "fdatasync",
+                    path: self.path.clone(),
+                    source: error,
+                });
+            }
+        }
         self.roll()
     }
 

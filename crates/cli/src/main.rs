@@ -1,0 +1,79 @@
+//! The `clearhouse` command.
+//!
+//! It does: run the ledger benchmarks (`bench ledger`, `bench core`, `bench recovery`) and the
+//! ledger node behind a line protocol on stdin/stdout (`node`, used by the crash tests).
+//! It deliberately does not (yet): serve HTTP or run the payment switch (see the open issues).
+
+mod bench;
+mod node_protocol;
+mod workload;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "clearhouse", version, about = "clearhouse: real-time payment switch and clearing house")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmarks that print figures (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Runs the durable ledger node on a data directory, speaking a line protocol on stdin/stdout.
+    ///
+    /// Each answer is written only after the request is durable. Used by the crash tests.
+    /// Example: printf 'accounts 1 10\n' | clearhouse node --data-dir /tmp/ledger
+    Node {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Journal segment size in bytes.
+        #[arg(long, default_value_t = clearhouse_journal::SEGMENT_SIZE_DEFAULT)]
+        segment_size: u64,
+        /// A durable index checkpoint every this many journal records.
+        #[arg(long, default_value_t = 256)]
+        checkpoint_every_records: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Workload L1 of shared/bench/WORKLOAD.md: TigerBeetle's `benchmark` defaults, full durability.
+    ///
+    /// Example: clearhouse bench ledger --transfer-count 1000000 --json
+    Ledger(bench::LedgerArgs),
+    /// The in-memory ledger state machine alone, on one core (no journal, no index).
+    ///
+    /// Example: clearhouse bench core --transfer-count 5000000
+    Core(bench::CoreArgs),
+    /// Recovery: writes a journal of N transfers with no checkpoint, then times a cold start
+    /// that replays and indexes all of it.
+    ///
+    /// Example: clearhouse bench recovery --transfer-count 1000000
+    Recovery(bench::RecoveryArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CLEARHOUSE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Bench(BenchCommand::Ledger(args)) => bench::ledger(args),
+        Command::Bench(BenchCommand::Core(args)) => bench::core(args),
+        Command::Bench(BenchCommand::Recovery(args)) => bench::recovery(args),
+        Command::Node {
+            data_dir,
+            segment_size,
+            checkpoint_every_records,
+        } => node_protocol::run(data_dir, segment_size, checkpoint_every_records),
+    }
+}

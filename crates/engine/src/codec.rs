@@ -1,0 +1,310 @@
+//! Byte layouts of ledger objects in the journal and the index: fixed-size, little-endian.
+//! Documented in docs/JOURNAL_FORMAT.md ("Payload kinds"); change both together.
+
+use clearhouse_ledger::{
+    Account, AccountEvent, AccountEventKind, AccountFlags, Balance, LedgerScalars, PendingStatus,
+    StoredTransfer, Transfer, TransferFlags,
+};
+
+pub const ACCOUNT_SIZE: usize = 128;
+pub const TRANSFER_SIZE: usize = 128;
+pub const STORED_TRANSFER_SIZE: usize = TRANSFER_SIZE + 1;
+
+/// Journal record kinds.
+pub const KIND_CREATE_ACCOUNTS: u16 = 1;
+pub const KIND_CREATE_TRANSFERS: u16 = 2;
+pub const KIND_PULSE: u16 = 3;
+
+#[derive(Debug, thiserror::Error)]
+#[error("codec: {what}: expected {expected} bytes, found {found}")]
+pub struct CodecError {
+    pub what: &'static str,
+    pub expected: usize,
+    pub found: usize,
+}
+
+struct Writer<'a>(&'a mut Vec<u8>);
+impl Writer<'_> {
+    fn u128(&mut self, v: u128) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let (head, rest) = self.0.split_at(N);
+        self.0 = rest;
+        head.try_into().expect("length checked by the caller")
+    }
+    fn u128(&mut self) -> u128 {
+        u128::from_le_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take())
+    }
+}
+
+/// Account, 128 bytes: id, debits_pending, debits_posted, credits_pending, credits_posted,
+/// user_data_128 (6 x u128 = 96), user_data_64 (8), user_data_32 (4), ledger (4), code (2),
+/// flags (2), timestamp (8), reserved zero (4).
+pub fn encode_account(out: &mut Vec<u8>, a: &Account) {
+    let mut w = Writer(out);
+    w.u128(a.id);
+    w.u128(a.debits_pending);
+    w.u128(a.debits_posted);
+    w.u128(a.credits_pending);
+    w.u128(a.credits_posted);
+    w.u128(a.user_data_128);
+    w.u64(a.user_data_64);
+    w.u32(a.user_data_32);
+    w.u32(a.ledger);
+    w.u16(a.code);
+    w.u16(a.flags.0);
+    w.u64(a.timestamp);
+    w.u32(0);
+}
+
+pub fn decode_account(bytes: &[u8]) -> Result<Account, CodecError> {
+    check(bytes, ACCOUNT_SIZE, "account")?;
+    let mut r = Reader(bytes);
+    Ok(Account {
+        id: r.u128(),
+        debits_pending: r.u128(),
+        debits_posted: r.u128(),
+        credits_pending: r.u128(),
+        credits_posted: r.u128(),
+        user_data_128: r.u128(),
+        user_data_64: r.u64(),
+        user_data_32: r.u32(),
+        ledger: r.u32(),
+        code: r.u16(),
+        flags: AccountFlags(r.u16()),
+        timestamp: r.u64(),
+    })
+}
+
+/// Transfer, 128 bytes: id, debit_account_id, credit_account_id, amount, pending_id,
+/// user_data_128 (6 x u128 = 96), user_data_64 (8), user_data_32 (4), timeout (4), ledger (4),
+/// code (2), flags (2), timestamp (8).
+pub fn encode_transfer(out: &mut Vec<u8>, t: &Transfer) {
+    let mut w = Writer(out);
+    w.u128(t.id);
+    w.u128(t.debit_account_id);
+    w.u128(t.credit_account_id);
+    w.u128(t.amount);
+    w.u128(t.pending_id);
+    w.u128(t.user_data_128);
+    w.u64(t.user_data_64);
+    w.u32(t.user_data_32);
+    w.u32(t.timeout);
+    w.u32(t.ledger);
+    w.u16(t.code);
+    w.u16(t.flags.0);
+    w.u64(t.timestamp);
+}
+
+pub fn decode_transfer(bytes: &[u8]) -> Result<Transfer, CodecError> {
+    check(bytes, TRANSFER_SIZE, "transfer")?;
+    let mut r = Reader(bytes);
+    Ok(Transfer {
+        id: r.u128(),
+        debit_account_id: r.u128(),
+        credit_account_id: r.u128(),
+        amount: r.u128(),
+        pending_id: r.u128(),
+        user_data_128: r.u128(),
+        user_data_64: r.u64(),
+        user_data_32: r.u32(),
+        timeout: r.u32(),
+        ledger: r.u32(),
+        code: r.u16(),
+        flags: TransferFlags(r.u16()),
+        timestamp: r.u64(),
+    })
+}
+
+pub fn encode_stored_transfer(out: &mut Vec<u8>, stored: &StoredTransfer) {
+    encode_transfer(out, &stored.transfer);
+    out.push(stored.status as u8);
+}
+
+pub fn decode_stored_transfer(bytes: &[u8]) -> Result<StoredTransfer, CodecError> {
+    check(bytes, STORED_TRANSFER_SIZE, "stored transfer")?;
+    let status = PendingStatus::from_u8(bytes[TRANSFER_SIZE]).ok_or(CodecError {
+        what: "pending status",
+        expected: 1,
+        found: 0,
+    })?;
+    Ok(StoredTransfer {
+        transfer: decode_transfer(&bytes[..TRANSFER_SIZE])?,
+        status,
+    })
+}
+
+pub fn encode_batch<T>(events: &[T], encode: fn(&mut Vec<u8>, &T)) -> Vec<u8> {
+    let mut out = Vec::with_capacity(events.len() * 128);
+    for event in events {
+        encode(&mut out, event);
+    }
+    out
+}
+
+pub fn decode_batch<T>(
+    bytes: &[u8],
+    decode: fn(&[u8]) -> Result<T, CodecError>,
+) -> Result<Vec<T>, CodecError> {
+    if bytes.len() % 128 != 0 {
+        return Err(CodecError {
+            what: "batch of 128-byte events",
+            expected: bytes.len() / 128 * 128,
+            found: bytes.len(),
+        });
+    }
+    bytes.chunks_exact(128).map(decode).collect()
+}
+
+/// Account event value in the index: transfer id (16), kind (1), then 64 bytes of balances
+/// (debits_pending, debits_posted, credits_pending, credits_posted) for accounts with history.
+pub fn encode_account_event(out: &mut Vec<u8>, event: &AccountEvent) {
+    out.extend_from_slice(&event.transfer_id.to_le_bytes());
+    out.push(event.kind as u8);
+    if let Some(balance) = event.balance {
+        let mut w = Writer(out);
+        w.u128(balance.debits_pending);
+        w.u128(balance.debits_posted);
+        w.u128(balance.credits_pending);
+        w.u128(balance.credits_posted);
+    }
+}
+
+pub fn decode_account_event(
+    account_id: u128,
+    timestamp: u64,
+    bytes: &[u8],
+) -> Result<AccountEvent, CodecError> {
+    if bytes.len() != 17 && bytes.len() != 17 + 64 {
+        return Err(CodecError {
+            what: "account event",
+            expected: 17,
+            found: bytes.len(),
+        });
+    }
+    let mut r = Reader(bytes);
+    let transfer_id = r.u128();
+    let kind = AccountEventKind::from_u8(r.take::<1>()[0]).ok_or(CodecError {
+        what: "account event kind",
+        expected: 1,
+        found: 0,
+    })?;
+    let balance = (bytes.len() == 81).then(|| Balance {
+        debits_pending: r.u128(),
+        debits_posted: r.u128(),
+        credits_pending: r.u128(),
+        credits_posted: r.u128(),
+    });
+    Ok(AccountEvent {
+        account_id,
+        timestamp,
+        transfer_id,
+        kind,
+        balance,
+    })
+}
+
+pub fn encode_scalars(scalars: &LedgerScalars) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    let mut w = Writer(&mut out);
+    w.u64(scalars.last_timestamp);
+    w.u128(scalars.transfer_id_max);
+    w.u64(scalars.transfers_count);
+    out
+}
+
+pub fn decode_scalars(bytes: &[u8]) -> Result<LedgerScalars, CodecError> {
+    check(bytes, 32, "scalars")?;
+    let mut r = Reader(bytes);
+    Ok(LedgerScalars {
+        last_timestamp: r.u64(),
+        transfer_id_max: r.u128(),
+        transfers_count: r.u64(),
+    })
+}
+
+fn check(bytes: &[u8], expected: usize, what: &'static str) -> Result<(), CodecError> {
+    if bytes.len() == expected {
+        Ok(())
+    } else {
+        Err(CodecError {
+            what,
+            expected,
+            found: bytes.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_128_bytes_and_round_trip() {
+        let account = Account {
+            id: u128::MAX - 1,
+            debits_pending: 1,
+            debits_posted: 2,
+            credits_pending: 3,
+            credits_posted: 4,
+            user_data_128: 5,
+            user_data_64: 6,
+            user_data_32: 7,
+            ledger: 8,
+            code: 9,
+            flags: AccountFlags::HISTORY,
+            timestamp: 10,
+        };
+        let mut bytes = Vec::new();
+        encode_account(&mut bytes, &account);
+        assert_eq!(bytes.len(), ACCOUNT_SIZE);
+        assert_eq!(decode_account(&bytes).unwrap(), account);
+        let transfer = Transfer {
+            id: 1,
+            debit_account_id: 2,
+            credit_account_id: 3,
+            amount: u128::MAX,
+            pending_id: 5,
+            user_data_128: 6,
+            user_data_64: 7,
+            user_data_32: 8,
+            timeout: 9,
+            ledger: 10,
+            code: 11,
+            flags: TransferFlags::PENDING,
+            timestamp: 12,
+        };
+        let stored = StoredTransfer {
+            transfer,
+            status: PendingStatus::Expired,
+        };
+        let mut bytes = Vec::new();
+        encode_stored_transfer(&mut bytes, &stored);
+        assert_eq!(bytes.len(), STORED_TRANSFER_SIZE);
+        assert_eq!(decode_stored_transfer(&bytes).unwrap(), stored);
+        assert!(decode_transfer(&bytes[..100]).is_err());
+    }
+}

@@ -1,0 +1,302 @@
+//! The on-disk index (redb): every transfer by id, every account event by (account, timestamp),
+//! pending transfers, and, at each checkpoint, all accounts and the ledger scalars.
+//!
+//! The journal is the source of truth; the index is derived from it. Between checkpoints the
+//! index commits without fsync (redb `Durability::None`); a checkpoint commits with fsync and
+//! records the journal sequence it covers, so recovery loads the checkpoint and replays the
+//! journal after it. A crash loses at most non-durable index commits, which replay rebuilds.
+
+use std::path::Path;
+
+use clearhouse_ledger::{
+    Account, AccountEvent, AccountFilter, Balance, ChangeSet, LedgerScalars, PendingStatus,
+    StoredTransfer, Transfer,
+};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::codec;
+use crate::EngineError;
+
+const TRANSFERS: TableDefinition<u128, &[u8]> = TableDefinition::new("transfers");
+const ACCOUNT_EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("account_events");
+const PENDING: TableDefinition<u128, u8> = TableDefinition::new("pending");
+const ACCOUNTS: TableDefinition<u128, &[u8]> = TableDefinition::new("accounts");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// Most results one query returns, as in TigerBeetle.
+pub const QUERY_LIMIT_MAX: u32 = 8_190;
+
+fn index_error(context: &'static str) -> impl FnOnce(redb::Error) -> EngineError {
+    move |error| EngineError::Index {
+        context,
+        message: error.to_string(),
+    }
+}
+
+macro_rules! redb_try {
+    ($expr:expr, $context:expr) => {
+        $expr.map_err(|error| index_error($context)(error.into()))?
+    };
+}
+
+/// A checkpoint: the state of the ledger as of journal sequence `seq`.
+pub struct Checkpoint {
+    pub seq: u64,
+    pub scalars: LedgerScalars,
+    pub dirty_accounts: Vec<Account>,
+}
+
+/// What a checkpoint on disk holds, to restore the ledger from.
+pub struct Restored {
+    pub seq: u64,
+    pub scalars: LedgerScalars,
+    pub accounts: Vec<Account>,
+    pub pending: Vec<StoredTransfer>,
+}
+
+pub struct Index {
+    db: Database,
+}
+
+impl Index {
+    pub fn open(path: &Path) -> Result<Index, EngineError> {
+        let db = redb_try!(Database::create(path), "open index");
+        let index = Index { db };
+        // Make sure every table exists so read transactions never miss one.
+        let mut txn = redb_try!(index.db.begin_write(), "begin write");
+        redb_try!(txn.set_durability(Durability::Immediate), "durability");
+        {
+            redb_try!(txn.open_table(TRANSFERS), "open table");
+            redb_try!(txn.open_table(ACCOUNT_EVENTS), "open table");
+            redb_try!(txn.open_table(PENDING), "open table");
+            redb_try!(txn.open_table(ACCOUNTS), "open table");
+            redb_try!(txn.open_table(META), "open table");
+        }
+        redb_try!(txn.commit(), "commit");
+        Ok(index)
+    }
+
+    /// Reads the last durable checkpoint (all zero for a new data directory).
+    pub fn restore(&self) -> Result<Restored, EngineError> {
+        let txn = redb_try!(self.db.begin_read(), "begin read");
+        let meta = redb_try!(txn.open_table(META), "open meta");
+        let seq = match redb_try!(meta.get("checkpoint_seq"), "read meta") {
+            Some(value) => u64::from_le_bytes(value.value().try_into().map_err(|_| {
+                EngineError::Index {
+                    context: "checkpoint_seq",
+                    message: "bad length".into(),
+                }
+            })?),
+            None => 0,
+        };
+        let applied_seq = match redb_try!(meta.get("applied_seq"), "read meta") {
+            Some(value) => u64::from_le_bytes(value.value().try_into().unwrap_or([0xff; 8])),
+            None => 0,
+        };
+        if applied_seq != seq {
+            // Non-durable index commits must vanish with a crash and a clean stop checkpoints:
+            // an index ahead of its checkpoint would make replay apply records twice.
+            return Err(EngineError::Index {
+                context: "restore",
+                message: format!(
+                    "index holds changes through journal sequence {applied_seq} but its checkpoint is at {seq}"
+                ),
+            });
+        }
+        let scalars = match redb_try!(meta.get("scalars"), "read meta") {
+            Some(value) => codec::decode_scalars(value.value())?,
+            None => LedgerScalars::default(),
+        };
+        let accounts_table = redb_try!(txn.open_table(ACCOUNTS), "open accounts");
+        let mut accounts = Vec::new();
+        for entry in redb_try!(accounts_table.iter(), "iterate accounts") {
+            let (_, value) = redb_try!(entry, "read account");
+            accounts.push(codec::decode_account(value.value())?);
+        }
+        let pending_table = redb_try!(txn.open_table(PENDING), "open pending");
+        let transfers = redb_try!(txn.open_table(TRANSFERS), "open transfers");
+        let mut pending = Vec::new();
+        for entry in redb_try!(pending_table.iter(), "iterate pending") {
+            let (id, _) = redb_try!(entry, "read pending");
+            let value = redb_try!(transfers.get(id.value()), "read transfer").ok_or_else(|| {
+                EngineError::Index {
+                    context: "pending",
+                    message: format!("pending transfer {} missing", id.value()),
+                }
+            })?;
+            let stored = codec::decode_stored_transfer(value.value())?;
+            assert_eq!(stored.status, PendingStatus::Pending);
+            pending.push(stored);
+        }
+        Ok(Restored {
+            seq,
+            scalars,
+            accounts,
+            pending,
+        })
+    }
+
+    /// Applies one group's changes; with a checkpoint, commits durably (fsync).
+    pub fn apply(
+        &self,
+        seq: u64,
+        changes: &ChangeSet,
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<(), EngineError> {
+        let mut txn = redb_try!(self.db.begin_write(), "begin write");
+        redb_try!(
+            txn.set_durability(if checkpoint.is_some() {
+                Durability::Immediate
+            } else {
+                Durability::None
+            }),
+            "durability"
+        );
+        let mut buffer = Vec::with_capacity(128);
+        {
+            let mut transfers = redb_try!(txn.open_table(TRANSFERS), "open transfers");
+            let mut pending = redb_try!(txn.open_table(PENDING), "open pending");
+            for stored in &changes.transfers {
+                buffer.clear();
+                codec::encode_stored_transfer(&mut buffer, stored);
+                redb_try!(transfers.insert(stored.transfer.id, buffer.as_slice()), "insert transfer");
+                if stored.status == PendingStatus::Pending {
+                    redb_try!(pending.insert(stored.transfer.id, 1u8), "insert pending");
+                } else if stored.status != PendingStatus::None {
+                    redb_try!(pending.remove(stored.transfer.id), "remove pending");
+                }
+            }
+            let mut events = redb_try!(txn.open_table(ACCOUNT_EVENTS), "open account events");
+            for event in &changes.account_events {
+                buffer.clear();
+                codec::encode_account_event(&mut buffer, event);
+                redb_try!(
+                    events.insert((event.account_id, event.timestamp), buffer.as_slice()),
+                    "insert account event"
+                );
+            }
+            let mut accounts = redb_try!(txn.open_table(ACCOUNTS), "open accounts");
+            let dirty = checkpoint.map(|c| c.dirty_accounts.as_slice()).unwrap_or(&[]);
+            for account in changes.accounts_created.iter().chain(dirty) {
+                buffer.clear();
+                codec::encode_account(&mut buffer, account);
+                redb_try!(accounts.insert(account.id, buffer.as_slice()), "insert account");
+            }
+            let mut meta = redb_try!(txn.open_table(META), "open meta");
+            redb_try!(meta.insert("applied_seq", seq.to_le_bytes().as_slice()), "write meta");
+            if let Some(checkpoint) = checkpoint {
+                assert_eq!(checkpoint.seq, seq, "a checkpoint covers exactly what was applied");
+                redb_try!(
+                    meta.insert("checkpoint_seq", checkpoint.seq.to_le_bytes().as_slice()),
+                    "write meta"
+                );
+                redb_try!(
+                    meta.insert("scalars", codec::encode_scalars(&checkpoint.scalars).as_slice()),
+                    "write meta"
+                );
+            }
+        }
+        redb_try!(txn.commit(), "commit");
+        Ok(())
+    }
+
+    pub fn get_transfers(
+        &self,
+        ids: &[u128],
+        mut found: impl FnMut(StoredTransfer),
+    ) -> Result<(), EngineError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let txn = redb_try!(self.db.begin_read(), "begin read");
+        let transfers = redb_try!(txn.open_table(TRANSFERS), "open transfers");
+        for id in ids {
+            if let Some(value) = redb_try!(transfers.get(*id), "read transfer") {
+                found(codec::decode_stored_transfer(value.value())?);
+            }
+        }
+        Ok(())
+    }
+
+    fn account_events(
+        &self,
+        filter: &AccountFilter,
+        mut keep: impl FnMut(&AccountEvent) -> bool,
+    ) -> Result<Vec<AccountEvent>, EngineError> {
+        let limit = filter.limit.min(QUERY_LIMIT_MAX) as usize;
+        let min = filter.timestamp_min;
+        let max = if filter.timestamp_max == 0 {
+            u64::MAX
+        } else {
+            filter.timestamp_max
+        };
+        let mut out = Vec::new();
+        if limit == 0 || min > max {
+            return Ok(out);
+        }
+        let txn = redb_try!(self.db.begin_read(), "begin read");
+        let events = redb_try!(txn.open_table(ACCOUNT_EVENTS), "open account events");
+        let range = redb_try!(
+            events.range((filter.account_id, min)..=(filter.account_id, max)),
+            "range"
+        );
+        let mut visit = |entry: Result<
+            (redb::AccessGuard<'_, (u128, u64)>, redb::AccessGuard<'_, &[u8]>),
+            redb::StorageError,
+        >|
+         -> Result<bool, EngineError> {
+            let (key, value) = redb_try!(entry, "read account event");
+            let (account_id, timestamp) = key.value();
+            let event = codec::decode_account_event(account_id, timestamp, value.value())?;
+            if keep(&event) {
+                out.push(event);
+            }
+            Ok(out.len() < limit)
+        };
+        if filter.reversed {
+            for entry in range.rev() {
+                if !visit(entry)? {
+                    break;
+                }
+            }
+        } else {
+            for entry in range {
+                if !visit(entry)? {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Transfers of an account within the filter, oldest first (newest first when reversed).
+    pub fn get_account_transfers(&self, filter: &AccountFilter) -> Result<Vec<Transfer>, EngineError> {
+        let events = self.account_events(filter, |event| {
+            event.kind.is_transfer()
+                && ((filter.debits && event.kind == clearhouse_ledger::AccountEventKind::Debit)
+                    || (filter.credits && event.kind == clearhouse_ledger::AccountEventKind::Credit))
+        })?;
+        let ids: Vec<u128> = events.iter().map(|event| event.transfer_id).collect();
+        let mut transfers = Vec::with_capacity(ids.len());
+        self.get_transfers(&ids, |stored| transfers.push(stored.transfer))?;
+        assert_eq!(transfers.len(), ids.len(), "index: account event without its transfer");
+        Ok(transfers)
+    }
+
+    /// Balances of an account (with the HISTORY flag) after each event within the filter.
+    pub fn get_account_balances(
+        &self,
+        filter: &AccountFilter,
+    ) -> Result<Vec<(u64, Balance)>, EngineError> {
+        let events = self.account_events(filter, |event| {
+            event.balance.is_some()
+                && (!event.kind.is_transfer()
+                    || (filter.debits && event.kind == clearhouse_ledger::AccountEventKind::Debit)
+                    || (filter.credits && event.kind == clearhouse_ledger::AccountEventKind::Credit))
+        })?;
+        Ok(events
+            .into_iter()
+            .map(|event| (event.timestamp, event.balance.expect("filtered")))
+            .collect())
+    }
+}

@@ -1,0 +1,40 @@
+//! clearhouse-engine: the durable ledger node.
+//!
+//! It does: run the ledger state machine on one thread; journal each batch and fsync a whole
+//! group of batches at once (group commit) before answering any of them; prefetch from the
+//! on-disk index the transfers a batch names that are not in memory; index every transfer and
+//! account event in redb on a second thread; checkpoint (fsync the index with all accounts) at
+//! intervals and delete the journal segments a checkpoint covers; recover by loading the last
+//! checkpoint and replaying the journal after it; expire pending transfers with journaled pulses.
+//!
+//! It deliberately does not: speak any network protocol (the server and CLI do), know payments or
+//! participants (crates to come), or trust the clock beyond stamping batches (the clock is read
+//! here, once per batch, and journaled, so replay never reads it).
+
+pub mod codec;
+pub mod index;
+pub mod node;
+
+pub use index::QUERY_LIMIT_MAX;
+pub use node::{Node, NodeOptions, NodeStats, RecoveryReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Journal(#[from] clearhouse_journal::JournalError),
+    #[error("index: {context}: {message}")]
+    Index {
+        context: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Codec(#[from] codec::CodecError),
+    #[error("batch refused: {0}")]
+    Batch(#[from] clearhouse_ledger::BatchError),
+    #[error("engine: the request queue is full ({limit} requests); retry later")]
+    Overloaded { limit: usize },
+    #[error("engine: stopped: {reason}")]
+    Stopped { reason: String },
+    #[error("engine: recovery failed: {0}")]
+    Recovery(String),
+}

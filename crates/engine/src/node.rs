@@ -1,0 +1,705 @@
+//! The node: an engine thread that owns the ledger and the journal, and an index thread.
+//!
+//! Request path: client -> bounded request queue -> engine thread drains up to
+//! `group_requests_max` requests -> for each write: reserve journal space (a full disk refuses the
+//! request here, before anything changes), prefetch from the index, execute on the ledger, append
+//! the journal record -> one write + fdatasync for the group -> replies -> the group's changes go
+//! to the index thread through a bounded queue.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clearhouse_journal::{Journal, JournalOptions, Record};
+use clearhouse_ledger::{
+    Account, AccountFilter, Balance, ChangeSet, CreateAccountResult, CreateTransferResult, Ledger,
+    LedgerLimits, StoredTransfer, Transfer,
+};
+use rustc_hash::FxHashMap;
+
+use crate::codec::{self, KIND_CREATE_ACCOUNTS, KIND_CREATE_TRANSFERS, KIND_PULSE};
+use crate::index::{Checkpoint, Index};
+use crate::EngineError;
+
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub data_dir: PathBuf,
+    pub journal: JournalOptions,
+    pub limits: LedgerLimits,
+    /// Requests waiting for the engine thread; beyond it, callers get `Overloaded`.
+    pub request_queue_max: usize,
+    /// Requests executed and made durable by one fdatasync.
+    pub group_requests_max: usize,
+    /// Index jobs (groups) waiting for the index thread; beyond it the engine waits (backpressure).
+    pub index_queue_max: usize,
+    /// A durable checkpoint every this many journal records.
+    pub checkpoint_every_records: u64,
+    /// How often the engine wakes to expire pending transfers when idle.
+    pub pulse_interval: Duration,
+}
+
+impl NodeOptions {
+    pub fn new(data_dir: impl Into<PathBuf>) -> NodeOptions {
+        NodeOptions {
+            data_dir: data_dir.into(),
+            journal: JournalOptions::default(),
+            limits: LedgerLimits::default(),
+            request_queue_max: 1024,
+            group_requests_max: 64,
+            index_queue_max: 8,
+            checkpoint_every_records: 256,
+            pulse_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// What recovery found and did.
+#[derive(Clone, Debug, Default)]
+pub struct RecoveryReport {
+    pub checkpoint_seq: u64,
+    pub records_replayed: u64,
+    pub accounts: usize,
+    pub pending_transfers: usize,
+    pub torn_tail_bytes_cut: u64,
+    pub duration: Duration,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct NodeStats {
+    pub journal_bytes_written: u64,
+    pub committed_seq: u64,
+    pub indexed_seq: u64,
+    pub checkpoint_seq: u64,
+    pub cached_transfers: usize,
+}
+
+type Reply<T> = SyncSender<Result<T, EngineError>>;
+
+enum Request {
+    CreateAccounts(Vec<Account>, Reply<Vec<CreateAccountResult>>),
+    CreateTransfers(Vec<Transfer>, Reply<Vec<CreateTransferResult>>),
+    LookupAccounts(Vec<u128>, Reply<Vec<Account>>),
+    LookupTransfers(Vec<u128>, Reply<Vec<StoredTransfer>>),
+    Stats(Reply<NodeStats>),
+}
+
+struct IndexJob {
+    seq: u64,
+    changes: ChangeSet,
+    checkpoint: Option<Checkpoint>,
+}
+
+/// Progress shared between the threads and query callers.
+struct Progress {
+    committed_seq: AtomicU64,
+    indexed: Mutex<IndexedState>,
+    indexed_changed: Condvar,
+    stopped: AtomicBool,
+}
+
+#[derive(Default)]
+struct IndexedState {
+    seq: u64,
+    checkpoint_seq: u64,
+    error: Option<String>,
+}
+
+/// A handle to a running node. Cloneable; every clone talks to the same engine thread.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+struct NodeInner {
+    requests: SyncSender<Request>,
+    request_queue_max: usize,
+    index: Arc<Index>,
+    progress: Arc<Progress>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    recovery: RecoveryReport,
+}
+
+impl Drop for NodeInner {
+    fn drop(&mut self) {
+        self.progress.stopped.store(true, Ordering::SeqCst);
+        // The engine thread notices `stopped` within one pulse interval and exits.
+        for thread in self.threads.lock().expect("threads").drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// Opens the data directory (creating it), recovers, and starts the threads.
+    pub fn start(options: NodeOptions) -> Result<Node, EngineError> {
+        let started = std::time::Instant::now();
+        std::fs::create_dir_all(&options.data_dir).map_err(|error| {
+            EngineError::Recovery(format!(
+                "cannot create data directory {}: {error}",
+                options.data_dir.display()
+            ))
+        })?;
+        let index = Arc::new(Index::open(&options.data_dir.join("index.redb"))?);
+        let restored = index.restore()?;
+        let journal_dir = options.data_dir.join("journal");
+        let (mut journal, open_report) = Journal::open(&journal_dir, options.journal.clone())?;
+        if open_report.records == 0 && restored.seq > 0 && journal.next_seq() <= restored.seq {
+            return Err(EngineError::Recovery(format!(
+                "the index has a checkpoint at journal sequence {} but the journal in {} is empty",
+                restored.seq,
+                journal_dir.display()
+            )));
+        }
+        let first_on_disk = journal.first_seq_on_disk()?;
+        if open_report.records > 0 && first_on_disk > restored.seq + 1 {
+            return Err(EngineError::Recovery(format!(
+                "journal starts at sequence {first_on_disk} but the checkpoint covers only up to {}: records are missing",
+                restored.seq
+            )));
+        }
+        if open_report.records == 0 && journal.next_seq() == 1 && restored.seq > 0 {
+            unreachable!("handled above");
+        }
+        let mut ledger = Ledger::restore(
+            options.limits,
+            restored.accounts.iter().copied(),
+            restored.pending.iter().copied(),
+            restored.scalars,
+        );
+        let mut recovery = RecoveryReport {
+            checkpoint_seq: restored.seq,
+            accounts: restored.accounts.len(),
+            pending_transfers: restored.pending.len(),
+            torn_tail_bytes_cut: open_report.torn_tail_bytes_cut,
+            ..RecoveryReport::default()
+        };
+
+        // Replay the journal after the checkpoint, indexing as we go.
+        let mut changes = ChangeSet::default();
+        let mut replayed = 0u64;
+        let mut last_seq = restored.seq;
+        clearhouse_journal::read_records(&journal_dir, restored.seq, |record| {
+            replay(&index, &mut ledger, &record).map_err(|error| {
+                clearhouse_journal::JournalError::Corrupt {
+                    path: journal_dir.clone(),
+                    offset: 0,
+                    reason: format!("replay of record {} failed: {error}", record.seq),
+                }
+            })?;
+            replayed += 1;
+            last_seq = record.seq;
+            // Index every record: later records may name transfers these created.
+            ledger.take_changes(&mut changes);
+            index.apply(record.seq, &changes, None).map_err(|error| {
+                clearhouse_journal::JournalError::Corrupt {
+                    path: journal_dir.clone(),
+                    offset: 0,
+                    reason: format!("indexing record {} failed: {error}", record.seq),
+                }
+            })?;
+            for stored in &changes.transfers {
+                ledger.evict(stored.transfer.id);
+            }
+            Ok(())
+        })?;
+        recovery.records_replayed = replayed;
+        if replayed > 0 {
+            let checkpoint = Checkpoint {
+                seq: last_seq,
+                scalars: ledger.scalars(),
+                dirty_accounts: ledger.take_dirty_accounts(),
+            };
+            index.apply(last_seq, &ChangeSet::default(), Some(&checkpoint))?;
+            journal.remove_segments_through(last_seq)?;
+        } else {
+            ledger.take_dirty_accounts();
+        }
+        ledger.assert_invariants_full();
+        recovery.duration = started.elapsed();
+        tracing::info!(
+            checkpoint_seq = recovery.checkpoint_seq,
+            records_replayed = recovery.records_replayed,
+            accounts = recovery.accounts,
+            pending = recovery.pending_transfers,
+            torn_tail_bytes_cut = recovery.torn_tail_bytes_cut,
+            duration_ms = recovery.duration.as_millis() as u64,
+            "recovered"
+        );
+
+        let progress = Arc::new(Progress {
+            committed_seq: AtomicU64::new(last_seq),
+            indexed: Mutex::new(IndexedState {
+                seq: last_seq,
+                checkpoint_seq: last_seq,
+                error: None,
+            }),
+            indexed_changed: Condvar::new(),
+            stopped: AtomicBool::new(false),
+        });
+        let (request_sender, request_receiver) = mpsc::sync_channel(options.request_queue_max);
+        let (index_sender, index_receiver) = mpsc::sync_channel(options.index_queue_max);
+        let index_thread = {
+            let index = index.clone();
+            let progress = progress.clone();
+            std::thread::Builder::new()
+                .name("clearhouse-index".into())
+                .spawn(move || index_loop(&index, &progress, index_receiver))
+                .expect("spawn index thread")
+        };
+        let engine_thread = {
+            let index = index.clone();
+            let progress = progress.clone();
+            let mut engine = Engine {
+                options: options.clone(),
+                ledger,
+                journal,
+                index,
+                progress,
+                index_sender,
+                recent: VecDeque::new(),
+                touched: FxHashMap::default(),
+                records_since_checkpoint: 0,
+                checkpoint_seq_done: last_seq,
+            };
+            std::thread::Builder::new()
+                .name("clearhouse-engine".into())
+                .spawn(move || engine.run(request_receiver))
+                .expect("spawn engine thread")
+        };
+        Ok(Node {
+            inner: Arc::new(NodeInner {
+                requests: request_sender,
+                request_queue_max: options.request_queue_max,
+                index,
+                progress,
+                threads: Mutex::new(vec![engine_thread, index_thread]),
+                recovery,
+            }),
+        })
+    }
+
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, EngineError> {
+        let (sender, receiver) = mpsc::sync_channel(1);
+        match self.inner.requests.try_send(make(sender)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(EngineError::Overloaded {
+                    limit: self.inner.request_queue_max,
+                })
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(self.stopped_error()),
+        }
+        receiver.recv().map_err(|_| self.stopped_error())?
+    }
+
+    fn stopped_error(&self) -> EngineError {
+        let reason = self
+            .inner
+            .progress
+            .indexed
+            .lock()
+            .expect("progress")
+            .error
+            .clone()
+            .unwrap_or_else(|| "the engine thread has exited".into());
+        EngineError::Stopped { reason }
+    }
+
+    pub fn create_accounts(&self, accounts: Vec<Account>) -> Result<Vec<CreateAccountResult>, EngineError> {
+        self.call(|reply| Request::CreateAccounts(accounts, reply))
+    }
+
+    pub fn create_transfers(
+        &self,
+        transfers: Vec<Transfer>,
+    ) -> Result<Vec<CreateTransferResult>, EngineError> {
+        self.call(|reply| Request::CreateTransfers(transfers, reply))
+    }
+
+    pub fn lookup_accounts(&self, ids: Vec<u128>) -> Result<Vec<Account>, EngineError> {
+        self.call(|reply| Request::LookupAccounts(ids, reply))
+    }
+
+    pub fn lookup_transfers(&self, ids: Vec<u128>) -> Result<Vec<StoredTransfer>, EngineError> {
+        self.call(|reply| Request::LookupTransfers(ids, reply))
+    }
+
+    pub fn stats(&self) -> Result<NodeStats, EngineError> {
+        self.call(Request::Stats)
+    }
+
+    /// Waits until the index holds everything acknowledged so far, so queries read their writes.
+    fn wait_indexed(&self) -> Result<(), EngineError> {
+        let target = self.inner.progress.committed_seq.load(Ordering::SeqCst);
+        let mut state = self.inner.progress.indexed.lock().expect("progress");
+        while state.seq < target {
+            if let Some(error) = &state.error {
+                return Err(EngineError::Stopped {
+                    reason: error.clone(),
+                });
+            }
+            state = self
+                .inner
+                .progress
+                .indexed_changed
+                .wait_timeout(state, Duration::from_millis(100))
+                .expect("progress")
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Transfers of one account, from the on-disk index.
+    pub fn get_account_transfers(&self, filter: &AccountFilter) -> Result<Vec<Transfer>, EngineError> {
+        self.wait_indexed()?;
+        self.inner.index.get_account_transfers(filter)
+    }
+
+    /// Balance history of one account (HISTORY flag), from the on-disk index.
+    pub fn get_account_balances(
+        &self,
+        filter: &AccountFilter,
+    ) -> Result<Vec<(u64, Balance)>, EngineError> {
+        self.wait_indexed()?;
+        self.inner.index.get_account_balances(filter)
+    }
+}
+
+/// Replays one journal record on the ledger (recovery): same path as live execution.
+fn replay(index: &Index, ledger: &mut Ledger, record: &Record) -> Result<(), EngineError> {
+    match record.kind {
+        KIND_CREATE_ACCOUNTS => {
+            let accounts = codec::decode_batch(&record.payload, codec::decode_account)?;
+            let mut results = Vec::new();
+            ledger.create_accounts(record.timestamp, &accounts, &mut results)?;
+        }
+        KIND_CREATE_TRANSFERS => {
+            let transfers = codec::decode_batch(&record.payload, codec::decode_transfer)?;
+            prefetch(index, ledger, &transfers)?;
+            let mut results = Vec::new();
+            ledger.create_transfers(record.timestamp, &transfers, &mut results)?;
+        }
+        KIND_PULSE => {
+            ledger.pulse(record.timestamp);
+        }
+        other => {
+            return Err(EngineError::Recovery(format!(
+                "unknown journal record kind {other} at sequence {}",
+                record.seq
+            )))
+        }
+    }
+    Ok(())
+}
+
+fn prefetch(index: &Index, ledger: &mut Ledger, transfers: &[Transfer]) -> Result<Vec<u128>, EngineError> {
+    let mut ids = Vec::new();
+    ledger.transfer_ids_to_prefetch(transfers, &mut ids);
+    ids.sort_unstable();
+    ids.dedup();
+    let mut found = Vec::with_capacity(ids.len());
+    index.get_transfers(&ids, |stored| found.push(stored))?;
+    let found_ids = found.iter().map(|stored| stored.transfer.id).collect();
+    for stored in found {
+        ledger.insert_prefetched(stored);
+    }
+    Ok(found_ids)
+}
+
+fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexJob>) {
+    while let Ok(job) = jobs.recv() {
+        let result = index.apply(job.seq, &job.changes, job.checkpoint.as_ref());
+        let mut state = progress.indexed.lock().expect("progress");
+        match result {
+            Ok(()) => {
+                assert!(job.seq >= state.seq, "index jobs arrive in order");
+                state.seq = job.seq;
+                if let Some(checkpoint) = &job.checkpoint {
+                    state.checkpoint_seq = checkpoint.seq;
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, seq = job.seq, "index write failed; the node stops accepting work");
+                state.error = Some(format!("index write failed: {error}"));
+                progress.stopped.store(true, Ordering::SeqCst);
+                progress.indexed_changed.notify_all();
+                return;
+            }
+        }
+        progress.indexed_changed.notify_all();
+    }
+}
+
+struct Engine {
+    options: NodeOptions,
+    ledger: Ledger,
+    journal: Journal,
+    index: Arc<Index>,
+    progress: Arc<Progress>,
+    index_sender: SyncSender<IndexJob>,
+    /// Transfers in the ledger's cache, with the journal sequence of their latest change.
+    recent: VecDeque<(u64, u128)>,
+    touched: FxHashMap<u128, u64>,
+    records_since_checkpoint: u64,
+    checkpoint_seq_done: u64,
+}
+
+enum Pending {
+    Accounts(Reply<Vec<CreateAccountResult>>, Result<Vec<CreateAccountResult>, EngineError>),
+    Transfers(Reply<Vec<CreateTransferResult>>, Result<Vec<CreateTransferResult>, EngineError>),
+    Lookup(Request),
+}
+
+impl Engine {
+    fn run(&mut self, requests: Receiver<Request>) {
+        let mut group: Vec<Request> = Vec::with_capacity(self.options.group_requests_max);
+        loop {
+            if self.progress.stopped.load(Ordering::SeqCst) {
+                break;
+            }
+            match requests.recv_timeout(self.options.pulse_interval) {
+                Ok(request) => group.push(request),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while group.len() < self.options.group_requests_max {
+                match requests.try_recv() {
+                    Ok(request) => group.push(request),
+                    Err(_) => break,
+                }
+            }
+            if let Err(error) = self.process_group(&mut group) {
+                tracing::error!(%error, "engine: journal failed; stopping (state in memory is ahead of disk)");
+                let mut state = self.progress.indexed.lock().expect("progress");
+                state.error = Some(error.to_string());
+                self.progress.stopped.store(true, Ordering::SeqCst);
+                self.progress.indexed_changed.notify_all();
+                return;
+            }
+        }
+        // A clean stop: checkpoint, so the next start replays nothing.
+        let seq = self.journal.next_seq() - 1;
+        if seq > self.checkpoint_seq_done {
+            let mut changes = ChangeSet::default();
+            self.ledger.take_changes(&mut changes);
+            let _ = self.index_sender.send(IndexJob {
+                seq,
+                changes,
+                checkpoint: Some(Checkpoint {
+                    seq,
+                    scalars: self.ledger.scalars(),
+                    dirty_accounts: self.ledger.take_dirty_accounts(),
+                }),
+            });
+        }
+    }
+
+    fn process_group(&mut self, group: &mut Vec<Request>) -> Result<(), EngineError> {
+        let mut answered: Vec<Pending> = Vec::with_capacity(group.len());
+        let seq_before = self.journal.next_seq();
+        let now = now_ns();
+        if self.ledger.next_expiry().is_some_and(|at| at <= now) && self.journal.reserve(0).is_ok() {
+            self.ledger.pulse(now);
+            self.journal.append(KIND_PULSE, now, &[])?;
+        }
+        for request in group.drain(..) {
+            match request {
+                Request::CreateAccounts(accounts, reply) => {
+                    let result = self.execute(KIND_CREATE_ACCOUNTS, now, &accounts, codec::encode_account, |ledger, now, results| {
+                        let mut out = Vec::new();
+                        ledger.create_accounts(now, &accounts, &mut out)?;
+                        *results = out;
+                        Ok(())
+                    });
+                    answered.push(Pending::Accounts(reply, result));
+                }
+                Request::CreateTransfers(transfers, reply) => {
+                    let result = match prefetch(&self.index, &mut self.ledger, &transfers) {
+                        Ok(found) => {
+                            let seq = self.journal.next_seq();
+                            for id in found {
+                                self.touch(seq, id);
+                            }
+                            self.execute(KIND_CREATE_TRANSFERS, now, &transfers, codec::encode_transfer, |ledger, now, results| {
+                                let mut out = Vec::new();
+                                ledger.create_transfers(now, &transfers, &mut out)?;
+                                *results = out;
+                                Ok(())
+                            })
+                        }
+                        Err(error) => Err(error),
+                    };
+                    answered.push(Pending::Transfers(reply, result));
+                }
+                other => answered.push(Pending::Lookup(other)),
+            }
+        }
+        // One write and one fdatasync for the whole group, then the answers.
+        self.journal.commit()?;
+        let last_seq = self.journal.next_seq() - 1;
+        self.progress.committed_seq.store(last_seq, Ordering::SeqCst);
+        if last_seq >= seq_before {
+            self.send_to_index(last_seq)?;
+        }
+        for pending in answered {
+            match pending {
+                Pending::Accounts(reply, result) => {
+                    let _ = reply.send(result);
+                }
+                Pending::Transfers(reply, result) => {
+                    let _ = reply.send(result);
+                }
+                Pending::Lookup(request) => self.answer_lookup(request),
+            }
+        }
+        self.evict_indexed();
+        self.remove_covered_segments()?;
+        Ok(())
+    }
+
+    /// Reserves journal space, executes on the ledger, appends the record. A refusal before
+    /// execution (full disk, too many events) leaves the ledger untouched.
+    fn execute<E, R>(
+        &mut self,
+        kind: u16,
+        now: u64,
+        events: &[E],
+        encode: fn(&mut Vec<u8>, &E),
+        apply: impl FnOnce(&mut Ledger, u64, &mut Vec<R>) -> Result<(), clearhouse_ledger::BatchError>,
+    ) -> Result<Vec<R>, EngineError> {
+        if events.len() > clearhouse_ledger::BATCH_EVENTS_MAX {
+            return Err(clearhouse_ledger::BatchError::TooManyEvents {
+                count: events.len(),
+                max: clearhouse_ledger::BATCH_EVENTS_MAX,
+            }
+            .into());
+        }
+        let payload = codec::encode_batch(events, encode);
+        self.journal.reserve(payload.len())?;
+        let mut results = Vec::new();
+        apply(&mut self.ledger, now, &mut results)?;
+        self.journal.append(kind, now, &payload)?;
+        Ok(results)
+    }
+
+    fn touch(&mut self, seq: u64, id: u128) {
+        self.touched.insert(id, seq);
+        self.recent.push_back((seq, id));
+    }
+
+    fn send_to_index(&mut self, seq: u64) -> Result<(), EngineError> {
+        let mut changes = ChangeSet::default();
+        self.ledger.take_changes(&mut changes);
+        let ids: Vec<u128> = changes.transfers.iter().map(|s| s.transfer.id).collect();
+        for id in ids {
+            self.touch(seq, id);
+        }
+        self.records_since_checkpoint += 1;
+        let checkpoint = (self.records_since_checkpoint >= self.options.checkpoint_every_records)
+            .then(|| {
+                self.records_since_checkpoint = 0;
+                Checkpoint {
+                    seq,
+                    scalars: self.ledger.scalars(),
+                    dirty_accounts: self.ledger.take_dirty_accounts(),
+                }
+            });
+        // Blocks when the index queue is full: backpressure, never dropped work.
+        self.index_sender
+            .send(IndexJob {
+                seq,
+                changes,
+                checkpoint,
+            })
+            .map_err(|_| EngineError::Stopped {
+                reason: "the index thread has exited".into(),
+            })
+    }
+
+    fn evict_indexed(&mut self) {
+        let indexed = self.progress.indexed.lock().expect("progress").seq;
+        while let Some(&(seq, id)) = self.recent.front() {
+            if seq > indexed {
+                break;
+            }
+            self.recent.pop_front();
+            if self.touched.get(&id) == Some(&seq) {
+                self.touched.remove(&id);
+                self.ledger.evict(id);
+            }
+        }
+    }
+
+    fn remove_covered_segments(&mut self) -> Result<(), EngineError> {
+        let checkpoint_seq = self.progress.indexed.lock().expect("progress").checkpoint_seq;
+        if checkpoint_seq > self.checkpoint_seq_done {
+            self.journal.remove_segments_through(checkpoint_seq)?;
+            self.checkpoint_seq_done = checkpoint_seq;
+        }
+        Ok(())
+    }
+
+    fn answer_lookup(&mut self, request: Request) {
+        match request {
+            Request::LookupAccounts(ids, reply) => {
+                let accounts = ids
+                    .iter()
+                    .filter_map(|id| self.ledger.account(*id).copied())
+                    .collect();
+                let _ = reply.send(Ok(accounts));
+            }
+            Request::LookupTransfers(ids, reply) => {
+                let mut missing = Vec::new();
+                let mut found: FxHashMap<u128, StoredTransfer> = FxHashMap::default();
+                for id in &ids {
+                    match self.ledger.cached_transfer(*id) {
+                        Some(stored) => {
+                            found.insert(*id, *stored);
+                        }
+                        None => missing.push(*id),
+                    }
+                }
+                let result = self
+                    .index
+                    .get_transfers(&missing, |stored| {
+                        found.insert(stored.transfer.id, stored);
+                    })
+                    .map(|()| ids.iter().filter_map(|id| found.get(id).copied()).collect());
+                let _ = reply.send(result);
+            }
+            Request::Stats(reply) => {
+                let state = self.progress.indexed.lock().expect("progress");
+                let _ = reply.send(Ok(NodeStats {
+                    journal_bytes_written: self.journal.bytes_written(),
+                    committed_seq: self.progress.committed_seq.load(Ordering::SeqCst),
+                    indexed_seq: state.seq,
+                    checkpoint_seq: state.checkpoint_seq,
+                    cached_transfers: self.ledger.cached_transfers_count(),
+                }));
+            }
+            Request::CreateAccounts(..) | Request::CreateTransfers(..) => {
+                unreachable!("writes are executed, not looked up")
+            }
+        }
+    }
+}
+
+/// The journal directory inside a data directory.
+pub fn journal_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("journal")
+}
