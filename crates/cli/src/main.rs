@@ -50,8 +50,8 @@ enum BenchCommand {
     ///
     /// Example: clearhouse bench core --transfer-count 5000000
     Core(bench::CoreArgs),
-    /// Recovery: writes a journal of N transfers with no checkpoint, then times a cold start
-    /// that replays and indexes all of it.
+    /// Recovery: a child process loads N transfers through a node and aborts (no clean stop);
+    /// then this process times the restart (checkpoint load + journal replay).
     ///
     /// Example: clearhouse bench recovery --transfer-count 1000000
     Recovery(bench::RecoveryArgs),

@@ -77,6 +77,9 @@ pub struct NodeStats {
     pub cached_transfers: usize,
 }
 
+/// Journal records replayed per index transaction during recovery.
+const REPLAY_RECORDS_PER_INDEX_TRANSACTION: usize = 16;
+
 type Reply<T> = SyncSender<Result<T, EngineError>>;
 
 enum Request {
@@ -185,34 +188,47 @@ impl Node {
             ..RecoveryReport::default()
         };
 
-        // Replay the journal after the checkpoint, indexing as we go.
+        // Replay the journal after the checkpoint. Changes are indexed in sorted groups of records;
+        // until a group is indexed its transfers stay in the ledger's cache, so prefetch sees them.
         let mut changes = ChangeSet::default();
+        let mut pending_changes = ChangeSet::default();
+        let mut pending_records = 0usize;
         let mut replayed = 0u64;
         let mut last_seq = restored.seq;
+        let corrupt = |seq: u64, what: &str, error: EngineError| clearhouse_journal::JournalError::Corrupt {
+            path: journal_dir.clone(),
+            offset: 0,
+            reason: format!("{what} of record {seq} failed: {error}"),
+        };
+        let flush = |ledger: &mut Ledger, pending_changes: &mut ChangeSet, seq: u64| -> Result<(), EngineError> {
+            pending_changes.transfers.sort_by_key(|stored| stored.transfer.id);
+            pending_changes
+                .account_events
+                .sort_unstable_by_key(|event| (event.account_id, event.timestamp));
+            index.apply(seq, pending_changes, None)?;
+            for stored in &pending_changes.transfers {
+                ledger.evict(stored.transfer.id);
+            }
+            pending_changes.clear();
+            Ok(())
+        };
         clearhouse_journal::read_records(&journal_dir, restored.seq, |record| {
-            replay(&index, &mut ledger, &record).map_err(|error| {
-                clearhouse_journal::JournalError::Corrupt {
-                    path: journal_dir.clone(),
-                    offset: 0,
-                    reason: format!("replay of record {} failed: {error}", record.seq),
-                }
-            })?;
+            replay(&index, &mut ledger, &record).map_err(|error| corrupt(record.seq, "replay", error))?;
             replayed += 1;
             last_seq = record.seq;
-            // Index every record: later records may name transfers these created.
             ledger.take_changes(&mut changes);
-            index.apply(record.seq, &changes, None).map_err(|error| {
-                clearhouse_journal::JournalError::Corrupt {
-                    path: journal_dir.clone(),
-                    offset: 0,
-                    reason: format!("indexing record {} failed: {error}", record.seq),
-                }
-            })?;
-            for stored in &changes.transfers {
-                ledger.evict(stored.transfer.id);
+            pending_changes.transfers.extend_from_slice(&changes.transfers);
+            pending_changes.account_events.extend_from_slice(&changes.account_events);
+            pending_changes.accounts_created.extend_from_slice(&changes.accounts_created);
+            pending_records += 1;
+            if pending_records >= REPLAY_RECORDS_PER_INDEX_TRANSACTION {
+                pending_records = 0;
+                flush(&mut ledger, &mut pending_changes, record.seq)
+                    .map_err(|error| corrupt(record.seq, "indexing", error))?;
             }
             Ok(())
         })?;
+        flush(&mut ledger, &mut pending_changes, last_seq)?;
         recovery.records_replayed = replayed;
         if replayed > 0 {
             let checkpoint = Checkpoint {

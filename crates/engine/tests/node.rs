@@ -1,0 +1,299 @@
+//! The durable node against the plain in-memory ledger (itself checked against a reference model
+//! in crates/ledger/tests/model.rs): same results and balances through prefetch, cache eviction,
+//! checkpoints, segment deletion and restarts; and index queries against a naive recomputation.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clearhouse_engine::{Node, NodeOptions};
+use clearhouse_ledger::{
+    Account, AccountFilter, AccountFlags, CreateTransferResult, Ledger, LedgerLimits,
+    PendingStatus, Transfer, TransferFlags,
+};
+use proptest::prelude::*;
+
+fn small_options(dir: &std::path::Path) -> NodeOptions {
+    let mut options = NodeOptions::new(dir);
+    options.journal.segment_size = clearhouse_journal::SEGMENT_SIZE_MIN;
+    options.checkpoint_every_records = 3;
+    options.group_requests_max = 4;
+    options
+}
+
+fn accounts(count: u128) -> Vec<Account> {
+    (1..=count)
+        .map(|id| Account {
+            id,
+            ledger: 1,
+            code: 1,
+            flags: if id % 3 == 0 {
+                AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS.with(AccountFlags::HISTORY)
+            } else {
+                AccountFlags::HISTORY
+            },
+            ..Account::default()
+        })
+        .collect()
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Transfers(Vec<Transfer>),
+    Restart,
+}
+
+fn transfer_strategy() -> impl Strategy<Value = Transfer> {
+    (
+        1u128..=60,
+        1u128..=6,
+        1u128..=6,
+        prop_oneof![Just(0u128), 1u128..=500],
+        0u8..6,
+        1u128..=60,
+        any::<bool>(),
+    )
+        .prop_map(|(id, debit, credit, amount, kind, pending_id, linked)| {
+            let mut t = Transfer {
+                id,
+                debit_account_id: debit,
+                credit_account_id: credit,
+                amount,
+                ledger: 1,
+                code: 1,
+                ..Transfer::default()
+            };
+            match kind {
+                0 | 1 => {}
+                2 => t.flags = TransferFlags::PENDING,
+                3 => {
+                    t.flags = TransferFlags::POST_PENDING;
+                    t.pending_id = pending_id;
+                    t.debit_account_id = 0;
+                    t.credit_account_id = 0;
+                }
+                4 => {
+                    t.flags = TransferFlags::VOID_PENDING;
+                    t.pending_id = pending_id;
+                    t.debit_account_id = 0;
+                    t.credit_account_id = 0;
+                    t.amount = 0;
+                }
+                _ => t.flags = TransferFlags::BALANCING_DEBIT,
+            }
+            if linked {
+                t.flags = t.flags.with(TransferFlags::LINKED);
+            }
+            t
+        })
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => prop::collection::vec(transfer_strategy(), 1..16).prop_map(Op::Transfers),
+        1 => Just(Op::Restart),
+    ]
+}
+
+fn check_same_state(node: &Node, reference: &Ledger, ids_seen: &[u128]) {
+    for account in node.lookup_accounts((1..=6).collect()).unwrap() {
+        let expected = reference.account(account.id).unwrap();
+        assert_eq!(account.balance(), expected.balance(), "account {}", account.id);
+    }
+    let stored = node.lookup_transfers(ids_seen.to_vec()).unwrap();
+    let mut by_id = BTreeMap::new();
+    for s in &stored {
+        by_id.insert(s.transfer.id, *s);
+    }
+    for id in ids_seen {
+        let expected = reference.cached_transfer(*id);
+        let got = by_id.get(id);
+        assert_eq!(got.is_some(), expected.is_some(), "transfer {id} presence");
+        if let (Some(got), Some(expected)) = (got, expected) {
+            assert_eq!(got.status, expected.status, "transfer {id} status");
+            assert_eq!(got.transfer.amount, expected.transfer.amount);
+            assert_eq!(got.transfer.debit_account_id, expected.transfer.debit_account_id);
+            assert_eq!(got.transfer.flags, expected.transfer.flags);
+        }
+    }
+    // Index queries against a naive recomputation from the transfers themselves.
+    for account_id in 1..=6u128 {
+        let mut expected: Vec<_> = stored
+            .iter()
+            .filter(|s| {
+                s.transfer.debit_account_id == account_id || s.transfer.credit_account_id == account_id
+            })
+            .map(|s| (s.transfer.timestamp, s.transfer.id))
+            .collect();
+        expected.sort();
+        let filter = AccountFilter {
+            account_id,
+            timestamp_min: 0,
+            timestamp_max: 0,
+            limit: 8190,
+            debits: true,
+            credits: true,
+            reversed: false,
+        };
+        let got: Vec<_> = node
+            .get_account_transfers(&filter)
+            .unwrap()
+            .iter()
+            .map(|t| (t.timestamp, t.id))
+            .collect();
+        assert_eq!(got, expected, "transfers of account {account_id}");
+        let reversed: Vec<_> = node
+            .get_account_transfers(&AccountFilter {
+                reversed: true,
+                limit: 3,
+                ..filter
+            })
+            .unwrap()
+            .iter()
+            .map(|t| (t.timestamp, t.id))
+            .collect();
+        let mut newest: Vec<_> = expected.iter().rev().take(3).copied().collect();
+        newest.truncate(3);
+        assert_eq!(reversed, newest, "newest transfers of account {account_id}");
+        // Balance history: the last entry equals the current balance.
+        let history = node.get_account_balances(&filter).unwrap();
+        if let Some((_, last)) = history.last() {
+            assert_eq!(*last, reference.account(account_id).unwrap().balance());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn durable_node_matches_the_in_memory_ledger(ops in prop::collection::vec(op_strategy(), 1..25)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut node = Node::start(small_options(dir.path())).unwrap();
+        let mut reference = Ledger::new(LedgerLimits::default());
+        let mut results = Vec::new();
+        node.create_accounts(accounts(6)).unwrap();
+        reference.create_accounts(1, &accounts(6), &mut results).unwrap();
+        // Fund the limited accounts so that some debits pass.
+        let funding: Vec<Transfer> = [3u128, 6].iter().map(|id| Transfer {
+            id: 1000 + id, debit_account_id: 1, credit_account_id: *id, amount: 700, ledger: 1, code: 1,
+            ..Transfer::default()
+        }).collect();
+        node.create_transfers(funding.clone()).unwrap();
+        reference.create_transfers(2, &funding, &mut Vec::new()).unwrap();
+        let mut ids_seen: Vec<u128> = vec![1003, 1006];
+        for op in ops {
+            match op {
+                Op::Transfers(transfers) => {
+                    let got = node.create_transfers(transfers.clone()).unwrap();
+                    let mut expected = Vec::new();
+                    reference.create_transfers(3, &transfers, &mut expected).unwrap();
+                    prop_assert_eq!(&got, &expected);
+                    ids_seen.extend(transfers.iter().map(|t| t.id));
+                    ids_seen.sort_unstable();
+                    ids_seen.dedup();
+                }
+                Op::Restart => {
+                    drop(node);
+                    node = Node::start(small_options(dir.path())).unwrap();
+                }
+            }
+            check_same_state(&node, &reference, &ids_seen);
+        }
+        // A retry of every transfer seen answers as the reference does (idempotency).
+        drop(node);
+        let node = Node::start(small_options(dir.path())).unwrap();
+        check_same_state(&node, &reference, &ids_seen);
+    }
+}
+
+#[test]
+fn pending_transfers_expire_by_the_engine_clock_and_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(small_options(dir.path())).unwrap();
+    node.create_accounts(accounts(2)).unwrap();
+    let pending = Transfer {
+        id: 1,
+        debit_account_id: 1,
+        credit_account_id: 2,
+        amount: 50,
+        ledger: 1,
+        code: 1,
+        timeout: 1,
+        flags: TransferFlags::PENDING,
+        ..Transfer::default()
+    };
+    let long = Transfer {
+        id: 2,
+        timeout: 3600,
+        ..pending
+    };
+    assert_eq!(
+        node.create_transfers(vec![pending, long]).unwrap(),
+        vec![CreateTransferResult::Ok; 2]
+    );
+    assert_eq!(node.lookup_accounts(vec![1]).unwrap()[0].debits_pending, 100);
+    drop(node);
+    // Restart: the pending transfers come back from the checkpoint/journal and still expire.
+    let node = Node::start(small_options(dir.path())).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stored = node.lookup_transfers(vec![1]).unwrap();
+        if stored[0].status == PendingStatus::Expired {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "pending transfer never expired");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let account = node.lookup_accounts(vec![1]).unwrap()[0];
+    assert_eq!(account.debits_pending, 50, "only the long reservation remains");
+    let post = Transfer {
+        id: 3,
+        pending_id: 1,
+        flags: TransferFlags::POST_PENDING,
+        ..Transfer::default()
+    };
+    assert_eq!(
+        node.create_transfers(vec![post]).unwrap(),
+        vec![CreateTransferResult::PendingTransferExpired]
+    );
+    let post_long = Transfer {
+        id: 4,
+        pending_id: 2,
+        flags: TransferFlags::POST_PENDING,
+        amount: 20,
+        ..Transfer::default()
+    };
+    assert_eq!(
+        node.create_transfers(vec![post_long]).unwrap(),
+        vec![CreateTransferResult::Ok]
+    );
+    drop(node);
+    let node = Node::start(small_options(dir.path())).unwrap();
+    let account = node.lookup_accounts(vec![1]).unwrap()[0];
+    assert_eq!((account.debits_pending, account.debits_posted), (0, 20));
+    let expired = node.lookup_transfers(vec![1, 2]).unwrap();
+    assert_eq!(expired[0].status, PendingStatus::Expired);
+    assert_eq!(expired[1].status, PendingStatus::Posted);
+}
+
+#[test]
+fn an_oversized_batch_is_refused_whole_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(small_options(dir.path())).unwrap();
+    node.create_accounts(accounts(2)).unwrap();
+    let transfers: Vec<Transfer> = (1..=8190u128)
+        .map(|id| Transfer {
+            id,
+            debit_account_id: 1,
+            credit_account_id: 2,
+            amount: 1,
+            ledger: 1,
+            code: 1,
+            ..Transfer::default()
+        })
+        .collect();
+    let error = node.create_transfers(transfers).unwrap_err();
+    assert!(error.to_string().contains("8190 events"), "{error}");
+    assert_eq!(node.lookup_accounts(vec![1]).unwrap()[0].debits_posted, 0);
+    assert!(node.lookup_transfers(vec![1]).unwrap().is_empty());
+}
