@@ -1,10 +1,11 @@
 //! The on-disk index (redb): every transfer by id, every account event by (account, timestamp),
-//! pending transfers, and, at each checkpoint, all accounts and the ledger scalars.
+//! pending transfers, every account, and the ledger scalars, all as of one journal sequence.
 //!
-//! The journal is the source of truth; the index is derived from it. Between checkpoints the
-//! index commits without fsync (redb `Durability::None`); a checkpoint commits with fsync and
-//! records the journal sequence it covers, so recovery loads the checkpoint and replays the
-//! journal after it. A crash loses at most non-durable index commits, which replay rebuilds.
+//! The journal is the source of truth; the index is derived from it. Each index transaction
+//! brings the whole index to a consistent state as of a journal sequence (`applied_seq`). Most
+//! commit without fsync (redb `Durability::None`); a checkpoint commits with fsync, after which the
+//! journal before it may be deleted. After a crash redb comes back at its last durable commit, and
+//! recovery replays the journal after that commit's `applied_seq`.
 
 use std::path::Path;
 
@@ -39,11 +40,15 @@ macro_rules! redb_try {
     };
 }
 
-/// A checkpoint: the state of the ledger as of journal sequence `seq`.
-pub struct Checkpoint {
+/// The state one index transaction brings the index to: as of journal sequence `seq`.
+pub struct IndexUpdate {
     pub seq: u64,
+    pub changes: ChangeSet,
+    /// Accounts changed since the previous update, as of `seq` (later entries win).
+    pub accounts: Vec<Account>,
     pub scalars: LedgerScalars,
-    pub dirty_accounts: Vec<Account>,
+    /// Commit with fsync: a checkpoint that lets the journal before it be deleted.
+    pub durable: bool,
 }
 
 /// What a checkpoint on disk holds, to restore the ledger from.
@@ -80,29 +85,18 @@ impl Index {
     pub fn restore(&self) -> Result<Restored, EngineError> {
         let txn = redb_try!(self.db.begin_read(), "begin read");
         let meta = redb_try!(txn.open_table(META), "open meta");
-        let seq = match redb_try!(meta.get("checkpoint_seq"), "read meta") {
+        // Every index transaction leaves the index consistent as of its `applied_seq` (transfers,
+        // account events, pending set, accounts and scalars together), whether or not it was
+        // durable; after a crash redb comes back at its last durable transaction.
+        let seq = match redb_try!(meta.get("applied_seq"), "read meta") {
             Some(value) => u64::from_le_bytes(value.value().try_into().map_err(|_| {
                 EngineError::Index {
-                    context: "checkpoint_seq",
+                    context: "applied_seq",
                     message: "bad length".into(),
                 }
             })?),
             None => 0,
         };
-        let applied_seq = match redb_try!(meta.get("applied_seq"), "read meta") {
-            Some(value) => u64::from_le_bytes(value.value().try_into().unwrap_or([0xff; 8])),
-            None => 0,
-        };
-        if applied_seq != seq {
-            // Non-durable index commits must vanish with a crash and a clean stop checkpoints:
-            // an index ahead of its checkpoint would make replay apply records twice.
-            return Err(EngineError::Index {
-                context: "restore",
-                message: format!(
-                    "index holds changes through journal sequence {applied_seq} but its checkpoint is at {seq}"
-                ),
-            });
-        }
         let scalars = match redb_try!(meta.get("scalars"), "read meta") {
             Some(value) => codec::decode_scalars(value.value())?,
             None => LedgerScalars::default(),
@@ -136,16 +130,12 @@ impl Index {
         })
     }
 
-    /// Applies one group's changes; with a checkpoint, commits durably (fsync).
-    pub fn apply(
-        &self,
-        seq: u64,
-        changes: &ChangeSet,
-        checkpoint: Option<&Checkpoint>,
-    ) -> Result<(), EngineError> {
+    /// Applies one update in one transaction; durable updates commit with fsync.
+    pub fn apply(&self, update: &IndexUpdate) -> Result<(), EngineError> {
+        let changes = &update.changes;
         let mut txn = redb_try!(self.db.begin_write(), "begin write");
         redb_try!(
-            txn.set_durability(if checkpoint.is_some() {
+            txn.set_durability(if update.durable {
                 Durability::Immediate
             } else {
                 Durability::None
@@ -176,22 +166,20 @@ impl Index {
                 );
             }
             let mut accounts = redb_try!(txn.open_table(ACCOUNTS), "open accounts");
-            let dirty = checkpoint.map(|c| c.dirty_accounts.as_slice()).unwrap_or(&[]);
-            for account in changes.accounts_created.iter().chain(dirty) {
+            for account in changes.accounts_created.iter().chain(&update.accounts) {
                 buffer.clear();
                 codec::encode_account(&mut buffer, account);
                 redb_try!(accounts.insert(account.id, buffer.as_slice()), "insert account");
             }
             let mut meta = redb_try!(txn.open_table(META), "open meta");
-            redb_try!(meta.insert("applied_seq", seq.to_le_bytes().as_slice()), "write meta");
-            if let Some(checkpoint) = checkpoint {
-                assert_eq!(checkpoint.seq, seq, "a checkpoint covers exactly what was applied");
+            redb_try!(meta.insert("applied_seq", update.seq.to_le_bytes().as_slice()), "write meta");
+            redb_try!(
+                meta.insert("scalars", codec::encode_scalars(&update.scalars).as_slice()),
+                "write meta"
+            );
+            if update.durable {
                 redb_try!(
-                    meta.insert("checkpoint_seq", checkpoint.seq.to_le_bytes().as_slice()),
-                    "write meta"
-                );
-                redb_try!(
-                    meta.insert("scalars", codec::encode_scalars(&checkpoint.scalars).as_slice()),
+                    meta.insert("checkpoint_seq", update.seq.to_le_bytes().as_slice()),
                     "write meta"
                 );
             }

@@ -35,6 +35,12 @@ pub enum EngineError {
     Overloaded { limit: usize },
     #[error("engine: stopped: {reason}")]
     Stopped { reason: String },
+    #[error("engine: disk full: {free_bytes} bytes free in {path}, at least {required_bytes} are kept free for the journal and index; request refused, nothing changed")]
+    DiskFull {
+        path: std::path::PathBuf,
+        free_bytes: u64,
+        required_bytes: u64,
+    },
     #[error("engine: recovery failed: {0}")]
     Recovery(String),
 }

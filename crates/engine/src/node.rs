@@ -22,7 +22,7 @@ use clearhouse_ledger::{
 use rustc_hash::FxHashMap;
 
 use crate::codec::{self, KIND_CREATE_ACCOUNTS, KIND_CREATE_TRANSFERS, KIND_PULSE};
-use crate::index::{Checkpoint, Index};
+use crate::index::{Index, IndexUpdate};
 use crate::EngineError;
 
 #[derive(Clone, Debug)]
@@ -40,6 +40,9 @@ pub struct NodeOptions {
     pub checkpoint_every_records: u64,
     /// How often the engine wakes to expire pending transfers when idle.
     pub pulse_interval: Duration,
+    /// Requests are refused (before anything changes) while the data directory's filesystem has
+    /// less free space than this, so the journal and the index never meet a full disk mid-write.
+    pub disk_free_min_bytes: u64,
 }
 
 impl NodeOptions {
@@ -51,8 +54,9 @@ impl NodeOptions {
             request_queue_max: 1024,
             group_requests_max: 64,
             index_queue_max: 16,
-            checkpoint_every_records: 256,
+            checkpoint_every_records: 64,
             pulse_interval: Duration::from_millis(100),
+            disk_free_min_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -88,12 +92,6 @@ enum Request {
     LookupAccounts(Vec<u128>, Reply<Vec<Account>>),
     LookupTransfers(Vec<u128>, Reply<Vec<StoredTransfer>>),
     Stats(Reply<NodeStats>),
-}
-
-struct IndexJob {
-    seq: u64,
-    changes: ChangeSet,
-    checkpoint: Option<Checkpoint>,
 }
 
 /// Progress shared between the threads and query callers.
@@ -205,11 +203,17 @@ impl Node {
             pending_changes
                 .account_events
                 .sort_unstable_by_key(|event| (event.account_id, event.timestamp));
-            index.apply(seq, pending_changes, None)?;
-            for stored in &pending_changes.transfers {
+            let update = IndexUpdate {
+                seq,
+                changes: std::mem::take(pending_changes),
+                accounts: ledger.take_dirty_accounts(),
+                scalars: ledger.scalars(),
+                durable: false,
+            };
+            index.apply(&update)?;
+            for stored in &update.changes.transfers {
                 ledger.evict(stored.transfer.id);
             }
-            pending_changes.clear();
             Ok(())
         };
         clearhouse_journal::read_records(&journal_dir, restored.seq, |record| {
@@ -231,12 +235,13 @@ impl Node {
         flush(&mut ledger, &mut pending_changes, last_seq)?;
         recovery.records_replayed = replayed;
         if replayed > 0 {
-            let checkpoint = Checkpoint {
+            index.apply(&IndexUpdate {
                 seq: last_seq,
+                changes: ChangeSet::default(),
+                accounts: ledger.take_dirty_accounts(),
                 scalars: ledger.scalars(),
-                dirty_accounts: ledger.take_dirty_accounts(),
-            };
-            index.apply(last_seq, &ChangeSet::default(), Some(&checkpoint))?;
+                durable: true,
+            })?;
             journal.remove_segments_through(last_seq)?;
         } else {
             ledger.take_dirty_accounts();
@@ -440,19 +445,21 @@ fn prefetch(index: &Index, ledger: &mut Ledger, transfers: &[Transfer]) -> Resul
 /// Most index jobs (groups) merged into one index transaction.
 const INDEX_JOBS_PER_TRANSACTION_MAX: usize = 16;
 
-fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexJob>) {
+fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexUpdate>) {
     while let Ok(mut job) = jobs.recv() {
-        // Merge queued jobs into one transaction (fewer copy-on-write page rewrites), stopping at
-        // the first checkpoint: its accounts describe the state as of its own sequence.
+        // Merge queued updates into one transaction (fewer copy-on-write page rewrites). Accounts
+        // are appended in order, so the latest version of each is written last.
         let mut merged = 1;
-        while job.checkpoint.is_none() && merged < INDEX_JOBS_PER_TRANSACTION_MAX {
+        while merged < INDEX_JOBS_PER_TRANSACTION_MAX {
             let Ok(next) = jobs.try_recv() else { break };
-            assert!(next.seq > job.seq, "index jobs arrive in order");
+            assert!(next.seq >= job.seq, "index updates arrive in order");
             job.changes.transfers.extend_from_slice(&next.changes.transfers);
             job.changes.account_events.extend_from_slice(&next.changes.account_events);
             job.changes.accounts_created.extend_from_slice(&next.changes.accounts_created);
+            job.accounts.extend_from_slice(&next.accounts);
             job.seq = next.seq;
-            job.checkpoint = next.checkpoint;
+            job.scalars = next.scalars;
+            job.durable |= next.durable;
             merged += 1;
         }
         // Sorted inserts walk the B-trees in order. The sort is stable, so later versions of a
@@ -461,14 +468,14 @@ fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexJob>) {
         job.changes
             .account_events
             .sort_unstable_by_key(|event| (event.account_id, event.timestamp));
-        let result = index.apply(job.seq, &job.changes, job.checkpoint.as_ref());
+        let result = index.apply(&job);
         let mut state = progress.indexed.lock().expect("progress");
         match result {
             Ok(()) => {
                 assert!(job.seq >= state.seq, "index jobs arrive in order");
                 state.seq = job.seq;
-                if let Some(checkpoint) = &job.checkpoint {
-                    state.checkpoint_seq = checkpoint.seq;
+                if job.durable {
+                    state.checkpoint_seq = job.seq;
                 }
             }
             Err(error) => {
@@ -489,7 +496,7 @@ struct Engine {
     journal: Journal,
     index: Arc<Index>,
     progress: Arc<Progress>,
-    index_sender: SyncSender<IndexJob>,
+    index_sender: SyncSender<IndexUpdate>,
     /// Transfers in the ledger's cache, with the journal sequence of their latest change.
     recent: VecDeque<(u64, u128)>,
     touched: FxHashMap<u128, u64>,
@@ -524,7 +531,8 @@ impl Engine {
             if let Err(error) = self.process_group(&mut group) {
                 tracing::error!(%error, "engine: journal failed; stopping (state in memory is ahead of disk)");
                 let mut state = self.progress.indexed.lock().expect("progress");
-                state.error = Some(error.to_string());
+                // Keep the first cause (the index thread may have recorded it already).
+                state.error.get_or_insert_with(|| error.to_string());
                 self.progress.stopped.store(true, Ordering::SeqCst);
                 self.progress.indexed_changed.notify_all();
                 return;
@@ -532,19 +540,15 @@ impl Engine {
         }
         // A clean stop: checkpoint, so the next start replays nothing.
         let seq = self.journal.next_seq() - 1;
-        if seq > self.checkpoint_seq_done {
-            let mut changes = ChangeSet::default();
-            self.ledger.take_changes(&mut changes);
-            let _ = self.index_sender.send(IndexJob {
-                seq,
-                changes,
-                checkpoint: Some(Checkpoint {
-                    seq,
-                    scalars: self.ledger.scalars(),
-                    dirty_accounts: self.ledger.take_dirty_accounts(),
-                }),
-            });
-        }
+        let mut changes = ChangeSet::default();
+        self.ledger.take_changes(&mut changes);
+        let _ = self.index_sender.send(IndexUpdate {
+            seq,
+            changes,
+            accounts: self.ledger.take_dirty_accounts(),
+            scalars: self.ledger.scalars(),
+            durable: true,
+        });
     }
 
     fn process_group(&mut self, group: &mut Vec<Request>) -> Result<(), EngineError> {
@@ -627,12 +631,25 @@ impl Engine {
             }
             .into());
         }
+        self.check_disk_space()?;
         let payload = codec::encode_batch(events, encode);
         self.journal.reserve(payload.len())?;
         let mut results = Vec::new();
         apply(&mut self.ledger, now, &mut results)?;
         self.journal.append(kind, now, &payload)?;
         Ok(results)
+    }
+
+    fn check_disk_space(&self) -> Result<(), EngineError> {
+        let free_bytes = free_bytes(&self.options.data_dir);
+        if free_bytes < self.options.disk_free_min_bytes {
+            return Err(EngineError::DiskFull {
+                path: self.options.data_dir.clone(),
+                free_bytes,
+                required_bytes: self.options.disk_free_min_bytes,
+            });
+        }
+        Ok(())
     }
 
     fn touch(&mut self, seq: u64, id: u128) {
@@ -648,21 +665,18 @@ impl Engine {
             self.touch(seq, id);
         }
         self.records_since_checkpoint += 1;
-        let checkpoint = (self.records_since_checkpoint >= self.options.checkpoint_every_records)
-            .then(|| {
-                self.records_since_checkpoint = 0;
-                Checkpoint {
-                    seq,
-                    scalars: self.ledger.scalars(),
-                    dirty_accounts: self.ledger.take_dirty_accounts(),
-                }
-            });
+        let durable = self.records_since_checkpoint >= self.options.checkpoint_every_records;
+        if durable {
+            self.records_since_checkpoint = 0;
+        }
         // Blocks when the index queue is full: backpressure, never dropped work.
         self.index_sender
-            .send(IndexJob {
+            .send(IndexUpdate {
                 seq,
                 changes,
-                checkpoint,
+                accounts: self.ledger.take_dirty_accounts(),
+                scalars: self.ledger.scalars(),
+                durable,
             })
             .map_err(|_| EngineError::Stopped {
                 reason: "the index thread has exited".into(),
@@ -735,6 +749,20 @@ impl Engine {
             }
         }
     }
+}
+
+/// Bytes available to unprivileged writers on the filesystem holding `path` (u64::MAX if unknown).
+fn free_bytes(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return u64::MAX;
+    };
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string and stat a valid out-pointer.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return u64::MAX;
+    }
+    (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64)
 }
 
 /// The journal directory inside a data directory.

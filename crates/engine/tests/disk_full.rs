@@ -29,13 +29,14 @@ fn options(dir: &Path) -> NodeOptions {
     let mut options = NodeOptions::new(dir);
     options.journal.segment_size = clearhouse_journal::SEGMENT_SIZE_MIN;
     options.checkpoint_every_records = 4;
+    options.disk_free_min_bytes = 16 * 1024 * 1024;
     options
 }
 
 #[test]
 fn full_disk_refuses_work_clearly_and_loses_nothing() {
     let base = tempfile::tempdir().unwrap();
-    if !mount_tmpfs(base.path(), "6m") {
+    if !mount_tmpfs(base.path(), "48m") {
         assert!(
             std::env::var("CI").is_err(),
             "CI must run the full-disk test: mounting a tmpfs failed (run as root)"
@@ -82,7 +83,7 @@ fn full_disk_refuses_work_clearly_and_loses_nothing() {
             }
         }
     }
-    let error = error.expect("a 6 MiB filesystem must fill up");
+    let error = error.expect("a 48 MiB filesystem must fill up");
     eprintln!("refused with: {error}");
     assert!(
         error.contains("disk full") || error.contains("No space left"),
@@ -100,15 +101,27 @@ fn full_disk_refuses_work_clearly_and_loses_nothing() {
         ..Transfer::default()
     }]);
     assert!(again.is_err(), "no space yet: {again:?}");
-    drop(node);
 
-    // Space returns.
+    // Space returns: the same node serves again, without a restart.
     let remounted = Command::new("mount")
-        .args(["-o", "remount,size=64m"])
+        .args(["-o", "remount,size=256m"])
         .arg(base.path())
         .status()
         .unwrap();
     assert!(remounted.success());
+    let results = node
+        .create_transfers(vec![Transfer {
+            id: next_id + 2,
+            debit_account_id: 3,
+            credit_account_id: 4,
+            amount: 1,
+            ledger: 1,
+            code: 1,
+            ..Transfer::default()
+        }])
+        .expect("service resumes when space returns");
+    assert_eq!(results, vec![CreateTransferResult::Ok]);
+    drop(node);
     let node = Node::start(options(&dir)).expect("restart after space returned");
     let ids: Vec<u128> = acknowledged.iter().map(|t| t.id).collect();
     let found = node.lookup_transfers(ids.clone()).unwrap();
@@ -121,7 +134,8 @@ fn full_disk_refuses_work_clearly_and_loses_nothing() {
     let debits: u128 = balances.iter().map(|a| a.debits_posted).sum();
     let credits: u128 = balances.iter().map(|a| a.credits_posted).sum();
     let sent: u128 = acknowledged.iter().map(|t| t.amount).sum();
-    assert!(debits == credits && debits >= sent, "books balance and hold every acknowledged amount");
+    assert_eq!(debits, credits, "books balance");
+    assert_eq!(debits, sent + 1, "exactly the acknowledged amounts: the refused batch left no trace");
     // New work is accepted again.
     let results = node
         .create_transfers(vec![Transfer {
