@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clearhouse_engine::{Node, NodeOptions};
 use clearhouse_ledger::{
-    AccountFilter, CreateAccountResult, CreateTransferResult, Ledger, LedgerLimits, BATCH_EVENTS_MAX,
+    AccountFilter, CreateAccountResult, CreateTransferResult, Ledger, LedgerLimits,
+    BATCH_EVENTS_MAX,
 };
 use serde_json::json;
 
@@ -98,11 +99,7 @@ fn percentiles(mut samples: Vec<Duration>) -> serde_json::Value {
 fn proc_field(file: &str, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(file).ok()?;
     let line = text.lines().find(|line| line.starts_with(key))?;
-    line[key.len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    line[key.len()..].split_whitespace().next()?.parse().ok()
 }
 
 fn peak_rss_bytes() -> u64 {
@@ -118,7 +115,10 @@ fn data_dir(given: &Option<PathBuf>) -> anyhow::Result<(PathBuf, Option<tempfile
     match given {
         Some(dir) => {
             if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-                bail!("data directory {} is not empty; the benchmark needs a fresh one", dir.display());
+                bail!(
+                    "data directory {} is not empty; the benchmark needs a fresh one",
+                    dir.display()
+                );
             }
             Ok((dir.clone(), None))
         }
@@ -133,7 +133,9 @@ fn data_dir(given: &Option<PathBuf>) -> anyhow::Result<(PathBuf, Option<tempfile
 }
 
 fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|text| {
@@ -190,8 +192,9 @@ pub fn ledger(args: LedgerArgs) -> anyhow::Result<()> {
                 for batch in (client..batches).step_by(args.clients as usize) {
                     let first = batch * args.transfer_batch_size + 1;
                     let last = (first + args.transfer_batch_size - 1).min(args.transfer_count);
-                    let transfers: Vec<_> =
-                        (first..=last).map(|id| l1_transfer(&mut rng, &shape, id as u128)).collect();
+                    let transfers: Vec<_> = (first..=last)
+                        .map(|id| l1_transfer(&mut rng, &shape, id as u128))
+                        .collect();
                     let sent = Instant::now();
                     let results = loop {
                         match node.create_transfers(transfers.clone()) {
@@ -207,7 +210,10 @@ pub fn ledger(args: LedgerArgs) -> anyhow::Result<()> {
                     }
                     if client == 0 && !args.json && last_report.elapsed() > Duration::from_secs(2) {
                         last_report = Instant::now();
-                        eprintln!("  ... {last} transfers ({:.0}/s)", last as f64 / started.elapsed().as_secs_f64());
+                        eprintln!(
+                            "  ... {last} transfers ({:.0}/s)",
+                            last as f64 / started.elapsed().as_secs_f64()
+                        );
                     }
                 }
                 Ok(latencies)
@@ -255,7 +261,9 @@ pub fn ledger(args: LedgerArgs) -> anyhow::Result<()> {
     let stats = node.stats()?;
     drop(node);
     let bytes_written = storage_bytes_written().saturating_sub(written_before);
-    let index_bytes = std::fs::metadata(dir.join("index.redb")).map(|m| m.len()).unwrap_or(0);
+    let index_bytes = std::fs::metadata(dir.join("index.redb"))
+        .map(|m| m.len())
+        .unwrap_or(0);
     let report = json!({
         "workload": "L1",
         "machine": machine(),
@@ -269,7 +277,7 @@ pub fn ledger(args: LedgerArgs) -> anyhow::Result<()> {
         "transfer_phase_seconds": (transfer_seconds * 1000.0).round() / 1000.0,
         "batch_latency_ms": percentiles(latencies),
         "query_count": args.query_count,
-        "query_results_mean": if args.query_count > 0 { results_total as u64 / args.query_count } else { 0 },
+        "query_results_mean": (results_total as u64).checked_div(args.query_count).unwrap_or(0),
         "query_latency_ms": percentiles(query_latencies),
         "index_catch_up_ms": index_catch_up.as_millis() as u64,
         "bytes_written": bytes_written,
@@ -297,7 +305,10 @@ fn print_report(report: &serde_json::Value, as_json: bool, title: &str) {
 }
 
 pub fn core(args: CoreArgs) -> anyhow::Result<()> {
-    if args.account_count < 2 || args.transfer_batch_size == 0 || args.transfer_batch_size > BATCH_EVENTS_MAX as u64 {
+    if args.account_count < 2
+        || args.transfer_batch_size == 0
+        || args.transfer_batch_size > BATCH_EVENTS_MAX as u64
+    {
         bail!("--account-count must be at least 2 and --transfer-batch-size within 1..={BATCH_EVENTS_MAX}");
     }
     let mut ledger = Ledger::new(LedgerLimits::default());
@@ -319,7 +330,10 @@ pub fn core(args: CoreArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut changes = clearhouse_ledger::ChangeSet::default();
     let mut busy = Duration::ZERO;
-    for (index, batch) in transfers.chunks(args.transfer_batch_size as usize).enumerate() {
+    for (index, batch) in transfers
+        .chunks(args.transfer_batch_size as usize)
+        .enumerate()
+    {
         let started = Instant::now();
         ledger.create_transfers(1_000 + index as u64 * 10_000, batch, &mut results)?;
         busy += started.elapsed();
@@ -349,7 +363,10 @@ pub fn recovery(args: RecoveryArgs) -> anyhow::Result<()> {
     }
     if args.crash_after_load {
         // Child: load through a real node, then die without a clean stop (as kill -9 would).
-        let dir = args.data_dir.clone().context("--crash-after-load needs --data-dir")?;
+        let dir = args
+            .data_dir
+            .clone()
+            .context("--crash-after-load needs --data-dir")?;
         let node = Node::start(NodeOptions::new(&dir))?;
         load_l1(&node, &args)?;
         std::process::abort();
@@ -404,7 +421,9 @@ fn load_l1(node: &Node, args: &RecoveryArgs) -> anyhow::Result<()> {
     let mut id = 1u128;
     while id <= args.transfer_count as u128 {
         let last = (id + BATCH_EVENTS_MAX as u128 - 1).min(args.transfer_count as u128);
-        let batch: Vec<_> = (id..=last).map(|i| l1_transfer(&mut rng, &shape, i)).collect();
+        let batch: Vec<_> = (id..=last)
+            .map(|i| l1_transfer(&mut rng, &shape, i))
+            .collect();
         let results = node.create_transfers(batch)?;
         if results.iter().any(|r| *r != CreateTransferResult::Ok) {
             bail!("load failed");

@@ -13,7 +13,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "clearhouse", version, about = "clearhouse: real-time payment switch and clearing house")]
+#[command(
+    name = "clearhouse",
+    version,
+    about = "clearhouse: real-time payment switch and clearing house"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

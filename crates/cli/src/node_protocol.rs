@@ -18,11 +18,16 @@ use clearhouse_ledger::{Account, Transfer};
 
 const LINE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
-pub fn run(data_dir: PathBuf, segment_size: u64, checkpoint_every_records: u64) -> anyhow::Result<()> {
+pub fn run(
+    data_dir: PathBuf,
+    segment_size: u64,
+    checkpoint_every_records: u64,
+) -> anyhow::Result<()> {
     let mut options = NodeOptions::new(&data_dir);
     options.journal.segment_size = segment_size;
     options.checkpoint_every_records = checkpoint_every_records;
-    let node = Node::start(options).with_context(|| format!("starting node on {}", data_dir.display()))?;
+    let node =
+        Node::start(options).with_context(|| format!("starting node on {}", data_dir.display()))?;
     let recovery = node.recovery_report();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -37,7 +42,9 @@ pub fn run(data_dir: PathBuf, segment_size: u64, checkpoint_every_records: u64) 
     let mut input = stdin.lock();
     loop {
         line.clear();
-        let read = (&mut input).take(LINE_BYTES_MAX as u64).read_line(&mut line)?;
+        let read = (&mut input)
+            .take(LINE_BYTES_MAX as u64)
+            .read_line(&mut line)?;
         if read == 0 || line.trim() == "quit" {
             break;
         }
@@ -76,7 +83,11 @@ fn handle(node: &Node, line: &str) -> anyhow::Result<String> {
             let results = node.create_accounts(accounts)?;
             Ok(format!(
                 "results {}",
-                results.iter().map(|r| r.as_u32().to_string()).collect::<Vec<_>>().join(",")
+                results
+                    .iter()
+                    .map(|r| r.as_u32().to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
             ))
         }
         "transfers" => {
@@ -104,7 +115,11 @@ fn handle(node: &Node, line: &str) -> anyhow::Result<String> {
             let results = node.create_transfers(transfers)?;
             Ok(format!(
                 "results {}",
-                results.iter().map(|r| r.as_u32().to_string()).collect::<Vec<_>>().join(",")
+                results
+                    .iter()
+                    .map(|r| r.as_u32().to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
             ))
         }
         "lookup" => {
@@ -115,7 +130,10 @@ fn handle(node: &Node, line: &str) -> anyhow::Result<String> {
                     .iter()
                     .map(|s| {
                         let t = &s.transfer;
-                        format!("{}:{}:{}:{}", t.id, t.debit_account_id, t.credit_account_id, t.amount)
+                        format!(
+                            "{}:{}:{}:{}",
+                            t.id, t.debit_account_id, t.credit_account_id, t.amount
+                        )
                     })
                     .collect::<Vec<_>>()
                     .join(",")
@@ -129,7 +147,11 @@ fn handle(node: &Node, line: &str) -> anyhow::Result<String> {
                     .iter()
                     .map(|a| format!(
                         "{}:{}:{}:{}:{}",
-                        a.id, a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted
+                        a.id,
+                        a.debits_pending,
+                        a.debits_posted,
+                        a.credits_pending,
+                        a.credits_posted
                     ))
                     .collect::<Vec<_>>()
                     .join(",")

@@ -54,16 +54,18 @@ pub struct L1Shape {
 /// Transfer `id` of workload L1.
 pub fn l1_transfer(rng: &mut Rng, shape: &L1Shape, id: u128) -> Transfer {
     let accounts = shape.account_count;
-    let (debit, mut credit) = if shape.account_count_hot > 0 && rng.below(100) < shape.transfer_hot_percent {
-        let hot = shape.account_count_hot.min(accounts - 1);
-        (1 + rng.below(hot), 1 + hot + rng.below(accounts - hot))
-    } else {
-        (1 + rng.below(accounts), 1 + rng.below(accounts))
-    };
+    let (debit, mut credit) =
+        if shape.account_count_hot > 0 && rng.below(100) < shape.transfer_hot_percent {
+            let hot = shape.account_count_hot.min(accounts - 1);
+            (1 + rng.below(hot), 1 + hot + rng.below(accounts - hot))
+        } else {
+            (1 + rng.below(accounts), 1 + rng.below(accounts))
+        };
     if credit == debit {
         credit = debit % accounts + 1;
     }
-    let pending = shape.transfer_pending_percent > 0 && rng.below(100) < shape.transfer_pending_percent;
+    let pending =
+        shape.transfer_pending_percent > 0 && rng.below(100) < shape.transfer_pending_percent;
     Transfer {
         id,
         debit_account_id: debit as u128,

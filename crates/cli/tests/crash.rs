@@ -25,7 +25,12 @@ fn start(dir: &std::path::Path) -> Process {
         .args(["node", "--data-dir"])
         .arg(dir)
         // Small segments and frequent checkpoints, so kills land in every phase.
-        .args(["--segment-size", "1200000", "--checkpoint-every-records", "5"])
+        .args([
+            "--segment-size",
+            "1200000",
+            "--checkpoint-every-records",
+            "5",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -42,8 +47,15 @@ fn start(dir: &std::path::Path) -> Process {
             }
         }
     });
-    let process = Process { child, stdin, lines };
-    let ready = process.lines.recv_timeout(Duration::from_secs(60)).expect("node ready");
+    let process = Process {
+        child,
+        stdin,
+        lines,
+    };
+    let ready = process
+        .lines
+        .recv_timeout(Duration::from_secs(60))
+        .expect("node ready");
     assert!(ready.starts_with("ready"), "{ready}");
     process
 }
@@ -125,15 +137,26 @@ fn acknowledged_transfers_survive_sigkill() {
                     if credit == debit {
                         credit = debit % ACCOUNTS + 1;
                     }
-                    (id, Sent { debit, credit, amount: 1 + rng.below(1000) as u128 })
+                    (
+                        id,
+                        Sent {
+                            debit,
+                            credit,
+                            amount: 1 + rng.below(1000) as u128,
+                        },
+                    )
                 })
                 .collect();
             next_id += size;
             match request(&mut process, &encode(&batch)) {
                 Some(answer) => {
-                    let codes: Vec<&str> = answer.trim_start_matches("results ").split(',').collect();
+                    let codes: Vec<&str> =
+                        answer.trim_start_matches("results ").split(',').collect();
                     assert_eq!(codes.len(), batch.len(), "{answer}");
-                    assert!(codes.iter().all(|c| *c == RESULT_OK), "round {round}: {answer}");
+                    assert!(
+                        codes.iter().all(|c| *c == RESULT_OK),
+                        "round {round}: {answer}"
+                    );
                     acknowledged.extend(batch.iter().copied());
                     acknowledged_batches.push(batch);
                 }
@@ -156,33 +179,71 @@ fn acknowledged_transfers_survive_sigkill() {
         let ids: Vec<u128> = acknowledged.keys().copied().collect();
         let mut present = BTreeMap::new();
         for chunk in ids.chunks(2000) {
-            let line = request(&mut process, &format!(
-                "lookup {}",
-                chunk.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(",")
-            ))
+            let line = request(
+                &mut process,
+                &format!(
+                    "lookup {}",
+                    chunk
+                        .iter()
+                        .map(|id| id.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            )
             .unwrap();
-            for item in line.trim_start_matches("transfers ").split(',').filter(|s| !s.is_empty()) {
+            for item in line
+                .trim_start_matches("transfers ")
+                .split(',')
+                .filter(|s| !s.is_empty())
+            {
                 let f: Vec<u128> = item.split(':').map(|x| x.parse().unwrap()).collect();
-                present.insert(f[0], Sent { debit: f[1], credit: f[2], amount: f[3] });
+                present.insert(
+                    f[0],
+                    Sent {
+                        debit: f[1],
+                        credit: f[2],
+                        amount: f[3],
+                    },
+                );
             }
         }
         for (id, sent) in &acknowledged {
-            let got = present.get(id).unwrap_or_else(|| panic!("round {round}: acknowledged transfer {id} lost"));
-            assert_eq!((got.debit, got.credit, got.amount), (sent.debit, sent.credit, sent.amount));
+            let got = present
+                .get(id)
+                .unwrap_or_else(|| panic!("round {round}: acknowledged transfer {id} lost"));
+            assert_eq!(
+                (got.debit, got.credit, got.amount),
+                (sent.debit, sent.credit, sent.amount)
+            );
         }
         // The unacknowledged batch is atomic: all of it or none of it.
         let last = unacknowledged.last().unwrap().clone();
-        let ids = last.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(",");
+        let ids = last
+            .iter()
+            .map(|(id, _)| id.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         let line = request(&mut process, &format!("lookup {ids}")).unwrap();
-        let found = line.trim_start_matches("transfers ").split(',').filter(|s| !s.is_empty()).count();
-        assert!(found == 0 || found == last.len(), "round {round}: batch half applied ({found} of {})", last.len());
+        let found = line
+            .trim_start_matches("transfers ")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .count();
+        assert!(
+            found == 0 || found == last.len(),
+            "round {round}: batch half applied ({found} of {})",
+            last.len()
+        );
         if found == last.len() {
             acknowledged.extend(last.iter().copied());
             acknowledged_batches.push(last);
         }
         // Books balance and every account equals the sum of the transfers that touch it: nothing
         // is duplicated or lost.
-        let ids = (1..=ACCOUNTS).map(|id| id.to_string()).collect::<Vec<_>>().join(",");
+        let ids = (1..=ACCOUNTS)
+            .map(|id| id.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         let line = request(&mut process, &format!("balances {ids}")).unwrap();
         let mut debits = vec![0u128; ACCOUNTS as usize + 1];
         let mut credits = vec![0u128; ACCOUNTS as usize + 1];
@@ -193,23 +254,40 @@ fn acknowledged_transfers_survive_sigkill() {
         let (mut total_debits, mut total_credits) = (0u128, 0u128);
         for item in line.trim_start_matches("balances ").split(',') {
             let f: Vec<u128> = item.split(':').map(|x| x.parse().unwrap()).collect();
-            assert_eq!(f[2], debits[f[0] as usize], "round {round}: debits of account {}", f[0]);
-            assert_eq!(f[4], credits[f[0] as usize], "round {round}: credits of account {}", f[0]);
+            assert_eq!(
+                f[2], debits[f[0] as usize],
+                "round {round}: debits of account {}",
+                f[0]
+            );
+            assert_eq!(
+                f[4], credits[f[0] as usize],
+                "round {round}: credits of account {}",
+                f[0]
+            );
             total_debits += f[2];
             total_credits += f[4];
         }
-        assert_eq!(total_debits, total_credits, "round {round}: books do not balance");
+        assert_eq!(
+            total_debits, total_credits,
+            "round {round}: books do not balance"
+        );
         // A retried acknowledged request answers `exists` for every transfer and moves nothing.
         let retry = &acknowledged_batches[rng.below(acknowledged_batches.len() as u64) as usize];
         let answer = request(&mut process, &encode(retry)).unwrap();
         assert!(
-            answer.trim_start_matches("results ").split(',').all(|c| c == RESULT_EXISTS),
+            answer
+                .trim_start_matches("results ")
+                .split(',')
+                .all(|c| c == RESULT_EXISTS),
             "round {round}: retry answered {answer}"
         );
     }
     let _ = request(&mut process, "quit");
     let _ = process.child.wait();
-    eprintln!("crash test: {kills} kills survived, {} acknowledged transfers checked", acknowledged.len());
+    eprintln!(
+        "crash test: {kills} kills survived, {} acknowledged transfers checked",
+        acknowledged.len()
+    );
     assert_eq!(kills, ROUNDS);
 }
 

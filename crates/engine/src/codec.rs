@@ -169,7 +169,7 @@ pub fn decode_batch<T>(
     bytes: &[u8],
     decode: fn(&[u8]) -> Result<T, CodecError>,
 ) -> Result<Vec<T>, CodecError> {
-    if bytes.len() % 128 != 0 {
+    if !bytes.len().is_multiple_of(128) {
         return Err(CodecError {
             what: "batch of 128-byte events",
             expected: bytes.len() / 128 * 128,

@@ -59,6 +59,14 @@ pub struct Restored {
     pub pending: Vec<StoredTransfer>,
 }
 
+type AccountEventEntry<'a> = Result<
+    (
+        redb::AccessGuard<'a, (u128, u64)>,
+        redb::AccessGuard<'a, &'static [u8]>,
+    ),
+    redb::StorageError,
+>;
+
 pub struct Index {
     db: Database,
 }
@@ -89,12 +97,12 @@ impl Index {
         // account events, pending set, accounts and scalars together), whether or not it was
         // durable; after a crash redb comes back at its last durable transaction.
         let seq = match redb_try!(meta.get("applied_seq"), "read meta") {
-            Some(value) => u64::from_le_bytes(value.value().try_into().map_err(|_| {
-                EngineError::Index {
+            Some(value) => {
+                u64::from_le_bytes(value.value().try_into().map_err(|_| EngineError::Index {
                     context: "applied_seq",
                     message: "bad length".into(),
-                }
-            })?),
+                })?)
+            }
             None => 0,
         };
         let scalars = match redb_try!(meta.get("scalars"), "read meta") {
@@ -149,7 +157,10 @@ impl Index {
             for stored in &changes.transfers {
                 buffer.clear();
                 codec::encode_stored_transfer(&mut buffer, stored);
-                redb_try!(transfers.insert(stored.transfer.id, buffer.as_slice()), "insert transfer");
+                redb_try!(
+                    transfers.insert(stored.transfer.id, buffer.as_slice()),
+                    "insert transfer"
+                );
                 if stored.status == PendingStatus::Pending {
                     redb_try!(pending.insert(stored.transfer.id, 1u8), "insert pending");
                 } else if stored.status != PendingStatus::None {
@@ -169,10 +180,16 @@ impl Index {
             for account in changes.accounts_created.iter().chain(&update.accounts) {
                 buffer.clear();
                 codec::encode_account(&mut buffer, account);
-                redb_try!(accounts.insert(account.id, buffer.as_slice()), "insert account");
+                redb_try!(
+                    accounts.insert(account.id, buffer.as_slice()),
+                    "insert account"
+                );
             }
             let mut meta = redb_try!(txn.open_table(META), "open meta");
-            redb_try!(meta.insert("applied_seq", update.seq.to_le_bytes().as_slice()), "write meta");
+            redb_try!(
+                meta.insert("applied_seq", update.seq.to_le_bytes().as_slice()),
+                "write meta"
+            );
             redb_try!(
                 meta.insert("scalars", codec::encode_scalars(&update.scalars).as_slice()),
                 "write meta"
@@ -228,11 +245,7 @@ impl Index {
             events.range((filter.account_id, min)..=(filter.account_id, max)),
             "range"
         );
-        let mut visit = |entry: Result<
-            (redb::AccessGuard<'_, (u128, u64)>, redb::AccessGuard<'_, &[u8]>),
-            redb::StorageError,
-        >|
-         -> Result<bool, EngineError> {
+        let mut visit = |entry: AccountEventEntry<'_>| -> Result<bool, EngineError> {
             let (key, value) = redb_try!(entry, "read account event");
             let (account_id, timestamp) = key.value();
             let event = codec::decode_account_event(account_id, timestamp, value.value())?;
@@ -258,16 +271,24 @@ impl Index {
     }
 
     /// Transfers of an account within the filter, oldest first (newest first when reversed).
-    pub fn get_account_transfers(&self, filter: &AccountFilter) -> Result<Vec<Transfer>, EngineError> {
+    pub fn get_account_transfers(
+        &self,
+        filter: &AccountFilter,
+    ) -> Result<Vec<Transfer>, EngineError> {
         let events = self.account_events(filter, |event| {
             event.kind.is_transfer()
                 && ((filter.debits && event.kind == clearhouse_ledger::AccountEventKind::Debit)
-                    || (filter.credits && event.kind == clearhouse_ledger::AccountEventKind::Credit))
+                    || (filter.credits
+                        && event.kind == clearhouse_ledger::AccountEventKind::Credit))
         })?;
         let ids: Vec<u128> = events.iter().map(|event| event.transfer_id).collect();
         let mut transfers = Vec::with_capacity(ids.len());
         self.get_transfers(&ids, |stored| transfers.push(stored.transfer))?;
-        assert_eq!(transfers.len(), ids.len(), "index: account event without its transfer");
+        assert_eq!(
+            transfers.len(),
+            ids.len(),
+            "index: account event without its transfer"
+        );
         Ok(transfers)
     }
 
@@ -280,7 +301,8 @@ impl Index {
             event.balance.is_some()
                 && (!event.kind.is_transfer()
                     || (filter.debits && event.kind == clearhouse_ledger::AccountEventKind::Debit)
-                    || (filter.credits && event.kind == clearhouse_ledger::AccountEventKind::Credit))
+                    || (filter.credits
+                        && event.kind == clearhouse_ledger::AccountEventKind::Credit))
         })?;
         Ok(events
             .into_iter()

@@ -193,13 +193,19 @@ impl Node {
         let mut pending_records = 0usize;
         let mut replayed = 0u64;
         let mut last_seq = restored.seq;
-        let corrupt = |seq: u64, what: &str, error: EngineError| clearhouse_journal::JournalError::Corrupt {
-            path: journal_dir.clone(),
-            offset: 0,
-            reason: format!("{what} of record {seq} failed: {error}"),
-        };
-        let flush = |ledger: &mut Ledger, pending_changes: &mut ChangeSet, seq: u64| -> Result<(), EngineError> {
-            pending_changes.transfers.sort_by_key(|stored| stored.transfer.id);
+        let corrupt =
+            |seq: u64, what: &str, error: EngineError| clearhouse_journal::JournalError::Corrupt {
+                path: journal_dir.clone(),
+                offset: 0,
+                reason: format!("{what} of record {seq} failed: {error}"),
+            };
+        let flush = |ledger: &mut Ledger,
+                     pending_changes: &mut ChangeSet,
+                     seq: u64|
+         -> Result<(), EngineError> {
+            pending_changes
+                .transfers
+                .sort_by_key(|stored| stored.transfer.id);
             pending_changes
                 .account_events
                 .sort_unstable_by_key(|event| (event.account_id, event.timestamp));
@@ -217,13 +223,20 @@ impl Node {
             Ok(())
         };
         clearhouse_journal::read_records(&journal_dir, restored.seq, |record| {
-            replay(&index, &mut ledger, &record).map_err(|error| corrupt(record.seq, "replay", error))?;
+            replay(&index, &mut ledger, &record)
+                .map_err(|error| corrupt(record.seq, "replay", error))?;
             replayed += 1;
             last_seq = record.seq;
             ledger.take_changes(&mut changes);
-            pending_changes.transfers.extend_from_slice(&changes.transfers);
-            pending_changes.account_events.extend_from_slice(&changes.account_events);
-            pending_changes.accounts_created.extend_from_slice(&changes.accounts_created);
+            pending_changes
+                .transfers
+                .extend_from_slice(&changes.transfers);
+            pending_changes
+                .account_events
+                .extend_from_slice(&changes.account_events);
+            pending_changes
+                .accounts_created
+                .extend_from_slice(&changes.accounts_created);
             pending_records += 1;
             if pending_records >= REPLAY_RECORDS_PER_INDEX_TRANSACTION {
                 pending_records = 0;
@@ -341,7 +354,10 @@ impl Node {
         EngineError::Stopped { reason }
     }
 
-    pub fn create_accounts(&self, accounts: Vec<Account>) -> Result<Vec<CreateAccountResult>, EngineError> {
+    pub fn create_accounts(
+        &self,
+        accounts: Vec<Account>,
+    ) -> Result<Vec<CreateAccountResult>, EngineError> {
         self.call(|reply| Request::CreateAccounts(accounts, reply))
     }
 
@@ -386,7 +402,10 @@ impl Node {
     }
 
     /// Transfers of one account, from the on-disk index.
-    pub fn get_account_transfers(&self, filter: &AccountFilter) -> Result<Vec<Transfer>, EngineError> {
+    pub fn get_account_transfers(
+        &self,
+        filter: &AccountFilter,
+    ) -> Result<Vec<Transfer>, EngineError> {
         self.wait_indexed()?;
         self.inner.index.get_account_transfers(filter)
     }
@@ -428,7 +447,11 @@ fn replay(index: &Index, ledger: &mut Ledger, record: &Record) -> Result<(), Eng
     Ok(())
 }
 
-fn prefetch(index: &Index, ledger: &mut Ledger, transfers: &[Transfer]) -> Result<Vec<u128>, EngineError> {
+fn prefetch(
+    index: &Index,
+    ledger: &mut Ledger,
+    transfers: &[Transfer],
+) -> Result<Vec<u128>, EngineError> {
     let mut ids = Vec::new();
     ledger.transfer_ids_to_prefetch(transfers, &mut ids);
     ids.sort_unstable();
@@ -453,9 +476,15 @@ fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexUpdate>) {
         while merged < INDEX_JOBS_PER_TRANSACTION_MAX {
             let Ok(next) = jobs.try_recv() else { break };
             assert!(next.seq >= job.seq, "index updates arrive in order");
-            job.changes.transfers.extend_from_slice(&next.changes.transfers);
-            job.changes.account_events.extend_from_slice(&next.changes.account_events);
-            job.changes.accounts_created.extend_from_slice(&next.changes.accounts_created);
+            job.changes
+                .transfers
+                .extend_from_slice(&next.changes.transfers);
+            job.changes
+                .account_events
+                .extend_from_slice(&next.changes.account_events);
+            job.changes
+                .accounts_created
+                .extend_from_slice(&next.changes.accounts_created);
             job.accounts.extend_from_slice(&next.accounts);
             job.seq = next.seq;
             job.scalars = next.scalars;
@@ -464,7 +493,9 @@ fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexUpdate>) {
         }
         // Sorted inserts walk the B-trees in order. The sort is stable, so later versions of a
         // transfer (a pending one, then posted) are still written last.
-        job.changes.transfers.sort_by_key(|stored| stored.transfer.id);
+        job.changes
+            .transfers
+            .sort_by_key(|stored| stored.transfer.id);
         job.changes
             .account_events
             .sort_unstable_by_key(|event| (event.account_id, event.timestamp));
@@ -505,8 +536,14 @@ struct Engine {
 }
 
 enum Pending {
-    Accounts(Reply<Vec<CreateAccountResult>>, Result<Vec<CreateAccountResult>, EngineError>),
-    Transfers(Reply<Vec<CreateTransferResult>>, Result<Vec<CreateTransferResult>, EngineError>),
+    Accounts(
+        Reply<Vec<CreateAccountResult>>,
+        Result<Vec<CreateAccountResult>, EngineError>,
+    ),
+    Transfers(
+        Reply<Vec<CreateTransferResult>>,
+        Result<Vec<CreateTransferResult>, EngineError>,
+    ),
     Lookup(Request),
 }
 
@@ -555,19 +592,26 @@ impl Engine {
         let mut answered: Vec<Pending> = Vec::with_capacity(group.len());
         let seq_before = self.journal.next_seq();
         let now = now_ns();
-        if self.ledger.next_expiry().is_some_and(|at| at <= now) && self.journal.reserve(0).is_ok() {
+        if self.ledger.next_expiry().is_some_and(|at| at <= now) && self.journal.reserve(0).is_ok()
+        {
             self.ledger.pulse(now);
             self.journal.append(KIND_PULSE, now, &[])?;
         }
         for request in group.drain(..) {
             match request {
                 Request::CreateAccounts(accounts, reply) => {
-                    let result = self.execute(KIND_CREATE_ACCOUNTS, now, &accounts, codec::encode_account, |ledger, now, results| {
-                        let mut out = Vec::new();
-                        ledger.create_accounts(now, &accounts, &mut out)?;
-                        *results = out;
-                        Ok(())
-                    });
+                    let result = self.execute(
+                        KIND_CREATE_ACCOUNTS,
+                        now,
+                        &accounts,
+                        codec::encode_account,
+                        |ledger, now, results| {
+                            let mut out = Vec::new();
+                            ledger.create_accounts(now, &accounts, &mut out)?;
+                            *results = out;
+                            Ok(())
+                        },
+                    );
                     answered.push(Pending::Accounts(reply, result));
                 }
                 Request::CreateTransfers(transfers, reply) => {
@@ -577,12 +621,18 @@ impl Engine {
                             for id in found {
                                 self.touch(seq, id);
                             }
-                            self.execute(KIND_CREATE_TRANSFERS, now, &transfers, codec::encode_transfer, |ledger, now, results| {
-                                let mut out = Vec::new();
-                                ledger.create_transfers(now, &transfers, &mut out)?;
-                                *results = out;
-                                Ok(())
-                            })
+                            self.execute(
+                                KIND_CREATE_TRANSFERS,
+                                now,
+                                &transfers,
+                                codec::encode_transfer,
+                                |ledger, now, results| {
+                                    let mut out = Vec::new();
+                                    ledger.create_transfers(now, &transfers, &mut out)?;
+                                    *results = out;
+                                    Ok(())
+                                },
+                            )
                         }
                         Err(error) => Err(error),
                     };
@@ -594,7 +644,9 @@ impl Engine {
         // One write and one fdatasync for the whole group, then the answers.
         self.journal.commit()?;
         let last_seq = self.journal.next_seq() - 1;
-        self.progress.committed_seq.store(last_seq, Ordering::SeqCst);
+        self.progress
+            .committed_seq
+            .store(last_seq, Ordering::SeqCst);
         if last_seq >= seq_before {
             self.send_to_index(last_seq)?;
         }
@@ -698,7 +750,12 @@ impl Engine {
     }
 
     fn remove_covered_segments(&mut self) -> Result<(), EngineError> {
-        let checkpoint_seq = self.progress.indexed.lock().expect("progress").checkpoint_seq;
+        let checkpoint_seq = self
+            .progress
+            .indexed
+            .lock()
+            .expect("progress")
+            .checkpoint_seq;
         if checkpoint_seq > self.checkpoint_seq_done {
             self.journal.remove_segments_through(checkpoint_seq)?;
             self.checkpoint_seq_done = checkpoint_seq;

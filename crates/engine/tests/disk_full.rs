@@ -125,7 +125,11 @@ fn full_disk_refuses_work_clearly_and_loses_nothing() {
     let node = Node::start(options(&dir)).expect("restart after space returned");
     let ids: Vec<u128> = acknowledged.iter().map(|t| t.id).collect();
     let found = node.lookup_transfers(ids.clone()).unwrap();
-    assert_eq!(found.len(), ids.len(), "every acknowledged transfer is there");
+    assert_eq!(
+        found.len(),
+        ids.len(),
+        "every acknowledged transfer is there"
+    );
     for (stored, sent) in found.iter().zip(&acknowledged) {
         assert_eq!(stored.transfer.id, sent.id);
         assert_eq!(stored.transfer.amount, sent.amount);
@@ -135,7 +139,11 @@ fn full_disk_refuses_work_clearly_and_loses_nothing() {
     let credits: u128 = balances.iter().map(|a| a.credits_posted).sum();
     let sent: u128 = acknowledged.iter().map(|t| t.amount).sum();
     assert_eq!(debits, credits, "books balance");
-    assert_eq!(debits, sent + 1, "exactly the acknowledged amounts: the refused batch left no trace");
+    assert_eq!(
+        debits,
+        sent + 1,
+        "exactly the acknowledged amounts: the refused batch left no trace"
+    );
     // New work is accepted again.
     let results = node
         .create_transfers(vec![Transfer {

@@ -97,7 +97,12 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 fn check_same_state(node: &Node, reference: &Ledger, ids_seen: &[u128]) {
     for account in node.lookup_accounts((1..=6).collect()).unwrap() {
         let expected = reference.account(account.id).unwrap();
-        assert_eq!(account.balance(), expected.balance(), "account {}", account.id);
+        assert_eq!(
+            account.balance(),
+            expected.balance(),
+            "account {}",
+            account.id
+        );
     }
     let stored = node.lookup_transfers(ids_seen.to_vec()).unwrap();
     let mut by_id = BTreeMap::new();
@@ -111,7 +116,10 @@ fn check_same_state(node: &Node, reference: &Ledger, ids_seen: &[u128]) {
         if let (Some(got), Some(expected)) = (got, expected) {
             assert_eq!(got.status, expected.status, "transfer {id} status");
             assert_eq!(got.transfer.amount, expected.transfer.amount);
-            assert_eq!(got.transfer.debit_account_id, expected.transfer.debit_account_id);
+            assert_eq!(
+                got.transfer.debit_account_id,
+                expected.transfer.debit_account_id
+            );
             assert_eq!(got.transfer.flags, expected.transfer.flags);
         }
     }
@@ -120,7 +128,8 @@ fn check_same_state(node: &Node, reference: &Ledger, ids_seen: &[u128]) {
         let mut expected: Vec<_> = stored
             .iter()
             .filter(|s| {
-                s.transfer.debit_account_id == account_id || s.transfer.credit_account_id == account_id
+                s.transfer.debit_account_id == account_id
+                    || s.transfer.credit_account_id == account_id
             })
             .map(|s| (s.transfer.timestamp, s.transfer.id))
             .collect();
@@ -231,7 +240,10 @@ fn pending_transfers_expire_by_the_engine_clock_and_survive_restart() {
         node.create_transfers(vec![pending, long]).unwrap(),
         vec![CreateTransferResult::Ok; 2]
     );
-    assert_eq!(node.lookup_accounts(vec![1]).unwrap()[0].debits_pending, 100);
+    assert_eq!(
+        node.lookup_accounts(vec![1]).unwrap()[0].debits_pending,
+        100
+    );
     drop(node);
     // Restart: the pending transfers come back from the checkpoint/journal and still expire.
     let node = Node::start(small_options(dir.path())).unwrap();
@@ -241,11 +253,17 @@ fn pending_transfers_expire_by_the_engine_clock_and_survive_restart() {
         if stored[0].status == PendingStatus::Expired {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "pending transfer never expired");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pending transfer never expired"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let account = node.lookup_accounts(vec![1]).unwrap()[0];
-    assert_eq!(account.debits_pending, 50, "only the long reservation remains");
+    assert_eq!(
+        account.debits_pending, 50,
+        "only the long reservation remains"
+    );
     let post = Transfer {
         id: 3,
         pending_id: 1,

@@ -26,7 +26,8 @@ pub const RECORD_HEADER_SIZE: usize = 32;
 /// Largest payload of one record: a full batch of 8,189 events of 128 bytes, plus room for headers.
 pub const RECORD_PAYLOAD_MAX: usize = 1024 * 1024 + 4096;
 /// Smallest segment that holds at least one record of the largest size.
-pub const SEGMENT_SIZE_MIN: u64 = SEGMENT_HEADER_SIZE + (RECORD_HEADER_SIZE + RECORD_PAYLOAD_MAX) as u64;
+pub const SEGMENT_SIZE_MIN: u64 =
+    SEGMENT_HEADER_SIZE + (RECORD_HEADER_SIZE + RECORD_PAYLOAD_MAX) as u64;
 pub const SEGMENT_SIZE_DEFAULT: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +49,9 @@ pub enum JournalError {
     },
     #[error("journal: record payload of {len} bytes exceeds the limit of {max}")]
     RecordTooLarge { len: usize, max: usize },
-    #[error("journal: segment {path} has format version {found}, this build reads version {expected}")]
+    #[error(
+        "journal: segment {path} has format version {found}, this build reads version {expected}"
+    )]
     Version {
         path: PathBuf,
         found: u32,
@@ -58,7 +61,10 @@ pub enum JournalError {
     Poisoned,
 }
 
-fn io_error<'a>(operation: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> JournalError + 'a {
+fn io_error<'a>(
+    operation: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> JournalError + 'a {
     move |source| JournalError::Io {
         operation,
         path: path.to_path_buf(),
@@ -344,8 +350,14 @@ pub struct Journal {
 
 impl Journal {
     /// Opens (or creates) the journal in `dir`: checks every segment, cuts back a torn tail.
-    pub fn open(dir: &Path, options: JournalOptions) -> Result<(Journal, OpenReport), JournalError> {
-        assert!(options.segment_size >= SEGMENT_SIZE_MIN, "segment size too small");
+    pub fn open(
+        dir: &Path,
+        options: JournalOptions,
+    ) -> Result<(Journal, OpenReport), JournalError> {
+        assert!(
+            options.segment_size >= SEGMENT_SIZE_MIN,
+            "segment size too small"
+        );
         fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
         let segments = list_segments(dir)?;
         let mut report = OpenReport {
@@ -393,7 +405,8 @@ impl Journal {
                     }
                     Decoded::End => break,
                     Decoded::Invalid(reason) => {
-                        let later_valid = last && Self::valid_record_after(&data, offset, next_expected);
+                        let later_valid =
+                            last && Self::valid_record_after(&data, offset, next_expected);
                         if !last || later_valid {
                             return Err(JournalError::Corrupt {
                                 path: segment.path.clone(),
@@ -402,7 +415,10 @@ impl Journal {
                             });
                         }
                         // A torn tail: the last write was cut by a crash before it was acknowledged.
-                        let cut = data[offset..].iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
+                        let cut = data[offset..]
+                            .iter()
+                            .rposition(|b| *b != 0)
+                            .map_or(0, |p| p + 1);
                         report.torn_tail_bytes_cut = cut as u64;
                         report.torn_tail_at = Some((segment.path.clone(), offset as u64));
                         tracing::warn!(
@@ -419,7 +435,8 @@ impl Journal {
                         let zeros = vec![0u8; cut];
                         file.write_all_at(&zeros, offset as u64)
                             .map_err(io_error("write", &segment.path))?;
-                        file.sync_data().map_err(io_error("fdatasync", &segment.path))?;
+                        file.sync_data()
+                            .map_err(io_error("fdatasync", &segment.path))?;
                         break;
                     }
                 }
@@ -536,7 +553,8 @@ impl Journal {
             });
         }
         let header = segment_header(first_seq, size);
-        file.write_all_at(&header, 0).map_err(io_error("write", &tmp))?;
+        file.write_all_at(&header, 0)
+            .map_err(io_error("write", &tmp))?;
         file.sync_all().map_err(io_error("fsync", &tmp))?;
         fs::rename(&tmp, &path).map_err(io_error("rename", &tmp))?;
         sync_dir(&self.dir)?;
@@ -550,14 +568,20 @@ impl Journal {
 
     /// Appends a record to the group being built; it is durable only after [`Journal::commit`].
     /// [`Journal::reserve`] must have been called for this payload first.
-    pub fn append(&mut self, kind: u16, timestamp: u64, payload: &[u8]) -> Result<u64, JournalError> {
+    pub fn append(
+        &mut self,
+        kind: u16,
+        timestamp: u64,
+        payload: &[u8],
+    ) -> Result<u64, JournalError> {
         if self.poisoned {
             return Err(JournalError::Poisoned);
         }
         let needed = (RECORD_HEADER_SIZE + padded(payload.len())) as u64;
         assert!(
             self.file.is_some()
-                && self.write_offset + self.buffer.len() as u64 + needed <= self.options.segment_size,
+                && self.write_offset + self.buffer.len() as u64 + needed
+                    <= self.options.segment_size,
             "append without reserve"
         );
         let seq = self.next_seq;
@@ -571,7 +595,10 @@ impl Journal {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let file = self.file.as_ref().expect("a segment is open when records are buffered");
+        let file = self
+            .file
+            .as_ref()
+            .expect("a segment is open when records are buffered");
         if let Err(error) = file.write_all_at(&self.buffer, self.write_offset) {
             self.poisoned = true;
             return Err(JournalError::Io {
@@ -700,7 +727,8 @@ mod tests {
         // The third record starts after two records; tear it in the middle of its payload.
         let third = SEGMENT_HEADER_SIZE as usize + (32 + 104) + (32 + 200);
         let file = OpenOptions::new().write(true).open(segment).unwrap();
-        file.write_all_at(&vec![0u8; 3000], (third + 32 + 2000) as u64).unwrap();
+        file.write_all_at(&vec![0u8; 3000], (third + 32 + 2000) as u64)
+            .unwrap();
         drop(data);
         let (journal, report) = Journal::open(dir.path(), options()).unwrap();
         assert_eq!(report.last_seq, 2);
@@ -725,7 +753,9 @@ mod tests {
         let mut data = fs::read(&segment).unwrap();
         data[second + 32 + 50] ^= 0x10;
         fs::write(&segment, &data).unwrap();
-        let error = Journal::open(dir.path(), options()).err().expect("must refuse");
+        let error = Journal::open(dir.path(), options())
+            .err()
+            .expect("must refuse");
         match &error {
             JournalError::Corrupt { path, offset, .. } => {
                 assert_eq!(path, &segment);
@@ -734,7 +764,10 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         let message = error.to_string();
-        assert!(message.contains("segment-") && message.contains(&second.to_string()), "{message}");
+        assert!(
+            message.contains("segment-") && message.contains(&second.to_string()),
+            "{message}"
+        );
         // The file is unchanged: nothing was dropped.
         assert_eq!(fs::read(&segment).unwrap(), data);
     }

@@ -3,7 +3,7 @@
 //! Inputs are the events and the batch timestamp; nothing else (no clock, no I/O, no randomness),
 //! so replaying the same batches from the same state yields the same state and results.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -184,7 +184,11 @@ impl Ledger {
         for account in accounts {
             ledger.add_totals(account.ledger, &Account::default(), &account);
             let previous = ledger.accounts.insert(account.id, account);
-            assert!(previous.is_none(), "snapshot holds account {} twice", account.id);
+            assert!(
+                previous.is_none(),
+                "snapshot holds account {} twice",
+                account.id
+            );
         }
         for stored in pending {
             assert_eq!(stored.status, PendingStatus::Pending);
@@ -395,7 +399,11 @@ impl Ledger {
         if self.recording_undo {
             self.undo.push(Undo::AccountInserted(account.id));
         }
-        if !self.totals.iter().any(|(ledger, _)| *ledger == account.ledger) {
+        if !self
+            .totals
+            .iter()
+            .any(|(ledger, _)| *ledger == account.ledger)
+        {
             // A new ledger's totals start (and, on rollback, stay) at zero: harmless.
             self.totals.push((account.ledger, Balance::default()));
         }
@@ -520,11 +528,6 @@ impl Ledger {
         if let Some(existing) = self.transfers.get(&t.id) {
             return transfer_exists_result(t, &existing.transfer);
         }
-        debug_assert!(
-            t.id > self.scalars.transfer_id_max || !self.transfers.is_empty() || true,
-            "prefetch contract"
-        );
-
         if resolves {
             self.resolve_pending(timestamp, t)
         } else {
@@ -609,12 +612,16 @@ impl Ledger {
         {
             return R::OverflowsTimeout;
         }
-        if dr.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)
+        if dr
+            .flags
+            .contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)
             && dr_total > dr.credits_posted
         {
             return R::ExceedsCredits;
         }
-        if cr.flags.contains(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS)
+        if cr
+            .flags
+            .contains(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS)
             && cr_total > cr.debits_posted
         {
             return R::ExceedsDebits;
@@ -780,7 +787,9 @@ impl Ledger {
     pub fn pulse(&mut self, now: u64) -> usize {
         let mut due = Vec::new();
         for (at, id) in self.expiries.iter() {
-            if *at > now.max(self.scalars.last_timestamp) || due.len() >= self.limits.expiries_per_pulse_max {
+            if *at > now.max(self.scalars.last_timestamp)
+                || due.len() >= self.limits.expiries_per_pulse_max
+            {
                 break;
             }
             due.push((*at, *id));
@@ -791,7 +800,10 @@ impl Ledger {
         let base = self.batch_timestamp(now, due.len());
         for (index, key) in due.iter().enumerate() {
             let timestamp = base + index as u64;
-            let p = *self.transfers.get(&key.1).expect("expiring transfer is cached");
+            let p = *self
+                .transfers
+                .get(&key.1)
+                .expect("expiring transfer is cached");
             assert_eq!(p.status, PendingStatus::Pending);
             let pt = p.transfer;
             let dr = *self.accounts.get(&pt.debit_account_id).expect("account");
@@ -809,10 +821,7 @@ impl Ledger {
             self.put_account(dr, dr_new);
             self.put_account(cr, cr_new);
             self.set_pending_status(p, PendingStatus::Expired);
-            let expiry = Transfer {
-                timestamp,
-                ..pt
-            };
+            let expiry = Transfer { timestamp, ..pt };
             self.record_transfer_events(&expiry, &dr_new, &cr_new, true);
         }
         self.assert_invariants_cheap();
@@ -895,7 +904,10 @@ impl Ledger {
 
     fn record_transfer_events(&mut self, t: &Transfer, dr: &Account, cr: &Account, expiry: bool) {
         let (debit_kind, credit_kind) = if expiry {
-            (AccountEventKind::ExpiryDebit, AccountEventKind::ExpiryCredit)
+            (
+                AccountEventKind::ExpiryDebit,
+                AccountEventKind::ExpiryCredit,
+            )
         } else {
             (AccountEventKind::Debit, AccountEventKind::Credit)
         };
@@ -999,7 +1011,10 @@ impl Ledger {
         }
         for (ledger, totals) in &self.totals {
             let sum = sums.get(ledger).copied().unwrap_or_default();
-            assert_eq!(sum, *totals, "ledger {ledger}: totals drifted from the accounts");
+            assert_eq!(
+                sum, *totals,
+                "ledger {ledger}: totals drifted from the accounts"
+            );
             assert_eq!(sum.debits_pending, sum.credits_pending);
             assert_eq!(sum.debits_posted, sum.credits_posted);
         }
@@ -1021,7 +1036,8 @@ fn transfer_exists_result(t: &Transfer, e: &Transfer) -> CreateTransferResult {
     use CreateTransferResult as R;
     let f = t.flags;
     let resolves = f.intersects(TransferFlags::POST_PENDING.with(TransferFlags::VOID_PENDING));
-    let balancing = f.intersects(TransferFlags::BALANCING_DEBIT.with(TransferFlags::BALANCING_CREDIT));
+    let balancing =
+        f.intersects(TransferFlags::BALANCING_DEBIT.with(TransferFlags::BALANCING_CREDIT));
     let amount_differs = if balancing {
         t.amount != 0 && t.amount < e.amount
     } else if resolves {
@@ -1122,6 +1138,3 @@ pub struct AccountFilter {
     /// Newest first.
     pub reversed: bool,
 }
-
-/// Bounded memory of recently committed transfer ids, oldest first, for cache eviction.
-pub type RecentIds = VecDeque<u128>;
