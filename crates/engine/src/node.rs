@@ -491,6 +491,10 @@ fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexUpdate>) {
             job.durable |= next.durable;
             merged += 1;
         }
+        // One write per account: the latest version (appended last) wins.
+        job.accounts.reverse();
+        job.accounts.sort_by_key(|account| account.id);
+        job.accounts.dedup_by_key(|account| account.id);
         // Sorted inserts walk the B-trees in order. The sort is stable, so later versions of a
         // transfer (a pending one, then posted) are still written last.
         job.changes
