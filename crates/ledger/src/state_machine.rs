@@ -851,12 +851,26 @@ impl Ledger {
         if self.recording_undo {
             self.undo.push(Undo::Totals(ledger, *totals));
         }
-        // Apply the account's deltas column by column; each total is a sum of account
-        // columns, so it cannot overflow when the account columns did not.
-        totals.debits_pending = totals.debits_pending - old.debits_pending + new.debits_pending;
-        totals.debits_posted = totals.debits_posted - old.debits_posted + new.debits_posted;
-        totals.credits_pending = totals.credits_pending - old.credits_pending + new.credits_pending;
-        totals.credits_posted = totals.credits_posted - old.credits_posted + new.credits_posted;
+        // Apply the account's deltas column by column. Totals are kept modulo 2^128: two
+        // accounts may each hold close to u128::MAX, so the true sum can exceed u128. Equal true
+        // totals stay equal modulo 2^128, so the debit/credit check still catches any imbalance
+        // short of an exact multiple of 2^128.
+        totals.debits_pending = totals
+            .debits_pending
+            .wrapping_sub(old.debits_pending)
+            .wrapping_add(new.debits_pending);
+        totals.debits_posted = totals
+            .debits_posted
+            .wrapping_sub(old.debits_posted)
+            .wrapping_add(new.debits_posted);
+        totals.credits_pending = totals
+            .credits_pending
+            .wrapping_sub(old.credits_pending)
+            .wrapping_add(new.credits_pending);
+        totals.credits_posted = totals
+            .credits_posted
+            .wrapping_sub(old.credits_posted)
+            .wrapping_add(new.credits_posted);
     }
 
     fn insert_transfer(&mut self, stored: StoredTransfer) {
@@ -1003,11 +1017,12 @@ impl Ledger {
     pub fn assert_invariants_full(&self) {
         let mut sums: FxHashMap<u32, Balance> = FxHashMap::default();
         for account in self.accounts.values() {
+            // Modulo 2^128, like the running totals (see `add_totals`).
             let sum = sums.entry(account.ledger).or_default();
-            sum.debits_pending += account.debits_pending;
-            sum.debits_posted += account.debits_posted;
-            sum.credits_pending += account.credits_pending;
-            sum.credits_posted += account.credits_posted;
+            sum.debits_pending = sum.debits_pending.wrapping_add(account.debits_pending);
+            sum.debits_posted = sum.debits_posted.wrapping_add(account.debits_posted);
+            sum.credits_pending = sum.credits_pending.wrapping_add(account.credits_pending);
+            sum.credits_posted = sum.credits_posted.wrapping_add(account.credits_posted);
         }
         for (ledger, totals) in &self.totals {
             let sum = sums.get(ledger).copied().unwrap_or_default();
