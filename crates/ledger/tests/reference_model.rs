@@ -64,6 +64,7 @@ impl Model {
         out
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run<E, R: Copy + PartialEq>(
         &mut self,
         events: &[E],
@@ -80,6 +81,7 @@ impl Model {
             let saved = (self.accounts.clone(), self.transfers.clone());
             let mut chain_results = Vec::new();
             let mut failure = None;
+            #[allow(clippy::needless_range_loop)]
             for i in start..=end {
                 let r = if is_open && i == end {
                     open
