@@ -54,7 +54,7 @@ impl NodeOptions {
             request_queue_max: 1024,
             group_requests_max: 64,
             index_queue_max: 16,
-            checkpoint_every_records: 64,
+            checkpoint_every_records: 32,
             pulse_interval: Duration::from_millis(100),
             disk_free_min_bytes: 256 * 1024 * 1024,
         }
