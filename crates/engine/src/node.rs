@@ -53,7 +53,7 @@ impl NodeOptions {
             limits: LedgerLimits::default(),
             request_queue_max: 1024,
             group_requests_max: 64,
-            index_queue_max: 16,
+            index_queue_max: 64,
             checkpoint_every_records: 32,
             pulse_interval: Duration::from_millis(100),
             disk_free_min_bytes: 256 * 1024 * 1024,
@@ -466,7 +466,7 @@ fn prefetch(
 }
 
 /// Most index jobs (groups) merged into one index transaction.
-const INDEX_JOBS_PER_TRANSACTION_MAX: usize = 16;
+const INDEX_JOBS_PER_TRANSACTION_MAX: usize = 64;
 
 fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexUpdate>) {
     while let Ok(mut job) = jobs.recv() {
