@@ -179,11 +179,14 @@ pub fn decode_batch<T>(
     bytes.chunks_exact(128).map(decode).collect()
 }
 
-/// Account event value in the index: transfer id (16), kind (1), then 64 bytes of balances
-/// (debits_pending, debits_posted, credits_pending, credits_posted) for accounts with history.
+/// One account event inside an account-events chunk of the index: timestamp (8), kind (1),
+/// has_balance (1), the transfer (128), then for accounts with history 64 bytes of balances
+/// (debits_pending, debits_posted, credits_pending, credits_posted).
 pub fn encode_account_event(out: &mut Vec<u8>, event: &AccountEvent) {
-    out.extend_from_slice(&event.transfer_id.to_le_bytes());
+    out.extend_from_slice(&event.timestamp.to_le_bytes());
     out.push(event.kind as u8);
+    out.push(event.balance.is_some() as u8);
+    encode_transfer(out, &event.transfer);
     if let Some(balance) = event.balance {
         let mut w = Writer(out);
         w.u128(balance.debits_pending);
@@ -193,38 +196,56 @@ pub fn encode_account_event(out: &mut Vec<u8>, event: &AccountEvent) {
     }
 }
 
-pub fn decode_account_event(
+/// Decodes every event of a chunk, in order.
+pub fn decode_account_events(
     account_id: u128,
-    timestamp: u64,
-    bytes: &[u8],
-) -> Result<AccountEvent, CodecError> {
-    if bytes.len() != 17 && bytes.len() != 17 + 64 {
-        return Err(CodecError {
-            what: "account event",
-            expected: 17,
-            found: bytes.len(),
+    mut bytes: &[u8],
+    out: &mut Vec<AccountEvent>,
+) -> Result<(), CodecError> {
+    const HEAD: usize = 10 + TRANSFER_SIZE;
+    while !bytes.is_empty() {
+        if bytes.len() < HEAD {
+            return Err(CodecError {
+                what: "account event",
+                expected: HEAD,
+                found: bytes.len(),
+            });
+        }
+        let timestamp = u64::from_le_bytes(bytes[0..8].try_into().expect("8 bytes"));
+        let kind = AccountEventKind::from_u8(bytes[8]).ok_or(CodecError {
+            what: "account event kind",
+            expected: 1,
+            found: 0,
+        })?;
+        let has_balance = bytes[9] == 1;
+        let transfer = decode_transfer(&bytes[10..HEAD])?;
+        let size = HEAD + if has_balance { 64 } else { 0 };
+        if bytes.len() < size {
+            return Err(CodecError {
+                what: "account event balance",
+                expected: size,
+                found: bytes.len(),
+            });
+        }
+        let balance = has_balance.then(|| {
+            let mut r = Reader(&bytes[HEAD..size]);
+            Balance {
+                debits_pending: r.u128(),
+                debits_posted: r.u128(),
+                credits_pending: r.u128(),
+                credits_posted: r.u128(),
+            }
         });
+        out.push(AccountEvent {
+            account_id,
+            timestamp,
+            transfer,
+            kind,
+            balance,
+        });
+        bytes = &bytes[size..];
     }
-    let mut r = Reader(bytes);
-    let transfer_id = r.u128();
-    let kind = AccountEventKind::from_u8(r.take::<1>()[0]).ok_or(CodecError {
-        what: "account event kind",
-        expected: 1,
-        found: 0,
-    })?;
-    let balance = (bytes.len() == 81).then(|| Balance {
-        debits_pending: r.u128(),
-        debits_posted: r.u128(),
-        credits_pending: r.u128(),
-        credits_posted: r.u128(),
-    });
-    Ok(AccountEvent {
-        account_id,
-        timestamp,
-        transfer_id,
-        kind,
-        balance,
-    })
+    Ok(())
 }
 
 pub fn encode_scalars(scalars: &LedgerScalars) -> Vec<u8> {

@@ -19,7 +19,12 @@ use crate::codec;
 use crate::EngineError;
 
 const TRANSFERS: TableDefinition<u128, &[u8]> = TableDefinition::new("transfers");
+/// Account events in chunks: key (account id, timestamp of the chunk's first event), value the
+/// chunk's events in timestamp order (codec::encode_account_event). One index transaction writes
+/// one chunk per touched account (split at ACCOUNT_EVENTS_PER_CHUNK_MAX), so a transaction costs
+/// O(accounts touched) B-tree inserts, not O(events); a query reads a few chunks sequentially.
 const ACCOUNT_EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("account_events");
+const ACCOUNT_EVENTS_PER_CHUNK_MAX: usize = 256;
 const PENDING: TableDefinition<u128, u8> = TableDefinition::new("pending");
 const ACCOUNTS: TableDefinition<u128, &[u8]> = TableDefinition::new("accounts");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -58,14 +63,6 @@ pub struct Restored {
     pub accounts: Vec<Account>,
     pub pending: Vec<StoredTransfer>,
 }
-
-type AccountEventEntry<'a> = Result<
-    (
-        redb::AccessGuard<'a, (u128, u64)>,
-        redb::AccessGuard<'a, &'static [u8]>,
-    ),
-    redb::StorageError,
->;
 
 pub struct Index {
     db: Database,
@@ -168,13 +165,33 @@ impl Index {
                 }
             }
             let mut events = redb_try!(txn.open_table(ACCOUNT_EVENTS), "open account events");
-            for event in &changes.account_events {
+            // Events arrive sorted by (account, timestamp); each run of one account becomes chunks.
+            let all = &changes.account_events;
+            let mut start = 0;
+            while start < all.len() {
+                let account_id = all[start].account_id;
+                let mut end = start;
+                while end < all.len()
+                    && all[end].account_id == account_id
+                    && end - start < ACCOUNT_EVENTS_PER_CHUNK_MAX
+                {
+                    end += 1;
+                }
                 buffer.clear();
-                codec::encode_account_event(&mut buffer, event);
+                for (previous, event) in all[start..end].iter().enumerate() {
+                    if previous > 0 {
+                        assert!(
+                            all[start + previous - 1].timestamp < event.timestamp,
+                            "account events of one account are sorted and unique"
+                        );
+                    }
+                    codec::encode_account_event(&mut buffer, event);
+                }
                 redb_try!(
-                    events.insert((event.account_id, event.timestamp), buffer.as_slice()),
-                    "insert account event"
+                    events.insert((account_id, all[start].timestamp), buffer.as_slice()),
+                    "insert account events"
                 );
+                start = end;
             }
             let mut accounts = redb_try!(txn.open_table(ACCOUNTS), "open accounts");
             for account in changes.accounts_created.iter().chain(&update.accounts) {
@@ -239,31 +256,49 @@ impl Index {
         if limit == 0 || min > max {
             return Ok(out);
         }
+        let account = filter.account_id;
         let txn = redb_try!(self.db.begin_read(), "begin read");
         let events = redb_try!(txn.open_table(ACCOUNT_EVENTS), "open account events");
-        let range = redb_try!(
-            events.range((filter.account_id, min)..=(filter.account_id, max)),
-            "range"
-        );
-        let mut visit = |entry: AccountEventEntry<'_>| -> Result<bool, EngineError> {
-            let (key, value) = redb_try!(entry, "read account event");
-            let (account_id, timestamp) = key.value();
-            let event = codec::decode_account_event(account_id, timestamp, value.value())?;
-            if keep(&event) {
-                out.push(event);
-            }
-            Ok(out.len() < limit)
-        };
+        let mut chunk = Vec::with_capacity(ACCOUNT_EVENTS_PER_CHUNK_MAX);
         if filter.reversed {
-            for entry in range.rev() {
-                if !visit(entry)? {
+            // Chunks starting at or before `max`, newest first; stop below `min`.
+            for entry in redb_try!(events.range((account, 0)..=(account, max)), "range").rev() {
+                let (key, value) = redb_try!(entry, "read account events");
+                chunk.clear();
+                codec::decode_account_events(account, value.value(), &mut chunk)?;
+                for event in chunk.iter().rev() {
+                    if event.timestamp <= max && event.timestamp >= min && keep(event) {
+                        out.push(*event);
+                        if out.len() >= limit {
+                            return Ok(out);
+                        }
+                    }
+                }
+                if key.value().1 < min {
                     break;
                 }
             }
         } else {
-            for entry in range {
-                if !visit(entry)? {
-                    break;
+            // The chunk that may hold `min` starts at or before it.
+            let first =
+                match redb_try!(events.range((account, 0)..=(account, min)), "range").next_back() {
+                    Some(entry) => redb_try!(entry, "read account events").0.value().1,
+                    None => min,
+                };
+            for entry in redb_try!(events.range((account, first)..=(account, max)), "range") {
+                let (_, value) = redb_try!(entry, "read account events");
+                chunk.clear();
+                codec::decode_account_events(account, value.value(), &mut chunk)?;
+                for event in &chunk {
+                    if event.timestamp > max {
+                        return Ok(out);
+                    }
+                    if event.timestamp >= min && keep(event) {
+                        out.push(*event);
+                        if out.len() >= limit {
+                            return Ok(out);
+                        }
+                    }
                 }
             }
         }
@@ -281,15 +316,7 @@ impl Index {
                     || (filter.credits
                         && event.kind == clearhouse_ledger::AccountEventKind::Credit))
         })?;
-        let ids: Vec<u128> = events.iter().map(|event| event.transfer_id).collect();
-        let mut transfers = Vec::with_capacity(ids.len());
-        self.get_transfers(&ids, |stored| transfers.push(stored.transfer))?;
-        assert_eq!(
-            transfers.len(),
-            ids.len(),
-            "index: account event without its transfer"
-        );
-        Ok(transfers)
+        Ok(events.into_iter().map(|event| event.transfer).collect())
     }
 
     /// Balances of an account (with the HISTORY flag) after each event within the filter.

@@ -163,6 +163,52 @@ fn check_same_state(node: &Node, reference: &Ledger, ids_seen: &[u128]) {
         let mut newest: Vec<_> = expected.iter().rev().take(3).copied().collect();
         newest.truncate(3);
         assert_eq!(reversed, newest, "newest transfers of account {account_id}");
+        // Time ranges, both directions: every window of the expected list.
+        if expected.len() >= 2 {
+            let (low, high) = (
+                expected[expected.len() / 3].0,
+                expected[expected.len() * 2 / 3].0,
+            );
+            let window: Vec<_> = expected
+                .iter()
+                .filter(|(ts, _)| *ts >= low && *ts <= high)
+                .copied()
+                .collect();
+            let ranged = AccountFilter {
+                timestamp_min: low,
+                timestamp_max: high,
+                ..filter
+            };
+            let got: Vec<_> = node
+                .get_account_transfers(&ranged)
+                .unwrap()
+                .iter()
+                .map(|t| (t.timestamp, t.id))
+                .collect();
+            assert_eq!(got, window, "account {account_id} from {low} to {high}");
+            let got: Vec<_> = node
+                .get_account_transfers(&AccountFilter {
+                    reversed: true,
+                    ..ranged
+                })
+                .unwrap()
+                .iter()
+                .map(|t| (t.timestamp, t.id))
+                .collect();
+            let mut reversed_window = window.clone();
+            reversed_window.reverse();
+            assert_eq!(got, reversed_window, "account {account_id} newest first");
+            let debits_only: Vec<_> = node
+                .get_account_transfers(&AccountFilter {
+                    credits: false,
+                    ..filter
+                })
+                .unwrap()
+                .iter()
+                .map(|t| t.debit_account_id)
+                .collect();
+            assert!(debits_only.iter().all(|debit| *debit == account_id));
+        }
         // Balance history: the last entry equals the current balance.
         let history = node.get_account_balances(&filter).unwrap();
         if let Some((_, last)) = history.last() {

@@ -35,7 +35,8 @@ impl Default for LedgerLimits {
 pub struct AccountEvent {
     pub account_id: u128,
     pub timestamp: u64,
-    pub transfer_id: u128,
+    /// The transfer (for expiries: the pending transfer that expired, as created).
+    pub transfer: Transfer,
     pub kind: AccountEventKind,
     /// Balances after the event, kept only for accounts with the HISTORY flag.
     pub balance: Option<Balance>,
@@ -669,7 +670,7 @@ impl Ledger {
                 self.insert_expiry((expires_at, t.id));
             }
         }
-        self.record_transfer_events(&stored.transfer, &dr_new, &cr_new, false);
+        self.record_transfer_events(timestamp, &stored.transfer, &dr_new, &cr_new, false);
         R::Ok
     }
 
@@ -776,7 +777,7 @@ impl Ledger {
             },
         );
         self.insert_transfer(stored);
-        self.record_transfer_events(&stored.transfer, &dr_new, &cr_new, false);
+        self.record_transfer_events(timestamp, &stored.transfer, &dr_new, &cr_new, false);
         R::Ok
     }
 
@@ -821,8 +822,7 @@ impl Ledger {
             self.put_account(dr, dr_new);
             self.put_account(cr, cr_new);
             self.set_pending_status(p, PendingStatus::Expired);
-            let expiry = Transfer { timestamp, ..pt };
-            self.record_transfer_events(&expiry, &dr_new, &cr_new, true);
+            self.record_transfer_events(timestamp, &pt, &dr_new, &cr_new, true);
         }
         self.assert_invariants_cheap();
         due.len()
@@ -916,7 +916,14 @@ impl Ledger {
         }
     }
 
-    fn record_transfer_events(&mut self, t: &Transfer, dr: &Account, cr: &Account, expiry: bool) {
+    fn record_transfer_events(
+        &mut self,
+        timestamp: u64,
+        t: &Transfer,
+        dr: &Account,
+        cr: &Account,
+        expiry: bool,
+    ) {
         let (debit_kind, credit_kind) = if expiry {
             (
                 AccountEventKind::ExpiryDebit,
@@ -928,8 +935,8 @@ impl Ledger {
         for (account, kind) in [(dr, debit_kind), (cr, credit_kind)] {
             self.changes.account_events.push(AccountEvent {
                 account_id: account.id,
-                timestamp: t.timestamp,
-                transfer_id: t.id,
+                timestamp,
+                transfer: *t,
                 kind,
                 balance: account
                     .flags
