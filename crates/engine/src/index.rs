@@ -151,7 +151,17 @@ impl Index {
         {
             let mut transfers = redb_try!(txn.open_table(TRANSFERS), "open transfers");
             let mut pending = redb_try!(txn.open_table(PENDING), "open pending");
-            for stored in &changes.transfers {
+            // Insert in id order (B-tree friendly) through a permutation, so the 129-byte records
+            // are not moved; the sort is stable, so a later version of a transfer is written last.
+            let mut order: Vec<(u128, u32)> = changes
+                .transfers
+                .iter()
+                .enumerate()
+                .map(|(index, stored)| (stored.transfer.id, index as u32))
+                .collect();
+            order.sort_by_key(|(id, _)| *id);
+            for (_, index) in &order {
+                let stored = &changes.transfers[*index as usize];
                 buffer.clear();
                 codec::encode_stored_transfer(&mut buffer, stored);
                 redb_try!(
@@ -165,30 +175,37 @@ impl Index {
                 }
             }
             let mut events = redb_try!(txn.open_table(ACCOUNT_EVENTS), "open account events");
-            // Events arrive sorted by (account, timestamp); each run of one account becomes chunks.
+            // Order events by (account, timestamp) through a permutation (events are ~220 bytes);
+            // each run of one account becomes one or more chunks.
             let all = &changes.account_events;
+            let mut order: Vec<(u128, u64, u32)> = all
+                .iter()
+                .enumerate()
+                .map(|(index, event)| (event.account_id, event.timestamp, index as u32))
+                .collect();
+            order.sort_unstable();
             let mut start = 0;
-            while start < all.len() {
-                let account_id = all[start].account_id;
+            while start < order.len() {
+                let account_id = order[start].0;
                 let mut end = start;
-                while end < all.len()
-                    && all[end].account_id == account_id
+                while end < order.len()
+                    && order[end].0 == account_id
                     && end - start < ACCOUNT_EVENTS_PER_CHUNK_MAX
                 {
                     end += 1;
                 }
                 buffer.clear();
-                for (previous, event) in all[start..end].iter().enumerate() {
-                    if previous > 0 {
+                for position in start..end {
+                    if position > start {
                         assert!(
-                            all[start + previous - 1].timestamp < event.timestamp,
-                            "account events of one account are sorted and unique"
+                            order[position - 1].1 < order[position].1,
+                            "account events of one account have unique timestamps"
                         );
                     }
-                    codec::encode_account_event(&mut buffer, event);
+                    codec::encode_account_event(&mut buffer, &all[order[position].2 as usize]);
                 }
                 redb_try!(
-                    events.insert((account_id, all[start].timestamp), buffer.as_slice()),
+                    events.insert((account_id, order[start].1), buffer.as_slice()),
                     "insert account events"
                 );
                 start = end;

@@ -186,7 +186,7 @@ impl Node {
             ..RecoveryReport::default()
         };
 
-        // Replay the journal after the checkpoint. Changes are indexed in sorted groups of records;
+        // Replay the journal after the checkpoint. Changes are indexed in groups of records;
         // until a group is indexed its transfers stay in the ledger's cache, so prefetch sees them.
         let mut changes = ChangeSet::default();
         let mut pending_changes = ChangeSet::default();
@@ -203,12 +203,6 @@ impl Node {
                      pending_changes: &mut ChangeSet,
                      seq: u64|
          -> Result<(), EngineError> {
-            pending_changes
-                .transfers
-                .sort_by_key(|stored| stored.transfer.id);
-            pending_changes
-                .account_events
-                .sort_unstable_by_key(|event| (event.account_id, event.timestamp));
             let update = IndexUpdate {
                 seq,
                 changes: std::mem::take(pending_changes),
@@ -495,14 +489,6 @@ fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexUpdate>) {
         job.accounts.reverse();
         job.accounts.sort_by_key(|account| account.id);
         job.accounts.dedup_by_key(|account| account.id);
-        // Sorted inserts walk the B-trees in order. The sort is stable, so later versions of a
-        // transfer (a pending one, then posted) are still written last.
-        job.changes
-            .transfers
-            .sort_by_key(|stored| stored.transfer.id);
-        job.changes
-            .account_events
-            .sort_unstable_by_key(|event| (event.account_id, event.timestamp));
         let result = index.apply(&job);
         let mut state = progress.indexed.lock().expect("progress");
         match result {
