@@ -274,6 +274,7 @@ pub fn ledger(args: LedgerArgs) -> anyhow::Result<()> {
         "clients": args.clients,
         "durability": "each request answered after its journal record is fdatasync'ed (group commit)",
         "transfers_per_second": transfers_per_second,
+        "transfers_per_second_until_indexed": (args.transfer_count as f64 / (transfer_seconds + index_catch_up.as_secs_f64())).round(),
         "transfer_phase_seconds": (transfer_seconds * 1000.0).round() / 1000.0,
         "batch_latency_ms": percentiles(latencies),
         "query_count": args.query_count,

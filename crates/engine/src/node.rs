@@ -36,6 +36,9 @@ pub struct NodeOptions {
     pub group_requests_max: usize,
     /// Index jobs (groups) waiting for the index thread; beyond it the engine waits (backpressure).
     pub index_queue_max: usize,
+    /// Transfers acknowledged but not yet indexed; beyond it the engine waits (backpressure).
+    /// Bounds the memory the index queue and the ledger's cache hold.
+    pub unindexed_transfers_max: u64,
     /// A durable checkpoint every this many journal records.
     pub checkpoint_every_records: u64,
     /// How often the engine wakes to expire pending transfers when idle.
@@ -54,6 +57,7 @@ impl NodeOptions {
             request_queue_max: 1024,
             group_requests_max: 64,
             index_queue_max: 64,
+            unindexed_transfers_max: 1_000_000,
             checkpoint_every_records: 32,
             pulse_interval: Duration::from_millis(100),
             disk_free_min_bytes: 256 * 1024 * 1024,
@@ -105,6 +109,8 @@ struct Progress {
 #[derive(Default)]
 struct IndexedState {
     seq: u64,
+    /// Transfer records (new or changed) the index has written, counted like `Engine::transfers_sent`.
+    transfers_indexed: u64,
     checkpoint_seq: u64,
     error: Option<String>,
 }
@@ -269,6 +275,7 @@ impl Node {
             committed_seq: AtomicU64::new(last_seq),
             indexed: Mutex::new(IndexedState {
                 seq: last_seq,
+                transfers_indexed: 0,
                 checkpoint_seq: last_seq,
                 error: None,
             }),
@@ -298,6 +305,7 @@ impl Node {
                 recent: VecDeque::new(),
                 touched: FxHashMap::default(),
                 records_since_checkpoint: 0,
+                transfers_sent: 0,
                 checkpoint_seq_done: last_seq,
             };
             std::thread::Builder::new()
@@ -467,9 +475,11 @@ fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexUpdate>) {
         // Merge queued updates into one transaction (fewer copy-on-write page rewrites). Accounts
         // are appended in order, so the latest version of each is written last.
         let mut merged = 1;
+        let mut transfers = job.changes.transfers.len() as u64;
         while merged < INDEX_JOBS_PER_TRANSACTION_MAX {
             let Ok(next) = jobs.try_recv() else { break };
             assert!(next.seq >= job.seq, "index updates arrive in order");
+            transfers += next.changes.transfers.len() as u64;
             job.changes
                 .transfers
                 .extend_from_slice(&next.changes.transfers);
@@ -495,6 +505,7 @@ fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexUpdate>) {
             Ok(()) => {
                 assert!(job.seq >= state.seq, "index jobs arrive in order");
                 state.seq = job.seq;
+                state.transfers_indexed += transfers;
                 if job.durable {
                     state.checkpoint_seq = job.seq;
                 }
@@ -523,6 +534,8 @@ struct Engine {
     touched: FxHashMap<u128, u64>,
     records_since_checkpoint: u64,
     checkpoint_seq_done: u64,
+    /// Transfer records sent to the index thread, for the unindexed-transfers limit.
+    transfers_sent: u64,
 }
 
 enum Pending {
@@ -711,6 +724,7 @@ impl Engine {
         if durable {
             self.records_since_checkpoint = 0;
         }
+        self.transfers_sent += changes.transfers.len() as u64;
         // Blocks when the index queue is full: backpressure, never dropped work.
         self.index_sender
             .send(IndexUpdate {
@@ -722,7 +736,23 @@ impl Engine {
             })
             .map_err(|_| EngineError::Stopped {
                 reason: "the index thread has exited".into(),
-            })
+            })?;
+        // And when too many transfers wait for the index, however few groups hold them.
+        let mut state = self.progress.indexed.lock().expect("progress");
+        while self.transfers_sent - state.transfers_indexed > self.options.unindexed_transfers_max {
+            if let Some(error) = &state.error {
+                return Err(EngineError::Stopped {
+                    reason: error.clone(),
+                });
+            }
+            state = self
+                .progress
+                .indexed_changed
+                .wait_timeout(state, Duration::from_millis(100))
+                .expect("progress")
+                .0;
+        }
+        Ok(())
     }
 
     fn evict_indexed(&mut self) {
