@@ -39,8 +39,12 @@ enum Command {
         #[arg(long, default_value_t = clearhouse_journal::SEGMENT_SIZE_DEFAULT)]
         segment_size: u64,
         /// A durable index checkpoint every this many journal records.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 32)]
         checkpoint_every_records: u64,
+        /// Transfers acknowledged but not yet indexed before the engine waits for the index.
+        /// The node keeps this many times 2 KiB free on disk.
+        #[arg(long, default_value_t = 1_000_000)]
+        unindexed_transfers_max: u64,
     },
 }
 
@@ -78,6 +82,12 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             segment_size,
             checkpoint_every_records,
-        } => node_protocol::run(data_dir, segment_size, checkpoint_every_records),
+            unindexed_transfers_max,
+        } => node_protocol::run(
+            data_dir,
+            segment_size,
+            checkpoint_every_records,
+            unindexed_transfers_max,
+        ),
     }
 }

@@ -22,10 +22,12 @@ pub fn run(
     data_dir: PathBuf,
     segment_size: u64,
     checkpoint_every_records: u64,
+    unindexed_transfers_max: u64,
 ) -> anyhow::Result<()> {
     let mut options = NodeOptions::new(&data_dir);
     options.journal.segment_size = segment_size;
     options.checkpoint_every_records = checkpoint_every_records;
+    options.unindexed_transfers_max = unindexed_transfers_max;
     let node =
         Node::start(options).with_context(|| format!("starting node on {}", data_dir.display()))?;
     let recovery = node.recovery_report();
@@ -65,6 +67,11 @@ fn parse_ids(text: &str) -> anyhow::Result<Vec<u128>> {
         .collect()
 }
 
+fn results_line(codes: impl Iterator<Item = u32>) -> String {
+    let codes: Vec<String> = codes.map(|code| code.to_string()).collect();
+    format!("results {}", codes.join(","))
+}
+
 fn handle(node: &Node, line: &str) -> anyhow::Result<String> {
     let (command, rest) = line.split_once(' ').unwrap_or((line, ""));
     match command {
@@ -81,14 +88,7 @@ fn handle(node: &Node, line: &str) -> anyhow::Result<String> {
                 })
                 .collect();
             let results = node.create_accounts(accounts)?;
-            Ok(format!(
-                "results {}",
-                results
-                    .iter()
-                    .map(|r| r.as_u32().to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ))
+            Ok(results_line(results.iter().map(|r| r.as_u32())))
         }
         "transfers" => {
             let transfers = rest
@@ -113,14 +113,7 @@ fn handle(node: &Node, line: &str) -> anyhow::Result<String> {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let results = node.create_transfers(transfers)?;
-            Ok(format!(
-                "results {}",
-                results
-                    .iter()
-                    .map(|r| r.as_u32().to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ))
+            Ok(results_line(results.iter().map(|r| r.as_u32())))
         }
         "lookup" => {
             let found = node.lookup_transfers(parse_ids(rest)?)?;

@@ -44,7 +44,9 @@ pub struct NodeOptions {
     /// How often the engine wakes to expire pending transfers when idle.
     pub pulse_interval: Duration,
     /// Requests are refused (before anything changes) while the data directory's filesystem has
-    /// less free space than this, so the journal and the index never meet a full disk mid-write.
+    /// less free space than this plus what the unindexed transfers may still need
+    /// (`unindexed_transfers_max` x 2 KiB), so neither the journal nor the index meets a full disk
+    /// mid-write.
     pub disk_free_min_bytes: u64,
 }
 
@@ -104,6 +106,26 @@ struct Progress {
     indexed: Mutex<IndexedState>,
     indexed_changed: Condvar,
     stopped: AtomicBool,
+}
+
+impl Progress {
+    /// Blocks until `done` holds for the index thread's state, or the index thread failed.
+    fn wait_until(&self, done: impl Fn(&IndexedState) -> bool) -> Result<(), EngineError> {
+        let mut state = self.indexed.lock().expect("progress");
+        while !done(&state) {
+            if let Some(error) = &state.error {
+                return Err(EngineError::Stopped {
+                    reason: error.clone(),
+                });
+            }
+            state = self
+                .indexed_changed
+                .wait_timeout(state, Duration::from_millis(100))
+                .expect("progress")
+                .0;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -385,22 +407,7 @@ impl Node {
     /// Waits until the index holds everything acknowledged so far, so queries read their writes.
     fn wait_indexed(&self) -> Result<(), EngineError> {
         let target = self.inner.progress.committed_seq.load(Ordering::SeqCst);
-        let mut state = self.inner.progress.indexed.lock().expect("progress");
-        while state.seq < target {
-            if let Some(error) = &state.error {
-                return Err(EngineError::Stopped {
-                    reason: error.clone(),
-                });
-            }
-            state = self
-                .inner
-                .progress
-                .indexed_changed
-                .wait_timeout(state, Duration::from_millis(100))
-                .expect("progress")
-                .0;
-        }
-        Ok(())
+        self.inner.progress.wait_until(|state| state.seq >= target)
     }
 
     /// Transfers of one account, from the on-disk index.
@@ -466,6 +473,10 @@ fn prefetch(
     }
     Ok(found_ids)
 }
+
+/// A generous estimate of the bytes one transfer costs the index when it is written (the record,
+/// two account events, copy-on-write pages); measured about 1 KB on workload L1.
+const INDEX_BYTES_PER_TRANSFER_ESTIMATE: u64 = 2048;
 
 /// Most index jobs (groups) merged into one index transaction.
 const INDEX_JOBS_PER_TRANSACTION_MAX: usize = 64;
@@ -696,12 +707,19 @@ impl Engine {
     }
 
     fn check_disk_space(&self) -> Result<(), EngineError> {
+        // The index may still have to write every unindexed transfer (one transaction can hold
+        // them all, copy-on-write pages included), so that much space must stay free too.
+        let required_bytes = self.options.disk_free_min_bytes.saturating_add(
+            self.options
+                .unindexed_transfers_max
+                .saturating_mul(INDEX_BYTES_PER_TRANSFER_ESTIMATE),
+        );
         let free_bytes = free_bytes(&self.options.data_dir);
-        if free_bytes < self.options.disk_free_min_bytes {
+        if free_bytes < required_bytes {
             return Err(EngineError::DiskFull {
                 path: self.options.data_dir.clone(),
                 free_bytes,
-                required_bytes: self.options.disk_free_min_bytes,
+                required_bytes,
             });
         }
         Ok(())
@@ -738,21 +756,9 @@ impl Engine {
                 reason: "the index thread has exited".into(),
             })?;
         // And when too many transfers wait for the index, however few groups hold them.
-        let mut state = self.progress.indexed.lock().expect("progress");
-        while self.transfers_sent - state.transfers_indexed > self.options.unindexed_transfers_max {
-            if let Some(error) = &state.error {
-                return Err(EngineError::Stopped {
-                    reason: error.clone(),
-                });
-            }
-            state = self
-                .progress
-                .indexed_changed
-                .wait_timeout(state, Duration::from_millis(100))
-                .expect("progress")
-                .0;
-        }
-        Ok(())
+        let (sent, limit) = (self.transfers_sent, self.options.unindexed_transfers_max);
+        self.progress
+            .wait_until(|state| sent - state.transfers_indexed <= limit)
     }
 
     fn evict_indexed(&mut self) {

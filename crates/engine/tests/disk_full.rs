@@ -29,7 +29,9 @@ fn options(dir: &Path) -> NodeOptions {
     let mut options = NodeOptions::new(dir);
     options.journal.segment_size = clearhouse_journal::SEGMENT_SIZE_MIN;
     options.checkpoint_every_records = 4;
-    options.disk_free_min_bytes = 16 * 1024 * 1024;
+    options.disk_free_min_bytes = 8 * 1024 * 1024;
+    // Small index transactions, so that the space kept free covers the largest one.
+    options.unindexed_transfers_max = 1_000;
     options
 }
 

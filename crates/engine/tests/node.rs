@@ -17,6 +17,8 @@ fn small_options(dir: &std::path::Path) -> NodeOptions {
     options.journal.segment_size = clearhouse_journal::SEGMENT_SIZE_MIN;
     options.checkpoint_every_records = 3;
     options.group_requests_max = 4;
+    options.unindexed_transfers_max = 10_000;
+    options.disk_free_min_bytes = 16 * 1024 * 1024;
     options
 }
 
