@@ -157,18 +157,60 @@ pub fn decode_stored_transfer(bytes: &[u8]) -> Result<StoredTransfer, CodecError
     })
 }
 
+/// Bytes before the events in every journal payload: the results digest (u32) and the number of
+/// results it covers (u32).
+pub const PAYLOAD_HEADER_SIZE: usize = 8;
+
+/// A journal payload: a zeroed results digest (filled in by [`seal_results`] once the batch has
+/// run), then the events.
 pub fn encode_batch<T>(events: &[T], encode: fn(&mut Vec<u8>, &T)) -> Vec<u8> {
-    let mut out = Vec::with_capacity(events.len() * 128);
+    let mut out = Vec::with_capacity(PAYLOAD_HEADER_SIZE + events.len() * 128);
+    out.extend_from_slice(&[0u8; PAYLOAD_HEADER_SIZE]);
     for event in events {
         encode(&mut out, event);
     }
     out
 }
 
+/// CRC32C of the result codes (u32 little-endian each), so replay can prove it reproduced them.
+pub fn results_digest(codes: impl Iterator<Item = u32>) -> (u32, u32) {
+    let mut bytes = Vec::new();
+    let mut count = 0u32;
+    for code in codes {
+        bytes.extend_from_slice(&code.to_le_bytes());
+        count += 1;
+    }
+    (crc32c::crc32c(&bytes), count)
+}
+
+/// Writes the results digest into a payload's header.
+pub fn seal_results(payload: &mut [u8], digest: (u32, u32)) {
+    payload[0..4].copy_from_slice(&digest.0.to_le_bytes());
+    payload[4..8].copy_from_slice(&digest.1.to_le_bytes());
+}
+
+/// The results digest a payload was sealed with.
+pub fn sealed_results(payload: &[u8]) -> Result<(u32, u32), CodecError> {
+    if payload.len() < PAYLOAD_HEADER_SIZE {
+        return Err(CodecError {
+            what: "payload header",
+            expected: PAYLOAD_HEADER_SIZE,
+            found: payload.len(),
+        });
+    }
+    Ok((
+        u32::from_le_bytes(payload[0..4].try_into().expect("4 bytes")),
+        u32::from_le_bytes(payload[4..8].try_into().expect("4 bytes")),
+    ))
+}
+
+/// Decodes the events of a journal payload (after its header).
 pub fn decode_batch<T>(
-    bytes: &[u8],
+    payload: &[u8],
     decode: fn(&[u8]) -> Result<T, CodecError>,
 ) -> Result<Vec<T>, CodecError> {
+    sealed_results(payload)?;
+    let bytes = &payload[PAYLOAD_HEADER_SIZE..];
     if !bytes.len().is_multiple_of(128) {
         return Err(CodecError {
             what: "batch of 128-byte events",

@@ -430,21 +430,26 @@ impl Node {
 }
 
 /// Replays one journal record on the ledger (recovery): same path as live execution.
+/// Replays one journal record on the ledger (recovery): same path as live execution, and the
+/// results must match the digest sealed into the record when it first ran (determinism).
 fn replay(index: &Index, ledger: &mut Ledger, record: &Record) -> Result<(), EngineError> {
-    match record.kind {
+    let digest = match record.kind {
         KIND_CREATE_ACCOUNTS => {
             let accounts = codec::decode_batch(&record.payload, codec::decode_account)?;
             let mut results = Vec::new();
             ledger.create_accounts(record.timestamp, &accounts, &mut results)?;
+            codec::results_digest(results.iter().map(|r| r.as_u32()))
         }
         KIND_CREATE_TRANSFERS => {
             let transfers = codec::decode_batch(&record.payload, codec::decode_transfer)?;
             prefetch(index, ledger, &transfers)?;
             let mut results = Vec::new();
             ledger.create_transfers(record.timestamp, &transfers, &mut results)?;
+            codec::results_digest(results.iter().map(|r| r.as_u32()))
         }
         KIND_PULSE => {
-            ledger.pulse(record.timestamp);
+            let expired = ledger.pulse(record.timestamp);
+            codec::results_digest(std::iter::once(expired as u32))
         }
         other => {
             return Err(EngineError::Recovery(format!(
@@ -452,6 +457,13 @@ fn replay(index: &Index, ledger: &mut Ledger, record: &Record) -> Result<(), Eng
                 record.seq
             )))
         }
+    };
+    let sealed = codec::sealed_results(&record.payload)?;
+    if digest != sealed {
+        return Err(EngineError::Recovery(format!(
+            "replaying journal record {} gave results {digest:?} (crc32c, count) but {sealed:?} when it first ran: the ledger is not deterministic; refusing to continue",
+            record.seq
+        )));
     }
     Ok(())
 }
@@ -606,10 +618,16 @@ impl Engine {
         let mut answered: Vec<Pending> = Vec::with_capacity(group.len());
         let seq_before = self.journal.next_seq();
         let now = now_ns();
-        if self.ledger.next_expiry().is_some_and(|at| at <= now) && self.journal.reserve(0).is_ok()
+        if self.ledger.next_expiry().is_some_and(|at| at <= now)
+            && self.journal.reserve(codec::PAYLOAD_HEADER_SIZE).is_ok()
         {
-            self.ledger.pulse(now);
-            self.journal.append(KIND_PULSE, now, &[])?;
+            let expired = self.ledger.pulse(now);
+            let mut payload = [0u8; codec::PAYLOAD_HEADER_SIZE];
+            codec::seal_results(
+                &mut payload,
+                codec::results_digest(std::iter::once(expired as u32)),
+            );
+            self.journal.append(KIND_PULSE, now, &payload)?;
         }
         for request in group.drain(..) {
             match request {
@@ -619,6 +637,7 @@ impl Engine {
                         now,
                         &accounts,
                         codec::encode_account,
+                        |r: &CreateAccountResult| r.as_u32(),
                         |ledger, now, results| {
                             let mut out = Vec::new();
                             ledger.create_accounts(now, &accounts, &mut out)?;
@@ -640,6 +659,7 @@ impl Engine {
                                 now,
                                 &transfers,
                                 codec::encode_transfer,
+                                |r: &CreateTransferResult| r.as_u32(),
                                 |ledger, now, results| {
                                     let mut out = Vec::new();
                                     ledger.create_transfers(now, &transfers, &mut out)?;
@@ -688,6 +708,7 @@ impl Engine {
         now: u64,
         events: &[E],
         encode: fn(&mut Vec<u8>, &E),
+        code: fn(&R) -> u32,
         apply: impl FnOnce(&mut Ledger, u64, &mut Vec<R>) -> Result<(), clearhouse_ledger::BatchError>,
     ) -> Result<Vec<R>, EngineError> {
         if events.len() > clearhouse_ledger::BATCH_EVENTS_MAX {
@@ -698,10 +719,14 @@ impl Engine {
             .into());
         }
         self.check_disk_space()?;
-        let payload = codec::encode_batch(events, encode);
+        let mut payload = codec::encode_batch(events, encode);
         self.journal.reserve(payload.len())?;
         let mut results = Vec::new();
         apply(&mut self.ledger, now, &mut results)?;
+        codec::seal_results(
+            &mut payload,
+            codec::results_digest(results.iter().map(code)),
+        );
         self.journal.append(kind, now, &payload)?;
         Ok(results)
     }
