@@ -103,20 +103,27 @@ pub fn decode_account(bytes: &[u8]) -> Result<Account, CodecError> {
 /// user_data_128 (6 x u128 = 96), user_data_64 (8), user_data_32 (4), timeout (4), ledger (4),
 /// code (2), flags (2), timestamp (8).
 pub fn encode_transfer(out: &mut Vec<u8>, t: &Transfer) {
-    let mut w = Writer(out);
-    w.u128(t.id);
-    w.u128(t.debit_account_id);
-    w.u128(t.credit_account_id);
-    w.u128(t.amount);
-    w.u128(t.pending_id);
-    w.u128(t.user_data_128);
-    w.u64(t.user_data_64);
-    w.u32(t.user_data_32);
-    w.u32(t.timeout);
-    w.u32(t.ledger);
-    w.u16(t.code);
-    w.u16(t.flags.0);
-    w.u64(t.timestamp);
+    out.extend_from_slice(&transfer_bytes(t));
+}
+
+/// The 128-byte layout of a transfer, built in place (hot path of the index).
+#[inline]
+pub fn transfer_bytes(t: &Transfer) -> [u8; TRANSFER_SIZE] {
+    let mut b = [0u8; TRANSFER_SIZE];
+    b[0..16].copy_from_slice(&t.id.to_le_bytes());
+    b[16..32].copy_from_slice(&t.debit_account_id.to_le_bytes());
+    b[32..48].copy_from_slice(&t.credit_account_id.to_le_bytes());
+    b[48..64].copy_from_slice(&t.amount.to_le_bytes());
+    b[64..80].copy_from_slice(&t.pending_id.to_le_bytes());
+    b[80..96].copy_from_slice(&t.user_data_128.to_le_bytes());
+    b[96..104].copy_from_slice(&t.user_data_64.to_le_bytes());
+    b[104..108].copy_from_slice(&t.user_data_32.to_le_bytes());
+    b[108..112].copy_from_slice(&t.timeout.to_le_bytes());
+    b[112..116].copy_from_slice(&t.ledger.to_le_bytes());
+    b[116..118].copy_from_slice(&t.code.to_le_bytes());
+    b[118..120].copy_from_slice(&t.flags.0.to_le_bytes());
+    b[120..128].copy_from_slice(&t.timestamp.to_le_bytes());
+    b
 }
 
 pub fn decode_transfer(bytes: &[u8]) -> Result<Transfer, CodecError> {
@@ -225,17 +232,23 @@ pub fn decode_batch<T>(
 /// has_balance (1), the transfer (128), then for accounts with history 64 bytes of balances
 /// (debits_pending, debits_posted, credits_pending, credits_posted).
 pub fn encode_account_event(out: &mut Vec<u8>, event: &AccountEvent) {
-    out.extend_from_slice(&event.timestamp.to_le_bytes());
-    out.push(event.kind as u8);
-    out.push(event.balance.is_some() as u8);
-    encode_transfer(out, &event.transfer);
-    if let Some(balance) = event.balance {
-        let mut w = Writer(out);
-        w.u128(balance.debits_pending);
-        w.u128(balance.debits_posted);
-        w.u128(balance.credits_pending);
-        w.u128(balance.credits_posted);
-    }
+    let mut b = [0u8; 10 + TRANSFER_SIZE + 64];
+    b[0..8].copy_from_slice(&event.timestamp.to_le_bytes());
+    b[8] = event.kind as u8;
+    b[9] = event.balance.is_some() as u8;
+    b[10..10 + TRANSFER_SIZE].copy_from_slice(&transfer_bytes(&event.transfer));
+    let size = match event.balance {
+        Some(balance) => {
+            let at = 10 + TRANSFER_SIZE;
+            b[at..at + 16].copy_from_slice(&balance.debits_pending.to_le_bytes());
+            b[at + 16..at + 32].copy_from_slice(&balance.debits_posted.to_le_bytes());
+            b[at + 32..at + 48].copy_from_slice(&balance.credits_pending.to_le_bytes());
+            b[at + 48..at + 64].copy_from_slice(&balance.credits_posted.to_le_bytes());
+            b.len()
+        }
+        None => 10 + TRANSFER_SIZE,
+    };
+    out.extend_from_slice(&b[..size]);
 }
 
 /// Decodes every event of a chunk, in order.
