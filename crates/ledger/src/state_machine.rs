@@ -723,6 +723,20 @@ impl Ledger {
             .accounts
             .get(&pt.credit_account_id)
             .expect("the credit account of a pending transfer exists");
+        // No money moves into or out of a closed account: a post is refused unless the pending
+        // transfer being posted is the one that closed it. Voiding (and expiry) stay possible.
+        if post {
+            if dr.flags.contains(AccountFlags::CLOSED)
+                && !pt.flags.contains(TransferFlags::CLOSING_DEBIT)
+            {
+                return R::DebitAccountAlreadyClosed;
+            }
+            if cr.flags.contains(AccountFlags::CLOSED)
+                && !pt.flags.contains(TransferFlags::CLOSING_CREDIT)
+            {
+                return R::CreditAccountAlreadyClosed;
+            }
+        }
         let amount = if post {
             if t.amount == 0 {
                 pt.amount

@@ -64,7 +64,8 @@ flags!(TransferFlags: u16 {
 });
 
 /// An account. Immutable once created, except its four balances and the CLOSED flag
-/// (which only a closing transfer sets, and only voiding that transfer clears).
+/// (which only a pending closing transfer sets; voiding or expiry of that transfer clears it,
+/// posting it makes it permanent).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct Account {
     pub id: u128,

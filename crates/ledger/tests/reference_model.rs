@@ -487,6 +487,13 @@ impl Model {
         };
         let mut dr = self.accounts[&pt.debit_account_id];
         let mut cr = self.accounts[&pt.credit_account_id];
+        let closed = |a: &Account| a.flags.contains(AccountFlags::CLOSED);
+        if post && closed(&dr) && !pt.flags.contains(TransferFlags::CLOSING_DEBIT) {
+            return DebitAccountAlreadyClosed;
+        }
+        if post && closed(&cr) && !pt.flags.contains(TransferFlags::CLOSING_CREDIT) {
+            return CreditAccountAlreadyClosed;
+        }
         dr.debits_pending -= pt.amount;
         cr.credits_pending -= pt.amount;
         if post {
@@ -944,4 +951,58 @@ fn expiry_releases_the_reservation_and_reopens_a_closed_account() {
         )
         .unwrap();
     assert_eq!(results, vec![CreateTransferResult::Ok]);
+}
+
+#[test]
+fn a_pending_transfer_cannot_be_posted_into_an_account_closed_by_another() {
+    // Found by the second model (crates/ledger/tests/model.rs): posting used to move money out of
+    // an account that another pending transfer had closed.
+    let mut ledger = Ledger::new(LedgerLimits::default());
+    let accounts: Vec<Account> = (1..=3).map(|id| account(id, AccountFlags::NONE)).collect();
+    ledger
+        .create_accounts(1, &accounts, &mut Vec::new())
+        .unwrap();
+    let mut results = Vec::new();
+    let ordinary = transfer(1, 1, 2, 10, TransferFlags::PENDING);
+    let closing = transfer(
+        2,
+        1,
+        3,
+        1,
+        TransferFlags::PENDING.with(TransferFlags::CLOSING_DEBIT),
+    );
+    ledger
+        .create_transfers(10, &[ordinary, closing], &mut results)
+        .unwrap();
+    assert_eq!(results, vec![CreateTransferResult::Ok; 2]);
+    let post = |id, pending_id| Transfer {
+        id,
+        pending_id,
+        flags: TransferFlags::POST_PENDING,
+        ..Transfer::default()
+    };
+    ledger
+        .create_transfers(20, &[post(3, 1)], &mut results)
+        .unwrap();
+    assert_eq!(
+        results,
+        vec![CreateTransferResult::DebitAccountAlreadyClosed]
+    );
+    assert_eq!(ledger.account(1).unwrap().debits_posted, 0);
+    // The closing transfer itself can be posted: the account stays closed for good.
+    ledger
+        .create_transfers(30, &[post(4, 2)], &mut results)
+        .unwrap();
+    assert_eq!(results, vec![CreateTransferResult::Ok]);
+    assert_eq!(ledger.account(1).unwrap().debits_posted, 1);
+    // The other reservation can still be voided, releasing it.
+    let void = Transfer {
+        id: 5,
+        pending_id: 1,
+        flags: TransferFlags::VOID_PENDING,
+        ..Transfer::default()
+    };
+    ledger.create_transfers(40, &[void], &mut results).unwrap();
+    assert_eq!(results, vec![CreateTransferResult::Ok]);
+    assert_eq!(ledger.account(1).unwrap().debits_pending, 0);
 }
