@@ -20,11 +20,26 @@ impl Rng {
     pub fn below(&mut self, bound: u64) -> u64 {
         ((self.next_u64() as u128 * bound as u128) >> 64) as u64
     }
-    /// An exponentially distributed integer with the given mean (inverse transform sampling).
-    /// Workload generation only: the ledger itself never sees a float.
+    /// An exponentially distributed integer with the given mean, by inverse transform sampling in
+    /// integer fixed point: -ln(u / 2^64) = (64 - log2 u) * ln 2, with log2 to 16 fractional bits.
     pub fn exponential(&mut self, mean: u64) -> u64 {
-        let uniform = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        (-(1.0 - uniform).ln() * mean as f64) as u64
+        const FRACTION_BITS: u32 = 16;
+        // ln 2 in Q32.
+        const LN2_Q32: u128 = 2_977_044_472;
+        let u = self.next_u64() | 1;
+        let integer = 63 - u.leading_zeros();
+        // The mantissa in [1, 2) as Q63; squaring it yields one bit of the logarithm at a time.
+        let mut mantissa = (u as u128) << (63 - integer);
+        let mut log2_q16 = (integer as u128) << FRACTION_BITS;
+        for bit in (0..FRACTION_BITS).rev() {
+            mantissa = (mantissa * mantissa) >> 63;
+            if mantissa >= 1 << 64 {
+                mantissa >>= 1;
+                log2_q16 |= 1 << bit;
+            }
+        }
+        let minus_ln_q48 = ((64u128 << FRACTION_BITS) - log2_q16) * LN2_Q32;
+        ((minus_ln_q48 * mean as u128) >> (FRACTION_BITS + 32)) as u64
     }
 }
 
@@ -80,5 +95,26 @@ pub fn l1_transfer(rng: &mut Rng, shape: &L1Shape, id: u128) -> Transfer {
         },
         timeout: if pending { 1 } else { 0 },
         ..Transfer::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exponential_samples_have_the_requested_mean_and_spread() {
+        let mut rng = Rng::new(42);
+        let count = 200_000u64;
+        let samples: Vec<u64> = (0..count).map(|_| rng.exponential(10_000)).collect();
+        let mean = samples.iter().sum::<u64>() / count;
+        assert!((9_800..=10_200).contains(&mean), "mean {mean}");
+        // For an exponential distribution, P(X > mean) = 1/e, about 36.8 %.
+        let above = samples.iter().filter(|s| **s > 10_000).count() as u64 * 1000 / count;
+        assert!(
+            (358..=378).contains(&above),
+            "{above} per mille above the mean"
+        );
+        assert!(samples.contains(&0) && samples.iter().any(|s| *s > 80_000));
     }
 }
