@@ -14,6 +14,29 @@ pub const STORED_TRANSFER_SIZE: usize = TRANSFER_SIZE + 1;
 pub const KIND_CREATE_ACCOUNTS: u16 = 1;
 pub const KIND_CREATE_TRANSFERS: u16 = 2;
 pub const KIND_PULSE: u16 = 3;
+/// Transfers and application records in one atomic, durable batch ([`encode_submit`]).
+pub const KIND_SUBMIT: u16 = 4;
+
+/// Largest value of one application record.
+pub const RECORD_VALUE_MAX: usize = 4096;
+/// Most alias keys of one application record.
+pub const RECORD_ALIASES_MAX: usize = 4;
+/// Most application records in one batch.
+pub const RECORD_PUTS_MAX: usize = 8189;
+
+/// An application record written with a batch of transfers: `value` is stored under `key`
+/// (replacing any earlier value), each alias then resolves to `key`, and `open` keeps the key in
+/// the set of open records (so an application can find its unfinished work after a restart).
+/// With `when_transfer_ok = Some(i)` the record is written only if transfer `i` of the same batch
+/// succeeded, atomically with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordPut {
+    pub key: u128,
+    pub value: Vec<u8>,
+    pub open: bool,
+    pub aliases: Vec<u128>,
+    pub when_transfer_ok: Option<u32>,
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("codec: {what}: expected {expected} bytes, found {found}")]
@@ -228,6 +251,101 @@ pub fn decode_batch<T>(
     bytes.chunks_exact(128).map(decode).collect()
 }
 
+/// A submit payload: header (8), transfer count (u32), record count (u32), the transfers
+/// (128 bytes each), then each record: key (16), condition (u32, u32::MAX = always), open (u8),
+/// alias count (u8), reserved zero (u16), value length (u32), aliases (16 each), value bytes.
+pub fn encode_submit(transfers: &[Transfer], puts: &[RecordPut]) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(PAYLOAD_HEADER_SIZE + 8 + transfers.len() * 128 + puts.len() * 128);
+    out.extend_from_slice(&[0u8; PAYLOAD_HEADER_SIZE]);
+    let mut w = Writer(&mut out);
+    w.u32(transfers.len() as u32);
+    w.u32(puts.len() as u32);
+    for transfer in transfers {
+        encode_transfer(&mut out, transfer);
+    }
+    for put in puts {
+        let mut w = Writer(&mut out);
+        w.u128(put.key);
+        w.u32(put.when_transfer_ok.unwrap_or(u32::MAX));
+        w.0.push(put.open as u8);
+        w.0.push(put.aliases.len() as u8);
+        w.u16(0);
+        w.u32(put.value.len() as u32);
+        for alias in &put.aliases {
+            w.u128(*alias);
+        }
+        out.extend_from_slice(&put.value);
+    }
+    out
+}
+
+/// Decodes a submit payload ([`encode_submit`]).
+pub fn decode_submit(payload: &[u8]) -> Result<(Vec<Transfer>, Vec<RecordPut>), CodecError> {
+    sealed_results(payload)?;
+    let bytes = &payload[PAYLOAD_HEADER_SIZE..];
+    if bytes.len() < 8 {
+        return Err(CodecError {
+            what: "submit counts",
+            expected: 8,
+            found: bytes.len(),
+        });
+    }
+    let mut r = Reader(bytes);
+    let transfer_count = r.u32() as usize;
+    let put_count = r.u32() as usize;
+    let mut rest = r.0;
+    let short = |what, expected, found| CodecError {
+        what,
+        expected,
+        found,
+    };
+    if rest.len() / 128 < transfer_count {
+        return Err(short("submit transfers", transfer_count * 128, rest.len()));
+    }
+    let mut transfers = Vec::with_capacity(transfer_count);
+    for _ in 0..transfer_count {
+        transfers.push(decode_transfer(&rest[..128])?);
+        rest = &rest[128..];
+    }
+    let mut puts = Vec::with_capacity(put_count.min(RECORD_PUTS_MAX));
+    for _ in 0..put_count {
+        if rest.len() < 28 {
+            return Err(short("record header", 28, rest.len()));
+        }
+        let mut r = Reader(rest);
+        let key = r.u128();
+        let when = r.u32();
+        let [open, alias_count] = r.take::<2>();
+        let _reserved = r.u16();
+        let value_len = r.u32() as usize;
+        let body = alias_count as usize * 16 + value_len;
+        if alias_count as usize > RECORD_ALIASES_MAX
+            || value_len > RECORD_VALUE_MAX
+            || r.0.len() < body
+        {
+            return Err(short("record body", body, r.0.len()));
+        }
+        let mut aliases = Vec::with_capacity(alias_count as usize);
+        for _ in 0..alias_count {
+            aliases.push(r.u128());
+        }
+        let value = r.0[..value_len].to_vec();
+        rest = &r.0[value_len..];
+        puts.push(RecordPut {
+            key,
+            value,
+            open: open != 0,
+            aliases,
+            when_transfer_ok: (when != u32::MAX).then_some(when),
+        });
+    }
+    if !rest.is_empty() {
+        return Err(short("end of submit payload", 0, rest.len()));
+    }
+    Ok((transfers, puts))
+}
+
 /// One account event inside an account-events chunk of the index: timestamp (8), kind (1),
 /// has_balance (1), the transfer (128), then for accounts with history 64 bytes of balances
 /// (debits_pending, debits_posted, credits_pending, credits_posted).
@@ -337,6 +455,36 @@ fn check(bytes: &[u8], expected: usize, what: &'static str) -> Result<(), CodecE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn submit_payloads_round_trip_and_truncation_is_an_error() {
+        let transfers = vec![Transfer {
+            id: 7,
+            amount: 9,
+            ..Transfer::default()
+        }];
+        let puts = vec![
+            RecordPut {
+                key: 1,
+                value: b"hello".to_vec(),
+                open: true,
+                aliases: vec![2, 3],
+                when_transfer_ok: Some(0),
+            },
+            RecordPut {
+                key: u128::MAX,
+                value: vec![],
+                open: false,
+                aliases: vec![],
+                when_transfer_ok: None,
+            },
+        ];
+        let payload = encode_submit(&transfers, &puts);
+        assert_eq!(decode_submit(&payload).unwrap(), (transfers, puts));
+        for cut in 0..payload.len() {
+            assert!(decode_submit(&payload[..cut]).is_err(), "cut at {cut}");
+        }
+    }
 
     #[test]
     fn layouts_are_128_bytes_and_round_trip() {

@@ -15,7 +15,7 @@ use clearhouse_ledger::{
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::codec;
+use crate::codec::{self, RecordPut};
 use crate::EngineError;
 
 const TRANSFERS: TableDefinition<u128, &[u8]> = TableDefinition::new("transfers");
@@ -28,6 +28,10 @@ const ACCOUNT_EVENTS_PER_CHUNK_MAX: usize = 256;
 const PENDING: TableDefinition<u128, u8> = TableDefinition::new("pending");
 const ACCOUNTS: TableDefinition<u128, &[u8]> = TableDefinition::new("accounts");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Application records (payments, ...) by key, the open ones, and alias keys.
+const RECORDS: TableDefinition<u128, &[u8]> = TableDefinition::new("records");
+const RECORDS_OPEN: TableDefinition<u128, u8> = TableDefinition::new("records_open");
+const RECORD_ALIASES: TableDefinition<u128, u128> = TableDefinition::new("record_aliases");
 
 /// Most results one query returns, as in TigerBeetle.
 pub const QUERY_LIMIT_MAX: u32 = 8_190;
@@ -52,6 +56,8 @@ pub struct IndexUpdate {
     /// Accounts changed since the previous update, as of `seq` (later entries win).
     pub accounts: Vec<Account>,
     pub scalars: LedgerScalars,
+    /// Application records written (their conditions held), in journal order.
+    pub records: Vec<RecordPut>,
     /// Commit with fsync: a checkpoint that lets the journal before it be deleted.
     pub durable: bool,
 }
@@ -81,6 +87,9 @@ impl Index {
             redb_try!(txn.open_table(PENDING), "open table");
             redb_try!(txn.open_table(ACCOUNTS), "open table");
             redb_try!(txn.open_table(META), "open table");
+            redb_try!(txn.open_table(RECORDS), "open table");
+            redb_try!(txn.open_table(RECORDS_OPEN), "open table");
+            redb_try!(txn.open_table(RECORD_ALIASES), "open table");
         }
         redb_try!(txn.commit(), "commit");
         Ok(index)
@@ -219,6 +228,25 @@ impl Index {
                     "insert account"
                 );
             }
+            if !update.records.is_empty() {
+                let mut records = redb_try!(txn.open_table(RECORDS), "open records");
+                let mut open = redb_try!(txn.open_table(RECORDS_OPEN), "open records_open");
+                let mut aliases = redb_try!(txn.open_table(RECORD_ALIASES), "open aliases");
+                for put in &update.records {
+                    redb_try!(
+                        records.insert(put.key, put.value.as_slice()),
+                        "insert record"
+                    );
+                    if put.open {
+                        redb_try!(open.insert(put.key, 1u8), "insert open record");
+                    } else {
+                        redb_try!(open.remove(put.key), "remove open record");
+                    }
+                    for alias in &put.aliases {
+                        redb_try!(aliases.insert(*alias, put.key), "insert alias");
+                    }
+                }
+            }
             let mut meta = redb_try!(txn.open_table(META), "open meta");
             redb_try!(
                 meta.insert("applied_seq", update.seq.to_le_bytes().as_slice()),
@@ -237,6 +265,46 @@ impl Index {
         }
         redb_try!(txn.commit(), "commit");
         Ok(())
+    }
+
+    /// The values of application records, in the order of `keys` (None where absent).
+    pub fn get_records(&self, keys: &[u128]) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+        let txn = redb_try!(self.db.begin_read(), "begin read");
+        let records = redb_try!(txn.open_table(RECORDS), "open records");
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(redb_try!(records.get(*key), "read record").map(|v| v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The key an alias resolves to.
+    pub fn resolve_alias(&self, alias: u128) -> Result<Option<u128>, EngineError> {
+        let txn = redb_try!(self.db.begin_read(), "begin read");
+        let aliases = redb_try!(txn.open_table(RECORD_ALIASES), "open aliases");
+        Ok(redb_try!(aliases.get(alias), "read alias").map(|v| v.value()))
+    }
+
+    /// Every open record, key order, at most `limit`.
+    pub fn open_records(&self, limit: usize) -> Result<Vec<(u128, Vec<u8>)>, EngineError> {
+        let txn = redb_try!(self.db.begin_read(), "begin read");
+        let open = redb_try!(txn.open_table(RECORDS_OPEN), "open records_open");
+        let records = redb_try!(txn.open_table(RECORDS), "open records");
+        let mut out = Vec::new();
+        for entry in redb_try!(open.iter(), "iterate open records") {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, _) = redb_try!(entry, "read open record");
+            let key = key.value();
+            let value =
+                redb_try!(records.get(key), "read record").ok_or_else(|| EngineError::Index {
+                    context: "records_open",
+                    message: format!("open record {key} has no value"),
+                })?;
+            out.push((key, value.value().to_vec()));
+        }
+        Ok(out)
     }
 
     pub fn get_transfers(

@@ -8,15 +8,16 @@
 //! checkpoint and replaying the journal after it; expire pending transfers with journaled pulses.
 //!
 //! It deliberately does not: speak any network protocol (the server and CLI do), know payments or
-//! participants (crates to come), or trust the clock beyond stamping batches (the clock is read
+//! participants (it stores the switch's records as opaque bytes), or trust the clock beyond stamping batches (the clock is read
 //! here, once per batch, and journaled, so replay never reads it).
 
 pub mod codec;
 pub mod index;
 pub mod node;
 
+pub use codec::RecordPut;
 pub use index::QUERY_LIMIT_MAX;
-pub use node::{Node, NodeOptions, NodeStats, RecoveryReport};
+pub use node::{Node, NodeOptions, NodeStats, RecoveryReport, SubmitOutcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -41,6 +42,8 @@ pub enum EngineError {
         free_bytes: u64,
         required_bytes: u64,
     },
+    #[error("engine: record {key:#x} refused: {reason}")]
+    RecordRefused { key: u128, reason: String },
     #[error("engine: recovery failed: {0}")]
     Recovery(String),
 }

@@ -21,7 +21,10 @@ use clearhouse_ledger::{
 };
 use rustc_hash::FxHashMap;
 
-use crate::codec::{self, KIND_CREATE_ACCOUNTS, KIND_CREATE_TRANSFERS, KIND_PULSE};
+use crate::codec::{
+    self, RecordPut, KIND_CREATE_ACCOUNTS, KIND_CREATE_TRANSFERS, KIND_PULSE, KIND_SUBMIT,
+    RECORD_ALIASES_MAX, RECORD_PUTS_MAX, RECORD_VALUE_MAX,
+};
 use crate::index::{Index, IndexUpdate};
 use crate::EngineError;
 
@@ -90,11 +93,20 @@ pub struct NodeStats {
 /// Journal records replayed per index transaction during recovery.
 const REPLAY_RECORDS_PER_INDEX_TRANSACTION: usize = 16;
 
-type Reply<T> = SyncSender<Result<T, EngineError>>;
+/// Where an answer goes: a callback run on the engine thread (it must not block).
+type Reply<T> = Box<dyn FnOnce(Result<T, EngineError>) + Send>;
+
+/// The outcome of a submit: one result per transfer, and for each record whether it was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubmitOutcome {
+    pub results: Vec<CreateTransferResult>,
+    pub written: Vec<bool>,
+}
 
 enum Request {
     CreateAccounts(Vec<Account>, Reply<Vec<CreateAccountResult>>),
     CreateTransfers(Vec<Transfer>, Reply<Vec<CreateTransferResult>>),
+    Submit(Vec<Transfer>, Vec<RecordPut>, Reply<SubmitOutcome>),
     LookupAccounts(Vec<u128>, Reply<Vec<Account>>),
     LookupTransfers(Vec<u128>, Reply<Vec<StoredTransfer>>),
     Stats(Reply<NodeStats>),
@@ -227,12 +239,15 @@ impl Node {
                 offset: 0,
                 reason: format!("{what} of record {seq} failed: {error}"),
             };
+        let mut app_records: Vec<RecordPut> = Vec::new();
         let flush = |ledger: &mut Ledger,
                      pending_changes: &mut ChangeSet,
+                     pending_records: &mut Vec<RecordPut>,
                      seq: u64|
          -> Result<(), EngineError> {
             let update = IndexUpdate {
                 seq,
+                records: std::mem::take(pending_records),
                 changes: std::mem::take(pending_changes),
                 accounts: ledger.take_dirty_accounts(),
                 scalars: ledger.scalars(),
@@ -245,7 +260,7 @@ impl Node {
             Ok(())
         };
         clearhouse_journal::read_records(&journal_dir, restored.seq, |record| {
-            replay(&index, &mut ledger, &record)
+            replay(&index, &mut ledger, &record, &mut app_records)
                 .map_err(|error| corrupt(record.seq, "replay", error))?;
             replayed += 1;
             last_seq = record.seq;
@@ -262,16 +277,27 @@ impl Node {
             pending_records += 1;
             if pending_records >= REPLAY_RECORDS_PER_INDEX_TRANSACTION {
                 pending_records = 0;
-                flush(&mut ledger, &mut pending_changes, record.seq)
-                    .map_err(|error| corrupt(record.seq, "indexing", error))?;
+                flush(
+                    &mut ledger,
+                    &mut pending_changes,
+                    &mut app_records,
+                    record.seq,
+                )
+                .map_err(|error| corrupt(record.seq, "indexing", error))?;
             }
             Ok(())
         })?;
-        flush(&mut ledger, &mut pending_changes, last_seq)?;
+        flush(
+            &mut ledger,
+            &mut pending_changes,
+            &mut app_records,
+            last_seq,
+        )?;
         recovery.records_replayed = replayed;
         if replayed > 0 {
             index.apply(&IndexUpdate {
                 seq: last_seq,
+                records: Vec::new(),
                 changes: ChangeSet::default(),
                 accounts: ledger.take_dirty_accounts(),
                 scalars: ledger.scalars(),
@@ -329,6 +355,7 @@ impl Node {
                 records_since_checkpoint: 0,
                 transfers_sent: 0,
                 checkpoint_seq_done: last_seq,
+                records: Vec::new(),
             };
             std::thread::Builder::new()
                 .name("clearhouse-engine".into())
@@ -351,18 +378,26 @@ impl Node {
         &self.inner.recovery
     }
 
-    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, EngineError> {
+    fn call<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Request,
+    ) -> Result<T, EngineError> {
         let (sender, receiver) = mpsc::sync_channel(1);
-        match self.inner.requests.try_send(make(sender)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(EngineError::Overloaded {
-                    limit: self.inner.request_queue_max,
-                })
-            }
-            Err(TrySendError::Disconnected(_)) => return Err(self.stopped_error()),
-        }
+        self.enqueue(make(Box::new(move |result| {
+            let _ = sender.send(result);
+        })))?;
         receiver.recv().map_err(|_| self.stopped_error())?
+    }
+
+    /// Queues a request without waiting; refuses at once when the queue is full.
+    fn enqueue(&self, request: Request) -> Result<(), EngineError> {
+        match self.inner.requests.try_send(request) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(EngineError::Overloaded {
+                limit: self.inner.request_queue_max,
+            }),
+            Err(TrySendError::Disconnected(_)) => Err(self.stopped_error()),
+        }
     }
 
     fn stopped_error(&self) -> EngineError {
@@ -390,6 +425,45 @@ impl Node {
         transfers: Vec<Transfer>,
     ) -> Result<Vec<CreateTransferResult>, EngineError> {
         self.call(|reply| Request::CreateTransfers(transfers, reply))
+    }
+
+    /// Transfers and application records as one atomic, durable batch (one journal record).
+    pub fn submit(
+        &self,
+        transfers: Vec<Transfer>,
+        records: Vec<RecordPut>,
+    ) -> Result<SubmitOutcome, EngineError> {
+        self.call(|reply| Request::Submit(transfers, records, reply))
+    }
+
+    /// [`Node::submit`] without blocking: `done` runs on the engine thread once the batch is
+    /// durable (it must be quick and must not block). An `Err` here means the request was not
+    /// queued (queue full or node stopped) and `done` will not run.
+    pub fn submit_with(
+        &self,
+        transfers: Vec<Transfer>,
+        records: Vec<RecordPut>,
+        done: impl FnOnce(Result<SubmitOutcome, EngineError>) + Send + 'static,
+    ) -> Result<(), EngineError> {
+        self.enqueue(Request::Submit(transfers, records, Box::new(done)))
+    }
+
+    /// Application records by key (None where absent), reading every acknowledged write.
+    pub fn get_records(&self, keys: &[u128]) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+        self.wait_indexed()?;
+        self.inner.index.get_records(keys)
+    }
+
+    /// The key an alias of an application record resolves to.
+    pub fn resolve_alias(&self, alias: u128) -> Result<Option<u128>, EngineError> {
+        self.wait_indexed()?;
+        self.inner.index.resolve_alias(alias)
+    }
+
+    /// Open application records (at most `limit`), reading every acknowledged write.
+    pub fn open_records(&self, limit: usize) -> Result<Vec<(u128, Vec<u8>)>, EngineError> {
+        self.wait_indexed()?;
+        self.inner.index.open_records(limit)
     }
 
     pub fn lookup_accounts(&self, ids: Vec<u128>) -> Result<Vec<Account>, EngineError> {
@@ -432,8 +506,26 @@ impl Node {
 /// Replays one journal record on the ledger (recovery): same path as live execution.
 /// Replays one journal record on the ledger (recovery): same path as live execution, and the
 /// results must match the digest sealed into the record when it first ran (determinism).
-fn replay(index: &Index, ledger: &mut Ledger, record: &Record) -> Result<(), EngineError> {
+fn replay(
+    index: &Index,
+    ledger: &mut Ledger,
+    record: &Record,
+    records_out: &mut Vec<RecordPut>,
+) -> Result<(), EngineError> {
     let digest = match record.kind {
+        KIND_SUBMIT => {
+            let (transfers, records) = codec::decode_submit(&record.payload)?;
+            prefetch(index, ledger, &transfers)?;
+            let mut results = Vec::new();
+            ledger.create_transfers(record.timestamp, &transfers, &mut results)?;
+            let written = records_written(&records, &results);
+            for (put, written) in records.into_iter().zip(&written) {
+                if *written {
+                    records_out.push(put);
+                }
+            }
+            submit_digest(&results, &written)
+        }
         KIND_CREATE_ACCOUNTS => {
             let accounts = codec::decode_batch(&record.payload, codec::decode_account)?;
             let mut results = Vec::new();
@@ -466,6 +558,27 @@ fn replay(index: &Index, ledger: &mut Ledger, record: &Record) -> Result<(), Eng
         )));
     }
     Ok(())
+}
+
+/// Which records of a submit are written: those without a condition, and those whose transfer
+/// succeeded.
+fn records_written(records: &[RecordPut], results: &[CreateTransferResult]) -> Vec<bool> {
+    records
+        .iter()
+        .map(|record| match record.when_transfer_ok {
+            None => true,
+            Some(i) => results[i as usize] == CreateTransferResult::Ok,
+        })
+        .collect()
+}
+
+fn submit_digest(results: &[CreateTransferResult], written: &[bool]) -> (u32, u32) {
+    codec::results_digest(
+        results
+            .iter()
+            .map(|r| r.as_u32())
+            .chain(written.iter().map(|w| *w as u32)),
+    )
 }
 
 fn prefetch(
@@ -513,6 +626,7 @@ fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexUpdate>) {
                 .accounts_created
                 .extend_from_slice(&next.changes.accounts_created);
             job.accounts.extend_from_slice(&next.accounts);
+            job.records.extend(next.records);
             job.seq = next.seq;
             job.scalars = next.scalars;
             job.durable |= next.durable;
@@ -559,6 +673,8 @@ struct Engine {
     checkpoint_seq_done: u64,
     /// Transfer records sent to the index thread, for the unindexed-transfers limit.
     transfers_sent: u64,
+    /// Application records written by the current group, for the index.
+    records: Vec<RecordPut>,
 }
 
 enum Pending {
@@ -570,6 +686,7 @@ enum Pending {
         Reply<Vec<CreateTransferResult>>,
         Result<Vec<CreateTransferResult>, EngineError>,
     ),
+    Submit(Reply<SubmitOutcome>, Result<SubmitOutcome, EngineError>),
     Lookup(Request),
 }
 
@@ -607,6 +724,7 @@ impl Engine {
         self.ledger.take_changes(&mut changes);
         let _ = self.index_sender.send(IndexUpdate {
             seq,
+            records: std::mem::take(&mut self.records),
             changes,
             accounts: self.ledger.take_dirty_accounts(),
             scalars: self.ledger.scalars(),
@@ -672,6 +790,10 @@ impl Engine {
                     };
                     answered.push(Pending::Transfers(reply, result));
                 }
+                Request::Submit(transfers, records, reply) => {
+                    let result = self.execute_submit(now, &transfers, records);
+                    answered.push(Pending::Submit(reply, result));
+                }
                 other => answered.push(Pending::Lookup(other)),
             }
         }
@@ -686,12 +808,9 @@ impl Engine {
         }
         for pending in answered {
             match pending {
-                Pending::Accounts(reply, result) => {
-                    let _ = reply.send(result);
-                }
-                Pending::Transfers(reply, result) => {
-                    let _ = reply.send(result);
-                }
+                Pending::Accounts(reply, result) => reply(result),
+                Pending::Transfers(reply, result) => reply(result),
+                Pending::Submit(reply, result) => reply(result),
                 Pending::Lookup(request) => self.answer_lookup(request),
             }
         }
@@ -729,6 +848,61 @@ impl Engine {
         );
         self.journal.append(kind, now, &payload)?;
         Ok(results)
+    }
+
+    /// Like [`Engine::execute`], for a submit: transfers and records in one journal record.
+    fn execute_submit(
+        &mut self,
+        now: u64,
+        transfers: &[Transfer],
+        records: Vec<RecordPut>,
+    ) -> Result<SubmitOutcome, EngineError> {
+        if transfers.len() > clearhouse_ledger::BATCH_EVENTS_MAX || records.len() > RECORD_PUTS_MAX
+        {
+            return Err(clearhouse_ledger::BatchError::TooManyEvents {
+                count: transfers.len().max(records.len()),
+                max: clearhouse_ledger::BATCH_EVENTS_MAX,
+            }
+            .into());
+        }
+        for record in &records {
+            if record.value.len() > RECORD_VALUE_MAX
+                || record.aliases.len() > RECORD_ALIASES_MAX
+                || record
+                    .when_transfer_ok
+                    .is_some_and(|i| i as usize >= transfers.len())
+            {
+                return Err(EngineError::RecordRefused {
+                    key: record.key,
+                    reason: format!(
+                        "value {} bytes (max {RECORD_VALUE_MAX}), {} aliases (max {RECORD_ALIASES_MAX}), condition {:?} over {} transfers",
+                        record.value.len(),
+                        record.aliases.len(),
+                        record.when_transfer_ok,
+                        transfers.len()
+                    ),
+                });
+            }
+        }
+        self.check_disk_space()?;
+        let found = prefetch(&self.index, &mut self.ledger, transfers)?;
+        let seq = self.journal.next_seq();
+        for id in found {
+            self.touch(seq, id);
+        }
+        let mut payload = codec::encode_submit(transfers, &records);
+        self.journal.reserve(payload.len())?;
+        let mut results = Vec::new();
+        self.ledger.create_transfers(now, transfers, &mut results)?;
+        let written = records_written(&records, &results);
+        codec::seal_results(&mut payload, submit_digest(&results, &written));
+        self.journal.append(KIND_SUBMIT, now, &payload)?;
+        for (record, written) in records.into_iter().zip(&written) {
+            if *written {
+                self.records.push(record);
+            }
+        }
+        Ok(SubmitOutcome { results, written })
     }
 
     fn check_disk_space(&self) -> Result<(), EngineError> {
@@ -772,6 +946,7 @@ impl Engine {
         self.index_sender
             .send(IndexUpdate {
                 seq,
+                records: std::mem::take(&mut self.records),
                 changes,
                 accounts: self.ledger.take_dirty_accounts(),
                 scalars: self.ledger.scalars(),
@@ -821,7 +996,7 @@ impl Engine {
                     .iter()
                     .filter_map(|id| self.ledger.account(*id).copied())
                     .collect();
-                let _ = reply.send(Ok(accounts));
+                reply(Ok(accounts));
             }
             Request::LookupTransfers(ids, reply) => {
                 let mut missing = Vec::new();
@@ -840,11 +1015,11 @@ impl Engine {
                         found.insert(stored.transfer.id, stored);
                     })
                     .map(|()| ids.iter().filter_map(|id| found.get(id).copied()).collect());
-                let _ = reply.send(result);
+                reply(result);
             }
             Request::Stats(reply) => {
                 let state = self.progress.indexed.lock().expect("progress");
-                let _ = reply.send(Ok(NodeStats {
+                reply(Ok(NodeStats {
                     journal_bytes_written: self.journal.bytes_written(),
                     committed_seq: self.progress.committed_seq.load(Ordering::SeqCst),
                     indexed_seq: state.seq,
@@ -852,7 +1027,7 @@ impl Engine {
                     cached_transfers: self.ledger.cached_transfers_count(),
                 }));
             }
-            Request::CreateAccounts(..) | Request::CreateTransfers(..) => {
+            Request::CreateAccounts(..) | Request::CreateTransfers(..) | Request::Submit(..) => {
                 unreachable!("writes are executed, not looked up")
             }
         }

@@ -363,3 +363,81 @@ fn an_oversized_batch_is_refused_whole_and_changes_nothing() {
     assert_eq!(node.lookup_accounts(vec![1]).unwrap()[0].debits_posted, 0);
     assert!(node.lookup_transfers(vec![1]).unwrap().is_empty());
 }
+
+#[test]
+fn records_are_written_with_their_transfers_atomically_and_survive_restarts() {
+    use clearhouse_engine::RecordPut;
+    let dir = tempfile::tempdir().unwrap();
+    let put = |key: u128, value: &str, open: bool, when: Option<u32>| RecordPut {
+        key,
+        value: value.as_bytes().to_vec(),
+        open,
+        aliases: vec![key + 1000],
+        when_transfer_ok: when,
+    };
+    {
+        let node = Node::start(small_options(dir.path())).unwrap();
+        node.create_accounts(accounts(3)).unwrap();
+        let ok = Transfer {
+            id: 1,
+            debit_account_id: 1,
+            credit_account_id: 2,
+            amount: 5,
+            ledger: 1,
+            code: 1,
+            ..Transfer::default()
+        };
+        // Account 3 must not go below zero: this transfer fails, so its record is not written.
+        let fails = Transfer {
+            id: 2,
+            debit_account_id: 3,
+            credit_account_id: 2,
+            ..ok
+        };
+        let outcome = node
+            .submit(
+                vec![ok, fails],
+                vec![
+                    put(10, "ten", true, Some(0)),
+                    put(20, "twenty", true, Some(1)),
+                    put(30, "thirty", false, None),
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            outcome.results,
+            vec![
+                CreateTransferResult::Ok,
+                CreateTransferResult::ExceedsCredits
+            ]
+        );
+        assert_eq!(outcome.written, vec![true, false, true]);
+        // A condition naming a transfer that is not in the batch is refused whole.
+        assert!(node
+            .submit(vec![], vec![put(40, "x", true, Some(0))])
+            .is_err());
+        assert_eq!(
+            node.get_records(&[10, 20, 30, 40]).unwrap(),
+            vec![Some(b"ten".to_vec()), None, Some(b"thirty".to_vec()), None]
+        );
+        assert_eq!(node.resolve_alias(1010).unwrap(), Some(10));
+        assert_eq!(node.resolve_alias(1020).unwrap(), None);
+        assert_eq!(node.open_records(10).unwrap(), vec![(10, b"ten".to_vec())]);
+    }
+    // Closing a record after a restart (replayed or checkpointed, either way).
+    let node = Node::start(small_options(dir.path())).unwrap();
+    assert_eq!(
+        node.get_records(&[10]).unwrap(),
+        vec![Some(b"ten".to_vec())]
+    );
+    node.submit(vec![], vec![put(10, "ten-done", false, None)])
+        .unwrap();
+    drop(node);
+    let node = Node::start(small_options(dir.path())).unwrap();
+    assert_eq!(
+        node.get_records(&[10]).unwrap(),
+        vec![Some(b"ten-done".to_vec())]
+    );
+    assert!(node.open_records(10).unwrap().is_empty());
+    assert_eq!(node.lookup_transfers(vec![1, 2]).unwrap().len(), 1);
+}
