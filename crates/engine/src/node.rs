@@ -454,6 +454,17 @@ impl Node {
         self.inner.index.get_records(keys)
     }
 
+    /// Like [`Node::get_records`] without waiting for the index: a write acknowledged in the last
+    /// milliseconds may be missing (callers cover those from memory).
+    pub fn get_records_now(&self, keys: &[u128]) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+        self.inner.index.get_records(keys)
+    }
+
+    /// Like [`Node::resolve_alias`] without waiting for the index.
+    pub fn resolve_alias_now(&self, alias: u128) -> Result<Option<u128>, EngineError> {
+        self.inner.index.resolve_alias(alias)
+    }
+
     /// The key an alias of an application record resolves to.
     pub fn resolve_alias(&self, alias: u128) -> Result<Option<u128>, EngineError> {
         self.wait_indexed()?;

@@ -1,0 +1,106 @@
+//! The switch's configuration (TOML), every field with a sane default.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SwitchConfig {
+    /// Address the HTTP API listens on.
+    pub listen: String,
+    /// A payment not accepted by its creditor agent by then is rejected (AB05 / AB08).
+    pub settle_deadline_ms: u64,
+    /// The ledger reservation's own timeout: even if the switch is down, the liquidity is
+    /// released by then (the ledger voids the reservation itself).
+    pub hard_timeout_ms: u64,
+    /// How long a submit request waits for the final state before answering PDNG (HTTP 202).
+    pub sync_wait_ms: u64,
+    /// Largest request body accepted (bytes), checked before parsing.
+    pub body_bytes_max: usize,
+    /// Payments reserved and not yet final, per debtor agent and in total.
+    pub in_flight_per_participant_max: usize,
+    pub in_flight_total_max: usize,
+    /// Concurrent outbound calls to one participant.
+    pub outbound_per_participant_max: usize,
+    /// Timeout of one outbound HTTP call.
+    pub outbound_call_timeout_ms: u64,
+    /// Notifications waiting for delivery to one participant.
+    pub notification_queue_max: usize,
+    /// Delivery attempts of one batch of notifications before it is dropped (logged; the
+    /// participant can still ask for the status).
+    pub notification_attempts_max: u32,
+    /// Allowed clock skew of signed requests (and the replay window).
+    pub clock_skew_ms: u64,
+    /// Nonces remembered (replay protection); beyond it requests are refused with 503.
+    pub nonces_max: usize,
+    /// Finished payments kept in memory for fast status answers and duplicate checks.
+    pub recent_payments_max: usize,
+    /// Participants the switch accepts.
+    pub participants_max: usize,
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        SwitchConfig {
+            listen: "127.0.0.1:8080".into(),
+            settle_deadline_ms: 10_000,
+            hard_timeout_ms: 20_000,
+            sync_wait_ms: 12_000,
+            body_bytes_max: 64 * 1024,
+            in_flight_per_participant_max: 4_096,
+            in_flight_total_max: 100_000,
+            outbound_per_participant_max: 64,
+            outbound_call_timeout_ms: 5_000,
+            notification_queue_max: 10_000,
+            notification_attempts_max: 8,
+            clock_skew_ms: 30_000,
+            nonces_max: 4_000_000,
+            recent_payments_max: 1_000_000,
+            participants_max: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl SwitchConfig {
+    pub fn from_toml(text: &str) -> Result<SwitchConfig, ConfigError> {
+        let config: SwitchConfig = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if self.settle_deadline_ms == 0 || self.hard_timeout_ms < self.settle_deadline_ms {
+            return invalid("need 0 < settle_deadline_ms <= hard_timeout_ms");
+        }
+        if self.hard_timeout_ms / 1000 >= u64::from(u32::MAX) {
+            return invalid("hard_timeout_ms too large");
+        }
+        if self.in_flight_per_participant_max == 0
+            || self.in_flight_total_max == 0
+            || self.outbound_per_participant_max == 0
+            || self.notification_queue_max == 0
+            || self.body_bytes_max < 1024
+        {
+            return invalid("limits must be positive (body_bytes_max at least 1024)");
+        }
+        Ok(())
+    }
+
+    pub fn settle_deadline(&self) -> Duration {
+        Duration::from_millis(self.settle_deadline_ms)
+    }
+    /// The ledger timeout in whole seconds, rounded up.
+    pub fn hard_timeout_seconds(&self) -> u32 {
+        self.hard_timeout_ms.div_ceil(1000) as u32
+    }
+}

@@ -1,0 +1,482 @@
+//! The HTTP API (axum): signed requests in, JSON out, errors as
+//! `{"code": ..., "message": ..., "reason": ISO code or null}` with a stable code.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::auth::{self, AuthError, SignedHeaders};
+use crate::outbound::DecisionBody;
+use crate::switch::{ApiError, Caller, StatusQuery, Switch};
+
+/// Requests being handled at once; beyond it the server answers 503 at once.
+pub const CONCURRENT_REQUESTS_MAX: usize = 8192;
+
+#[derive(Clone)]
+struct AppState {
+    switch: Arc<Switch>,
+    requests: Arc<Semaphore>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::json!({
+            "code": self.code,
+            "message": self.message,
+            "reason": self.reason,
+        });
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after_seconds {
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+fn auth_error(error: AuthError) -> ApiError {
+    match error {
+        AuthError::NonceCacheFull => ApiError::new(503, "replay_cache_full", error.to_string()),
+        _ => ApiError::new(401, "unauthorized", error.to_string()),
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, ApiError> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| auth_error(AuthError::MissingHeader(name)))
+}
+
+/// Verifies the request's signature and returns the caller.
+fn authenticate(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Caller, ApiError> {
+    let signed = SignedHeaders {
+        key_id: header(headers, auth::HEADER_KEY_ID)?,
+        timestamp: header(headers, auth::HEADER_TIMESTAMP)?,
+        nonce: header(headers, auth::HEADER_NONCE)?,
+        signature: header(headers, auth::HEADER_SIGNATURE)?,
+    };
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    state
+        .switch
+        .authenticate(&signed, method.as_str(), path, body)
+        .map_err(auth_error)
+}
+
+fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|error| {
+        ApiError::new(400, "invalid_json", format!("body: {error}")).with_reason("FF01")
+    })
+}
+
+fn operator_only(caller: &Caller) -> Result<(), ApiError> {
+    match caller {
+        Caller::Operator => Ok(()),
+        Caller::Participant(_) => Err(ApiError::new(
+            403,
+            "forbidden",
+            "operator credentials required",
+        )),
+    }
+}
+
+fn self_or_operator(caller: &Caller, bic: &str) -> Result<(), ApiError> {
+    match caller {
+        Caller::Operator => Ok(()),
+        Caller::Participant(me) if me == bic => Ok(()),
+        Caller::Participant(_) => Err(ApiError::new(
+            403,
+            "forbidden",
+            "a participant can only read its own data",
+        )),
+    }
+}
+
+fn ok<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    (status, axum::Json(value)).into_response()
+}
+
+/// One signed request: the admission permit, authentication, then the handler.
+async fn handle<F, Fut>(
+    state: AppState,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+    handler: F,
+) -> Response
+where
+    F: FnOnce(AppState, Caller, Bytes) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, ApiError>>,
+{
+    let Ok(_permit) = state.requests.clone().try_acquire_owned() else {
+        return ApiError::new(503, "server_busy", "too many requests in progress")
+            .into_response_with_retry();
+    };
+    let caller = match authenticate(&state, &method, &uri, &headers, &body) {
+        Ok(caller) => caller,
+        Err(error) => return error.into_response(),
+    };
+    match handler(state, caller, body).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+trait RetryResponse {
+    fn into_response_with_retry(self) -> Response;
+}
+impl RetryResponse for ApiError {
+    fn into_response_with_retry(mut self) -> Response {
+        self.retry_after_seconds = Some(1);
+        self.into_response()
+    }
+}
+
+async fn submit_payment(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let request = json_body(&body)?;
+            let (done, view) = state.switch.submit(&caller, request).await?;
+            Ok(ok(
+                if done {
+                    StatusCode::OK
+                } else {
+                    StatusCode::ACCEPTED
+                },
+                &view,
+            ))
+        },
+    )
+    .await
+}
+
+async fn query_payment(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            let query: StatusQuery = serde_urlencoded_like(query.as_deref().unwrap_or(""))?;
+            let view = state.switch.status(&caller, query).await?;
+            Ok(ok(StatusCode::OK, &view))
+        },
+    )
+    .await
+}
+
+/// Parses `a=b&c=d` (no percent-decoding needed: every field is an id of safe characters).
+fn serde_urlencoded_like(query: &str) -> Result<StatusQuery, ApiError> {
+    let mut map = serde_json::Map::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').ok_or_else(|| {
+            ApiError::new(400, "invalid_query", "query parameters are key=value")
+                .with_reason("FF01")
+        })?;
+        if value.contains('%') || value.contains('+') {
+            return Err(ApiError::new(
+                400,
+                "invalid_query",
+                "encoded characters are not accepted in ids",
+            )
+            .with_reason("FF01"));
+        }
+        map.insert(
+            key.to_string(),
+            serde_json::Value::String(value.to_string()),
+        );
+    }
+    serde_json::from_value(serde_json::Value::Object(map))
+        .map_err(|e| ApiError::new(400, "invalid_query", e.to_string()).with_reason("FF01"))
+}
+
+async fn get_payment(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            let query = StatusQuery {
+                payment_id: Some(id),
+                ..StatusQuery::default()
+            };
+            Ok(ok(
+                StatusCode::OK,
+                &state.switch.status(&caller, query).await?,
+            ))
+        },
+    )
+    .await
+}
+
+async fn decide(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let id = u128::from_str_radix(&id, 16).map_err(|_| {
+                ApiError::new(400, "invalid_id", "payment id is 32 hex digits").with_reason("FF01")
+            })?;
+            let decision: DecisionBody = json_body(&body)?;
+            let decision = decision.decision().ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    "invalid_decision",
+                    "status ACCP without reason, or RJCT with an ISO 20022 status reason code",
+                )
+                .with_reason("FF01")
+            })?;
+            state.switch.decide(&caller, id, decision)?;
+            Ok(ok(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({"accepted": true}),
+            ))
+        },
+    )
+    .await
+}
+
+async fn onboard(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            operator_only(&caller)?;
+            let (view, secret) = state.switch.onboard(json_body(&body)?).await?;
+            Ok(ok(
+                StatusCode::CREATED,
+                &serde_json::json!({"participant": view, "secret_hex": secret}),
+            ))
+        },
+    )
+    .await
+}
+
+async fn change(
+    State(state): State<AppState>,
+    Path(bic): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            operator_only(&caller)?;
+            Ok(ok(
+                StatusCode::OK,
+                &state.switch.change(&bic, json_body(&body)?).await?,
+            ))
+        },
+    )
+    .await
+}
+
+async fn liquidity(
+    State(state): State<AppState>,
+    Path(bic): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            operator_only(&caller)?;
+            Ok(ok(
+                StatusCode::OK,
+                &state.switch.liquidity(&bic, json_body(&body)?).await?,
+            ))
+        },
+    )
+    .await
+}
+
+async fn participant(
+    State(state): State<AppState>,
+    Path(bic): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            self_or_operator(&caller, &bic)?;
+            Ok(ok(StatusCode::OK, &state.switch.participant_view(&bic)?))
+        },
+    )
+    .await
+}
+
+async fn positions(
+    State(state): State<AppState>,
+    Path(bic): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            self_or_operator(&caller, &bic)?;
+            Ok(ok(StatusCode::OK, &state.switch.positions(&bic).await?))
+        },
+    )
+    .await
+}
+
+async fn stats(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            operator_only(&caller)?;
+            Ok(ok(StatusCode::OK, &state.switch.stats_view()))
+        },
+    )
+    .await
+}
+
+async fn openapi() -> Response {
+    (
+        [("content-type", "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
+}
+
+async fn health() -> &'static str {
+    "ok\n"
+}
+
+async fn fallback() -> Response {
+    ApiError::new(404, "no_route", "no such endpoint; see /openapi.json").into_response()
+}
+
+pub fn router(switch: Arc<Switch>) -> Router {
+    let body_max = switch.config.body_bytes_max;
+    let state = AppState {
+        switch,
+        requests: Arc::new(Semaphore::new(CONCURRENT_REQUESTS_MAX)),
+    };
+    Router::new()
+        .route("/v1/payments", post(submit_payment).get(query_payment))
+        .route("/v1/payments/{id}", get(get_payment))
+        .route("/v1/payments/{id}/decision", post(decide))
+        .route("/v1/participants/{bic}", get(participant))
+        .route("/v1/participants/{bic}/positions", get(positions))
+        .route("/v1/admin/participants", post(onboard))
+        .route("/v1/admin/participants/{bic}", patch(change))
+        .route("/v1/admin/participants/{bic}/liquidity", post(liquidity))
+        .route("/v1/stats", get(stats))
+        .route("/openapi.json", get(openapi))
+        .route("/health", get(health))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(body_max))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    switch: Arc<Switch>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(switch))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,267 @@
+//! The switch's durable data: participants (registry file) and payment records (engine records),
+//! and the deterministic ids that tie them to ledger accounts and transfers.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A 128-bit id derived from labelled parts (SHA-256, first 16 bytes), never 0 or u128::MAX
+/// (the ledger reserves both).
+pub fn id128(parts: &[&[u8]]) -> u128 {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u32).to_le_bytes());
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
+    let id = u128::from_le_bytes(digest[..16].try_into().expect("16 bytes"));
+    id.clamp(1, u128::MAX - 1)
+}
+
+pub fn position_account(bic: &str, currency: &str) -> u128 {
+    id128(&[b"position", bic.as_bytes(), currency.as_bytes()])
+}
+pub fn settlement_account(currency: &str) -> u128 {
+    id128(&[b"settlement-bank", currency.as_bytes()])
+}
+pub fn ndc_account(currency: &str) -> u128 {
+    id128(&[b"net-debit-cap-lines", currency.as_bytes()])
+}
+pub fn payment_id(debtor_agent: &str, instruction_id: &str) -> u128 {
+    id128(&[
+        b"payment",
+        debtor_agent.as_bytes(),
+        instruction_id.as_bytes(),
+    ])
+}
+pub fn post_id(payment: u128) -> u128 {
+    id128(&[b"post", &payment.to_le_bytes()])
+}
+pub fn void_id(payment: u128) -> u128 {
+    id128(&[b"void", &payment.to_le_bytes()])
+}
+pub fn end_to_end_alias(debtor_agent: &str, end_to_end_id: &str) -> u128 {
+    id128(&[b"e2e", debtor_agent.as_bytes(), end_to_end_id.as_bytes()])
+}
+pub fn uetr_alias(uetr: &str) -> u128 {
+    id128(&[b"uetr", uetr.as_bytes()])
+}
+pub fn liquidity_transfer_id(bic: &str, request_id: &str) -> u128 {
+    id128(&[b"liquidity", bic.as_bytes(), request_id.as_bytes()])
+}
+
+/// Ledger codes: what kind of account or transfer a ledger object is.
+pub const ACCOUNT_CODE_POSITION: u16 = 1;
+pub const ACCOUNT_CODE_SETTLEMENT_BANK: u16 = 2;
+pub const ACCOUNT_CODE_NDC_LINES: u16 = 3;
+pub const TRANSFER_CODE_PAYMENT: u16 = 1;
+pub const TRANSFER_CODE_LIQUIDITY_IN: u16 = 2;
+pub const TRANSFER_CODE_LIQUIDITY_OUT: u16 = 3;
+pub const TRANSFER_CODE_NDC_LINE: u16 = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SettlementModel {
+    /// Real money prefunded from the settlement bank; payments settle gross.
+    Prefunded,
+    /// Positions accumulate within a window, bounded by the net debit cap.
+    DeferredNet,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrencyTerms {
+    pub model: SettlementModel,
+    /// Minor units; the credit line a deferred-net participant may run up (0 when prefunded).
+    pub net_debit_cap: u128,
+    /// Minor units; a larger payment is rejected with AM02 (0 = no limit).
+    pub per_payment_max: u128,
+    /// Minor units; an alert is raised when available liquidity falls below it (0 = off).
+    pub liquidity_alert_below: u128,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParticipantStatus {
+    Active,
+    Suspended,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Participant {
+    pub bic: String,
+    pub name: String,
+    /// Base URL of the participant's own API: the switch POSTs `{endpoint}/payments` and
+    /// `{endpoint}/notifications`.
+    pub endpoint: String,
+    pub status: ParticipantStatus,
+    pub key_id: String,
+    /// HMAC-SHA256 secret (hex), shared with the participant; signs both directions.
+    pub secret_hex: String,
+    pub currencies: BTreeMap<String, CurrencyTerms>,
+}
+
+/// ISO 20022 BIC shape: 4 letters (institution), 2 letters (country), 2 alphanumerics
+/// (location), optionally 3 alphanumerics (branch).
+pub fn is_bic(text: &str) -> bool {
+    let b = text.as_bytes();
+    (b.len() == 8 || b.len() == 11)
+        && b[..6].iter().all(|c| c.is_ascii_uppercase())
+        && b[6..]
+            .iter()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+}
+
+/// ISO 20022 Max35Text, restricted to printable ASCII without leading/trailing spaces.
+pub fn is_max35(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 35
+        && text.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && !text.starts_with(' ')
+        && !text.ends_with(' ')
+}
+
+/// UETR: lowercase UUID v4 (the ISO 20022 pattern).
+pub fn is_uetr(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            14 => *c == b'4',
+            19 => matches!(c, b'8' | b'9' | b'a' | b'b'),
+            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(c),
+        })
+}
+
+/// A fresh random UETR (UUID v4, lowercase).
+pub fn new_uetr() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("operating system randomness");
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+const STATUS_REASON_CODES: &str = include_str!("status_reason_codes.txt");
+
+/// Whether `code` is in ISO's ExternalStatusReason1Code set (copied from ../shared/iso20022).
+pub fn is_status_reason_code(code: &str) -> bool {
+    code.len() == 4 && STATUS_REASON_CODES.lines().any(|line| line == code)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Party {
+    pub name: String,
+    pub account: String,
+}
+
+impl Party {
+    /// For logs: personal data never leaves unmasked.
+    pub fn masked(&self) -> String {
+        mask(&self.account)
+    }
+}
+
+/// Keeps the last 4 characters: "DE89…3000" style masking for logs.
+pub fn mask(text: &str) -> String {
+    let tail: String = text
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("***{tail}")
+}
+
+/// Where a payment is in its lifecycle. `Reserved` is the only open state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PaymentState {
+    /// Liquidity reserved, waiting for the creditor agent (ISO status PDNG to the outside).
+    Reserved,
+    /// Settled: ISO ACSC.
+    Settled,
+    /// Rejected with a reason code: ISO RJCT.
+    Rejected,
+}
+
+impl PaymentState {
+    pub fn iso_status(self) -> &'static str {
+        match self {
+            PaymentState::Reserved => "PDNG",
+            PaymentState::Settled => "ACSC",
+            PaymentState::Rejected => "RJCT",
+        }
+    }
+}
+
+/// One payment as stored in the engine (JSON value of its record, keyed by [`payment_id`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRecord {
+    pub instruction_id: String,
+    pub end_to_end_id: String,
+    pub uetr: String,
+    pub debtor_agent: String,
+    pub creditor_agent: String,
+    pub currency: String,
+    pub amount: u128,
+    pub debtor: Party,
+    pub creditor: Party,
+    pub remittance_information: Option<String>,
+    pub state: PaymentState,
+    pub reason: Option<String>,
+    /// Wall-clock nanoseconds: accepted by the switch, the settlement deadline, the end.
+    pub accepted_at_ns: u64,
+    pub deadline_ns: u64,
+    pub finished_at_ns: Option<u64>,
+}
+
+impl PaymentRecord {
+    pub fn id(&self) -> u128 {
+        payment_id(&self.debtor_agent, &self.instruction_id)
+    }
+
+    /// Whether a resubmission is the same instruction (same business content).
+    pub fn same_instruction(&self, other: &PaymentRecord) -> bool {
+        self.end_to_end_id == other.end_to_end_id
+            && self.uetr == other.uetr
+            && self.creditor_agent == other.creditor_agent
+            && self.currency == other.currency
+            && self.amount == other.amount
+            && self.debtor == other.debtor
+            && self.creditor == other.creditor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_checked_by_shape() {
+        assert!(is_bic("BANKDEFF"));
+        assert!(is_bic("BANKDEFFXXX"));
+        assert!(!is_bic("BANKDEF"));
+        assert!(!is_bic("bankdeff"));
+        assert!(!is_bic("BANK1EFF"));
+        assert!(is_uetr(&new_uetr()));
+        assert!(!is_uetr("eb6305c9-1f7f-49de-aed0-16487c27b42"));
+        assert!(!is_uetr("EB6305C9-1F7F-49DE-AED0-16487C27B42D"));
+        assert!(is_max35("E2E-1"));
+        assert!(!is_max35(&"x".repeat(36)));
+        assert!(!is_max35(" x"));
+        assert!(is_status_reason_code("AC04"));
+        assert!(!is_status_reason_code("ZZ99"));
+        assert_eq!(mask("DE89370400440532013000"), "***3000");
+        assert_ne!(payment_id("A", "BC"), payment_id("AB", "C"));
+    }
+}

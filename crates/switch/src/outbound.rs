@@ -1,0 +1,281 @@
+//! Calls from the switch to participants: forwarding payments to creditor agents and delivering
+//! notifications, signed, bounded (concurrent calls per participant, queued notifications per
+//! participant, attempts), in order per participant.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::auth;
+use crate::config::SwitchConfig;
+use crate::model::{is_status_reason_code, Participant};
+use crate::switch::{PaymentView, PositionView};
+
+/// The key id the switch signs its own requests with (the secret is the participant's).
+pub const SWITCH_KEY_ID: &str = "switch";
+
+/// Largest answer read from a participant.
+const ANSWER_BYTES_MAX: usize = 16 * 1024;
+/// Notifications sent in one request.
+const NOTIFICATIONS_PER_REQUEST_MAX: usize = 256;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Accept,
+    /// With an ISO 20022 status reason code.
+    Reject(String),
+}
+
+/// A creditor agent's answer (or a later decision): `{"status":"ACCP"}` or
+/// `{"status":"RJCT","reason":"AC04"}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionBody {
+    pub status: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl DecisionBody {
+    pub fn decision(&self) -> Option<Decision> {
+        match (self.status.as_str(), &self.reason) {
+            ("ACCP" | "ACTC" | "ACSP", None) => Some(Decision::Accept),
+            ("RJCT", Some(reason)) if is_status_reason_code(reason) => {
+                Some(Decision::Reject(reason.clone()))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardError {
+    /// Never reached the creditor agent before the deadline (AB08).
+    Unreachable,
+    /// Reached it, but no usable answer before the deadline (AB05).
+    NoAnswer,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Notification {
+    Payment(PaymentView),
+    LiquidityAlert(PositionView),
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub struct Outbound {
+    client: HttpClient,
+    permits: Mutex<FxHashMap<String, Arc<Semaphore>>>,
+    notifiers: Mutex<FxHashMap<String, mpsc::Sender<Notification>>>,
+    per_participant_max: usize,
+    call_timeout: Duration,
+    queue_max: usize,
+    attempts_max: u32,
+}
+
+enum CallError {
+    Connect,
+    Other,
+}
+
+impl Outbound {
+    pub fn new(config: &SwitchConfig) -> Outbound {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(config.outbound_per_participant_max * 4)
+            .build(connector);
+        Outbound {
+            client,
+            permits: Mutex::new(FxHashMap::default()),
+            notifiers: Mutex::new(FxHashMap::default()),
+            per_participant_max: config.outbound_per_participant_max,
+            call_timeout: Duration::from_millis(config.outbound_call_timeout_ms),
+            queue_max: config.notification_queue_max,
+            attempts_max: config.notification_attempts_max,
+        }
+    }
+
+    fn permits(&self, bic: &str) -> Arc<Semaphore> {
+        self.permits
+            .lock()
+            .expect("permits")
+            .entry(bic.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_participant_max)))
+            .clone()
+    }
+
+    async fn call(
+        client: &HttpClient,
+        participant: &Participant,
+        path_suffix: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), CallError> {
+        let url = format!("{}{}", participant.endpoint, path_suffix);
+        let uri: hyper::Uri = url.parse().map_err(|_| CallError::Connect)?;
+        let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let secret = hex::decode(&participant.secret_hex).map_err(|_| CallError::Connect)?;
+        let mut builder = hyper::Request::post(uri).header("content-type", "application/json");
+        for (name, value) in auth::sign_request(SWITCH_KEY_ID, &secret, "POST", &path, &body) {
+            builder = builder.header(name, value);
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|_| CallError::Other)?;
+        let response = match tokio::time::timeout(timeout, client.request(request)).await {
+            Err(_) => return Err(CallError::Other),
+            Ok(Err(error)) if error.is_connect() => return Err(CallError::Connect),
+            Ok(Err(_)) => return Err(CallError::Other),
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), ANSWER_BYTES_MAX);
+        let bytes = tokio::time::timeout(timeout, body.collect())
+            .await
+            .map_err(|_| CallError::Other)?
+            .map_err(|_| CallError::Other)?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// Forwards a payment to its creditor agent, retrying until `deadline`. `Ok(None)`: the
+    /// creditor agent answered 202 and will decide later.
+    pub async fn forward(
+        &self,
+        creditor: &Participant,
+        payment: &PaymentView,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<Decision>, ForwardError> {
+        let body = serde_json::to_vec(payment).expect("payment serializes");
+        let permits = self.permits(&creditor.bic);
+        let mut reached = false;
+        let mut backoff = Duration::from_millis(20);
+        let give_up = |reached| {
+            if reached {
+                ForwardError::NoAnswer
+            } else {
+                ForwardError::Unreachable
+            }
+        };
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(give_up(reached));
+            }
+            let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits.acquire()).await else {
+                return Err(give_up(reached));
+            };
+            let timeout = self
+                .call_timeout
+                .min(deadline - tokio::time::Instant::now());
+            let result =
+                Self::call(&self.client, creditor, "/payments", body.clone(), timeout).await;
+            drop(permit);
+            match result {
+                Ok((200, bytes)) => {
+                    match serde_json::from_slice::<DecisionBody>(&bytes)
+                        .ok()
+                        .and_then(|b| b.decision())
+                    {
+                        Some(decision) => return Ok(Some(decision)),
+                        None => {
+                            tracing::warn!(creditor = %creditor.bic, "creditor agent answered with an unusable decision; rejecting AB09");
+                            return Ok(Some(Decision::Reject("AB09".into())));
+                        }
+                    }
+                }
+                Ok((202, _)) => return Ok(None),
+                Ok((status, _)) => {
+                    reached = true;
+                    tracing::debug!(creditor = %creditor.bic, status, "creditor agent refused the forward; retrying");
+                }
+                Err(CallError::Connect) => {}
+                Err(CallError::Other) => reached = true,
+            }
+            let sleep_until = (tokio::time::Instant::now() + backoff).min(deadline);
+            tokio::time::sleep_until(sleep_until).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Queues a notification for a participant; delivered in order by one worker per participant.
+    pub fn notify(&self, participant: &Participant, notification: Notification) {
+        let mut notifiers = self.notifiers.lock().expect("notifiers");
+        let sender = notifiers.entry(participant.bic.clone()).or_insert_with(|| {
+            let (sender, receiver) = mpsc::channel(self.queue_max);
+            let worker = NotificationWorker {
+                client: self.client.clone(),
+                participant: participant.clone(),
+                attempts_max: self.attempts_max,
+                timeout: self.call_timeout,
+            };
+            tokio::spawn(worker.run(receiver));
+            sender
+        });
+        if sender.try_send(notification).is_err() {
+            tracing::warn!(bic = %participant.bic, limit = self.queue_max, "notification queue full; notification dropped (status queries still answer)");
+        }
+    }
+}
+
+struct NotificationWorker {
+    client: HttpClient,
+    participant: Participant,
+    attempts_max: u32,
+    timeout: Duration,
+}
+
+impl NotificationWorker {
+    async fn run(self, mut receiver: mpsc::Receiver<Notification>) {
+        let mut batch = Vec::with_capacity(NOTIFICATIONS_PER_REQUEST_MAX);
+        while let Some(first) = receiver.recv().await {
+            batch.clear();
+            batch.push(first);
+            while batch.len() < NOTIFICATIONS_PER_REQUEST_MAX {
+                match receiver.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            let body = serde_json::to_vec(&batch).expect("notifications serialize");
+            let mut backoff = Duration::from_millis(100);
+            let mut delivered = false;
+            for _ in 0..self.attempts_max {
+                match Outbound::call(
+                    &self.client,
+                    &self.participant,
+                    "/notifications",
+                    body.clone(),
+                    self.timeout,
+                )
+                .await
+                {
+                    Ok((status, _)) if (200..300).contains(&status) => {
+                        delivered = true;
+                        break;
+                    }
+                    _ => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            if !delivered {
+                tracing::warn!(bic = %self.participant.bic, count = batch.len(), attempts = self.attempts_max, "notifications not delivered; dropped (status queries still answer)");
+            }
+        }
+    }
+}

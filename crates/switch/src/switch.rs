@@ -1,0 +1,1809 @@
+//! The payment switch's core: participants, liquidity, and the payment lifecycle on the durable
+//! ledger node.
+//!
+//! Lifecycle of one payment (ids are derived from the debtor agent and the instruction id, so
+//! every step is idempotent):
+//! 1. validate; a business rejection is recorded (RJCT + reason) so a resubmission answers the
+//!    same;
+//! 2. reserve: a pending ledger transfer debtor position -> creditor position with the ledger's
+//!    own timeout (the hard timeout), written atomically with the payment record (open);
+//! 3. forward to the creditor agent (signed); it accepts or rejects, in its answer or later;
+//! 4. accept posts the reservation, reject or the deadline voids it, each written atomically
+//!    with the final record (closed); a reservation the ledger already expired is recorded as
+//!    rejected AB05;
+//! 5. the debtor agent gets the final state in its submit answer when it comes in time, and by
+//!    notification otherwise; the creditor agent is always notified.
+//!
+//! After a restart every open record is picked up again: a live reservation gets its remaining
+//! deadline, an expired one is recorded as rejected.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use clearhouse_engine::{EngineError, Node, RecordPut, SubmitOutcome};
+use clearhouse_ledger::{
+    Account, AccountFlags, CreateAccountResult, CreateTransferResult, PendingStatus, Transfer,
+    TransferFlags,
+};
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+
+use crate::auth::{self, AuthError, NonceCache, SignedHeaders};
+use crate::config::SwitchConfig;
+use crate::model::*;
+use crate::money::{self, currency};
+use crate::outbound::{Decision, ForwardError, Notification, Outbound};
+
+/// An API error: HTTP status, a stable code, a message, and the ISO reason code where one exists.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    pub reason: Option<&'static str>,
+    pub retry_after_seconds: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            reason: None,
+            retry_after_seconds: None,
+        }
+    }
+    pub fn with_reason(mut self, reason: &'static str) -> ApiError {
+        self.reason = Some(reason);
+        self
+    }
+    fn retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after_seconds = Some(seconds);
+        self
+    }
+    fn bad_request(message: impl Into<String>, reason: &'static str) -> ApiError {
+        ApiError::new(400, "invalid_request", message).with_reason(reason)
+    }
+    fn not_found(what: &str) -> ApiError {
+        ApiError::new(404, "not_found", format!("{what} not found"))
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> ApiError {
+        match error {
+            EngineError::Overloaded { .. } => {
+                ApiError::new(503, "overloaded", error.to_string()).retry_after(1)
+            }
+            EngineError::DiskFull { .. } => {
+                ApiError::new(503, "disk_full", error.to_string()).retry_after(60)
+            }
+            other => ApiError::new(500, "engine_failed", other.to_string()),
+        }
+    }
+}
+
+/// Who is calling: a participant (by BIC) or the operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    Operator,
+    Participant(String),
+}
+
+/// A payment as submitted in JSON (the ISO 20022 pacs.008 path converts into this).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentRequest {
+    pub instruction_id: String,
+    pub end_to_end_id: String,
+    #[serde(default)]
+    pub uetr: Option<String>,
+    pub debtor_agent: String,
+    pub creditor_agent: String,
+    pub amount: String,
+    pub currency: String,
+    pub debtor: Party,
+    pub creditor: Party,
+    #[serde(default)]
+    pub remittance_information: Option<String>,
+}
+
+/// A payment as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PaymentView {
+    pub payment_id: String,
+    pub instruction_id: String,
+    pub end_to_end_id: String,
+    pub uetr: String,
+    pub debtor_agent: String,
+    pub creditor_agent: String,
+    pub amount: String,
+    pub currency: String,
+    pub debtor: Party,
+    pub creditor: Party,
+    pub remittance_information: Option<String>,
+    /// ISO 20022 transaction status: PDNG, ACSC or RJCT.
+    pub status: String,
+    pub reason: Option<String>,
+    pub accepted_at_ns: u64,
+    pub deadline_ns: u64,
+    pub finished_at_ns: Option<u64>,
+}
+
+impl PaymentView {
+    pub fn of(record: &PaymentRecord) -> PaymentView {
+        let exponent = currency(&record.currency).map_or(2, |c| c.exponent);
+        PaymentView {
+            payment_id: format!("{:032x}", record.id()),
+            instruction_id: record.instruction_id.clone(),
+            end_to_end_id: record.end_to_end_id.clone(),
+            uetr: record.uetr.clone(),
+            debtor_agent: record.debtor_agent.clone(),
+            creditor_agent: record.creditor_agent.clone(),
+            amount: money::format_amount(record.amount, exponent),
+            currency: record.currency.clone(),
+            debtor: record.debtor.clone(),
+            creditor: record.creditor.clone(),
+            remittance_information: record.remittance_information.clone(),
+            status: record.state.iso_status().to_string(),
+            reason: record.reason.clone(),
+            accepted_at_ns: record.accepted_at_ns,
+            deadline_ns: record.deadline_ns,
+            finished_at_ns: record.finished_at_ns,
+        }
+    }
+}
+
+/// What the engine stores for the switch (the JSON value of each record).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Stored {
+    Participant(Participant),
+    Payment(PaymentRecord),
+}
+
+fn participant_key(bic: &str) -> u128 {
+    id128(&[b"participant", bic.as_bytes()])
+}
+
+fn encode(stored: &Stored) -> Vec<u8> {
+    serde_json::to_vec(stored).expect("records serialize")
+}
+
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A payment between reservation and its final state.
+struct InFlight {
+    record: PaymentRecord,
+    /// The final record, once there is one.
+    done: watch::Sender<Option<PaymentRecord>>,
+    /// A later decision of the creditor agent (after it answered 202).
+    decision: Mutex<Option<oneshot::Sender<Decision>>>,
+    /// The debtor agent is still waiting in its submit request (no notification needed).
+    debtor_waiting: AtomicBool,
+}
+
+#[derive(Default)]
+struct InFlightSet {
+    payments: FxHashMap<u128, Arc<InFlight>>,
+    per_debtor: FxHashMap<String, usize>,
+}
+
+/// Recently finished payments, FIFO-bounded, for status answers and duplicate checks without a
+/// disk read (it also covers records the index has not written yet).
+#[derive(Default)]
+struct Recent {
+    map: FxHashMap<u128, PaymentRecord>,
+    order: VecDeque<(Instant, u128)>,
+}
+
+/// Figures for the dashboard, the demo and the benchmark.
+#[derive(Default)]
+pub struct SwitchStats {
+    pub submitted: AtomicU64,
+    pub settled: AtomicU64,
+    pub rejected: AtomicU64,
+    pub rejected_by_reason: Mutex<BTreeMap<String, u64>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StatsView {
+    pub submitted: u64,
+    pub settled: u64,
+    pub rejected: u64,
+    pub in_flight: usize,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+}
+
+pub struct OperatorKey {
+    pub key_id: String,
+    pub secret: Vec<u8>,
+}
+
+impl OperatorKey {
+    /// Reads `operator.key` in the data directory, creating it (mode 0600) on first start.
+    pub fn load_or_create(data_dir: &Path) -> std::io::Result<OperatorKey> {
+        let path = data_dir.join("operator.key");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let mut secret = [0u8; 32];
+                getrandom::fill(&mut secret).map_err(|e| std::io::Error::other(e.to_string()))?;
+                let text = format!("operator {}\n", hex::encode(secret));
+                write_private(&path, text.as_bytes())?;
+                text
+            }
+            Err(error) => return Err(error),
+        };
+        let mut parts = text.split_whitespace();
+        match (parts.next(), parts.next().and_then(|h| hex::decode(h).ok())) {
+            (Some(key_id), Some(secret)) if secret.len() >= 16 => Ok(OperatorKey {
+                key_id: key_id.to_string(),
+                secret,
+            }),
+            _ => Err(std::io::Error::other(format!(
+                "{} must hold \"<key id> <hex secret of 16+ bytes>\"",
+                path.display()
+            ))),
+        }
+    }
+}
+
+/// Writes a file readable by its owner only, durably (fsync file and directory).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Onboarding request (operator).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnboardRequest {
+    pub bic: String,
+    pub name: String,
+    pub endpoint: String,
+    pub currencies: BTreeMap<String, TermsRequest>,
+    /// Hex HMAC secret to use; generated when absent (and returned once).
+    #[serde(default)]
+    pub secret_hex: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TermsRequest {
+    pub model: SettlementModel,
+    #[serde(default)]
+    pub net_debit_cap: Option<String>,
+    #[serde(default)]
+    pub per_payment_max: Option<String>,
+    #[serde(default)]
+    pub liquidity_alert_below: Option<String>,
+}
+
+/// Change request (operator): any subset.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeRequest {
+    #[serde(default)]
+    pub status: Option<ParticipantStatus>,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub currency: Option<String>,
+    #[serde(default)]
+    pub net_debit_cap: Option<String>,
+    #[serde(default)]
+    pub per_payment_max: Option<String>,
+    #[serde(default)]
+    pub liquidity_alert_below: Option<String>,
+    /// Lower a net debit cap below the current exposure anyway: the line is reduced by what is
+    /// available now and the participant cannot send until its position recovers.
+    #[serde(default)]
+    pub allow_below_exposure: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiquidityRequest {
+    pub request_id: String,
+    pub currency: String,
+    pub amount: String,
+    /// "in": funding from the settlement bank; "out": withdrawal to it.
+    pub direction: LiquidityDirection,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LiquidityDirection {
+    In,
+    Out,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PositionView {
+    pub currency: String,
+    pub model: SettlementModel,
+    /// Posted balance excluding the net debit cap line (negative: owes the scheme).
+    pub balance: String,
+    /// Reserved for outgoing payments in flight.
+    pub reserved_outgoing: String,
+    /// Incoming payments in flight.
+    pub pending_incoming: String,
+    pub net_debit_cap: String,
+    /// What the participant can send now.
+    pub available: String,
+    pub liquidity_alert_below: String,
+    pub below_alert: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ParticipantView {
+    pub bic: String,
+    pub name: String,
+    pub endpoint: String,
+    pub status: ParticipantStatus,
+    pub key_id: String,
+    pub currencies: BTreeMap<String, TermsView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TermsView {
+    pub model: SettlementModel,
+    pub net_debit_cap: String,
+    pub per_payment_max: String,
+    pub liquidity_alert_below: String,
+}
+
+impl ParticipantView {
+    fn of(p: &Participant) -> ParticipantView {
+        ParticipantView {
+            bic: p.bic.clone(),
+            name: p.name.clone(),
+            endpoint: p.endpoint.clone(),
+            status: p.status,
+            key_id: p.key_id.clone(),
+            currencies: p
+                .currencies
+                .iter()
+                .map(|(code, t)| {
+                    let e = currency(code).map_or(2, |c| c.exponent);
+                    (
+                        code.clone(),
+                        TermsView {
+                            model: t.model,
+                            net_debit_cap: money::format_amount(t.net_debit_cap, e),
+                            per_payment_max: money::format_amount(t.per_payment_max, e),
+                            liquidity_alert_below: money::format_amount(t.liquidity_alert_below, e),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+pub struct Switch {
+    node: Node,
+    pub config: SwitchConfig,
+    operator: OperatorKey,
+    participants: RwLock<Arc<BTreeMap<String, Participant>>>,
+    keys: RwLock<Arc<FxHashMap<String, String>>>,
+    admin: tokio::sync::Mutex<()>,
+    nonces: NonceCache,
+    in_flight: Mutex<InFlightSet>,
+    recent: Mutex<Recent>,
+    outbound: Outbound,
+    pub stats: SwitchStats,
+    alerted: Mutex<FxHashMap<(String, String), bool>>,
+}
+
+/// Submits to the engine and waits without blocking the runtime.
+async fn engine_submit(
+    node: &Node,
+    transfers: Vec<Transfer>,
+    records: Vec<RecordPut>,
+) -> Result<SubmitOutcome, EngineError> {
+    let (sender, receiver) = oneshot::channel();
+    node.submit_with(transfers, records, move |result| {
+        let _ = sender.send(result);
+    })?;
+    receiver.await.unwrap_or_else(|_| {
+        Err(EngineError::Stopped {
+            reason: "the engine dropped the request".into(),
+        })
+    })
+}
+
+/// Runs a blocking engine call (lookups, index reads) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|error| ApiError::new(500, "internal", error.to_string()))?
+        .map_err(ApiError::from)
+}
+
+/// Attempts of a finalizing write refused by an overloaded engine before giving up (the
+/// payment stays open and is picked up again at the next start).
+const FINALIZE_ATTEMPTS_MAX: u32 = 200;
+
+impl Switch {
+    /// Starts the switch on a running node: loads participants and picks up open payments.
+    pub async fn start(
+        node: Node,
+        config: SwitchConfig,
+        data_dir: &Path,
+    ) -> Result<Arc<Switch>, ApiError> {
+        let operator = OperatorKey::load_or_create(data_dir)
+            .map_err(|e| ApiError::new(500, "operator_key", e.to_string()))?;
+        let limit = config.in_flight_total_max + config.participants_max + 1;
+        let open = {
+            let node = node.clone();
+            blocking(move || node.open_records(limit)).await?
+        };
+        let mut participants = BTreeMap::new();
+        let mut payments = Vec::new();
+        for (key, value) in open {
+            match serde_json::from_slice::<Stored>(&value) {
+                Ok(Stored::Participant(p)) => {
+                    participants.insert(p.bic.clone(), p);
+                }
+                Ok(Stored::Payment(p)) => payments.push(p),
+                Err(error) => {
+                    return Err(ApiError::new(
+                        500,
+                        "corrupt_record",
+                        format!("record {key:#x} does not parse: {error}"),
+                    ))
+                }
+            }
+        }
+        let outbound = Outbound::new(&config);
+        let switch = Arc::new(Switch {
+            node,
+            operator,
+            nonces: NonceCache::new(config.clock_skew_ms, config.nonces_max),
+            participants: RwLock::new(Arc::new(BTreeMap::new())),
+            keys: RwLock::new(Arc::new(FxHashMap::default())),
+            admin: tokio::sync::Mutex::new(()),
+            in_flight: Mutex::new(InFlightSet::default()),
+            recent: Mutex::new(Recent::default()),
+            outbound,
+            stats: SwitchStats::default(),
+            alerted: Mutex::new(FxHashMap::default()),
+            config,
+        });
+        switch.install_participants(participants);
+        tracing::info!(
+            participants = switch.participants().len(),
+            open_payments = payments.len(),
+            "switch started"
+        );
+        for record in payments {
+            switch.resume(record).await;
+        }
+        let watcher = switch.clone();
+        tokio::spawn(async move { watcher.watch_liquidity().await });
+        Ok(switch)
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    pub fn operator_key(&self) -> &OperatorKey {
+        &self.operator
+    }
+
+    pub fn participants(&self) -> Arc<BTreeMap<String, Participant>> {
+        self.participants.read().expect("participants").clone()
+    }
+
+    fn install_participants(&self, participants: BTreeMap<String, Participant>) {
+        let keys = participants
+            .values()
+            .map(|p| (p.key_id.clone(), p.bic.clone()))
+            .collect();
+        *self.participants.write().expect("participants") = Arc::new(participants);
+        *self.keys.write().expect("keys") = Arc::new(keys);
+    }
+
+    pub fn stats_view(&self) -> StatsView {
+        StatsView {
+            submitted: self.stats.submitted.load(Ordering::Relaxed),
+            settled: self.stats.settled.load(Ordering::Relaxed),
+            rejected: self.stats.rejected.load(Ordering::Relaxed),
+            in_flight: self.in_flight.lock().expect("in flight").payments.len(),
+            rejected_by_reason: self.stats.rejected_by_reason.lock().expect("stats").clone(),
+        }
+    }
+
+    // ---------------------------------------------------------------- authentication
+
+    /// Verifies a signed request and says who sent it.
+    pub fn authenticate(
+        &self,
+        headers: &SignedHeaders<'_>,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Caller, AuthError> {
+        let (caller, secret) = if headers.key_id == self.operator.key_id {
+            (Caller::Operator, self.operator.secret.clone())
+        } else {
+            let keys = self.keys.read().expect("keys").clone();
+            let bic = keys.get(headers.key_id).ok_or(AuthError::UnknownKey)?;
+            let participants = self.participants();
+            let participant = participants.get(bic).ok_or(AuthError::UnknownKey)?;
+            let secret = hex::decode(&participant.secret_hex).map_err(|_| AuthError::UnknownKey)?;
+            (Caller::Participant(bic.clone()), secret)
+        };
+        auth::verify(
+            headers,
+            &secret,
+            method,
+            path,
+            body,
+            auth::now_ms(),
+            &self.nonces,
+        )?;
+        Ok(caller)
+    }
+
+    // ---------------------------------------------------------------- participants
+
+    pub async fn onboard(
+        &self,
+        request: OnboardRequest,
+    ) -> Result<(ParticipantView, String), ApiError> {
+        let _admin = self.admin.lock().await;
+        if !is_bic(&request.bic) {
+            return Err(ApiError::bad_request(
+                "bic must be a BIC (8 or 11 characters)",
+                "RC01",
+            ));
+        }
+        if request.name.is_empty() || request.name.len() > 140 {
+            return Err(ApiError::bad_request(
+                "name must be 1 to 140 characters",
+                "FF01",
+            ));
+        }
+        check_endpoint(&request.endpoint)?;
+        if self.participants().contains_key(&request.bic) {
+            return Err(ApiError::new(
+                409,
+                "participant_exists",
+                format!("{} is already onboarded", request.bic),
+            ));
+        }
+        if self.participants().len() >= self.config.participants_max {
+            return Err(ApiError::new(
+                409,
+                "participants_limit",
+                "participants_max reached",
+            ));
+        }
+        if request.currencies.is_empty() || request.currencies.len() > 16 {
+            return Err(ApiError::bad_request("1 to 16 currencies", "FF01"));
+        }
+        let secret_hex = match request.secret_hex {
+            Some(secret) => {
+                if hex::decode(&secret).map_or(true, |s| s.len() < 16) {
+                    return Err(ApiError::bad_request(
+                        "secret_hex must be hex of 16 bytes or more",
+                        "FF01",
+                    ));
+                }
+                secret
+            }
+            None => {
+                let mut secret = [0u8; 32];
+                getrandom::fill(&mut secret).expect("operating system randomness");
+                hex::encode(secret)
+            }
+        };
+        let mut currencies = BTreeMap::new();
+        let mut accounts = Vec::new();
+        let mut lines = Vec::new();
+        for (code, terms) in &request.currencies {
+            let c = currency(code).ok_or_else(|| {
+                ApiError::bad_request(format!("currency {code:?} is not supported"), "AM03")
+            })?;
+            let parse = |v: &Option<String>| -> Result<u128, ApiError> {
+                v.as_deref().map_or(Ok(0), |t| {
+                    money::parse_amount(t, c.exponent)
+                        .map_err(|e| ApiError::bad_request(e.to_string(), "AM12"))
+                })
+            };
+            let net_debit_cap = parse(&terms.net_debit_cap)?;
+            if terms.model == SettlementModel::Prefunded && net_debit_cap != 0 {
+                return Err(ApiError::bad_request(
+                    "a prefunded participant has no net debit cap",
+                    "FF01",
+                ));
+            }
+            currencies.insert(
+                code.clone(),
+                CurrencyTerms {
+                    model: terms.model,
+                    net_debit_cap,
+                    per_payment_max: parse(&terms.per_payment_max)?,
+                    liquidity_alert_below: parse(&terms.liquidity_alert_below)?,
+                },
+            );
+            let account = |id, code, flags| Account {
+                id,
+                ledger: c.numeric,
+                code,
+                flags,
+                ..Account::default()
+            };
+            accounts.push(account(
+                position_account(&request.bic, code),
+                ACCOUNT_CODE_POSITION,
+                AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS.with(AccountFlags::HISTORY),
+            ));
+            accounts.push(account(
+                settlement_account(code),
+                ACCOUNT_CODE_SETTLEMENT_BANK,
+                AccountFlags::NONE,
+            ));
+            accounts.push(account(
+                ndc_account(code),
+                ACCOUNT_CODE_NDC_LINES,
+                AccountFlags::NONE,
+            ));
+            if net_debit_cap > 0 {
+                lines.push(Transfer {
+                    id: id128(&[
+                        b"ndc-line",
+                        request.bic.as_bytes(),
+                        code.as_bytes(),
+                        b"onboard",
+                    ]),
+                    debit_account_id: ndc_account(code),
+                    credit_account_id: position_account(&request.bic, code),
+                    amount: net_debit_cap,
+                    ledger: c.numeric,
+                    code: TRANSFER_CODE_NDC_LINE,
+                    ..Transfer::default()
+                });
+            }
+        }
+        let results = {
+            let node = self.node.clone();
+            blocking(move || node.create_accounts(accounts)).await?
+        };
+        if let Some(bad) = results
+            .iter()
+            .find(|r| !matches!(r, CreateAccountResult::Ok | CreateAccountResult::Exists))
+        {
+            return Err(ApiError::new(
+                500,
+                "ledger_refused",
+                format!("creating accounts: {bad:?}"),
+            ));
+        }
+        let participant = Participant {
+            key_id: format!("{}-1", request.bic),
+            bic: request.bic.clone(),
+            name: request.name,
+            endpoint: request.endpoint.trim_end_matches('/').to_string(),
+            status: ParticipantStatus::Active,
+            secret_hex: secret_hex.clone(),
+            currencies,
+        };
+        // The net debit cap lines and the participant record are written together.
+        let record = RecordPut {
+            key: participant_key(&participant.bic),
+            value: encode(&Stored::Participant(participant.clone())),
+            open: true,
+            aliases: vec![],
+            when_transfer_ok: None,
+        };
+        let outcome = engine_submit(&self.node, lines, vec![record]).await?;
+        if let Some(bad) = outcome
+            .results
+            .iter()
+            .find(|r| !matches!(r, CreateTransferResult::Ok | CreateTransferResult::Exists))
+        {
+            return Err(ApiError::new(
+                500,
+                "ledger_refused",
+                format!("net debit cap line: {bad:?}"),
+            ));
+        }
+        let mut all = (*self.participants()).clone();
+        all.insert(participant.bic.clone(), participant.clone());
+        self.install_participants(all);
+        tracing::info!(bic = %participant.bic, "participant onboarded");
+        Ok((ParticipantView::of(&participant), secret_hex))
+    }
+
+    pub fn participant_view(&self, bic: &str) -> Result<ParticipantView, ApiError> {
+        self.participants()
+            .get(bic)
+            .map(ParticipantView::of)
+            .ok_or_else(|| ApiError::not_found("participant"))
+    }
+
+    pub async fn change(
+        &self,
+        bic: &str,
+        change: ChangeRequest,
+    ) -> Result<ParticipantView, ApiError> {
+        let _admin = self.admin.lock().await;
+        let mut participant = self
+            .participants()
+            .get(bic)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("participant"))?;
+        if let Some(status) = change.status {
+            participant.status = status;
+        }
+        if let Some(endpoint) = &change.endpoint {
+            check_endpoint(endpoint)?;
+            participant.endpoint = endpoint.trim_end_matches('/').to_string();
+        }
+        let mut transfers = Vec::new();
+        let mut note = None;
+        if change.net_debit_cap.is_some()
+            || change.per_payment_max.is_some()
+            || change.liquidity_alert_below.is_some()
+        {
+            let code = change.currency.clone().ok_or_else(|| {
+                ApiError::bad_request("currency is required to change limits", "FF01")
+            })?;
+            let c =
+                currency(&code).ok_or_else(|| ApiError::bad_request("unknown currency", "AM03"))?;
+            let terms = participant.currencies.get_mut(&code).ok_or_else(|| {
+                ApiError::bad_request(format!("{code} is not enabled for {bic}"), "AM03")
+            })?;
+            let parse = |t: &str| {
+                money::parse_amount(t, c.exponent)
+                    .map_err(|e| ApiError::bad_request(e.to_string(), "AM12"))
+            };
+            if let Some(v) = &change.per_payment_max {
+                terms.per_payment_max = parse(v)?;
+            }
+            if let Some(v) = &change.liquidity_alert_below {
+                terms.liquidity_alert_below = parse(v)?;
+            }
+            if let Some(v) = &change.net_debit_cap {
+                let new_cap = parse(v)?;
+                if terms.model != SettlementModel::DeferredNet {
+                    return Err(ApiError::bad_request(
+                        "only a deferred-net participant has a net debit cap",
+                        "FF01",
+                    ));
+                }
+                let position = position_account(bic, &code);
+                let account = {
+                    let node = self.node.clone();
+                    blocking(move || node.lookup_accounts(vec![position])).await?
+                };
+                let account = account
+                    .first()
+                    .copied()
+                    .ok_or_else(|| ApiError::new(500, "ledger", "position account missing"))?;
+                let available = available(&account);
+                let mut id_nonce = [0u8; 16];
+                getrandom::fill(&mut id_nonce).expect("randomness");
+                let id = id128(&[b"ndc-line", bic.as_bytes(), code.as_bytes(), &id_nonce]);
+                if new_cap >= terms.net_debit_cap {
+                    transfers.push(Transfer {
+                        id,
+                        debit_account_id: ndc_account(&code),
+                        credit_account_id: position,
+                        amount: new_cap - terms.net_debit_cap,
+                        ledger: c.numeric,
+                        code: TRANSFER_CODE_NDC_LINE,
+                        ..Transfer::default()
+                    });
+                    terms.net_debit_cap = new_cap;
+                } else {
+                    let reduction = terms.net_debit_cap - new_cap;
+                    if reduction > available && !change.allow_below_exposure {
+                        return Err(ApiError::new(
+                            409,
+                            "cap_below_exposure",
+                            format!(
+                                "lowering the net debit cap by {} needs that much available liquidity, {} is available; set allow_below_exposure to lower it as far as possible now",
+                                money::format_amount(reduction, c.exponent),
+                                money::format_amount(available, c.exponent)
+                            ),
+                        )
+                        .with_reason("AM23"));
+                    }
+                    let applied = reduction.min(available);
+                    if applied < reduction {
+                        note = Some(format!(
+                            "net debit cap lowered by {} of {}: exposure holds the rest",
+                            money::format_amount(applied, c.exponent),
+                            money::format_amount(reduction, c.exponent)
+                        ));
+                    }
+                    if applied > 0 {
+                        transfers.push(Transfer {
+                            id,
+                            debit_account_id: position,
+                            credit_account_id: ndc_account(&code),
+                            amount: applied,
+                            ledger: c.numeric,
+                            code: TRANSFER_CODE_NDC_LINE,
+                            ..Transfer::default()
+                        });
+                    }
+                    terms.net_debit_cap -= applied;
+                }
+            }
+        }
+        let record = RecordPut {
+            key: participant_key(bic),
+            value: encode(&Stored::Participant(participant.clone())),
+            open: true,
+            aliases: vec![],
+            when_transfer_ok: (!transfers.is_empty()).then_some(0),
+        };
+        let outcome = engine_submit(&self.node, transfers, vec![record]).await?;
+        if let Some(result) = outcome.results.first() {
+            if *result != CreateTransferResult::Ok {
+                return Err(ApiError::new(
+                    409,
+                    "ledger_refused",
+                    format!("changing the net debit cap: {result:?} (exposure changed meanwhile); nothing changed"),
+                )
+                .with_reason("AM23"));
+            }
+        }
+        if let Some(note) = note {
+            tracing::warn!(
+                bic,
+                note,
+                "net debit cap lowered below exposure by operator override"
+            );
+        }
+        let mut all = (*self.participants()).clone();
+        all.insert(bic.to_string(), participant.clone());
+        self.install_participants(all);
+        Ok(ParticipantView::of(&participant))
+    }
+
+    pub async fn liquidity(
+        &self,
+        bic: &str,
+        request: LiquidityRequest,
+    ) -> Result<PositionView, ApiError> {
+        let participant = self
+            .participants()
+            .get(bic)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("participant"))?;
+        if !is_max35(&request.request_id) {
+            return Err(ApiError::bad_request(
+                "request_id must be 1 to 35 characters",
+                "FF01",
+            ));
+        }
+        let c = currency(&request.currency)
+            .filter(|c| participant.currencies.contains_key(c.code))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    format!("{} is not enabled for {bic}", request.currency),
+                    "AM03",
+                )
+            })?;
+        let amount = money::parse_amount(&request.amount, c.exponent)
+            .map_err(|e| ApiError::bad_request(e.to_string(), "AM12"))?;
+        if amount == 0 {
+            return Err(ApiError::bad_request("amount must be positive", "AM01"));
+        }
+        let position = position_account(bic, c.code);
+        let settlement = settlement_account(c.code);
+        let (debit, credit, code) = match request.direction {
+            LiquidityDirection::In => (settlement, position, TRANSFER_CODE_LIQUIDITY_IN),
+            LiquidityDirection::Out => (position, settlement, TRANSFER_CODE_LIQUIDITY_OUT),
+        };
+        let transfer = Transfer {
+            id: liquidity_transfer_id(bic, &request.request_id),
+            debit_account_id: debit,
+            credit_account_id: credit,
+            amount,
+            ledger: c.numeric,
+            code,
+            ..Transfer::default()
+        };
+        let outcome = engine_submit(&self.node, vec![transfer], vec![]).await?;
+        match outcome.results[0] {
+            CreateTransferResult::Ok | CreateTransferResult::Exists => {}
+            CreateTransferResult::ExceedsCredits => {
+                return Err(ApiError::new(
+                    409,
+                    "insufficient_liquidity",
+                    "withdrawal exceeds available liquidity; nothing changed",
+                )
+                .with_reason("AM04"))
+            }
+            r if r.as_u32() >= CreateTransferResult::Exists.as_u32() => {
+                return Err(ApiError::new(
+                    409,
+                    "request_id_reused",
+                    format!("request_id was used for a different liquidity transfer ({r:?})"),
+                )
+                .with_reason("DUPL"))
+            }
+            other => return Err(ApiError::new(500, "ledger_refused", format!("{other:?}"))),
+        }
+        tracing::info!(bic, currency = c.code, direction = ?request.direction, "liquidity transfer");
+        self.positions(bic)
+            .await?
+            .into_iter()
+            .find(|p| p.currency == c.code)
+            .ok_or_else(|| ApiError::not_found("position"))
+    }
+
+    pub async fn positions(&self, bic: &str) -> Result<Vec<PositionView>, ApiError> {
+        let participant = self
+            .participants()
+            .get(bic)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("participant"))?;
+        let ids: Vec<u128> = participant
+            .currencies
+            .keys()
+            .map(|code| position_account(bic, code))
+            .collect();
+        let accounts = {
+            let node = self.node.clone();
+            blocking(move || node.lookup_accounts(ids)).await?
+        };
+        Ok(participant
+            .currencies
+            .iter()
+            .zip(accounts)
+            .map(|((code, terms), account)| position_view(code, terms, &account))
+            .collect())
+    }
+
+    /// Every second: positions below their alert threshold raise one alert per crossing
+    /// (log + notification to the participant).
+    async fn watch_liquidity(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let participants = self.participants();
+            let mut ids = Vec::new();
+            let mut keys = Vec::new();
+            for p in participants.values() {
+                for (code, terms) in &p.currencies {
+                    if terms.liquidity_alert_below > 0 {
+                        ids.push(position_account(&p.bic, code));
+                        keys.push((p.bic.clone(), code.clone()));
+                    }
+                }
+            }
+            if ids.is_empty() {
+                continue;
+            }
+            let node = self.node.clone();
+            let Ok(Ok(accounts)) =
+                tokio::task::spawn_blocking(move || node.lookup_accounts(ids)).await
+            else {
+                continue;
+            };
+            for ((bic, code), account) in keys.into_iter().zip(accounts) {
+                let terms = &participants[&bic].currencies[&code];
+                let below = available(&account) < terms.liquidity_alert_below;
+                let mut alerted = self.alerted.lock().expect("alerted");
+                let was = alerted
+                    .insert((bic.clone(), code.clone()), below)
+                    .unwrap_or(false);
+                drop(alerted);
+                if below && !was {
+                    let view = position_view(&code, terms, &account);
+                    tracing::warn!(
+                        bic,
+                        currency = code,
+                        available = view.available,
+                        threshold = view.liquidity_alert_below,
+                        "liquidity below alert threshold"
+                    );
+                    self.notify(&bic, Notification::LiquidityAlert(view));
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- payments
+
+    /// Submits a payment and waits (up to `sync_wait_ms`) for its final state.
+    pub async fn submit(
+        self: &Arc<Self>,
+        caller: &Caller,
+        request: PaymentRequest,
+    ) -> Result<(bool, PaymentView), ApiError> {
+        let record = self.admit(caller, request)?;
+        let id = record.id();
+        self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        // Duplicates: in flight, recently finished, or on disk.
+        if let Some(existing) = self.find(id).await? {
+            return self.answer_duplicate(existing, &record).await;
+        }
+        let uetr_owner = {
+            let node = self.node.clone();
+            let alias = uetr_alias(&record.uetr);
+            blocking(move || node.resolve_alias_now(alias)).await?
+        };
+        if uetr_owner.is_some_and(|owner| owner != id) {
+            return Err(ApiError::new(
+                409,
+                "duplicate_uetr",
+                "this UETR belongs to another payment",
+            )
+            .with_reason("DUPL"));
+        }
+        if let Some(reason) = self.business_check(&record) {
+            return self.reject_before_reservation(record, reason).await;
+        }
+        // Claim the id (a concurrent identical submit waits for this one) within the limits.
+        let (entry, receiver) = match self.claim(&record)? {
+            Ok(claimed) => claimed,
+            Err(existing) => return self.answer_duplicate(existing, &record).await,
+        };
+        // Reserve: the pending transfer and the open record, atomically.
+        let transfer = self.reservation(&record);
+        let put = RecordPut {
+            key: id,
+            value: encode(&Stored::Payment(record.clone())),
+            open: true,
+            aliases: vec![
+                end_to_end_alias(&record.debtor_agent, &record.end_to_end_id),
+                uetr_alias(&record.uetr),
+            ],
+            when_transfer_ok: Some(0),
+        };
+        let outcome = match engine_submit(&self.node, vec![transfer], vec![put]).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                self.release(id, &record.debtor_agent);
+                return Err(error.into());
+            }
+        };
+        match outcome.results[0] {
+            CreateTransferResult::Ok => {}
+            CreateTransferResult::ExceedsCredits => {
+                self.release(id, &record.debtor_agent);
+                let reason = match self
+                    .terms_of(&record.debtor_agent, &record.currency)
+                    .map(|t| t.model)
+                {
+                    Some(SettlementModel::DeferredNet) => "AM23",
+                    _ => "AM04",
+                };
+                return self.reject_before_reservation(record, reason).await;
+            }
+            other => {
+                // Exists*: the id was reserved before (the record is on disk); anything else is
+                // a ledger refusal of a payment that passed validation.
+                self.release(id, &record.debtor_agent);
+                if let Some(existing) = self.find(id).await? {
+                    return self.answer_duplicate(existing, &record).await;
+                }
+                tracing::error!(payment = %format!("{id:032x}"), result = ?other, "ledger refused a validated reservation");
+                return Err(ApiError::new(500, "ledger_refused", format!("{other:?}")));
+            }
+        }
+        let driver = self.clone();
+        let driven = entry.clone();
+        tokio::spawn(async move { driver.drive(driven).await });
+        self.wait_final(entry, receiver).await
+    }
+
+    /// Registers a payment as in flight within the limits, or returns the one already there.
+    #[allow(clippy::type_complexity)]
+    fn claim(
+        &self,
+        record: &PaymentRecord,
+    ) -> Result<
+        Result<(Arc<InFlight>, watch::Receiver<Option<PaymentRecord>>), PaymentRecord>,
+        ApiError,
+    > {
+        let mut set = self.in_flight.lock().expect("in flight");
+        if let Some(existing) = set.payments.get(&record.id()) {
+            return Ok(Err(existing.record.clone()));
+        }
+        if set.payments.len() >= self.config.in_flight_total_max {
+            return Err(
+                ApiError::new(503, "switch_busy", "too many payments in flight").retry_after(1),
+            );
+        }
+        let count = set
+            .per_debtor
+            .entry(record.debtor_agent.clone())
+            .or_default();
+        if *count >= self.config.in_flight_per_participant_max {
+            return Err(ApiError::new(
+                429,
+                "too_many_in_flight",
+                format!(
+                    "{} payments of this participant are in flight (limit)",
+                    self.config.in_flight_per_participant_max
+                ),
+            )
+            .retry_after(1));
+        }
+        *count += 1;
+        let (done, receiver) = watch::channel(None);
+        let entry = Arc::new(InFlight {
+            record: record.clone(),
+            done,
+            decision: Mutex::new(None),
+            debtor_waiting: AtomicBool::new(true),
+        });
+        set.payments.insert(record.id(), entry.clone());
+        Ok(Ok((entry, receiver)))
+    }
+
+    async fn wait_final(
+        &self,
+        entry: Arc<InFlight>,
+        mut receiver: watch::Receiver<Option<PaymentRecord>>,
+    ) -> Result<(bool, PaymentView), ApiError> {
+        let wait = Duration::from_millis(self.config.sync_wait_ms);
+        let finished = matches!(
+            tokio::time::timeout(wait, receiver.wait_for(|v| v.is_some())).await,
+            Ok(Ok(_))
+        );
+        let current = receiver.borrow().clone();
+        match (finished, current) {
+            (true, Some(final_record)) => Ok((true, PaymentView::of(&final_record))),
+            _ => {
+                entry.debtor_waiting.store(false, Ordering::SeqCst);
+                // It may have finished in between: then the notification path has it too.
+                let current = receiver.borrow().clone();
+                Ok(match current {
+                    Some(final_record) => (true, PaymentView::of(&final_record)),
+                    None => (false, PaymentView::of(&entry.record)),
+                })
+            }
+        }
+    }
+
+    async fn answer_duplicate(
+        &self,
+        existing: PaymentRecord,
+        submitted: &PaymentRecord,
+    ) -> Result<(bool, PaymentView), ApiError> {
+        if !existing.same_instruction(submitted) {
+            return Err(ApiError::new(
+                409,
+                "duplicate_instruction",
+                "this instruction id was used for a different payment",
+            )
+            .with_reason("DUPL"));
+        }
+        let entry = self
+            .in_flight
+            .lock()
+            .expect("in flight")
+            .payments
+            .get(&existing.id())
+            .cloned();
+        match entry {
+            Some(entry) => {
+                let receiver = entry.done.subscribe();
+                self.wait_final(entry, receiver).await
+            }
+            None => Ok((
+                existing.state != PaymentState::Reserved,
+                PaymentView::of(&existing),
+            )),
+        }
+    }
+
+    /// Syntax and authorization: a 4xx here records nothing.
+    fn admit(&self, caller: &Caller, r: PaymentRequest) -> Result<PaymentRecord, ApiError> {
+        if *caller != Caller::Participant(r.debtor_agent.clone()) {
+            return Err(ApiError::new(
+                403,
+                "forbidden",
+                "a participant can only submit payments as debtor agent itself",
+            ));
+        }
+        for (field, value) in [
+            ("instruction_id", &r.instruction_id),
+            ("end_to_end_id", &r.end_to_end_id),
+        ] {
+            if !is_max35(value) {
+                return Err(ApiError::bad_request(
+                    format!("{field} must be 1 to 35 printable characters"),
+                    "FF01",
+                ));
+            }
+        }
+        if !is_bic(&r.creditor_agent) {
+            return Err(ApiError::bad_request(
+                "creditor_agent must be a BIC",
+                "RC01",
+            ));
+        }
+        for (field, party) in [("debtor", &r.debtor), ("creditor", &r.creditor)] {
+            if party.name.is_empty()
+                || party.name.len() > 140
+                || party.account.is_empty()
+                || party.account.len() > 34
+            {
+                return Err(ApiError::bad_request(
+                    format!("{field}: name 1-140 and account 1-34 characters"),
+                    if field == "debtor" { "RR01" } else { "AC03" },
+                ));
+            }
+        }
+        if r.remittance_information
+            .as_ref()
+            .is_some_and(|t| t.len() > 140)
+        {
+            return Err(ApiError::bad_request(
+                "remittance_information: at most 140 characters",
+                "FF01",
+            ));
+        }
+        let uetr = match r.uetr {
+            Some(u) if is_uetr(&u) => u,
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "uetr must be a lowercase UUID v4",
+                    "FF01",
+                ))
+            }
+            None => new_uetr(),
+        };
+        let c = currency(&r.currency).ok_or_else(|| {
+            ApiError::bad_request(
+                format!("currency {:?} is not supported", r.currency),
+                "AM03",
+            )
+        })?;
+        let amount = money::parse_amount(&r.amount, c.exponent)
+            .map_err(|e| ApiError::bad_request(e.to_string(), "AM12"))?;
+        if amount == 0 {
+            return Err(ApiError::bad_request("amount must be positive", "AM01"));
+        }
+        let now = now_ns();
+        Ok(PaymentRecord {
+            instruction_id: r.instruction_id,
+            end_to_end_id: r.end_to_end_id,
+            uetr,
+            debtor_agent: r.debtor_agent,
+            creditor_agent: r.creditor_agent,
+            currency: c.code.to_string(),
+            amount,
+            debtor: r.debtor,
+            creditor: r.creditor,
+            remittance_information: r.remittance_information,
+            state: PaymentState::Reserved,
+            reason: None,
+            accepted_at_ns: now,
+            deadline_ns: now + self.config.settle_deadline_ms * 1_000_000,
+            finished_at_ns: None,
+        })
+    }
+
+    fn terms_of(&self, bic: &str, code: &str) -> Option<CurrencyTerms> {
+        self.participants().get(bic)?.currencies.get(code).cloned()
+    }
+
+    /// Business rules: a reason code here is recorded as a rejection.
+    fn business_check(&self, record: &PaymentRecord) -> Option<&'static str> {
+        let participants = self.participants();
+        let debtor = participants.get(&record.debtor_agent)?;
+        let Some(creditor) = participants.get(&record.creditor_agent) else {
+            return Some("CNOR");
+        };
+        if record.creditor_agent == record.debtor_agent {
+            return Some("AG03");
+        }
+        if debtor.status != ParticipantStatus::Active
+            || creditor.status != ParticipantStatus::Active
+        {
+            return Some("AG01");
+        }
+        let Some(terms) = debtor.currencies.get(&record.currency) else {
+            return Some("AM03");
+        };
+        if !creditor.currencies.contains_key(&record.currency) {
+            return Some("AM03");
+        }
+        if terms.per_payment_max > 0 && record.amount > terms.per_payment_max {
+            return Some("AM02");
+        }
+        None
+    }
+
+    fn reservation(&self, record: &PaymentRecord) -> Transfer {
+        let c = currency(&record.currency).expect("validated");
+        Transfer {
+            id: record.id(),
+            debit_account_id: position_account(&record.debtor_agent, &record.currency),
+            credit_account_id: position_account(&record.creditor_agent, &record.currency),
+            amount: record.amount,
+            user_data_128: u128::from_str_radix(&record.uetr.replace('-', ""), 16).unwrap_or(0),
+            timeout: self.config.hard_timeout_seconds(),
+            ledger: c.numeric,
+            code: TRANSFER_CODE_PAYMENT,
+            flags: TransferFlags::PENDING,
+            ..Transfer::default()
+        }
+    }
+
+    async fn reject_before_reservation(
+        &self,
+        mut record: PaymentRecord,
+        reason: &'static str,
+    ) -> Result<(bool, PaymentView), ApiError> {
+        record.state = PaymentState::Rejected;
+        record.reason = Some(reason.to_string());
+        record.finished_at_ns = Some(now_ns());
+        let put = RecordPut {
+            key: record.id(),
+            value: encode(&Stored::Payment(record.clone())),
+            open: false,
+            aliases: vec![
+                end_to_end_alias(&record.debtor_agent, &record.end_to_end_id),
+                uetr_alias(&record.uetr),
+            ],
+            when_transfer_ok: None,
+        };
+        engine_submit(&self.node, vec![], vec![put]).await?;
+        self.finished(&record);
+        tracing::info!(payment = %format!("{:032x}", record.id()), reason, "payment rejected");
+        Ok((true, PaymentView::of(&record)))
+    }
+
+    fn release(&self, id: u128, debtor: &str) {
+        let mut set = self.in_flight.lock().expect("in flight");
+        if set.payments.remove(&id).is_some() {
+            if let Some(count) = set.per_debtor.get_mut(debtor) {
+                *count -= 1;
+            }
+        }
+    }
+
+    /// Counts and caches a final record.
+    fn finished(&self, record: &PaymentRecord) {
+        match record.state {
+            PaymentState::Settled => {
+                self.stats.settled.fetch_add(1, Ordering::Relaxed);
+            }
+            PaymentState::Rejected => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                *self
+                    .stats
+                    .rejected_by_reason
+                    .lock()
+                    .expect("stats")
+                    .entry(record.reason.clone().unwrap_or_default())
+                    .or_default() += 1;
+            }
+            PaymentState::Reserved => unreachable!("only final records are finished"),
+        }
+        let mut recent = self.recent.lock().expect("recent");
+        let now = Instant::now();
+        recent.map.insert(record.id(), record.clone());
+        recent.order.push_back((now, record.id()));
+        // Over the limit, evict only entries old enough for the index to hold them (the index
+        // lags by milliseconds; a minute is a wide margin), up to twice the limit.
+        while recent.order.len() > self.config.recent_payments_max {
+            let &(at, id) = recent.order.front().expect("non-empty");
+            if now.duration_since(at) < Duration::from_secs(60)
+                && recent.order.len() < 2 * self.config.recent_payments_max
+            {
+                break;
+            }
+            recent.order.pop_front();
+            recent.map.remove(&id);
+        }
+    }
+
+    /// A payment by id: in flight, recent, or from the index.
+    async fn find(&self, id: u128) -> Result<Option<PaymentRecord>, ApiError> {
+        if let Some(entry) = self.in_flight.lock().expect("in flight").payments.get(&id) {
+            return Ok(Some(
+                entry
+                    .done
+                    .borrow()
+                    .clone()
+                    .unwrap_or_else(|| entry.record.clone()),
+            ));
+        }
+        if let Some(record) = self.recent.lock().expect("recent").map.get(&id) {
+            return Ok(Some(record.clone()));
+        }
+        let node = self.node.clone();
+        let value = blocking(move || node.get_records_now(&[id]))
+            .await?
+            .pop()
+            .flatten();
+        match value.map(|v| serde_json::from_slice::<Stored>(&v)) {
+            None => Ok(None),
+            Some(Ok(Stored::Payment(record))) => Ok(Some(record)),
+            Some(_) => Err(ApiError::new(
+                500,
+                "corrupt_record",
+                format!("record {id:#x} is not a payment"),
+            )),
+        }
+    }
+
+    /// Status query: only the debtor or creditor agent (or the operator) may read a payment.
+    pub async fn status(
+        &self,
+        caller: &Caller,
+        query: StatusQuery,
+    ) -> Result<PaymentView, ApiError> {
+        let id =
+            match (
+                &query.payment_id,
+                &query.instruction_id,
+                &query.end_to_end_id,
+                &query.uetr,
+            ) {
+                (Some(hex_id), None, None, None) => u128::from_str_radix(hex_id, 16)
+                    .map_err(|_| ApiError::bad_request("payment_id is 32 hex digits", "FF01"))?,
+                (None, Some(instruction_id), None, None) => match caller {
+                    Caller::Participant(bic) => payment_id(bic, instruction_id),
+                    Caller::Operator => return Err(ApiError::bad_request(
+                        "the operator asks by payment_id, end_to_end_id with debtor_agent, or uetr",
+                        "FF01",
+                    )),
+                },
+                (None, None, Some(e2e), None) => {
+                    let debtor = match (caller, &query.debtor_agent) {
+                        (_, Some(d)) => d.clone(),
+                        (Caller::Participant(bic), None) => bic.clone(),
+                        (Caller::Operator, None) => {
+                            return Err(ApiError::bad_request(
+                                "debtor_agent is required with end_to_end_id",
+                                "FF01",
+                            ))
+                        }
+                    };
+                    self.resolve(end_to_end_alias(&debtor, e2e))
+                        .await?
+                        .ok_or_else(|| ApiError::not_found("payment"))?
+                }
+                (None, None, None, Some(uetr)) => self
+                    .resolve(uetr_alias(uetr))
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("payment"))?,
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "ask by exactly one of payment_id, instruction_id, end_to_end_id, uetr",
+                        "FF01",
+                    ))
+                }
+            };
+        let record = self
+            .find(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("payment"))?;
+        match caller {
+            Caller::Operator => {}
+            Caller::Participant(bic)
+                if *bic == record.debtor_agent || *bic == record.creditor_agent => {}
+            // Not "forbidden": a participant must not learn that someone else's payment exists.
+            Caller::Participant(_) => return Err(ApiError::not_found("payment")),
+        }
+        Ok(PaymentView::of(&record))
+    }
+
+    async fn resolve(&self, alias: u128) -> Result<Option<u128>, ApiError> {
+        let node = self.node.clone();
+        blocking(move || node.resolve_alias(alias)).await
+    }
+
+    /// A creditor agent's decision, given after it answered 202.
+    pub fn decide(&self, caller: &Caller, id: u128, decision: Decision) -> Result<(), ApiError> {
+        let entry = self
+            .in_flight
+            .lock()
+            .expect("in flight")
+            .payments
+            .get(&id)
+            .cloned();
+        let Some(entry) = entry else {
+            return Err(ApiError::new(
+                409,
+                "not_in_flight",
+                "the payment is not waiting for a decision (unknown, or already final)",
+            ));
+        };
+        if *caller != Caller::Participant(entry.record.creditor_agent.clone()) {
+            return Err(ApiError::not_found("payment"));
+        }
+        if let Decision::Reject(reason) = &decision {
+            if !is_status_reason_code(reason) {
+                return Err(ApiError::bad_request(
+                    format!("{reason:?} is not an ISO 20022 status reason code"),
+                    "FF01",
+                ));
+            }
+        }
+        let sender = entry.decision.lock().expect("decision").take();
+        match sender {
+            Some(sender) => {
+                let _ = sender.send(decision);
+                Ok(())
+            }
+            None => Err(ApiError::new(
+                409,
+                "already_decided",
+                "a decision for this payment was already taken",
+            )),
+        }
+    }
+
+    /// Drives one reserved payment to its final state.
+    async fn drive(self: Arc<Self>, entry: Arc<InFlight>) {
+        let record = &entry.record;
+        let (decision_sender, decision_receiver) = oneshot::channel();
+        *entry.decision.lock().expect("decision") = Some(decision_sender);
+        let remaining = Duration::from_nanos(record.deadline_ns.saturating_sub(now_ns()));
+        let deadline = tokio::time::Instant::now() + remaining;
+        let creditor = self.participants().get(&record.creditor_agent).cloned();
+        let decision = match creditor {
+            None => Decision::Reject("CNOR".into()),
+            Some(creditor) => {
+                let view = PaymentView::of(record);
+                let forward = self.outbound.forward(&creditor, &view, deadline);
+                tokio::pin!(forward);
+                let mut decision_receiver = decision_receiver;
+                tokio::select! {
+                    result = &mut forward => match result {
+                        Ok(Some(decision)) => decision,
+                        Ok(None) => {
+                            // 202: the creditor agent decides later, until the deadline.
+                            match tokio::time::timeout_at(deadline, &mut decision_receiver).await {
+                                Ok(Ok(decision)) => decision,
+                                _ => Decision::Reject("AB05".into()),
+                            }
+                        }
+                        Err(ForwardError::Unreachable) => Decision::Reject("AB08".into()),
+                        Err(ForwardError::NoAnswer) => Decision::Reject("AB05".into()),
+                    },
+                    Ok(decision) = &mut decision_receiver => decision,
+                }
+            }
+        };
+        self.finalize(entry.clone(), decision).await;
+    }
+
+    async fn finalize(&self, entry: Arc<InFlight>, decision: Decision) {
+        let mut record = entry.record.clone();
+        let id = record.id();
+        let c = currency(&record.currency).expect("validated");
+        let (transfer, state, reason) = match decision {
+            Decision::Accept => (
+                Transfer {
+                    id: post_id(id),
+                    pending_id: id,
+                    amount: record.amount,
+                    ledger: c.numeric,
+                    code: TRANSFER_CODE_PAYMENT,
+                    flags: TransferFlags::POST_PENDING,
+                    ..Transfer::default()
+                },
+                PaymentState::Settled,
+                None,
+            ),
+            Decision::Reject(reason) => (
+                Transfer {
+                    id: void_id(id),
+                    pending_id: id,
+                    ledger: c.numeric,
+                    code: TRANSFER_CODE_PAYMENT,
+                    flags: TransferFlags::VOID_PENDING,
+                    ..Transfer::default()
+                },
+                PaymentState::Rejected,
+                Some(reason),
+            ),
+        };
+        record.state = state;
+        record.reason = reason;
+        record.finished_at_ns = Some(now_ns());
+        let put = |record: &PaymentRecord, condition| RecordPut {
+            key: id,
+            value: encode(&Stored::Payment(record.clone())),
+            open: false,
+            aliases: vec![],
+            when_transfer_ok: condition,
+        };
+        let mut attempts = 0;
+        let outcome = loop {
+            match engine_submit(&self.node, vec![transfer], vec![put(&record, Some(0))]).await {
+                Ok(outcome) => break Some(outcome),
+                Err(EngineError::Overloaded { .. }) if attempts < FINALIZE_ATTEMPTS_MAX => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(error) => {
+                    tracing::error!(payment = %format!("{id:032x}"), %error, "cannot finalize; the payment stays open until the next start");
+                    break None;
+                }
+            }
+        };
+        let Some(outcome) = outcome else { return };
+        match outcome.results[0] {
+            CreateTransferResult::Ok | CreateTransferResult::Exists => {}
+            CreateTransferResult::PendingTransferExpired => {
+                // The ledger released the liquidity at the hard timeout: rejected on timeout.
+                record.state = PaymentState::Rejected;
+                record.reason = Some("AB05".into());
+                if let Err(error) =
+                    engine_submit(&self.node, vec![], vec![put(&record, None)]).await
+                {
+                    tracing::error!(payment = %format!("{id:032x}"), %error, "cannot record the expiry; retried at the next start");
+                    return;
+                }
+            }
+            other => {
+                // Already posted or voided by an earlier run: the record on disk is final.
+                match self.find_on_disk(id).await {
+                    Some(existing) if existing.state != PaymentState::Reserved => record = existing,
+                    _ => {
+                        tracing::error!(payment = %format!("{id:032x}"), result = ?other, "reservation already final but its record is not");
+                        return;
+                    }
+                }
+            }
+        }
+        self.finished(&record);
+        let view = PaymentView::of(&record);
+        self.notify(&record.creditor_agent, Notification::Payment(view.clone()));
+        let _ = entry.done.send(Some(record.clone()));
+        if !entry.debtor_waiting.load(Ordering::SeqCst) {
+            self.notify(&record.debtor_agent, Notification::Payment(view));
+        }
+        self.release(id, &record.debtor_agent);
+    }
+
+    async fn find_on_disk(&self, id: u128) -> Option<PaymentRecord> {
+        let node = self.node.clone();
+        let value = blocking(move || node.get_records(&[id]))
+            .await
+            .ok()?
+            .pop()
+            .flatten()?;
+        match serde_json::from_slice::<Stored>(&value).ok()? {
+            Stored::Payment(record) => Some(record),
+            Stored::Participant(_) => None,
+        }
+    }
+
+    fn notify(&self, bic: &str, notification: Notification) {
+        if let Some(participant) = self.participants().get(bic) {
+            self.outbound.notify(participant, notification);
+        }
+    }
+
+    /// Picks up an open payment after a restart.
+    async fn resume(self: &Arc<Self>, record: PaymentRecord) {
+        let id = record.id();
+        let (done, _) = watch::channel(None);
+        let entry = Arc::new(InFlight {
+            record: record.clone(),
+            done,
+            decision: Mutex::new(None),
+            debtor_waiting: AtomicBool::new(false),
+        });
+        {
+            let mut set = self.in_flight.lock().expect("in flight");
+            set.payments.insert(id, entry.clone());
+            *set.per_debtor
+                .entry(record.debtor_agent.clone())
+                .or_default() += 1;
+        }
+        let node = self.node.clone();
+        let stored = blocking(move || node.lookup_transfers(vec![id]))
+            .await
+            .ok()
+            .and_then(|mut v| v.pop());
+        let pending = stored.is_some_and(|s| s.status == PendingStatus::Pending);
+        tracing::info!(payment = %format!("{id:032x}"), pending, "resuming an open payment");
+        let switch = self.clone();
+        if pending && record.deadline_ns > now_ns() {
+            tokio::spawn(async move { switch.drive(entry).await });
+        } else {
+            // Past the deadline (or already expired by the ledger): rejected on timeout.
+            tokio::spawn(async move {
+                switch
+                    .finalize(entry, Decision::Reject("AB05".into()))
+                    .await
+            });
+        }
+    }
+}
+
+/// How a payment is looked up.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusQuery {
+    pub payment_id: Option<String>,
+    pub instruction_id: Option<String>,
+    pub end_to_end_id: Option<String>,
+    pub debtor_agent: Option<String>,
+    pub uetr: Option<String>,
+}
+
+fn check_endpoint(endpoint: &str) -> Result<(), ApiError> {
+    let ok = endpoint.len() <= 200
+        && (endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        && endpoint.parse::<hyper::Uri>().is_ok();
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "endpoint must be an http(s) URL of at most 200 characters",
+            "FF01",
+        ))
+    }
+}
+
+/// What a position can still send: posted credits - posted debits - reserved debits.
+fn available(account: &Account) -> u128 {
+    account
+        .credits_posted
+        .saturating_sub(account.debits_posted)
+        .saturating_sub(account.debits_pending)
+}
+
+fn position_view(code: &str, terms: &CurrencyTerms, account: &Account) -> PositionView {
+    let e = currency(code).map_or(2, |c| c.exponent);
+    let balance = account.credits_posted as i128
+        - account.debits_posted as i128
+        - terms.net_debit_cap as i128;
+    let available = available(account);
+    PositionView {
+        currency: code.to_string(),
+        model: terms.model,
+        balance: money::format_signed(balance, e),
+        reserved_outgoing: money::format_amount(account.debits_pending, e),
+        pending_incoming: money::format_amount(account.credits_pending, e),
+        net_debit_cap: money::format_amount(terms.net_debit_cap, e),
+        available: money::format_amount(available, e),
+        liquidity_alert_below: money::format_amount(terms.liquidity_alert_below, e),
+        below_alert: available < terms.liquidity_alert_below,
+    }
+}
+
+pub fn data_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
+    (data_dir.join("ledger"), data_dir.join("operator.key"))
+}
