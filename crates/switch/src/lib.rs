@@ -14,11 +14,13 @@
 //! into [`switch::PaymentRequest`]).
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod http;
 pub mod model;
 pub mod money;
 pub mod outbound;
+pub mod sim;
 pub mod switch;
 
 pub use config::SwitchConfig;

@@ -51,6 +51,20 @@ pub fn liquidity_transfer_id(bic: &str, request_id: &str) -> u128 {
     id128(&[b"liquidity", bic.as_bytes(), request_id.as_bytes()])
 }
 
+/// u128 amounts as decimal strings in stored JSON (serde's buffered enums cannot carry u128).
+mod u128_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &u128, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(value)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u128, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Ledger codes: what kind of account or transfer a ledger object is.
 pub const ACCOUNT_CODE_POSITION: u16 = 1;
 pub const ACCOUNT_CODE_SETTLEMENT_BANK: u16 = 2;
@@ -73,10 +87,13 @@ pub enum SettlementModel {
 pub struct CurrencyTerms {
     pub model: SettlementModel,
     /// Minor units; the credit line a deferred-net participant may run up (0 when prefunded).
+    #[serde(with = "u128_string")]
     pub net_debit_cap: u128,
     /// Minor units; a larger payment is rejected with AM02 (0 = no limit).
+    #[serde(with = "u128_string")]
     pub per_payment_max: u128,
     /// Minor units; an alert is raised when available liquidity falls below it (0 = off).
+    #[serde(with = "u128_string")]
     pub liquidity_alert_below: u128,
 }
 
@@ -213,6 +230,7 @@ pub struct PaymentRecord {
     pub debtor_agent: String,
     pub creditor_agent: String,
     pub currency: String,
+    #[serde(with = "u128_string")]
     pub amount: u128,
     pub debtor: Party,
     pub creditor: Party,
@@ -230,10 +248,11 @@ impl PaymentRecord {
         payment_id(&self.debtor_agent, &self.instruction_id)
     }
 
-    /// Whether a resubmission is the same instruction (same business content).
-    pub fn same_instruction(&self, other: &PaymentRecord) -> bool {
+    /// Whether a resubmission is the same instruction (same business content); the UETR counts
+    /// only when the resubmission carried one (else the switch generated it).
+    pub fn same_instruction(&self, other: &PaymentRecord, compare_uetr: bool) -> bool {
         self.end_to_end_id == other.end_to_end_id
-            && self.uetr == other.uetr
+            && (!compare_uetr || self.uetr == other.uetr)
             && self.creditor_agent == other.creditor_agent
             && self.currency == other.currency
             && self.amount == other.amount

@@ -1049,12 +1049,13 @@ impl Switch {
         caller: &Caller,
         request: PaymentRequest,
     ) -> Result<(bool, PaymentView), ApiError> {
+        let uetr_given = request.uetr.is_some();
         let record = self.admit(caller, request)?;
         let id = record.id();
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
         // Duplicates: in flight, recently finished, or on disk.
         if let Some(existing) = self.find(id).await? {
-            return self.answer_duplicate(existing, &record).await;
+            return self.answer_duplicate(existing, &record, uetr_given).await;
         }
         let uetr_owner = {
             let node = self.node.clone();
@@ -1075,7 +1076,7 @@ impl Switch {
         // Claim the id (a concurrent identical submit waits for this one) within the limits.
         let (entry, receiver) = match self.claim(&record)? {
             Ok(claimed) => claimed,
-            Err(existing) => return self.answer_duplicate(existing, &record).await,
+            Err(existing) => return self.answer_duplicate(existing, &record, uetr_given).await,
         };
         // Reserve: the pending transfer and the open record, atomically.
         let transfer = self.reservation(&record);
@@ -1114,7 +1115,7 @@ impl Switch {
                 // a ledger refusal of a payment that passed validation.
                 self.release(id, &record.debtor_agent);
                 if let Some(existing) = self.find(id).await? {
-                    return self.answer_duplicate(existing, &record).await;
+                    return self.answer_duplicate(existing, &record, uetr_given).await;
                 }
                 tracing::error!(payment = %format!("{id:032x}"), result = ?other, "ledger refused a validated reservation");
                 return Err(ApiError::new(500, "ledger_refused", format!("{other:?}")));
@@ -1200,8 +1201,9 @@ impl Switch {
         &self,
         existing: PaymentRecord,
         submitted: &PaymentRecord,
+        uetr_given: bool,
     ) -> Result<(bool, PaymentView), ApiError> {
-        if !existing.same_instruction(submitted) {
+        if !existing.same_instruction(submitted, uetr_given) {
             return Err(ApiError::new(
                 409,
                 "duplicate_instruction",

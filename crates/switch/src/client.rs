@@ -1,0 +1,111 @@
+//! A signed HTTP client for the switch's API: what participants, the operator CLI, the
+//! simulated banks, the demo and the benchmark use.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::auth;
+
+/// Largest answer body read.
+const ANSWER_BYTES_MAX: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("request to {url} failed: {message}")]
+    Transport { url: String, message: String },
+    #[error("request to {url} timed out")]
+    Timeout { url: String },
+}
+
+#[derive(Clone)]
+pub struct SignedClient {
+    http: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+    key_id: String,
+    secret: Vec<u8>,
+    timeout: Duration,
+}
+
+impl SignedClient {
+    /// `base` like `http://127.0.0.1:8080` (no trailing slash).
+    pub fn new(base: &str, key_id: &str, secret: Vec<u8>) -> SignedClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        SignedClient {
+            http: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(1024)
+                .build(connector),
+            base: base.trim_end_matches('/').to_string(),
+            key_id: key_id.to_string(),
+            secret,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Same connection pool, other credentials.
+    pub fn with_key(&self, key_id: &str, secret: Vec<u8>) -> SignedClient {
+        SignedClient {
+            key_id: key_id.to_string(),
+            secret,
+            ..self.clone()
+        }
+    }
+
+    /// A signed request; returns the status and the body.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(u16, Bytes), ClientError> {
+        let headers = auth::sign_request(&self.key_id, &self.secret, method, path, body);
+        self.send(method, path, body, &headers).await
+    }
+
+    /// A request with the given headers (tests forge and replay signatures with it).
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(&'static str, String)],
+    ) -> Result<(u16, Bytes), ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let transport = |message: String| ClientError::Transport {
+            url: url.clone(),
+            message,
+        };
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("content-type", "application/json");
+        for (name, value) in headers {
+            builder = builder.header(*name, value);
+        }
+        let request = builder
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .map_err(|e| transport(e.to_string()))?;
+        let work = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| transport(e.to_string()))?;
+            let status = response.status().as_u16();
+            let bytes = Limited::new(response.into_body(), ANSWER_BYTES_MAX)
+                .collect()
+                .await
+                .map_err(|e| transport(e.to_string()))?
+                .to_bytes();
+            Ok((status, bytes))
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| ClientError::Timeout { url: url.clone() })?
+    }
+}

@@ -1,0 +1,542 @@
+//! The switch end to end over real HTTP on loopback: a durable node, the switch's API, and
+//! simulated banks (real HTTP servers verifying the switch's signatures).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clearhouse_engine::{Node, NodeOptions};
+use clearhouse_switch::auth;
+use clearhouse_switch::client::SignedClient;
+use clearhouse_switch::sim::{self, SimBank, SimCounters, SimOptions};
+use clearhouse_switch::{Switch, SwitchConfig};
+use serde_json::{json, Value};
+
+fn config() -> SwitchConfig {
+    SwitchConfig {
+        settle_deadline_ms: 1_500,
+        hard_timeout_ms: 3_000,
+        sync_wait_ms: 4_000,
+        ..SwitchConfig::default()
+    }
+}
+
+fn node_options(dir: &std::path::Path) -> NodeOptions {
+    let mut options = NodeOptions::new(dir.join("ledger"));
+    options.disk_free_min_bytes = 16 * 1024 * 1024;
+    options.unindexed_transfers_max = 10_000;
+    options
+}
+
+/// The switch on its own runtime, so a test can stop it whole (tasks, node, threads).
+struct Running {
+    _runtime: tokio::runtime::Runtime,
+    url: String,
+}
+
+fn start_switch(dir: &std::path::Path, config: SwitchConfig) -> Running {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = runtime.block_on(async {
+        let node = Node::start(node_options(dir)).unwrap();
+        let switch = Switch::start(node, config, dir).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(clearhouse_switch::http::serve(
+            listener,
+            switch,
+            std::future::pending(),
+        ));
+        url
+    });
+    Running {
+        _runtime: runtime,
+        url,
+    }
+}
+
+async fn start_banks(banks: Vec<SimBank>, options: SimOptions) -> (String, Arc<SimCounters>) {
+    let counters = Arc::new(SimCounters::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let router = sim::router(banks, options, counters.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (url, counters)
+}
+
+fn operator(dir: &std::path::Path, url: &str) -> SignedClient {
+    let text = std::fs::read_to_string(dir.join("operator.key")).unwrap();
+    let mut parts = text.split_whitespace();
+    let key_id = parts.next().unwrap();
+    SignedClient::new(url, key_id, hex::decode(parts.next().unwrap()).unwrap())
+}
+
+async fn call(client: &SignedClient, method: &str, path: &str, body: Value) -> (u16, Value) {
+    let bytes = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let (status, answer) = client.request(method, path, &bytes).await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&answer).unwrap_or(Value::Null),
+    )
+}
+
+fn secret(bic: &str) -> Vec<u8> {
+    format!("secret-of-{bic}-0123456789").into_bytes()
+}
+
+async fn onboard(op: &SignedClient, bic: &str, endpoint: &str, terms: Value) {
+    let (status, body) = call(
+        op,
+        "POST",
+        "/v1/admin/participants",
+        json!({
+            "bic": bic, "name": format!("Bank {bic}"), "endpoint": format!("{endpoint}/bank/{bic}"),
+            "currencies": {"EUR": terms}, "secret_hex": hex::encode(secret(bic)),
+        }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+async fn fund(op: &SignedClient, bic: &str, amount: &str) {
+    let (status, body) = call(op, "POST", &format!("/v1/admin/participants/{bic}/liquidity"), json!({
+        "request_id": format!("fund-{bic}-{amount}"), "currency": "EUR", "amount": amount, "direction": "in"
+    })).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+fn payment(debtor: &str, creditor: &str, instruction: &str, amount: &str) -> Value {
+    json!({
+        "instruction_id": instruction, "end_to_end_id": format!("E2E-{instruction}"),
+        "debtor_agent": debtor, "creditor_agent": creditor, "amount": amount, "currency": "EUR",
+        "debtor": {"name": "Alice", "account": "DE89370400440532013000"},
+        "creditor": {"name": "Bob", "account": "FR1420041010050500013M02606"},
+    })
+}
+
+fn client_of(url: &str, bic: &str) -> SignedClient {
+    SignedClient::new(url, &format!("{bic}-1"), secret(bic))
+}
+
+async fn available(client: &SignedClient, bic: &str) -> String {
+    let (status, body) = call(
+        client,
+        "GET",
+        &format!("/v1/participants/{bic}/positions"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body[0]["available"].as_str().unwrap().to_string()
+}
+
+const ACCEPTS: &str = "ACPTDEFF";
+const REJECTS: &str = "RJCTDEFF";
+const SILENT: &str = "SLNTDEFF";
+const OFFLINE: &str = "OFFLDEFF";
+const POOR: &str = "POORDEFF";
+const DEBTOR: &str = "DBTRDEFF";
+
+#[test]
+fn payments_end_to_end_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let bank = |bic: &str| SimBank {
+        bic: bic.to_string(),
+        secret: secret(bic),
+    };
+    let ((accepting, accept_counters), (rejecting, _), (silent, _)) =
+        banks_runtime.block_on(async {
+            let opts = |reject_per_10k, defer| SimOptions {
+                reject_per_10k,
+                delay: Duration::ZERO,
+                defer,
+                switch_url: None,
+            };
+            (
+                start_banks(
+                    vec![bank(ACCEPTS), bank(DEBTOR), bank(POOR)],
+                    opts(0, false),
+                )
+                .await,
+                start_banks(vec![bank(REJECTS)], opts(10_000, false)).await,
+                start_banks(vec![bank(SILENT)], opts(0, true)).await,
+            )
+        });
+    // A port nothing listens on: the offline creditor agent.
+    let offline = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let running = start_switch(dir.path(), config());
+    let url = running.url.clone();
+    let silent_id = banks_runtime.block_on(async {
+        let op = operator(dir.path(), &url);
+        let prefunded = json!({"model": "prefunded", "per_payment_max": "1000.00"});
+        for (bic, endpoint) in [
+            (ACCEPTS, &accepting),
+            (DEBTOR, &accepting),
+            (POOR, &accepting),
+            (REJECTS, &rejecting),
+            (SILENT, &silent),
+            (OFFLINE, &offline),
+        ] {
+            onboard(&op, bic, endpoint, prefunded.clone()).await;
+        }
+        fund(&op, DEBTOR, "5000.00").await;
+        fund(&op, POOR, "10.00").await;
+        let debtor = client_of(&url, DEBTOR);
+
+        // Happy path: settled, positions moved, the creditor agent notified.
+        let (status, body) = call(
+            &debtor,
+            "POST",
+            "/v1/payments",
+            payment(DEBTOR, ACCEPTS, "I-1", "100.25"),
+        )
+        .await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("ACSC")),
+            "{body}"
+        );
+        assert_eq!(available(&debtor, DEBTOR).await, "4899.75");
+        assert_eq!(available(&op, ACCEPTS).await, "100.25");
+        // Resubmission: the original outcome, money moved once.
+        let (status, again) = call(
+            &debtor,
+            "POST",
+            "/v1/payments",
+            payment(DEBTOR, ACCEPTS, "I-1", "100.25"),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(again, body);
+        assert_eq!(available(&debtor, DEBTOR).await, "4899.75");
+        // Same instruction id, other content: DUPL, nothing changes.
+        let (status, dupl) = call(
+            &debtor,
+            "POST",
+            "/v1/payments",
+            payment(DEBTOR, ACCEPTS, "I-1", "100.26"),
+        )
+        .await;
+        assert_eq!(
+            (status, dupl["reason"].as_str()),
+            (409, Some("DUPL")),
+            "{dupl}"
+        );
+        // Status by id, instruction id, end-to-end id, UETR.
+        let id = body["payment_id"].as_str().unwrap();
+        for query in [
+            format!("/v1/payments/{id}"),
+            "/v1/payments?instruction_id=I-1".into(),
+            "/v1/payments?end_to_end_id=E2E-I-1".into(),
+            format!("/v1/payments?uetr={}", body["uetr"].as_str().unwrap()),
+        ] {
+            let (status, found) = call(&debtor, "GET", &query, Value::Null).await;
+            assert_eq!(
+                (status, found["status"].as_str()),
+                (200, Some("ACSC")),
+                "{query}: {found}"
+            );
+        }
+        // The creditor agent may read it too; another participant may not (404, not 403).
+        assert_eq!(
+            call(
+                &client_of(&url, ACCEPTS),
+                "GET",
+                &format!("/v1/payments/{id}"),
+                Value::Null
+            )
+            .await
+            .0,
+            200
+        );
+        assert_eq!(
+            call(
+                &client_of(&url, POOR),
+                "GET",
+                &format!("/v1/payments/{id}"),
+                Value::Null
+            )
+            .await
+            .0,
+            404
+        );
+
+        // Every rejection reason, each recorded and answered with its ISO code.
+        let cases = [
+            (payment(DEBTOR, REJECTS, "R-AC04", "1.00"), "AC04"),
+            (payment(POOR, ACCEPTS, "R-AM04", "10.01"), "AM04"),
+            (payment(DEBTOR, ACCEPTS, "R-AM02", "1000.01"), "AM02"),
+            (payment(DEBTOR, "NONEDEFF", "R-CNOR", "1.00"), "CNOR"),
+            (payment(DEBTOR, OFFLINE, "R-AB08", "1.00"), "AB08"),
+            (payment(DEBTOR, DEBTOR, "R-AG03", "1.00"), "AG03"),
+        ];
+        for (request, reason) in cases {
+            let client = client_of(&url, request["debtor_agent"].as_str().unwrap());
+            let (status, body) = call(&client, "POST", "/v1/payments", request.clone()).await;
+            assert_eq!(
+                (status, body["status"].as_str(), body["reason"].as_str()),
+                (200, Some("RJCT"), Some(reason)),
+                "{body}"
+            );
+            let again = call(&client, "POST", "/v1/payments", request).await;
+            assert_eq!(again.1, body, "a resubmitted rejection answers the same");
+        }
+        // Liquidity released after every rejection: only the settled payment left the debtor.
+        assert_eq!(available(&debtor, DEBTOR).await, "4899.75");
+        assert_eq!(available(&op, POOR).await, "10.00");
+        // Suspended creditor: AG01; resumed: settles.
+        let (status, _) = call(
+            &op,
+            "PATCH",
+            &format!("/v1/admin/participants/{ACCEPTS}"),
+            json!({"status": "suspended"}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let (_, body) = call(
+            &debtor,
+            "POST",
+            "/v1/payments",
+            payment(DEBTOR, ACCEPTS, "R-AG01", "1.00"),
+        )
+        .await;
+        assert_eq!(body["reason"].as_str(), Some("AG01"), "{body}");
+        call(
+            &op,
+            "PATCH",
+            &format!("/v1/admin/participants/{ACCEPTS}"),
+            json!({"status": "active"}),
+        )
+        .await;
+        // Bad input: a clear 4xx with a reason code, nothing recorded.
+        let mut bad = payment(DEBTOR, ACCEPTS, "B-1", "1.001");
+        assert_eq!(
+            call(&debtor, "POST", "/v1/payments", bad.clone()).await.1["reason"].as_str(),
+            Some("AM12")
+        );
+        bad["amount"] = json!("1.00");
+        bad["currency"] = json!("XYZ");
+        assert_eq!(
+            call(&debtor, "POST", "/v1/payments", bad.clone()).await.1["reason"].as_str(),
+            Some("AM03")
+        );
+        let (status, body) = debtor
+            .request("POST", "/v1/payments", b"{not json")
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{body:?}");
+        assert_eq!(
+            call(
+                &debtor,
+                "GET",
+                "/v1/payments?instruction_id=B-1",
+                Value::Null
+            )
+            .await
+            .0,
+            404
+        );
+
+        // Authorization matrix.
+        let body = payment(DEBTOR, ACCEPTS, "A-1", "1.00").to_string();
+        let raw = SignedClient::new(&url, "nobody", b"x".to_vec());
+        assert_eq!(
+            raw.send("POST", "/v1/payments", body.as_bytes(), &[])
+                .await
+                .unwrap()
+                .0,
+            401,
+            "no credentials"
+        );
+        let (status, _) = call(
+            &client_of(&url, POOR),
+            "POST",
+            "/v1/payments",
+            payment(DEBTOR, ACCEPTS, "A-1", "1.00"),
+        )
+        .await;
+        assert_eq!(status, 403, "submitting as another participant");
+        let forged = SignedClient::new(&url, &format!("{DEBTOR}-1"), b"wrong secret".to_vec());
+        assert_eq!(
+            forged
+                .request("POST", "/v1/payments", body.as_bytes())
+                .await
+                .unwrap()
+                .0,
+            401,
+            "bad signature"
+        );
+        let headers = auth::sign_request(
+            &format!("{DEBTOR}-1"),
+            &secret(DEBTOR),
+            "GET",
+            &format!("/v1/payments/{id}"),
+            b"",
+        );
+        assert_eq!(
+            raw.send("GET", &format!("/v1/payments/{id}"), b"", &headers)
+                .await
+                .unwrap()
+                .0,
+            200
+        );
+        assert_eq!(
+            raw.send("GET", &format!("/v1/payments/{id}"), b"", &headers)
+                .await
+                .unwrap()
+                .0,
+            401,
+            "replayed nonce"
+        );
+        let stale_ts = (auth::now_ms() - 60_000).to_string();
+        let nonce = auth::new_nonce();
+        let sig = auth::signature(
+            &secret(DEBTOR),
+            "GET",
+            &format!("/v1/payments/{id}"),
+            &stale_ts,
+            &nonce,
+            b"",
+        );
+        let stale = [
+            (auth::HEADER_KEY_ID, format!("{DEBTOR}-1")),
+            (auth::HEADER_TIMESTAMP, stale_ts),
+            (auth::HEADER_NONCE, nonce),
+            (auth::HEADER_SIGNATURE, sig),
+        ];
+        assert_eq!(
+            raw.send("GET", &format!("/v1/payments/{id}"), b"", &stale)
+                .await
+                .unwrap()
+                .0,
+            401,
+            "stale timestamp"
+        );
+        assert_eq!(
+            call(&debtor, "POST", "/v1/admin/participants", json!({}))
+                .await
+                .0,
+            403,
+            "participant on the operator API"
+        );
+        assert_eq!(
+            call(
+                &debtor,
+                "GET",
+                &format!("/v1/participants/{POOR}/positions"),
+                Value::Null
+            )
+            .await
+            .0,
+            403
+        );
+        // Withdrawal beyond what is available: refused, nothing changes.
+        let (status, body) = call(
+            &op,
+            "POST",
+            &format!("/v1/admin/participants/{POOR}/liquidity"),
+            json!({"request_id": "w1", "currency": "EUR", "amount": "10.01", "direction": "out"}),
+        )
+        .await;
+        assert_eq!((status, body["reason"].as_str()), (409, Some("AM04")));
+
+        // A silent creditor agent: reserved when the switch stops; the reservation survives.
+        let silent_request = payment(DEBTOR, SILENT, "S-1", "50.00");
+        let client = debtor.clone();
+        let pending =
+            tokio::spawn(
+                async move { call(&client, "POST", "/v1/payments", silent_request).await },
+            );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            available(&debtor, DEBTOR).await,
+            "4849.75",
+            "50.00 reserved"
+        );
+        let (_, found) = call(
+            &debtor,
+            "GET",
+            "/v1/payments?instruction_id=S-1",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(found["status"].as_str(), Some("PDNG"));
+        assert!(
+            accept_counters.notifications.load(Ordering::Relaxed) >= 1,
+            "creditor agent notified"
+        );
+        pending.abort();
+        found["payment_id"].as_str().unwrap().to_string()
+    });
+    // Stop the switch whole (its tasks, the node's threads) with the payment in flight, restart.
+    drop(running);
+    let running = start_switch(dir.path(), config());
+    let url = running.url.clone();
+    banks_runtime.block_on(async {
+        let debtor = client_of(&url, DEBTOR);
+        let (status, found) = call(
+            &debtor,
+            "GET",
+            &format!("/v1/payments/{silent_id}"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, 200);
+        // The deadline still fires after the restart: AB05, liquidity released.
+        let mut last = found;
+        for _ in 0..100 {
+            if last["status"] != "PDNG" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            last = call(
+                &debtor,
+                "GET",
+                &format!("/v1/payments/{silent_id}"),
+                Value::Null,
+            )
+            .await
+            .1;
+        }
+        assert_eq!(
+            (last["status"].as_str(), last["reason"].as_str()),
+            (Some("RJCT"), Some("AB05")),
+            "{last}"
+        );
+        assert_eq!(available(&debtor, DEBTOR).await, "4899.75");
+        // Settled history survived too.
+        let (_, body) = call(
+            &debtor,
+            "GET",
+            "/v1/payments?instruction_id=I-1",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(body["status"].as_str(), Some("ACSC"));
+        // The OpenAPI document is served.
+        let (status, doc) = SignedClient::new(&url, "x", vec![1])
+            .send("GET", "/openapi.json", b"", &[])
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            serde_json::from_slice::<Value>(&doc).unwrap()["paths"]["/v1/payments"].is_object()
+        );
+    });
+    drop(running);
+}
