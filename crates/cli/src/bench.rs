@@ -78,7 +78,7 @@ pub struct RecoveryArgs {
 }
 
 /// p-th percentile (0..=100) of sorted durations, in milliseconds (3 decimals).
-fn percentile_ms(sorted: &[Duration], p: u64) -> f64 {
+pub(crate) fn percentile_ms(sorted: &[Duration], p: u64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -111,7 +111,9 @@ fn storage_bytes_written() -> u64 {
     proc_field("/proc/self/io", "write_bytes:").unwrap_or(0)
 }
 
-fn data_dir(given: &Option<PathBuf>) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+pub(crate) fn data_dir(
+    given: &Option<PathBuf>,
+) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
     match given {
         Some(dir) => {
             if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
@@ -132,7 +134,7 @@ fn data_dir(given: &Option<PathBuf>) -> anyhow::Result<(PathBuf, Option<tempfile
     }
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);

@@ -1,11 +1,14 @@
 //! The `clearhouse` command.
 //!
-//! It does: run the ledger benchmarks (`bench ledger`, `bench core`, `bench recovery`) and the
-//! ledger node behind a line protocol on stdin/stdout (`node`, used by the crash tests).
-//! It deliberately does not (yet): serve HTTP or run the payment switch (see the open issues).
+//! It does: run the payment switch (`serve`), a whole demo scheme with simulated banks (`demo`),
+//! the simulated banks alone (`sim-banks`), the benchmarks (`bench ledger|core|recovery|payments`)
+//! and the ledger node behind a line protocol on stdin/stdout (`node`, used by the crash tests).
+//! It deliberately does not: hold any logic of its own beyond wiring and measuring; the switch,
+//! ledger and journal live in their crates.
 
 mod bench;
 mod node_protocol;
+mod payments;
 mod workload;
 
 use std::path::PathBuf;
@@ -25,6 +28,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs the payment switch: HTTP API on its embedded storage.
+    ///
+    /// Example: clearhouse serve --data-dir data --listen 127.0.0.1:8080
+    Serve(payments::ServeArgs),
+    /// A complete scheme on this machine: the switch and simulated banks (separate processes,
+    /// signed HTTP on loopback) sending and accepting payments, with live progress and a summary.
+    ///
+    /// Example: clearhouse demo --participants 20 --seconds 15
+    Demo(payments::DemoArgs),
+    /// Simulated participant banks (creditor side) for the demo and the payments benchmark.
+    SimBanks(payments::SimBanksArgs),
     /// Benchmarks that print figures (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -63,6 +77,11 @@ enum BenchCommand {
     ///
     /// Example: clearhouse bench recovery --transfer-count 1000000
     Recovery(bench::RecoveryArgs),
+    /// Workload P1 of shared/bench/WORKLOAD.md: payments end to end over signed HTTP, with the
+    /// switch and the simulated banks as separate processes.
+    ///
+    /// Example: clearhouse bench payments --payments 200000 --json
+    Payments(payments::PaymentsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +97,10 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Ledger(args)) => bench::ledger(args),
         Command::Bench(BenchCommand::Core(args)) => bench::core(args),
         Command::Bench(BenchCommand::Recovery(args)) => bench::recovery(args),
+        Command::Bench(BenchCommand::Payments(args)) => payments::bench(args),
+        Command::Serve(args) => payments::serve(args),
+        Command::Demo(args) => payments::demo(args),
+        Command::SimBanks(args) => payments::sim_banks(args),
         Command::Node {
             data_dir,
             segment_size,

@@ -1,0 +1,642 @@
+//! `serve`, `sim-banks`, `demo` and `bench payments`: the switch as a process, simulated banks as
+//! another, and a load generator (workload P1 of shared/bench/WORKLOAD.md) driving both over
+//! signed HTTP on loopback.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clearhouse_engine::{Node, NodeOptions};
+use clearhouse_switch::client::SignedClient;
+use clearhouse_switch::sim::{self, SimBank, SimCounters, SimOptions};
+use clearhouse_switch::{Switch, SwitchConfig};
+use serde_json::{json, Value};
+
+use crate::bench::{data_dir, machine, percentile_ms};
+use crate::workload::Rng;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Data directory (created on first start, with the operator key).
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Configuration file (TOML); every field has a default (see crates/switch/src/config.rs).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Listen address (overrides the config file).
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => SwitchConfig::from_toml(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )?,
+        None => SwitchConfig::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        std::fs::create_dir_all(&args.data_dir)?;
+        let mut options = NodeOptions::new(args.data_dir.join("ledger"));
+        options.group_requests_max = 256;
+        options.request_queue_max = 8192;
+        let node = Node::start(options).context("starting the ledger node")?;
+        let switch = Switch::start(node, config.clone(), &args.data_dir)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let address = listener.local_addr()?;
+        // The first line of stdout is the address (the demo and benchmark read it).
+        println!("listening on http://{address}");
+        eprintln!(
+            "clearhouse switch: http://{address} (OpenAPI: /openapi.json), data in {}, operator key in {}",
+            args.data_dir.display(),
+            args.data_dir.join("operator.key").display()
+        );
+        std::io::stdout().flush()?;
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        clearhouse_switch::http::serve(listener, switch, shutdown).await?;
+        Ok(())
+    })
+}
+
+#[derive(clap::Args)]
+pub struct SimBanksArgs {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// JSON file: [{"bic": "...", "secret_hex": "..."}, ...]
+    #[arg(long)]
+    banks: PathBuf,
+    /// Share of incoming payments rejected with AC04, per 10,000 (100 = 1 %).
+    #[arg(long, default_value_t = 100)]
+    reject_per_10k: u32,
+    /// Delay before answering, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+}
+
+pub fn sim_banks(args: SimBanksArgs) -> anyhow::Result<()> {
+    let list: Vec<Value> = serde_json::from_slice(&std::fs::read(&args.banks)?)?;
+    let banks = list
+        .iter()
+        .map(|b| {
+            Ok(SimBank {
+                bic: b["bic"].as_str().context("bic")?.to_string(),
+                secret: hex::decode(b["secret_hex"].as_str().context("secret_hex")?)?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+        println!("listening on http://{}", listener.local_addr()?);
+        std::io::stdout().flush()?;
+        let options = SimOptions {
+            reject_per_10k: args.reject_per_10k,
+            delay: Duration::from_millis(args.delay_ms),
+            defer: false,
+            switch_url: None,
+        };
+        let counters = Arc::new(SimCounters::default());
+        axum::serve(listener, sim::router(banks, options, counters)).await?;
+        Ok(())
+    })
+}
+
+#[derive(clap::Args, Clone)]
+pub struct PaymentsArgs {
+    /// Participants (all prefunded, one currency).
+    #[arg(long, default_value_t = 100)]
+    participants: usize,
+    /// Payments to submit (after warm-up).
+    #[arg(long, default_value_t = 200_000)]
+    payments: u64,
+    /// Stop after this many seconds instead (0: run all --payments).
+    #[arg(long, default_value_t = 0)]
+    seconds: u64,
+    /// Concurrent debtor-agent connections, one payment in flight each.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Offered load in payments per second across all clients (0: as fast as answered).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Share of payments the simulated creditor agents reject (AC04), per 10,000.
+    #[arg(long, default_value_t = 100)]
+    reject_per_10k: u32,
+    /// Simulated creditor agents' answer delay, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Data directory for the switch (default: a fresh temporary one, removed afterwards).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print one JSON object with the figures.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    #[arg(long, default_value_t = 20)]
+    participants: usize,
+    /// How long the simulated banks send payments.
+    #[arg(long, default_value_t = 15)]
+    seconds: u64,
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Offered load (payments/s); 0: as fast as the switch answers.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+}
+
+pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let run = PaymentsArgs {
+        participants: args.participants,
+        payments: u64::MAX,
+        seconds: args.seconds,
+        clients: args.clients,
+        rate: args.rate,
+        reject_per_10k: 100,
+        delay_ms: 0,
+        seed: 42,
+        data_dir: None,
+        json: false,
+    };
+    let report = run_p1(&run, true)?;
+    println!();
+    println!(
+        "demo summary ({} participants, {} s, {} connections, signed requests, full durability)",
+        args.participants, args.seconds, args.clients
+    );
+    print_report(&report);
+    Ok(())
+}
+
+pub fn bench(args: PaymentsArgs) -> anyhow::Result<()> {
+    let report = run_p1(&args, !args.json)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn print_report(r: &Value) {
+    println!(
+        "  settled:             {} ({:.0}/s)",
+        r["settled"],
+        r["settled_per_second"].as_f64().unwrap_or(0.0)
+    );
+    println!("  rejected by reason:  {}", r["rejected_by_reason"]);
+    println!(
+        "  latency ms (submit -> final state at the debtor agent): p50 {} p99 {} p99.9 {} max {}",
+        r["latency_ms"]["p50"],
+        r["latency_ms"]["p99"],
+        r["latency_ms"]["p999"],
+        r["latency_ms"]["max"]
+    );
+    println!(
+        "  CPU seconds per 1,000 payments (switch + banks + load): {}",
+        r["cpu_seconds_per_1000"]
+    );
+    println!(
+        "  books balance (sum of positions = liquidity funded): {}",
+        r["books_balance"]
+    );
+    println!("  switch counters: {}", r["switch_stats"]);
+}
+
+/// A child process that prints `listening on URL` first.
+struct Service {
+    child: Child,
+    url: String,
+}
+
+impl Service {
+    fn spawn(mut command: Command, what: &str) -> anyhow::Result<Service> {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let Some(url) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            bail!("{what} did not start (said {line:?})");
+        };
+        Ok(Service {
+            url: url.to_string(),
+            child,
+        })
+    }
+
+    /// User + system CPU seconds so far (Linux /proc).
+    fn cpu_seconds(&self) -> f64 {
+        cpu_seconds_of(&format!("/proc/{}/stat", self.child.id()))
+    }
+
+    fn stop(mut self) {
+        // SIGTERM: the switch stops cleanly (checkpoint).
+        unsafe_terminate(self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_terminate(pid: u32) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+}
+
+fn cpu_seconds_of(stat_path: &str) -> f64 {
+    let Ok(text) = std::fs::read_to_string(stat_path) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces, closed by ')').
+    let Some(rest) = text.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the name and state.
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+fn bic_of(index: usize) -> String {
+    let letters = |mut n: usize| {
+        let mut s = [b'A'; 3];
+        for slot in s.iter_mut().rev() {
+            *slot = b'A' + (n % 26) as u8;
+            n /= 26;
+        }
+        String::from_utf8(s.to_vec()).expect("ascii")
+    };
+    format!("B{}DEFF", letters(index))
+}
+
+fn parse_minor(text: &str) -> i128 {
+    let negative = text.starts_with('-');
+    let digits: String = text.chars().filter(|c| c.is_ascii_digit()).collect();
+    let value: i128 = digits.parse().unwrap_or(0);
+    if negative {
+        -value
+    } else {
+        value
+    }
+}
+
+fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
+    if args.participants < 2 || args.clients == 0 {
+        bail!("need at least 2 participants and 1 client");
+    }
+    let (dir, _temp) = data_dir(&args.data_dir)?;
+    let exe = std::env::current_exe()?;
+    let banks: Vec<(String, String)> = (0..args.participants)
+        .map(|i| {
+            let mut secret = [0u8; 32];
+            for (j, b) in secret.iter_mut().enumerate() {
+                *b = (clearhouse_switch::model::id128(&[b"bench-secret", &i.to_le_bytes()])
+                    >> (j % 16 * 8)) as u8
+                    ^ j as u8;
+            }
+            (bic_of(i), hex::encode(secret))
+        })
+        .collect();
+    let banks_file = dir.join("sim-banks.json");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        &banks_file,
+        serde_json::to_vec(
+            &banks
+                .iter()
+                .map(|(bic, secret)| json!({"bic": bic, "secret_hex": secret}))
+                .collect::<Vec<_>>(),
+        )?,
+    )?;
+    let switch_dir = dir.join("switch");
+    let switch = Service::spawn(
+        {
+            let mut c = Command::new(&exe);
+            c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(&switch_dir);
+            c
+        },
+        "the switch",
+    )?;
+    let sim = Service::spawn(
+        {
+            let mut c = Command::new(&exe);
+            c.args(["sim-banks", "--banks"]).arg(&banks_file);
+            c.args([
+                "--reject-per-10k",
+                &args.reject_per_10k.to_string(),
+                "--delay-ms",
+                &args.delay_ms.to_string(),
+            ]);
+            c
+        },
+        "the simulated banks",
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(drive(args, &switch, &sim, &switch_dir, &banks, progress));
+    let report = report?;
+    drop(runtime);
+    switch.stop();
+    sim.stop();
+    Ok(report)
+}
+
+fn operator_client(switch_dir: &Path, url: &str) -> anyhow::Result<SignedClient> {
+    let text = std::fs::read_to_string(switch_dir.join("operator.key"))?;
+    let mut parts = text.split_whitespace();
+    let key_id = parts.next().context("operator key id")?;
+    Ok(SignedClient::new(
+        url,
+        key_id,
+        hex::decode(parts.next().context("operator secret")?)?,
+    ))
+}
+
+async fn call(
+    client: &SignedClient,
+    method: &str,
+    path: &str,
+    body: &Value,
+) -> anyhow::Result<(u16, Value)> {
+    let bytes = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let (status, answer) = client.request(method, path, &bytes).await?;
+    Ok((
+        status,
+        serde_json::from_slice(&answer).unwrap_or(Value::Null),
+    ))
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    settled: u64,
+    rejected: std::collections::BTreeMap<String, u64>,
+    errors: std::collections::BTreeMap<u16, u64>,
+}
+
+async fn drive(
+    args: &PaymentsArgs,
+    switch: &Service,
+    sim: &Service,
+    switch_dir: &Path,
+    banks: &[(String, String)],
+    progress: bool,
+) -> anyhow::Result<Value> {
+    let op = operator_client(switch_dir, &switch.url)?;
+    const FUNDING: &str = "1000000000.00";
+    for (bic, secret) in banks {
+        let (status, body) = call(&op, "POST", "/v1/admin/participants", &json!({
+            "bic": bic, "name": format!("Simulated bank {bic}"), "endpoint": format!("{}/bank/{bic}", sim.url),
+            "currencies": {"EUR": {"model": "prefunded"}}, "secret_hex": secret,
+        })).await?;
+        if status != 201 {
+            bail!("onboarding {bic}: {status} {body}");
+        }
+        let (status, body) = call(&op, "POST", &format!("/v1/admin/participants/{bic}/liquidity"), &json!({
+            "request_id": "initial-funding", "currency": "EUR", "amount": FUNDING, "direction": "in"
+        })).await?;
+        if status != 200 {
+            bail!("funding {bic}: {status} {body}");
+        }
+    }
+    if progress {
+        eprintln!(
+            "{} participants onboarded and funded; sending payments from {} connections...",
+            banks.len(),
+            args.clients
+        );
+    }
+    let clients: Vec<SignedClient> = banks
+        .iter()
+        .map(|(bic, secret)| op.with_key(&format!("{bic}-1"), hex::decode(secret).expect("hex")))
+        .collect();
+    let clients = Arc::new(clients);
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let remaining = Arc::new(AtomicU64::new(args.payments));
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let stop_at = (args.seconds > 0).then(|| started + Duration::from_secs(args.seconds));
+    let cpu_before = switch.cpu_seconds() + sim.cpu_seconds() + cpu_seconds_of("/proc/self/stat");
+    let mut tasks = Vec::new();
+    for worker in 0..args.clients {
+        let clients = clients.clone();
+        let tally = tally.clone();
+        let remaining = remaining.clone();
+        let done = done.clone();
+        let mut rng = Rng::new(args.seed ^ (worker as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let interval = (args.rate > 0)
+            .then(|| Duration::from_secs_f64(args.clients as f64 / args.rate as f64));
+        tasks.push(tokio::spawn(async move {
+            let mut local = Tally::default();
+            let mut ticker = interval.map(|i| {
+                let mut t = tokio::time::interval(i);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                t
+            });
+            let mut sequence = 0u64;
+            loop {
+                if stop_at.is_some_and(|at| Instant::now() >= at) {
+                    break;
+                }
+                if remaining
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_err()
+                {
+                    break;
+                }
+                if let Some(t) = ticker.as_mut() {
+                    t.tick().await;
+                }
+                let n = clients.len() as u64;
+                let debtor = rng.below(n) as usize;
+                let mut creditor = rng.below(n) as usize;
+                if creditor == debtor {
+                    creditor = (creditor + 1) % clients.len();
+                }
+                let debtor_bic = bic_of(debtor);
+                sequence += 1;
+                let cents = 1 + rng.below(100_000);
+                let body = json!({
+                    "instruction_id": format!("W{worker}-{sequence}"),
+                    "end_to_end_id": format!("E2E-W{worker}-{sequence}"),
+                    "debtor_agent": debtor_bic, "creditor_agent": bic_of(creditor),
+                    "amount": format!("{}.{:02}", cents / 100, cents % 100), "currency": "EUR",
+                    "debtor": {"name": "Payer", "account": format!("ACC{debtor}")},
+                    "creditor": {"name": "Payee", "account": format!("ACC{creditor}")},
+                })
+                .to_string();
+                let sent = Instant::now();
+                let answer = clients[debtor]
+                    .request("POST", "/v1/payments", body.as_bytes())
+                    .await;
+                match answer {
+                    Ok((200, bytes)) => {
+                        local.latencies.push(sent.elapsed());
+                        let view: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                        match view["status"].as_str() {
+                            Some("ACSC") => local.settled += 1,
+                            _ => {
+                                *local
+                                    .rejected
+                                    .entry(view["reason"].as_str().unwrap_or("?").to_string())
+                                    .or_default() += 1
+                            }
+                        }
+                    }
+                    Ok((status, _)) => *local.errors.entry(status).or_default() += 1,
+                    Err(_) => *local.errors.entry(0).or_default() += 1,
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut t = tally.lock().expect("tally");
+            t.latencies.extend(local.latencies);
+            t.settled += local.settled;
+            for (k, v) in local.rejected {
+                *t.rejected.entry(k).or_default() += v;
+            }
+            for (k, v) in local.errors {
+                *t.errors.entry(k).or_default() += v;
+            }
+        }));
+    }
+    let reporter = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let now = done.load(Ordering::Relaxed);
+                if progress {
+                    eprintln!(
+                        "  {:>5.0} s  {:>9} payments  {:>7} /s",
+                        started.elapsed().as_secs_f64(),
+                        now,
+                        now - last
+                    );
+                }
+                last = now;
+            }
+        })
+    };
+    for task in tasks {
+        task.await?;
+    }
+    reporter.abort();
+    let elapsed = started.elapsed();
+    let cpu_after = switch.cpu_seconds() + sim.cpu_seconds() + cpu_seconds_of("/proc/self/stat");
+    let tally = std::mem::take(&mut *tally.lock().expect("tally"));
+    let total = tally.settled + tally.rejected.values().sum::<u64>();
+    // Books: payments only move money between positions, so they still sum to what was funded.
+    let mut sum: i128 = 0;
+    for (bic, _) in banks {
+        let (status, positions) = call(
+            &op,
+            "GET",
+            &format!("/v1/participants/{bic}/positions"),
+            &Value::Null,
+        )
+        .await?;
+        if status != 200 {
+            bail!("positions of {bic}: {status}");
+        }
+        sum += parse_minor(positions[0]["balance"].as_str().unwrap_or("0"));
+    }
+    let funded = parse_minor(FUNDING) * banks.len() as i128;
+    let (_, stats) = call(&op, "GET", "/v1/stats", &Value::Null).await?;
+    let mut latencies = tally.latencies;
+    latencies.sort_unstable();
+    Ok(json!({
+        "workload": "P1",
+        "machine": machine(),
+        "participants": banks.len(),
+        "clients": args.clients,
+        "offered_rate": args.rate,
+        "payments": total,
+        "seconds": elapsed.as_secs_f64(),
+        "settled": tally.settled,
+        "settled_per_second": tally.settled as f64 / elapsed.as_secs_f64(),
+        "rejected_by_reason": tally.rejected,
+        "http_errors_by_status": tally.errors,
+        "latency_ms": {
+            "p50": percentile_ms(&latencies, 50),
+            "p99": percentile_ms(&latencies, 99),
+            "p999": percentile_p1000(&latencies, 999),
+            "max": percentile_ms(&latencies, 100),
+        },
+        "cpu_seconds_per_1000": if total > 0 { ((cpu_after - cpu_before) * 1000.0 / total as f64 * 1000.0).round() / 1000.0 } else { 0.0 },
+        "books_balance": sum == funded,
+        "switch_stats": stats,
+        "signed_requests": true,
+        "durability": "every reservation and final state fsynced (group commit) before it is answered",
+    }))
+}
+
+fn percentile_p1000(sorted: &[Duration], p: u64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as u64 - 1) * p).div_ceil(1000) as usize;
+    (sorted[rank].as_micros() as f64 / 1000.0 * 1000.0).round() / 1000.0
+}
