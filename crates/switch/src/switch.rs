@@ -1057,10 +1057,11 @@ impl Switch {
         if let Some(existing) = self.find(id).await? {
             return self.answer_duplicate(existing, &record, uetr_given).await;
         }
-        let uetr_owner = {
-            let node = self.node.clone();
-            let alias = uetr_alias(&record.uetr);
-            blocking(move || node.resolve_alias_now(alias)).await?
+        // A UETR the switch generated is fresh; one the participant chose may be reused.
+        // (An index read of microseconds: done in place, not on the blocking pool.)
+        let uetr_owner = match uetr_given {
+            true => self.node.resolve_alias_now(uetr_alias(&record.uetr))?,
+            false => None,
         };
         if uetr_owner.is_some_and(|owner| owner != id) {
             return Err(ApiError::new(
@@ -1448,11 +1449,8 @@ impl Switch {
         if let Some(record) = self.recent.lock().expect("recent").map.get(&id) {
             return Ok(Some(record.clone()));
         }
-        let node = self.node.clone();
-        let value = blocking(move || node.get_records_now(&[id]))
-            .await?
-            .pop()
-            .flatten();
+        // An index read of microseconds: done in place, not on the blocking pool.
+        let value = self.node.get_records_now(&[id])?.pop().flatten();
         match value.map(|v| serde_json::from_slice::<Stored>(&v)) {
             None => Ok(None),
             Some(Ok(Stored::Payment(record))) => Ok(Some(record)),
