@@ -67,7 +67,7 @@ pub enum ForwardError {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Notification {
-    Payment(PaymentView),
+    Payment(Box<PaymentView>),
     LiquidityAlert(PositionView),
 }
 

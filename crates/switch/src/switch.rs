@@ -1687,10 +1687,13 @@ impl Switch {
         }
         self.finished(&record);
         let view = PaymentView::of(&record);
-        self.notify(&record.creditor_agent, Notification::Payment(view.clone()));
+        self.notify(
+            &record.creditor_agent,
+            Notification::Payment(Box::new(view.clone())),
+        );
         let _ = entry.done.send(Some(record.clone()));
         if !entry.debtor_waiting.load(Ordering::SeqCst) {
-            self.notify(&record.debtor_agent, Notification::Payment(view));
+            self.notify(&record.debtor_agent, Notification::Payment(Box::new(view)));
         }
         self.release(id, &record.debtor_agent);
     }

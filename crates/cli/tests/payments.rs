@@ -1,0 +1,88 @@
+//! The README's main command and the payments benchmark, as a user runs them: real processes
+//! (switch, simulated banks, load generator) over signed HTTP on loopback.
+
+use std::process::Command;
+
+fn clearhouse(dir: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_clearhouse"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run clearhouse");
+    (
+        output.status.success(),
+        format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[test]
+fn bench_payments_reports_every_figure_and_the_books_balance() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, output) = clearhouse(
+        dir.path(),
+        &[
+            "bench",
+            "payments",
+            "--participants",
+            "4",
+            "--payments",
+            "400",
+            "--clients",
+            "4",
+            "--reject-per-10k",
+            "2500",
+            "--json",
+        ],
+    );
+    assert!(ok, "{output}");
+    let json_start = output.find('{').expect("a JSON object");
+    let json_end = output.rfind('}').unwrap();
+    let report: serde_json::Value = serde_json::from_str(&output[json_start..=json_end]).unwrap();
+    let settled = report["settled"].as_u64().unwrap();
+    let rejected = report["rejected_by_reason"]["AC04"].as_u64().unwrap_or(0);
+    assert_eq!(settled + rejected, 400, "{report}");
+    assert!(
+        rejected > 40 && rejected < 200,
+        "about a quarter rejected: {report}"
+    );
+    assert!(report["settled_per_second"].as_f64().unwrap() > 0.0);
+    for key in ["p50", "p99", "p999", "max"] {
+        assert!(report["latency_ms"][key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    assert!(report["cpu_seconds_per_1000"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["books_balance"], true);
+    assert_eq!(report["switch_stats"]["settled"].as_u64(), Some(settled));
+    assert_eq!(report["http_errors_by_status"], serde_json::json!({}));
+    // The temporary data directory is removed afterwards.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn the_demo_runs_a_scheme_and_prints_a_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, output) = clearhouse(
+        dir.path(),
+        &[
+            "demo",
+            "--participants",
+            "3",
+            "--seconds",
+            "2",
+            "--clients",
+            "4",
+        ],
+    );
+    assert!(ok, "{output}");
+    assert!(
+        output.contains("books balance (sum of positions = liquidity funded): true"),
+        "{output}"
+    );
+    assert!(
+        output.contains("payments") && output.contains("/s"),
+        "live progress: {output}"
+    );
+}
