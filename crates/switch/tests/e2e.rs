@@ -143,6 +143,8 @@ const SILENT: &str = "SLNTDEFF";
 const OFFLINE: &str = "OFFLDEFF";
 const POOR: &str = "POORDEFF";
 const DEBTOR: &str = "DBTRDEFF";
+const DEFERS: &str = "DEFRDEFF";
+const NET: &str = "NETSDEFF";
 
 #[test]
 fn payments_end_to_end_over_http() {
@@ -455,6 +457,42 @@ fn payments_end_to_end_over_http() {
         .await;
         assert_eq!((status, body["reason"].as_str()), (409, Some("AM04")));
 
+        // A creditor agent that answers 202 and decides later through the decision API.
+        let (deferring, _) = start_banks(vec![bank(DEFERS)], SimOptions { reject_per_10k: 0, delay: Duration::from_millis(100), defer: true, switch_url: Some(url.clone()) }).await;
+        onboard(&op, DEFERS, &deferring, prefunded.clone()).await;
+        let (status, body) = call(&debtor, "POST", "/v1/payments", payment(DEBTOR, DEFERS, "D-1", "2.00")).await;
+        assert_eq!((status, body["status"].as_str()), (200, Some("ACSC")), "{body}");
+        assert_eq!(available(&debtor, DEBTOR).await, "4897.75");
+        // A decision for a payment that is already final is refused, and changes nothing.
+        let late = call(&client_of(&url, DEFERS), "POST", &format!("/v1/payments/{}/decision", body["payment_id"].as_str().unwrap()), json!({"status": "RJCT", "reason": "AC04"})).await;
+        assert_eq!(late.0, 409, "{late:?}");
+
+        // Deferred net settlement: a net debit cap instead of prefunding.
+        onboard(&op, NET, &accepting, json!({"model": "deferred_net", "net_debit_cap": "100.00", "liquidity_alert_below": "30.00"})).await;
+        let net = client_of(&url, NET);
+        let (_, body) = call(&net, "POST", "/v1/payments", payment(NET, ACCEPTS, "N-1", "80.00")).await;
+        assert_eq!(body["status"].as_str(), Some("ACSC"), "{body}");
+        let (_, body) = call(&net, "POST", "/v1/payments", payment(NET, ACCEPTS, "N-2", "20.01")).await;
+        assert_eq!(body["reason"].as_str(), Some("AM23"), "beyond the net debit cap: {body}");
+        let (status, positions) = call(&net, "GET", &format!("/v1/participants/{NET}/positions"), Value::Null).await;
+        assert_eq!(status, 200);
+        assert_eq!((positions[0]["balance"].as_str(), positions[0]["available"].as_str()), (Some("-80.00"), Some("20.00")), "{positions}");
+        assert_eq!(positions[0]["below_alert"], true);
+        // Lowering the cap below the exposure needs the explicit override.
+        let change = json!({"currency": "EUR", "net_debit_cap": "50.00"});
+        let (status, body) = call(&op, "PATCH", &format!("/v1/admin/participants/{NET}"), change).await;
+        assert_eq!((status, body["reason"].as_str()), (409, Some("AM23")), "{body}");
+        assert_eq!(available(&net, NET).await, "20.00", "a refused change changes nothing");
+        let change = json!({"currency": "EUR", "net_debit_cap": "50.00", "allow_below_exposure": true});
+        let (status, body) = call(&op, "PATCH", &format!("/v1/admin/participants/{NET}"), change).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["currencies"]["EUR"]["net_debit_cap"].as_str(), Some("80.00"), "lowered as far as the exposure allows");
+        assert_eq!(available(&net, NET).await, "0.00");
+        // Raising it is always allowed.
+        let (status, _) = call(&op, "PATCH", &format!("/v1/admin/participants/{NET}"), json!({"currency": "EUR", "net_debit_cap": "150.00"})).await;
+        assert_eq!(status, 200);
+        assert_eq!(available(&net, NET).await, "70.00");
+
         // A silent creditor agent: reserved when the switch stops; the reservation survives.
         let silent_request = payment(DEBTOR, SILENT, "S-1", "50.00");
         let client = debtor.clone();
@@ -465,7 +503,7 @@ fn payments_end_to_end_over_http() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
             available(&debtor, DEBTOR).await,
-            "4849.75",
+            "4847.75",
             "50.00 reserved"
         );
         let (_, found) = call(
@@ -518,7 +556,7 @@ fn payments_end_to_end_over_http() {
             (Some("RJCT"), Some("AB05")),
             "{last}"
         );
-        assert_eq!(available(&debtor, DEBTOR).await, "4899.75");
+        assert_eq!(available(&debtor, DEBTOR).await, "4897.75");
         // Settled history survived too.
         let (_, body) = call(
             &debtor,
@@ -537,6 +575,101 @@ fn payments_end_to_end_over_http() {
         assert!(
             serde_json::from_slice::<Value>(&doc).unwrap()["paths"]["/v1/payments"].is_object()
         );
+    });
+    drop(running);
+}
+
+#[test]
+fn overload_is_answered_early_and_nothing_is_left_reserved() {
+    let dir = tempfile::tempdir().unwrap();
+    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let bank = |bic: &str| SimBank {
+        bic: bic.to_string(),
+        secret: secret(bic),
+    };
+    let (silent, _) = banks_runtime.block_on(start_banks(
+        vec![bank(SILENT), bank(DEBTOR)],
+        SimOptions {
+            reject_per_10k: 0,
+            delay: Duration::ZERO,
+            defer: true,
+            switch_url: None,
+        },
+    ));
+    let running = start_switch(
+        dir.path(),
+        SwitchConfig {
+            in_flight_per_participant_max: 2,
+            ..config()
+        },
+    );
+    let url = running.url.clone();
+    banks_runtime.block_on(async {
+        let op = operator(dir.path(), &url);
+        for bic in [SILENT, DEBTOR] {
+            onboard(&op, bic, &silent, json!({"model": "prefunded"})).await;
+        }
+        fund(&op, DEBTOR, "100.00").await;
+        let debtor = client_of(&url, DEBTOR);
+        let mut waiting = Vec::new();
+        for i in 0..2 {
+            let client = debtor.clone();
+            waiting.push(tokio::spawn(async move {
+                call(
+                    &client,
+                    "POST",
+                    "/v1/payments",
+                    payment(DEBTOR, SILENT, &format!("O-{i}"), "10.00"),
+                )
+                .await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The third is refused at once, with a stable code; nothing reserved for it.
+        let (status, body) = call(
+            &debtor,
+            "POST",
+            "/v1/payments",
+            payment(DEBTOR, SILENT, "O-2", "10.00"),
+        )
+        .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (429, Some("too_many_in_flight")),
+            "{body}"
+        );
+        assert_eq!(available(&debtor, DEBTOR).await, "80.00");
+        // Both in flight end at the deadline (AB05) and release their liquidity.
+        for task in waiting {
+            let (status, body) = task.await.unwrap();
+            assert_eq!(
+                (status, body["reason"].as_str()),
+                (200, Some("AB05")),
+                "{body}"
+            );
+        }
+        assert_eq!(available(&debtor, DEBTOR).await, "100.00");
+        // The refused one was never recorded: submitting it now works (and reaches the deadline).
+        let (status, body) = call(
+            &debtor,
+            "POST",
+            "/v1/payments",
+            payment(DEBTOR, SILENT, "O-2", "10.00"),
+        )
+        .await;
+        assert_eq!(
+            (status, body["reason"].as_str()),
+            (200, Some("AB05")),
+            "{body}"
+        );
+        // An oversized body is refused before parsing.
+        let huge = vec![b'x'; 128 * 1024];
+        let (status, _) = debtor.request("POST", "/v1/payments", &huge).await.unwrap();
+        assert_eq!(status, 413);
     });
     drop(running);
 }
