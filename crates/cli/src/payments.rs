@@ -51,6 +51,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let mut options = NodeOptions::new(args.data_dir.join("ledger"));
         options.group_requests_max = 256;
         options.request_queue_max = 8192;
+        // Payments arrive as many small groups: index them in fewer, larger transactions.
+        options.index_transaction_interval_min = Duration::from_millis(50);
+        options.index_jobs_per_transaction_max = 256;
+        options.index_queue_max = 256;
         let node = Node::start(options).context("starting the ledger node")?;
         let switch = Switch::start(node, config.clone(), &args.data_dir)
             .await

@@ -44,6 +44,12 @@ pub struct NodeOptions {
     pub unindexed_transfers_max: u64,
     /// A durable checkpoint every this many journal records.
     pub checkpoint_every_records: u64,
+    /// Shortest time between two index transactions. Many small groups (the payment switch's
+    /// traffic) then share one transaction instead of each rewriting the same B-tree pages;
+    /// queries wait for the index up to this much longer.
+    pub index_transaction_interval_min: Duration,
+    /// Most queued groups merged into one index transaction.
+    pub index_jobs_per_transaction_max: usize,
     /// How often the engine wakes to expire pending transfers when idle.
     pub pulse_interval: Duration,
     /// Requests are refused (before anything changes) while the data directory's filesystem has
@@ -64,6 +70,8 @@ impl NodeOptions {
             index_queue_max: 64,
             unindexed_transfers_max: 1_000_000,
             checkpoint_every_records: 32,
+            index_transaction_interval_min: Duration::ZERO,
+            index_jobs_per_transaction_max: 64,
             pulse_interval: Duration::from_millis(100),
             disk_free_min_bytes: 256 * 1024 * 1024,
         }
@@ -334,10 +342,20 @@ impl Node {
         let (index_sender, index_receiver) = mpsc::sync_channel(options.index_queue_max);
         let index_thread = {
             let index = index.clone();
+            let interval_min = options.index_transaction_interval_min;
+            let jobs_per_transaction_max = options.index_jobs_per_transaction_max.max(1);
             let progress = progress.clone();
             std::thread::Builder::new()
                 .name("clearhouse-index".into())
-                .spawn(move || index_loop(&index, &progress, index_receiver))
+                .spawn(move || {
+                    index_loop(
+                        &index,
+                        &progress,
+                        index_receiver,
+                        interval_min,
+                        jobs_per_transaction_max,
+                    )
+                })
                 .expect("spawn index thread")
         };
         let engine_thread = {
@@ -614,16 +632,25 @@ fn prefetch(
 /// two account events, copy-on-write pages); measured about 1 KB on workload L1.
 const INDEX_BYTES_PER_TRANSFER_ESTIMATE: u64 = 2048;
 
-/// Most index jobs (groups) merged into one index transaction.
-const INDEX_JOBS_PER_TRANSACTION_MAX: usize = 64;
-
-fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexUpdate>) {
+fn index_loop(
+    index: &Index,
+    progress: &Progress,
+    jobs: Receiver<IndexUpdate>,
+    interval_min: Duration,
+    jobs_per_transaction_max: usize,
+) {
+    let mut last_commit = std::time::Instant::now();
     while let Ok(mut job) = jobs.recv() {
+        // Let more groups arrive unless this one is a checkpoint (a clean stop waits for it).
+        let since = last_commit.elapsed();
+        if !job.durable && since < interval_min {
+            std::thread::sleep(interval_min - since);
+        }
         // Merge queued updates into one transaction (fewer copy-on-write page rewrites). Accounts
         // are appended in order, so the latest version of each is written last.
         let mut merged = 1;
         let mut transfers = job.changes.transfers.len() as u64;
-        while merged < INDEX_JOBS_PER_TRANSACTION_MAX {
+        while merged < jobs_per_transaction_max {
             let Ok(next) = jobs.try_recv() else { break };
             assert!(next.seq >= job.seq, "index updates arrive in order");
             transfers += next.changes.transfers.len() as u64;
@@ -648,6 +675,7 @@ fn index_loop(index: &Index, progress: &Progress, jobs: Receiver<IndexUpdate>) {
         job.accounts.sort_by_key(|account| account.id);
         job.accounts.dedup_by_key(|account| account.id);
         let result = index.apply(&job);
+        last_commit = std::time::Instant::now();
         let mut state = progress.indexed.lock().expect("progress");
         match result {
             Ok(()) => {
