@@ -63,10 +63,15 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let address = listener.local_addr()?;
+        let tls = match (&config.tls_cert_pem, &config.tls_key_pem) {
+            (Some(cert), Some(key)) => Some(clearhouse_switch::http::tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         // The first line of stdout is the address (the demo and benchmark read it).
-        println!("listening on http://{address}");
+        println!("listening on {scheme}://{address}");
         eprintln!(
-            "clearhouse switch: http://{address} (OpenAPI: /openapi.json), data in {}, operator key in {}",
+            "clearhouse switch: {scheme}://{address} (OpenAPI: /openapi.json), data in {}, operator key in {}",
             args.data_dir.display(),
             args.data_dir.join("operator.key").display()
         );
@@ -79,7 +84,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 _ = term.recv() => {}
             }
         };
-        clearhouse_switch::http::serve(listener, switch, shutdown).await?;
+        match tls {
+            Some(acceptor) => {
+                clearhouse_switch::http::serve_tls(listener, switch, acceptor, shutdown).await?
+            }
+            None => clearhouse_switch::http::serve(listener, switch, shutdown).await?,
+        }
         Ok(())
     })
 }

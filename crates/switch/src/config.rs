@@ -38,6 +38,10 @@ pub struct SwitchConfig {
     pub recent_payments_max: usize,
     /// Participants the switch accepts.
     pub participants_max: usize,
+    /// TLS: PEM certificate chain and private key; both or neither (plain HTTP, e.g. behind a
+    /// TLS-terminating proxy or on loopback).
+    pub tls_cert_pem: Option<std::path::PathBuf>,
+    pub tls_key_pem: Option<std::path::PathBuf>,
 }
 
 impl Default for SwitchConfig {
@@ -58,6 +62,8 @@ impl Default for SwitchConfig {
             nonces_max: 4_000_000,
             recent_payments_max: 1_000_000,
             participants_max: 10_000,
+            tls_cert_pem: None,
+            tls_key_pem: None,
         }
     }
 }
@@ -92,6 +98,9 @@ impl SwitchConfig {
             || self.body_bytes_max < 1024
         {
             return invalid("limits must be positive (body_bytes_max at least 1024)");
+        }
+        if self.tls_cert_pem.is_some() != self.tls_key_pem.is_some() {
+            return invalid("tls_cert_pem and tls_key_pem go together");
         }
         Ok(())
     }

@@ -5,12 +5,12 @@
 //! creditor agent, settle or reject with an ISO 20022 reason code, within a deadline, exactly one
 //! final state, surviving restarts); authenticate every request (HMAC-SHA256 signed, replay and
 //! staleness refused); serve the HTTP API (axum) with an OpenAPI document; forward and notify over
-//! signed HTTP with bounded concurrency, queues and retries.
+//! signed HTTP with bounded concurrency, queues and retries; terminate TLS (rustls) when
+//! configured.
 //!
 //! It deliberately does not: move money outside the ledger (every balance is a ledger account,
 //! every movement a ledger transfer), keep its own files besides the operator key (participants
-//! and payments are engine records, journaled with the transfers they explain), terminate TLS
-//! (yet: put it behind a TLS proxy), speak ISO 20022 XML (that is another crate's job, converting
+//! and payments are engine records, journaled with the transfers they explain), speak ISO 20022 XML (that is another crate's job, converting
 //! into [`switch::PaymentRequest`]).
 
 pub mod auth;
