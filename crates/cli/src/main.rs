@@ -6,6 +6,7 @@
 //! It deliberately does not: hold any logic of its own beyond wiring and measuring; the switch,
 //! ledger and journal live in their crates.
 
+mod admin;
 mod bench;
 mod node_protocol;
 mod payments;
@@ -37,6 +38,11 @@ enum Command {
     ///
     /// Example: clearhouse demo --participants 20 --seconds 15
     Demo(payments::DemoArgs),
+    /// The operator's commands against a running switch: onboard, limits, suspend/resume,
+    /// liquidity, positions, payment status.
+    ///
+    /// Example: clearhouse admin --url http://127.0.0.1:8080 --key-file data/operator.key stats
+    Admin(admin::AdminArgs),
     /// Simulated participant banks (creditor side) for the demo and the payments benchmark.
     SimBanks(payments::SimBanksArgs),
     /// Benchmarks that print figures (see BENCHMARKS.md).
@@ -101,6 +107,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => payments::serve(args),
         Command::Demo(args) => payments::demo(args),
         Command::SimBanks(args) => payments::sim_banks(args),
+        Command::Admin(args) => admin::run(args),
         Command::Node {
             data_dir,
             segment_size,

@@ -1,0 +1,210 @@
+//! `clearhouse admin ...`: the operator's CLI over the switch's signed API (onboarding, limits,
+//! suspend/resume, liquidity, positions, payment status). Prints the switch's JSON answers; exits
+//! non-zero with the switch's error code and message on a refusal.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use clearhouse_switch::client::SignedClient;
+use serde_json::{json, Value};
+
+#[derive(clap::Args)]
+pub struct AdminArgs {
+    /// The switch's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The operator key file (`<key id> <hex secret>`), created by the switch on first start.
+    #[arg(long, default_value = "data/operator.key")]
+    key_file: PathBuf,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Onboards a participant; prints its secret once.
+    ///
+    /// Example: clearhouse admin onboard --bic BANKDEFF --name "Bank" --endpoint http://10.0.0.5:9000
+    ///   --currency EUR:prefunded:max=5000.00:alert=1000.00 --currency USD:deferred_net:cap=250000.00
+    Onboard {
+        #[arg(long)]
+        bic: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        endpoint: String,
+        /// CODE:MODEL[:cap=AMOUNT][:max=AMOUNT][:alert=AMOUNT], MODEL = prefunded | deferred_net.
+        #[arg(long = "currency", required = true)]
+        currencies: Vec<String>,
+    },
+    /// Shows a participant.
+    Show {
+        bic: String,
+    },
+    /// Suspends a participant: its payments, in and out, are rejected (AG01) until resumed.
+    Suspend {
+        bic: String,
+    },
+    Resume {
+        bic: String,
+    },
+    /// Changes limits of one currency.
+    Limits {
+        bic: String,
+        #[arg(long)]
+        currency: String,
+        #[arg(long)]
+        net_debit_cap: Option<String>,
+        #[arg(long)]
+        per_payment_max: Option<String>,
+        #[arg(long)]
+        liquidity_alert_below: Option<String>,
+        /// Lower the net debit cap below the current exposure (as far as it allows now).
+        #[arg(long)]
+        allow_below_exposure: bool,
+    },
+    /// Moves liquidity in (from the settlement bank) or out; idempotent by --request-id.
+    Liquidity {
+        bic: String,
+        #[arg(long)]
+        currency: String,
+        #[arg(long)]
+        amount: String,
+        #[arg(long)]
+        request_id: String,
+        /// Withdraw instead of fund.
+        #[arg(long)]
+        out: bool,
+    },
+    /// Positions and available liquidity.
+    Positions {
+        bic: String,
+    },
+    /// A payment by id (32 hex digits).
+    Payment {
+        id: String,
+    },
+    /// Counters: submitted, settled, rejected by reason, in flight.
+    Stats,
+}
+
+fn terms(spec: &str) -> anyhow::Result<(String, Value)> {
+    let mut parts = spec.split(':');
+    let code = parts.next().context("currency code")?.to_string();
+    let model = parts
+        .next()
+        .context("settlement model after the currency code")?;
+    let mut terms = json!({"model": model});
+    for part in parts {
+        let (key, value) = part
+            .split_once('=')
+            .with_context(|| format!("{part:?}: expected key=amount"))?;
+        let field = match key {
+            "cap" => "net_debit_cap",
+            "max" => "per_payment_max",
+            "alert" => "liquidity_alert_below",
+            other => bail!("unknown term {other:?} (cap, max, alert)"),
+        };
+        terms[field] = json!(value);
+    }
+    Ok((code, terms))
+}
+
+pub fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.key_file)
+        .with_context(|| format!("reading the operator key {}", args.key_file.display()))?;
+    let mut parts = text.split_whitespace();
+    let key_id = parts.next().context("operator key id")?.to_string();
+    let secret = hex::decode(parts.next().context("operator secret")?)?;
+    let (method, path, body) = match args.command {
+        AdminCommand::Onboard {
+            bic,
+            name,
+            endpoint,
+            currencies,
+        } => {
+            let mut map = serde_json::Map::new();
+            for spec in &currencies {
+                let (code, t) = terms(spec)?;
+                map.insert(code, t);
+            }
+            (
+                "POST",
+                "/v1/admin/participants".to_string(),
+                json!({"bic": bic, "name": name, "endpoint": endpoint, "currencies": map}),
+            )
+        }
+        AdminCommand::Show { bic } => ("GET", format!("/v1/participants/{bic}"), Value::Null),
+        AdminCommand::Suspend { bic } => (
+            "PATCH",
+            format!("/v1/admin/participants/{bic}"),
+            json!({"status": "suspended"}),
+        ),
+        AdminCommand::Resume { bic } => (
+            "PATCH",
+            format!("/v1/admin/participants/{bic}"),
+            json!({"status": "active"}),
+        ),
+        AdminCommand::Limits {
+            bic,
+            currency,
+            net_debit_cap,
+            per_payment_max,
+            liquidity_alert_below,
+            allow_below_exposure,
+        } => (
+            "PATCH",
+            format!("/v1/admin/participants/{bic}"),
+            json!({"currency": currency, "net_debit_cap": net_debit_cap, "per_payment_max": per_payment_max,
+                   "liquidity_alert_below": liquidity_alert_below, "allow_below_exposure": allow_below_exposure}),
+        ),
+        AdminCommand::Liquidity {
+            bic,
+            currency,
+            amount,
+            request_id,
+            out,
+        } => (
+            "POST",
+            format!("/v1/admin/participants/{bic}/liquidity"),
+            json!({"request_id": request_id, "currency": currency, "amount": amount, "direction": if out { "out" } else { "in" }}),
+        ),
+        AdminCommand::Positions { bic } => (
+            "GET",
+            format!("/v1/participants/{bic}/positions"),
+            Value::Null,
+        ),
+        AdminCommand::Payment { id } => ("GET", format!("/v1/payments/{id}"), Value::Null),
+        AdminCommand::Stats => ("GET", "/v1/stats".to_string(), Value::Null),
+    };
+    let body = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (status, answer) = runtime.block_on(async {
+        SignedClient::new(&args.url, &key_id, secret)
+            .request(method, &path, &body)
+            .await
+    })?;
+    let value: Value =
+        serde_json::from_slice(&answer).unwrap_or_else(|_| json!(String::from_utf8_lossy(&answer)));
+    if (200..300).contains(&status) {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        Ok(())
+    } else {
+        bail!(
+            "the switch refused ({status} {}): {}{}",
+            value["code"].as_str().unwrap_or("?"),
+            value["message"].as_str().unwrap_or(""),
+            value["reason"]
+                .as_str()
+                .map(|r| format!(" [ISO reason {r}]"))
+                .unwrap_or_default()
+        )
+    }
+}
