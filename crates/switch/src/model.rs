@@ -28,7 +28,15 @@ pub fn settlement_account(currency: &str) -> u128 {
 pub fn ndc_account(currency: &str) -> u128 {
     id128(&[b"net-debit-cap-lines", currency.as_bytes()])
 }
-pub fn payment_id(debtor_agent: &str, instruction_id: &str) -> u128 {
+/// A payment's key: its acceptance time (ns) in the high 64 bits, so keys grow with time and the
+/// index appends instead of scattering writes over random B-tree leaves; 60 bits of the
+/// instruction's hash below, and 4 low bits left zero for the post and void transfer ids.
+pub fn payment_key(accepted_at_ns: u64, debtor_agent: &str, instruction_id: &str) -> u128 {
+    let hash = instruction_alias(debtor_agent, instruction_id) as u64 as u128;
+    (u128::from(accepted_at_ns) << 64) | (hash & !0xF) | 0x10
+}
+/// What makes a payment unique for idempotency: the debtor agent and its instruction id.
+pub fn instruction_alias(debtor_agent: &str, instruction_id: &str) -> u128 {
     id128(&[
         b"payment",
         debtor_agent.as_bytes(),
@@ -36,10 +44,10 @@ pub fn payment_id(debtor_agent: &str, instruction_id: &str) -> u128 {
     ])
 }
 pub fn post_id(payment: u128) -> u128 {
-    id128(&[b"post", &payment.to_le_bytes()])
+    payment | 1
 }
 pub fn void_id(payment: u128) -> u128 {
-    id128(&[b"void", &payment.to_le_bytes()])
+    payment | 2
 }
 pub fn end_to_end_alias(debtor_agent: &str, end_to_end_id: &str) -> u128 {
     id128(&[b"e2e", debtor_agent.as_bytes(), end_to_end_id.as_bytes()])
@@ -224,6 +232,9 @@ impl PaymentState {
 /// One payment as stored in the engine (JSON value of its record, keyed by [`payment_id`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentRecord {
+    /// [`payment_key`]: the ledger id of the reservation and the record's key.
+    #[serde(with = "u128_string")]
+    pub key: u128,
     pub instruction_id: String,
     pub end_to_end_id: String,
     pub uetr: String,
@@ -245,7 +256,11 @@ pub struct PaymentRecord {
 
 impl PaymentRecord {
     pub fn id(&self) -> u128 {
-        payment_id(&self.debtor_agent, &self.instruction_id)
+        self.key
+    }
+
+    pub fn instruction_alias(&self) -> u128 {
+        instruction_alias(&self.debtor_agent, &self.instruction_id)
     }
 
     /// Whether a resubmission is the same instruction (same business content); the UETR counts
@@ -281,6 +296,11 @@ mod tests {
         assert!(is_status_reason_code("AC04"));
         assert!(!is_status_reason_code("ZZ99"));
         assert_eq!(mask("DE89370400440532013000"), "***3000");
-        assert_ne!(payment_id("A", "BC"), payment_id("AB", "C"));
+        assert_ne!(instruction_alias("A", "BC"), instruction_alias("AB", "C"));
+        let key = payment_key(1_000, "A", "B");
+        assert_eq!(key >> 64, 1_000);
+        assert!(payment_key(1_001, "A", "B") > key);
+        assert!(![post_id(key), void_id(key)].contains(&key));
+        assert_ne!(post_id(key), void_id(key));
     }
 }

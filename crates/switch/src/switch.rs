@@ -197,6 +197,8 @@ struct InFlight {
 #[derive(Default)]
 struct InFlightSet {
     payments: FxHashMap<u128, Arc<InFlight>>,
+    /// Instruction alias -> payment key.
+    by_instruction: FxHashMap<u128, u128>,
     per_debtor: FxHashMap<String, usize>,
 }
 
@@ -205,6 +207,8 @@ struct InFlightSet {
 #[derive(Default)]
 struct Recent {
     map: FxHashMap<u128, PaymentRecord>,
+    /// Instruction alias -> payment key.
+    by_instruction: FxHashMap<u128, u128>,
     order: VecDeque<(Instant, u128)>,
 }
 
@@ -1054,7 +1058,7 @@ impl Switch {
         let id = record.id();
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
         // Duplicates: in flight, recently finished, or on disk.
-        if let Some(existing) = self.find(id).await? {
+        if let Some(existing) = self.find_instruction(record.instruction_alias()).await? {
             return self.answer_duplicate(existing, &record, uetr_given).await;
         }
         // A UETR the switch generated is fresh; one the participant chose may be reused.
@@ -1086,6 +1090,7 @@ impl Switch {
             value: encode(&Stored::Payment(record.clone())),
             open: true,
             aliases: vec![
+                record.instruction_alias(),
                 end_to_end_alias(&record.debtor_agent, &record.end_to_end_id),
                 uetr_alias(&record.uetr),
             ],
@@ -1138,8 +1143,8 @@ impl Switch {
         ApiError,
     > {
         let mut set = self.in_flight.lock().expect("in flight");
-        if let Some(existing) = set.payments.get(&record.id()) {
-            return Ok(Err(existing.record.clone()));
+        if let Some(key) = set.by_instruction.get(&record.instruction_alias()) {
+            return Ok(Err(set.payments[key].record.clone()));
         }
         if set.payments.len() >= self.config.in_flight_total_max {
             return Err(
@@ -1170,6 +1175,8 @@ impl Switch {
             debtor_waiting: AtomicBool::new(true),
         });
         set.payments.insert(record.id(), entry.clone());
+        set.by_instruction
+            .insert(record.instruction_alias(), record.id());
         Ok(Ok((entry, receiver)))
     }
 
@@ -1301,6 +1308,7 @@ impl Switch {
         }
         let now = now_ns();
         Ok(PaymentRecord {
+            key: payment_key(now, &r.debtor_agent, &r.instruction_id),
             instruction_id: r.instruction_id,
             end_to_end_id: r.end_to_end_id,
             uetr,
@@ -1379,6 +1387,7 @@ impl Switch {
             value: encode(&Stored::Payment(record.clone())),
             open: false,
             aliases: vec![
+                record.instruction_alias(),
                 end_to_end_alias(&record.debtor_agent, &record.end_to_end_id),
                 uetr_alias(&record.uetr),
             ],
@@ -1392,7 +1401,8 @@ impl Switch {
 
     fn release(&self, id: u128, debtor: &str) {
         let mut set = self.in_flight.lock().expect("in flight");
-        if set.payments.remove(&id).is_some() {
+        if let Some(entry) = set.payments.remove(&id) {
+            set.by_instruction.remove(&entry.record.instruction_alias());
             if let Some(count) = set.per_debtor.get_mut(debtor) {
                 *count -= 1;
             }
@@ -1420,6 +1430,9 @@ impl Switch {
         let mut recent = self.recent.lock().expect("recent");
         let now = Instant::now();
         recent.map.insert(record.id(), record.clone());
+        recent
+            .by_instruction
+            .insert(record.instruction_alias(), record.id());
         recent.order.push_back((now, record.id()));
         // Over the limit, evict only entries old enough for the index to hold them (the index
         // lags by milliseconds; a minute is a wide margin), up to twice the limit.
@@ -1431,7 +1444,37 @@ impl Switch {
                 break;
             }
             recent.order.pop_front();
-            recent.map.remove(&id);
+            if let Some(old) = recent.map.remove(&id) {
+                recent.by_instruction.remove(&old.instruction_alias());
+            }
+        }
+    }
+
+    /// The payment of an instruction (debtor agent + instruction id), wherever it is.
+    async fn find_instruction(&self, alias: u128) -> Result<Option<PaymentRecord>, ApiError> {
+        let key = self
+            .in_flight
+            .lock()
+            .expect("in flight")
+            .by_instruction
+            .get(&alias)
+            .copied();
+        let key = key.or_else(|| {
+            self.recent
+                .lock()
+                .expect("recent")
+                .by_instruction
+                .get(&alias)
+                .copied()
+        });
+        let key = match key {
+            Some(key) => Some(key),
+            // An index read of microseconds: done in place, not on the blocking pool.
+            None => self.node.resolve_alias_now(alias)?,
+        };
+        match key {
+            Some(key) => self.find(key).await,
+            None => Ok(None),
         }
     }
 
@@ -1478,7 +1521,11 @@ impl Switch {
                 (Some(hex_id), None, None, None) => u128::from_str_radix(hex_id, 16)
                     .map_err(|_| ApiError::bad_request("payment_id is 32 hex digits", "FF01"))?,
                 (None, Some(instruction_id), None, None) => match caller {
-                    Caller::Participant(bic) => payment_id(bic, instruction_id),
+                    Caller::Participant(bic) => self
+                        .find_instruction(instruction_alias(bic, instruction_id))
+                        .await?
+                        .ok_or_else(|| ApiError::not_found("payment"))?
+                        .id(),
                     Caller::Operator => return Err(ApiError::bad_request(
                         "the operator asks by payment_id, end_to_end_id with debtor_agent, or uetr",
                         "FF01",
@@ -1730,6 +1777,7 @@ impl Switch {
         {
             let mut set = self.in_flight.lock().expect("in flight");
             set.payments.insert(id, entry.clone());
+            set.by_instruction.insert(record.instruction_alias(), id);
             *set.per_debtor
                 .entry(record.debtor_agent.clone())
                 .or_default() += 1;
