@@ -165,7 +165,7 @@ impl PaymentView {
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Stored {
     Participant(Participant),
-    Payment(PaymentRecord),
+    Payment(Box<PaymentRecord>),
 }
 
 fn participant_key(bic: &str) -> u128 {
@@ -478,7 +478,7 @@ impl Switch {
                 Ok(Stored::Participant(p)) => {
                     participants.insert(p.bic.clone(), p);
                 }
-                Ok(Stored::Payment(p)) => payments.push(p),
+                Ok(Stored::Payment(p)) => payments.push(*p),
                 Err(error) => {
                     return Err(ApiError::new(
                         500,
@@ -1087,7 +1087,7 @@ impl Switch {
         let transfer = self.reservation(&record);
         let put = RecordPut {
             key: id,
-            value: encode(&Stored::Payment(record.clone())),
+            value: encode(&Stored::Payment(Box::new(record.clone()))),
             open: true,
             aliases: vec![
                 record.instruction_alias(),
@@ -1384,7 +1384,7 @@ impl Switch {
         record.finished_at_ns = Some(now_ns());
         let put = RecordPut {
             key: record.id(),
-            value: encode(&Stored::Payment(record.clone())),
+            value: encode(&Stored::Payment(Box::new(record.clone()))),
             open: false,
             aliases: vec![
                 record.instruction_alias(),
@@ -1496,7 +1496,7 @@ impl Switch {
         let value = self.node.get_records_now(&[id])?.pop().flatten();
         match value.map(|v| serde_json::from_slice::<Stored>(&v)) {
             None => Ok(None),
-            Some(Ok(Stored::Payment(record))) => Ok(Some(record)),
+            Some(Ok(Stored::Payment(record))) => Ok(Some(*record)),
             Some(_) => Err(ApiError::new(
                 500,
                 "corrupt_record",
@@ -1688,7 +1688,7 @@ impl Switch {
         record.finished_at_ns = Some(now_ns());
         let put = |record: &PaymentRecord, condition| RecordPut {
             key: id,
-            value: encode(&Stored::Payment(record.clone())),
+            value: encode(&Stored::Payment(Box::new(record.clone()))),
             open: false,
             aliases: vec![],
             when_transfer_ok: condition,
@@ -1753,7 +1753,7 @@ impl Switch {
             .pop()
             .flatten()?;
         match serde_json::from_slice::<Stored>(&value).ok()? {
-            Stored::Payment(record) => Some(record),
+            Stored::Payment(record) => Some(*record),
             Stored::Participant(_) => None,
         }
     }
