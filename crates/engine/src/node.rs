@@ -3,8 +3,9 @@
 //! Request path: client -> bounded request queue -> engine thread drains up to
 //! `group_requests_max` requests -> for each write: reserve journal space (a full disk refuses the
 //! request here, before anything changes), prefetch from the index, execute on the ledger, append
-//! the journal record -> one write + fdatasync for the group -> replies -> the group's changes go
-//! to the index thread through a bounded queue.
+//! the journal record -> one write for the group -> the sync thread fdatasyncs it (while the
+//! engine builds the next group: pipelined group commit, at most `SYNC_QUEUE_MAX` groups ahead),
+//! then answers the group, then hands its changes to the index thread through a bounded queue.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -101,7 +102,60 @@ pub struct NodeStats {
 /// Journal records replayed per index transaction during recovery.
 const REPLAY_RECORDS_PER_INDEX_TRANSACTION: usize = 16;
 
-/// Where an answer goes: a callback run on the engine thread (it must not block).
+/// An answer ready to be given once its group is durable.
+type Delivery = Box<dyn FnOnce() + Send>;
+
+/// A written group on its way to durability: synced, then answered, then indexed.
+struct SyncJob {
+    /// The segment file to fdatasync (None: nothing was written; answer after earlier groups).
+    file: Option<Arc<std::fs::File>>,
+    last_seq: u64,
+    deliveries: Vec<Delivery>,
+    update: Option<IndexUpdate>,
+}
+
+/// Groups written and waiting for their fdatasync: the engine runs at most this far ahead of the
+/// disk.
+const SYNC_QUEUE_MAX: usize = 2;
+
+/// The sync thread: makes each written group durable, then answers it and hands it to the index.
+/// After a failed sync nothing more is answered (callers see the node stopped).
+fn sync_loop(progress: &Progress, jobs: Receiver<SyncJob>, index_sender: SyncSender<IndexUpdate>) {
+    let mut failed = false;
+    while let Ok(job) = jobs.recv() {
+        if failed {
+            continue;
+        }
+        if let Some(file) = &job.file {
+            if let Err(error) = file.sync_data() {
+                tracing::error!(%error, "journal fdatasync failed; the node stops accepting work");
+                let mut state = progress.indexed.lock().expect("progress");
+                state
+                    .error
+                    .get_or_insert_with(|| format!("journal fdatasync failed: {error}"));
+                progress.stopped.store(true, Ordering::SeqCst);
+                progress.indexed_changed.notify_all();
+                failed = true;
+                continue;
+            }
+        }
+        progress
+            .committed_seq
+            .fetch_max(job.last_seq, Ordering::SeqCst);
+        if let Some(update) = job.update {
+            // Blocks when the index queue is full: backpressure, never dropped work.
+            if index_sender.send(update).is_err() {
+                failed = true;
+                continue;
+            }
+        }
+        for delivery in job.deliveries {
+            delivery();
+        }
+    }
+}
+
+/// Where an answer goes: a callback run on the engine's sync thread (it must not block).
 type Reply<T> = Box<dyn FnOnce(Result<T, EngineError>) + Send>;
 
 /// The outcome of a submit: one result per transfer, and for each record whether it was written.
@@ -340,6 +394,14 @@ impl Node {
         });
         let (request_sender, request_receiver) = mpsc::sync_channel(options.request_queue_max);
         let (index_sender, index_receiver) = mpsc::sync_channel(options.index_queue_max);
+        let (sync_sender, sync_receiver) = mpsc::sync_channel(SYNC_QUEUE_MAX);
+        let sync_thread = {
+            let progress = progress.clone();
+            std::thread::Builder::new()
+                .name("clearhouse-sync".into())
+                .spawn(move || sync_loop(&progress, sync_receiver, index_sender))
+                .expect("spawn sync thread")
+        };
         let index_thread = {
             let index = index.clone();
             let interval_min = options.index_transaction_interval_min;
@@ -367,7 +429,7 @@ impl Node {
                 journal,
                 index,
                 progress,
-                index_sender,
+                sync_sender,
                 recent: VecDeque::new(),
                 touched: FxHashMap::default(),
                 records_since_checkpoint: 0,
@@ -386,7 +448,7 @@ impl Node {
                 request_queue_max: options.request_queue_max,
                 index,
                 progress,
-                threads: Mutex::new(vec![engine_thread, index_thread]),
+                threads: Mutex::new(vec![engine_thread, sync_thread, index_thread]),
                 recovery,
             }),
         })
@@ -704,7 +766,8 @@ struct Engine {
     journal: Journal,
     index: Arc<Index>,
     progress: Arc<Progress>,
-    index_sender: SyncSender<IndexUpdate>,
+    /// Groups written but not yet synced, with their answers and index update (pipeline depth).
+    sync_sender: SyncSender<SyncJob>,
     /// Transfers in the ledger's cache, with the journal sequence of their latest change.
     recent: VecDeque<(u64, u128)>,
     touched: FxHashMap<u128, u64>,
@@ -761,13 +824,18 @@ impl Engine {
         let seq = self.journal.next_seq() - 1;
         let mut changes = ChangeSet::default();
         self.ledger.take_changes(&mut changes);
-        let _ = self.index_sender.send(IndexUpdate {
-            seq,
-            records: std::mem::take(&mut self.records),
-            changes,
-            accounts: self.ledger.take_dirty_accounts(),
-            scalars: self.ledger.scalars(),
-            durable: true,
+        let _ = self.sync_sender.send(SyncJob {
+            file: None,
+            last_seq: seq,
+            deliveries: Vec::new(),
+            update: Some(IndexUpdate {
+                seq,
+                records: std::mem::take(&mut self.records),
+                changes,
+                accounts: self.ledger.take_dirty_accounts(),
+                scalars: self.ledger.scalars(),
+                durable: true,
+            }),
         });
     }
 
@@ -836,23 +904,34 @@ impl Engine {
                 other => answered.push(Pending::Lookup(other)),
             }
         }
-        // One write and one fdatasync for the whole group, then the answers.
-        self.journal.commit()?;
+        // One write for the whole group; the sync thread fdatasyncs it and only then answers and
+        // indexes it, while this thread builds the next group (pipelined group commit).
+        let file = self.journal.write_group()?;
         let last_seq = self.journal.next_seq() - 1;
-        self.progress
-            .committed_seq
-            .store(last_seq, Ordering::SeqCst);
-        if last_seq >= seq_before {
-            self.send_to_index(last_seq)?;
-        }
+        let update = (last_seq >= seq_before).then(|| self.index_update(last_seq));
+        let mut deliveries: Vec<Delivery> = Vec::with_capacity(answered.len());
         for pending in answered {
-            match pending {
-                Pending::Accounts(reply, result) => reply(result),
-                Pending::Transfers(reply, result) => reply(result),
-                Pending::Submit(reply, result) => reply(result),
+            deliveries.push(match pending {
+                Pending::Accounts(reply, result) => Box::new(move || reply(result)),
+                Pending::Transfers(reply, result) => Box::new(move || reply(result)),
+                Pending::Submit(reply, result) => Box::new(move || reply(result)),
                 Pending::Lookup(request) => self.answer_lookup(request),
-            }
+            });
         }
+        self.sync_sender
+            .send(SyncJob {
+                file,
+                last_seq,
+                deliveries,
+                update,
+            })
+            .map_err(|_| EngineError::Stopped {
+                reason: "the sync thread has exited".into(),
+            })?;
+        // Backpressure: not too many transfers waiting for the index, however few groups hold them.
+        let (sent, limit) = (self.transfers_sent, self.options.unindexed_transfers_max);
+        self.progress
+            .wait_until(|state| sent - state.transfers_indexed <= limit)?;
         self.evict_indexed();
         self.remove_covered_segments()?;
         Ok(())
@@ -968,7 +1047,8 @@ impl Engine {
         self.recent.push_back((seq, id));
     }
 
-    fn send_to_index(&mut self, seq: u64) -> Result<(), EngineError> {
+    /// The group's changes for the index (sent by the sync thread once the group is durable).
+    fn index_update(&mut self, seq: u64) -> IndexUpdate {
         let mut changes = ChangeSet::default();
         self.ledger.take_changes(&mut changes);
         let ids: Vec<u128> = changes.transfers.iter().map(|s| s.transfer.id).collect();
@@ -981,23 +1061,14 @@ impl Engine {
             self.records_since_checkpoint = 0;
         }
         self.transfers_sent += changes.transfers.len() as u64;
-        // Blocks when the index queue is full: backpressure, never dropped work.
-        self.index_sender
-            .send(IndexUpdate {
-                seq,
-                records: std::mem::take(&mut self.records),
-                changes,
-                accounts: self.ledger.take_dirty_accounts(),
-                scalars: self.ledger.scalars(),
-                durable,
-            })
-            .map_err(|_| EngineError::Stopped {
-                reason: "the index thread has exited".into(),
-            })?;
-        // And when too many transfers wait for the index, however few groups hold them.
-        let (sent, limit) = (self.transfers_sent, self.options.unindexed_transfers_max);
-        self.progress
-            .wait_until(|state| sent - state.transfers_indexed <= limit)
+        IndexUpdate {
+            seq,
+            records: std::mem::take(&mut self.records),
+            changes,
+            accounts: self.ledger.take_dirty_accounts(),
+            scalars: self.ledger.scalars(),
+            durable,
+        }
     }
 
     fn evict_indexed(&mut self) {
@@ -1028,14 +1099,16 @@ impl Engine {
         Ok(())
     }
 
-    fn answer_lookup(&mut self, request: Request) {
+    /// Computes a lookup's answer now; it is delivered after the group is durable, so nobody
+    /// reads state that is not durable yet.
+    fn answer_lookup(&mut self, request: Request) -> Delivery {
         match request {
             Request::LookupAccounts(ids, reply) => {
                 let accounts = ids
                     .iter()
                     .filter_map(|id| self.ledger.account(*id).copied())
                     .collect();
-                reply(Ok(accounts));
+                Box::new(move || reply(Ok(accounts)))
             }
             Request::LookupTransfers(ids, reply) => {
                 let mut missing = Vec::new();
@@ -1054,17 +1127,18 @@ impl Engine {
                         found.insert(stored.transfer.id, stored);
                     })
                     .map(|()| ids.iter().filter_map(|id| found.get(id).copied()).collect());
-                reply(result);
+                Box::new(move || reply(result))
             }
             Request::Stats(reply) => {
                 let state = self.progress.indexed.lock().expect("progress");
-                reply(Ok(NodeStats {
+                let stats = NodeStats {
                     journal_bytes_written: self.journal.bytes_written(),
                     committed_seq: self.progress.committed_seq.load(Ordering::SeqCst),
                     indexed_seq: state.seq,
                     checkpoint_seq: state.checkpoint_seq,
                     cached_transfers: self.ledger.cached_transfers_count(),
-                }));
+                };
+                Box::new(move || reply(Ok(stats)))
             }
             Request::CreateAccounts(..) | Request::CreateTransfers(..) | Request::Submit(..) => {
                 unreachable!("writes are executed, not looked up")

@@ -337,7 +337,7 @@ pub fn read_records(
 pub struct Journal {
     dir: PathBuf,
     options: JournalOptions,
-    file: Option<File>,
+    file: Option<std::sync::Arc<File>>,
     path: PathBuf,
     segment_first_seq: u64,
     write_offset: u64,
@@ -443,12 +443,12 @@ impl Journal {
             }
             expected = Some(next_expected);
             if last {
-                journal.file = Some(
+                journal.file = Some(std::sync::Arc::new(
                     OpenOptions::new()
                         .write(true)
                         .open(&segment.path)
                         .map_err(io_error("open", &segment.path))?,
-                );
+                ));
                 journal.path = segment.path.clone();
                 journal.segment_first_seq = segment.first_seq;
                 journal.write_offset = offset as u64;
@@ -559,7 +559,7 @@ impl Journal {
         fs::rename(&tmp, &path).map_err(io_error("rename", &tmp))?;
         sync_dir(&self.dir)?;
         self.bytes_written += SEGMENT_HEADER_SIZE;
-        self.file = Some(file);
+        self.file = Some(std::sync::Arc::new(file));
         self.path = path;
         self.segment_first_seq = first_seq;
         self.write_offset = SEGMENT_HEADER_SIZE;
@@ -611,6 +611,22 @@ impl Journal {
         self.bytes_written += self.buffer.len() as u64;
         self.buffer.clear();
         Ok(())
+    }
+
+    /// Writes the buffered group without syncing it, and returns the segment file that holds it:
+    /// the group is durable once `sync_data` on that file returns (pipelined group commit: the
+    /// caller syncs on another thread while it builds the next group). `None` when nothing was
+    /// buffered. An error poisons the journal.
+    pub fn write_group(&mut self) -> Result<Option<std::sync::Arc<File>>, JournalError> {
+        if self.poisoned {
+            return Err(JournalError::Poisoned);
+        }
+        if self.buffered_records == 0 && self.buffer.is_empty() {
+            return Ok(None);
+        }
+        self.write_buffer()?;
+        self.buffered_records = 0;
+        Ok(self.file.clone())
     }
 
     /// Writes the buffered group and makes it durable with one fdatasync (group commit).
