@@ -75,6 +75,7 @@ type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 pub struct Outbound {
     client: HttpClient,
+    registry: Registry,
     permits: Mutex<FxHashMap<String, Arc<Semaphore>>>,
     notifiers: Mutex<FxHashMap<String, mpsc::Sender<Notification>>>,
     per_participant_max: usize,
@@ -89,7 +90,7 @@ enum CallError {
 }
 
 impl Outbound {
-    pub fn new(config: &SwitchConfig) -> Outbound {
+    pub fn new(config: &SwitchConfig, registry: Registry) -> Outbound {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -99,6 +100,7 @@ impl Outbound {
             .build(connector);
         Outbound {
             client,
+            registry,
             permits: Mutex::new(FxHashMap::default()),
             notifiers: Mutex::new(FxHashMap::default()),
             per_participant_max: config.outbound_per_participant_max,
@@ -219,6 +221,7 @@ impl Outbound {
             let worker = NotificationWorker {
                 client: self.client.clone(),
                 participant: participant.clone(),
+                registry: self.registry.clone(),
                 attempts_max: self.attempts_max,
                 timeout: self.call_timeout,
             };
@@ -231,9 +234,13 @@ impl Outbound {
     }
 }
 
+/// The switch's participants, shared with the notification workers.
+pub type Registry = Arc<std::sync::RwLock<Arc<std::collections::BTreeMap<String, Participant>>>>;
+
 struct NotificationWorker {
     client: HttpClient,
     participant: Participant,
+    registry: Registry,
     attempts_max: u32,
     timeout: Duration,
 }
@@ -254,9 +261,17 @@ impl NotificationWorker {
             let mut backoff = Duration::from_millis(100);
             let mut delivered = false;
             for _ in 0..self.attempts_max {
+                // The participant as registered now (its endpoint or secret may have changed).
+                let current = self
+                    .registry
+                    .read()
+                    .expect("participants")
+                    .get(&self.participant.bic)
+                    .cloned()
+                    .unwrap_or_else(|| self.participant.clone());
                 match Outbound::call(
                     &self.client,
-                    &self.participant,
+                    &current,
                     "/notifications",
                     body.clone(),
                     self.timeout,

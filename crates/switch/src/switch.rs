@@ -415,7 +415,7 @@ pub struct Switch {
     node: Node,
     pub config: SwitchConfig,
     operator: OperatorKey,
-    participants: RwLock<Arc<BTreeMap<String, Participant>>>,
+    participants: crate::outbound::Registry,
     keys: RwLock<Arc<FxHashMap<String, String>>>,
     admin: tokio::sync::Mutex<()>,
     nonces: NonceCache,
@@ -488,12 +488,13 @@ impl Switch {
                 }
             }
         }
-        let outbound = Outbound::new(&config);
+        let registry: crate::outbound::Registry = Arc::new(RwLock::new(Arc::new(BTreeMap::new())));
+        let outbound = Outbound::new(&config, registry.clone());
         let switch = Arc::new(Switch {
             node,
             operator,
             nonces: NonceCache::new(config.clock_skew_ms, config.nonces_max),
-            participants: RwLock::new(Arc::new(BTreeMap::new())),
+            participants: registry,
             keys: RwLock::new(Arc::new(FxHashMap::default())),
             admin: tokio::sync::Mutex::new(()),
             in_flight: Mutex::new(InFlightSet::default()),
