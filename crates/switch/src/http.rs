@@ -431,6 +431,87 @@ async fn stats(
     .await
 }
 
+fn xml_response(status: StatusCode, xml: String) -> Response {
+    (status, [("content-type", "application/xml")], xml).into_response()
+}
+
+/// POST /v1/iso20022/pacs.008: a pacs.008 in, a pacs.002 out (ACSC, RJCT with reason, or PDNG
+/// with 202 when not final in time). An unreadable message is a JSON 400 (FF01, element path).
+async fn submit_pacs008(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let submission = crate::iso::read_pacs008(&body)?;
+            let original = submission.message.message_id.clone();
+            match state.switch.submit(&caller, submission.request).await {
+                Ok((done, view)) => Ok(xml_response(
+                    if done {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::ACCEPTED
+                    },
+                    crate::iso::pacs002_of(&view, &original).to_xml(),
+                )),
+                // Refusals with an ISO reason are answered in ISO: pacs.002 RJCT.
+                Err(error)
+                    if error.reason.is_some() && error.status != 401 && error.status != 403 =>
+                {
+                    Ok(xml_response(
+                        StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_REQUEST),
+                        crate::iso::pacs002_refusal(
+                            &submission.message,
+                            error.reason.unwrap_or("NARR"),
+                        )
+                        .to_xml(),
+                    ))
+                }
+                Err(error) => Err(error),
+            }
+        },
+    )
+    .await
+}
+
+/// GET /v1/payments/{id}/pacs.002: the payment's state as a pacs.002.
+async fn get_payment_pacs002(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            let query = StatusQuery {
+                payment_id: Some(id),
+                ..StatusQuery::default()
+            };
+            let view = state.switch.status(&caller, query).await?;
+            Ok(xml_response(
+                StatusCode::OK,
+                crate::iso::pacs002_of(&view, &view.instruction_id).to_xml(),
+            ))
+        },
+    )
+    .await
+}
+
 async fn openapi() -> Response {
     (
         [("content-type", "application/json")],
@@ -457,6 +538,8 @@ pub fn router(switch: Arc<Switch>) -> Router {
         .route("/v1/payments", post(submit_payment).get(query_payment))
         .route("/v1/payments/{id}", get(get_payment))
         .route("/v1/payments/{id}/decision", post(decide))
+        .route("/v1/payments/{id}/pacs.002", get(get_payment_pacs002))
+        .route("/v1/iso20022/pacs.008", post(submit_pacs008))
         .route("/v1/participants/{bic}", get(participant))
         .route("/v1/participants/{bic}/positions", get(positions))
         .route("/v1/admin/participants", post(onboard))

@@ -10,13 +10,14 @@
 //!
 //! It deliberately does not: move money outside the ledger (every balance is a ledger account,
 //! every movement a ledger transfer), keep its own files besides the operator key (participants
-//! and payments are engine records, journaled with the transfers they explain), speak ISO 20022 XML (that is another crate's job, converting
-//! into [`switch::PaymentRequest`]).
+//! and payments are engine records, journaled with the transfers they explain), parse XML itself (clearhouse-iso20022 does; `iso.rs` converts a pacs.008 into
+//! the same [`switch::PaymentRequest`] as JSON and answers with pacs.002).
 
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod iso;
 pub mod model;
 pub mod money;
 pub mod outbound;

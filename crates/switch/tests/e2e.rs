@@ -87,6 +87,14 @@ async fn call(client: &SignedClient, method: &str, path: &str, body: Value) -> (
     )
 }
 
+async fn call_raw(client: &SignedClient, path: &str, body: &[u8]) -> (u16, Value) {
+    let (status, answer) = client.request("POST", path, body).await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&answer).unwrap_or(Value::Null),
+    )
+}
+
 fn secret(bic: &str) -> Vec<u8> {
     format!("secret-of-{bic}-0123456789").into_bytes()
 }
@@ -278,6 +286,66 @@ fn payments_end_to_end_over_http() {
             404
         );
 
+        // The same payment path in ISO 20022: a pacs.008 in, a pacs.002 out (XSD-valid).
+        let tx = clearhouse_iso20022::CreditTransfer {
+            instruction_id: Some("X-1".into()),
+            end_to_end_id: "E2E-X-1".into(),
+            amount: "12.50".into(),
+            currency: "EUR".into(),
+            charge_bearer: "SLEV".into(),
+            debtor_name: Some("Alice".into()),
+            debtor_account: Some(clearhouse_iso20022::messages::Account { iban: Some("DE89370400440532013000".into()), other_id: None }),
+            debtor_agent: clearhouse_iso20022::messages::Agent { bic: Some(DEBTOR.into()), ..Default::default() },
+            creditor_agent: clearhouse_iso20022::messages::Agent { bic: Some(ACCEPTS.into()), ..Default::default() },
+            creditor_name: Some("Bob".into()),
+            creditor_account: Some(clearhouse_iso20022::messages::Account { iban: Some("FR1420041010050500013M02606".into()), other_id: None }),
+            ..Default::default()
+        };
+        let mut pacs008 = clearhouse_iso20022::Pacs008 {
+            message_id: "MSG-X-1".into(),
+            creation: "2026-11-25T07:30:00.000Z".into(),
+            number_of_transactions: "1".into(),
+            settlement_method: "CLRG".into(),
+            clearing_system: None,
+            transactions: vec![tx],
+        };
+        let limits = clearhouse_iso20022::Limits::default();
+        let (status, answer) = debtor.request("POST", "/v1/iso20022/pacs.008", pacs008.to_xml().as_bytes()).await.unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+        let clearhouse_iso20022::Message::Pacs002(report) = clearhouse_iso20022::Message::parse(&answer, &limits).unwrap() else { panic!("a pacs.002") };
+        assert_eq!((report.status.as_str(), report.original_message_id.as_str(), report.original_end_to_end_id.as_deref()), ("ACSC", "MSG-X-1", Some("E2E-X-1")));
+        let report_path = dir.path().join("pacs002.xml");
+        std::fs::write(&report_path, &answer).unwrap();
+        let lint = std::process::Command::new("xmllint").arg("--noout").arg("--schema")
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/iso20022/xsd/pacs.002.001.10.xsd"))
+            .arg(&report_path).output().expect("xmllint");
+        assert!(lint.status.success(), "{}", String::from_utf8_lossy(&lint.stderr));
+        // JSON and XML are two views of one payment; resubmitting the XML answers the same.
+        let (_, json_view) = call(&debtor, "GET", "/v1/payments?instruction_id=X-1", Value::Null).await;
+        assert_eq!((json_view["status"].as_str(), json_view["amount"].as_str()), (Some("ACSC"), Some("12.50")));
+        let (status, again) = debtor.request("POST", "/v1/iso20022/pacs.008", pacs008.to_xml().as_bytes()).await.unwrap();
+        let clearhouse_iso20022::Message::Pacs002(again) = clearhouse_iso20022::Message::parse(&again, &limits).unwrap() else { panic!() };
+        assert_eq!((status, again.status.as_str()), (200, "ACSC"));
+        assert_eq!(available(&debtor, DEBTOR).await, "4887.25", "moved once");
+        let (status, xml) = call(&debtor, "GET", &format!("/v1/payments/{}/pacs.002", json_view["payment_id"].as_str().unwrap()), Value::Null).await;
+        assert_eq!(status, 200, "{xml}");
+        // Rules the XSD does not check answer RJCT in a pacs.002: too many decimals for EUR.
+        pacs008.message_id = "MSG-X-2".into();
+        pacs008.transactions[0].instruction_id = Some("X-2".into());
+        pacs008.transactions[0].amount = "1.005".into();
+        let (status, answer) = debtor.request("POST", "/v1/iso20022/pacs.008", pacs008.to_xml().as_bytes()).await.unwrap();
+        let clearhouse_iso20022::Message::Pacs002(report) = clearhouse_iso20022::Message::parse(&answer, &limits).unwrap() else { panic!() };
+        assert_eq!((status, report.status.as_str(), report.reason.as_deref()), (400, "RJCT", Some("AM12")));
+        // Unreadable XML: 400 FF01 naming the element, and a DTD is refused.
+        let broken = pacs008.to_xml().replace("<EndToEndId>E2E-X-1</EndToEndId>", "");
+        let (status, body) = call_raw(&debtor, "/v1/iso20022/pacs.008", broken.as_bytes()).await;
+        assert_eq!((status, body["reason"].as_str()), (400, Some("FF01")), "{body}");
+        assert!(body["message"].as_str().unwrap().contains("PmtId/EndToEndId"), "{body}");
+        let dtd = "<?xml version=\"1.0\"?><!DOCTYPE d [<!ENTITY x \"y\">]><Document/>";
+        let (status, body) = call_raw(&debtor, "/v1/iso20022/pacs.008", dtd.as_bytes()).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(available(&debtor, DEBTOR).await, "4887.25", "nothing moved");
+
         // Every rejection reason, each recorded and answered with its ISO code.
         let cases = [
             (payment(DEBTOR, REJECTS, "R-AC04", "1.00"), "AC04"),
@@ -299,7 +367,7 @@ fn payments_end_to_end_over_http() {
             assert_eq!(again.1, body, "a resubmitted rejection answers the same");
         }
         // Liquidity released after every rejection: only the settled payment left the debtor.
-        assert_eq!(available(&debtor, DEBTOR).await, "4899.75");
+        assert_eq!(available(&debtor, DEBTOR).await, "4887.25");
         assert_eq!(available(&op, POOR).await, "10.00");
         // Suspended creditor: AG01; resumed: settles.
         let (status, _) = call(
@@ -462,7 +530,7 @@ fn payments_end_to_end_over_http() {
         onboard(&op, DEFERS, &deferring, prefunded.clone()).await;
         let (status, body) = call(&debtor, "POST", "/v1/payments", payment(DEBTOR, DEFERS, "D-1", "2.00")).await;
         assert_eq!((status, body["status"].as_str()), (200, Some("ACSC")), "{body}");
-        assert_eq!(available(&debtor, DEBTOR).await, "4897.75");
+        assert_eq!(available(&debtor, DEBTOR).await, "4885.25");
         // A decision for a payment that is already final is refused, and changes nothing.
         let late = call(&client_of(&url, DEFERS), "POST", &format!("/v1/payments/{}/decision", body["payment_id"].as_str().unwrap()), json!({"status": "RJCT", "reason": "AC04"})).await;
         assert_eq!(late.0, 409, "{late:?}");
@@ -503,7 +571,7 @@ fn payments_end_to_end_over_http() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
             available(&debtor, DEBTOR).await,
-            "4847.75",
+            "4835.25",
             "50.00 reserved"
         );
         let (_, found) = call(
@@ -556,7 +624,7 @@ fn payments_end_to_end_over_http() {
             (Some("RJCT"), Some("AB05")),
             "{last}"
         );
-        assert_eq!(available(&debtor, DEBTOR).await, "4897.75");
+        assert_eq!(available(&debtor, DEBTOR).await, "4885.25");
         // Settled history survived too.
         let (_, body) = call(
             &debtor,
