@@ -8,6 +8,7 @@
 
 mod admin;
 mod bench;
+mod iso_bench;
 mod node_protocol;
 mod payments;
 mod workload;
@@ -88,6 +89,10 @@ enum BenchCommand {
     ///
     /// Example: clearhouse bench payments --payments 200000 --json
     Payments(payments::PaymentsArgs),
+    /// ISO 20022: parse and emit throughput of pacs.008 on one core.
+    ///
+    /// Example: clearhouse bench iso20022 --messages 200000
+    Iso20022(iso_bench::IsoArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,6 +109,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Core(args)) => bench::core(args),
         Command::Bench(BenchCommand::Recovery(args)) => bench::recovery(args),
         Command::Bench(BenchCommand::Payments(args)) => payments::bench(args),
+        Command::Bench(BenchCommand::Iso20022(args)) => iso_bench::run(args),
         Command::Serve(args) => payments::serve(args),
         Command::Demo(args) => payments::demo(args),
         Command::SimBanks(args) => payments::sim_banks(args),

@@ -100,7 +100,7 @@ impl Message {
         let document = root.find("Document").ok_or_else(|| MessageError::Missing {
             path: format!("/{}/Document", root.name),
         })?;
-        match document.ns.as_str() {
+        match &*document.ns {
             PACS_008_NS => Ok(Message::Pacs008(Pacs008::from_document(document)?)),
             PACS_002_NS => Ok(Message::Pacs002(Pacs002::from_document(document)?)),
             other => Err(MessageError::Unsupported {

@@ -38,7 +38,9 @@ pub struct XmlError {
 /// left out), child elements in document order, and its text (concatenated, trimmed).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Element {
-    pub ns: String,
+    /// Shared between the elements of one namespace (one allocation per namespace, not per
+    /// element).
+    pub ns: std::sync::Arc<str>,
     pub name: String,
     pub attrs: Vec<(String, String)>,
     pub children: Vec<Element>,
@@ -48,7 +50,7 @@ pub struct Element {
 impl Element {
     pub fn new(ns: &str, name: &str) -> Element {
         Element {
-            ns: ns.to_string(),
+            ns: std::sync::Arc::from(ns),
             name: name.to_string(),
             ..Element::default()
         }
@@ -56,7 +58,11 @@ impl Element {
 
     /// A child element with text, in the parent's namespace.
     pub fn leaf(mut self, name: &str, text: impl Into<String>) -> Element {
-        let mut child = Element::new(&self.ns, name);
+        let mut child = Element {
+            ns: self.ns.clone(),
+            name: name.to_string(),
+            ..Element::default()
+        };
         child.text = text.into();
         self.children.push(child);
         self
@@ -147,14 +153,26 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Element, XmlError> {
     let mut stack: Vec<Element> = Vec::new();
     let mut root: Option<Element> = None;
     let mut elements = 0usize;
+    let mut namespaces: Vec<std::sync::Arc<str>> = Vec::new();
     loop {
         let (resolved, event) = match reader.read_resolved_event() {
             Ok(resolved) => resolved,
             Err(e) => return Err(fail(&stack, format!("malformed XML: {e}"))),
         };
-        let ns = match resolved {
-            ResolveResult::Bound(ns) => String::from_utf8_lossy(ns.as_ref()).into_owned(),
-            ResolveResult::Unbound => String::new(),
+        let ns: std::sync::Arc<str> = match resolved {
+            ResolveResult::Bound(ns) => {
+                let bytes = ns.as_ref();
+                match namespaces.iter().find(|known| known.as_bytes() == bytes) {
+                    Some(known) => known.clone(),
+                    None if namespaces.len() < 16 => {
+                        let new: std::sync::Arc<str> = String::from_utf8_lossy(bytes).into();
+                        namespaces.push(new.clone());
+                        new
+                    }
+                    None => return Err(fail(&stack, "more than 16 namespaces".into())),
+                }
+            }
+            ResolveResult::Unbound => std::sync::Arc::from(""),
             ResolveResult::Unknown(prefix) => {
                 return Err(fail(
                     &stack,
@@ -184,8 +202,11 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Element, XmlError> {
                 if root.is_some() {
                     return Err(fail(&stack, "content after the root element".into()));
                 }
-                let name = String::from_utf8_lossy(start.local_name().as_ref()).into_owned();
-                let mut element = Element::new(&ns, &name);
+                let mut element = Element {
+                    ns,
+                    name: String::from_utf8_lossy(start.local_name().as_ref()).into_owned(),
+                    ..Element::default()
+                };
                 for attr in start.attributes() {
                     let attr = attr.map_err(|e| fail(&stack, format!("attribute: {e}")))?;
                     let key = attr.key.as_ref();
@@ -207,6 +228,10 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Element, XmlError> {
             }
             Event::End(_) => close(&mut stack, &mut root),
             Event::Text(text) => {
+                // Indentation (whitespace only) carries nothing in ISO 20022: skipped unparsed.
+                if text.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
                 let text = text
                     .unescape()
                     .map_err(|e| fail(&stack, format!("text: {e}")))?;
@@ -295,7 +320,7 @@ pub fn emit(root: &Element) -> String {
 fn write_element(out: &mut String, e: &Element, parent_ns: &str) {
     out.push('<');
     out.push_str(&e.name);
-    if e.ns != parent_ns {
+    if &*e.ns != parent_ns {
         out.push_str(" xmlns=\"");
         escape_into(out, &e.ns, true);
         out.push('"');
@@ -330,7 +355,7 @@ mod tests {
         let limits = Limits::default();
         let ok = br#"<?xml version="1.0"?><a:R xmlns:a="urn:x"><a:B k="1 &amp; 2">x &lt; y</a:B><a:C/></a:R>"#;
         let root = parse(ok, &limits).unwrap();
-        assert_eq!((root.ns.as_str(), root.name.as_str()), ("urn:x", "R"));
+        assert_eq!((&*root.ns, root.name.as_str()), ("urn:x", "R"));
         assert_eq!(root.text_at("B"), Some("x < y"));
         assert_eq!(root.get("B").unwrap().attr_value("k"), Some("1 & 2"));
         assert!(root.get("C").is_some());
