@@ -5,6 +5,7 @@ use crate::xml::{self, Element, Limits, XmlError};
 
 pub const PACS_008_NS: &str = "urn:iso:std:iso:20022:tech:xsd:pacs.008.001.08";
 pub const PACS_002_NS: &str = "urn:iso:std:iso:20022:tech:xsd:pacs.002.001.10";
+pub const PACS_028_NS: &str = "urn:iso:std:iso:20022:tech:xsd:pacs.028.001.03";
 pub const HEAD_001_NS: &str = "urn:iso:std:iso:20022:tech:xsd:head.001.001.02";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -15,7 +16,7 @@ pub enum MessageError {
     Missing { path: String },
     #[error("{path}: {reason}")]
     Invalid { path: String, reason: String },
-    #[error("unsupported message {namespace:?} (supported: pacs.008.001.08, pacs.002.001.10)")]
+    #[error("unsupported message {namespace:?} (supported: pacs.008.001.08, pacs.002.001.10, pacs.028.001.03)")]
     Unsupported { namespace: String },
 }
 
@@ -86,10 +87,25 @@ pub struct Pacs002 {
     pub acceptance: Option<String>,
 }
 
+/// FIToFIPmtStsReq with one TxInf: "what became of this payment?"
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pacs028 {
+    pub message_id: String,
+    pub creation: String,
+    pub status_request_id: Option<String>,
+    pub original_message_id: Option<String>,
+    pub original_message_name: Option<String>,
+    pub original_instruction_id: Option<String>,
+    pub original_end_to_end_id: Option<String>,
+    pub original_transaction_id: Option<String>,
+    pub original_uetr: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     Pacs008(Pacs008),
     Pacs002(Pacs002),
+    Pacs028(Pacs028),
 }
 
 impl Message {
@@ -103,6 +119,7 @@ impl Message {
         match &*document.ns {
             PACS_008_NS => Ok(Message::Pacs008(Pacs008::from_document(document)?)),
             PACS_002_NS => Ok(Message::Pacs002(Pacs002::from_document(document)?)),
+            PACS_028_NS => Ok(Message::Pacs028(Pacs028::from_document(document)?)),
             other => Err(MessageError::Unsupported {
                 namespace: other.to_string(),
             }),
@@ -345,6 +362,60 @@ impl Pacs002 {
         tx = tx.leaf_opt("AccptncDtTm", self.acceptance.as_deref());
         Element::new(ns, "Document")
             .child(Element::new(ns, "FIToFIPmtStsRpt").child(header).child(tx))
+    }
+
+    pub fn to_xml(&self) -> String {
+        xml::emit(&self.to_document())
+    }
+}
+
+impl Pacs028 {
+    pub fn from_document(document: &Element) -> Result<Pacs028, MessageError> {
+        let doc = Reader::new(document, "/Document".into());
+        let body = doc.req_sub("FIToFIPmtStsReq")?;
+        let header = body.req_sub("GrpHdr")?;
+        if body.element.all("TxInf").count() != 1 {
+            return Err(MessageError::Invalid {
+                path: format!("{}/TxInf", body.path),
+                reason: "exactly one TxInf per status request".into(),
+            });
+        }
+        let tx = body.req_sub("TxInf")?;
+        Ok(Pacs028 {
+            message_id: header.req("MsgId")?,
+            creation: header.req("CreDtTm")?,
+            status_request_id: tx.opt("StsReqId"),
+            original_message_id: tx.opt("OrgnlGrpInf/OrgnlMsgId"),
+            original_message_name: tx.opt("OrgnlGrpInf/OrgnlMsgNmId"),
+            original_instruction_id: tx.opt("OrgnlInstrId"),
+            original_end_to_end_id: tx.opt("OrgnlEndToEndId"),
+            original_transaction_id: tx.opt("OrgnlTxId"),
+            original_uetr: tx.opt("OrgnlUETR"),
+        })
+    }
+
+    /// The Document element, in schema order.
+    pub fn to_document(&self) -> Element {
+        let ns = PACS_028_NS;
+        let header = Element::new(ns, "GrpHdr")
+            .leaf("MsgId", self.message_id.as_str())
+            .leaf("CreDtTm", self.creation.as_str());
+        let mut tx =
+            Element::new(ns, "TxInf").leaf_opt("StsReqId", self.status_request_id.as_deref());
+        if let (Some(id), Some(name)) = (&self.original_message_id, &self.original_message_name) {
+            tx = tx.child(
+                Element::new(ns, "OrgnlGrpInf")
+                    .leaf("OrgnlMsgId", id.as_str())
+                    .leaf("OrgnlMsgNmId", name.as_str()),
+            );
+        }
+        tx = tx
+            .leaf_opt("OrgnlInstrId", self.original_instruction_id.as_deref())
+            .leaf_opt("OrgnlEndToEndId", self.original_end_to_end_id.as_deref())
+            .leaf_opt("OrgnlTxId", self.original_transaction_id.as_deref())
+            .leaf_opt("OrgnlUETR", self.original_uetr.as_deref());
+        Element::new(ns, "Document")
+            .child(Element::new(ns, "FIToFIPmtStsReq").child(header).child(tx))
     }
 
     pub fn to_xml(&self) -> String {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clearhouse_iso20022::messages::{Account, Agent};
-use clearhouse_iso20022::{time, CreditTransfer, Limits, Message, Pacs002, Pacs008};
+use clearhouse_iso20022::{time, CreditTransfer, Limits, Message, Pacs002, Pacs008, Pacs028};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
@@ -179,6 +179,33 @@ fn pacs002() -> impl Strategy<Value = Pacs002> {
         )
 }
 
+fn pacs028() -> impl Strategy<Value = Pacs028> {
+    (
+        (
+            id(35),
+            proptest::option::of(id(35)),
+            proptest::option::of(id(35)),
+        ),
+        (
+            proptest::option::of(id(35)),
+            proptest::option::of(id(35)),
+            proptest::option::of(id(35)),
+            proptest::option::of(uetr()),
+        ),
+    )
+        .prop_map(|((msg, req, orig), (instr, e2e, tx, uetr))| Pacs028 {
+            message_id: msg,
+            creation: time::date_time(1_795_591_845_123_000_000),
+            status_request_id: req,
+            original_message_name: orig.as_ref().map(|_| "pacs.008.001.08".to_string()),
+            original_message_id: orig,
+            original_instruction_id: instr,
+            original_end_to_end_id: e2e,
+            original_transaction_id: tx,
+            original_uetr: uetr,
+        })
+}
+
 /// Validates files against an XSD in one xmllint run; panics with xmllint's words on failure.
 fn xmllint(xsd: &str, files: &[PathBuf]) {
     let (ok, errors) = xmllint_run(xsd, files);
@@ -250,6 +277,19 @@ fn emitted_messages_validate_against_the_official_schemas_and_round_trip() {
         files.push(path);
     }
     xmllint("pacs.002.001.10.xsd", &files);
+    let mut files = Vec::new();
+    for (i, message) in generate(pacs028(), 200).into_iter().enumerate() {
+        let xml = message.to_xml();
+        assert_eq!(
+            Message::parse(xml.as_bytes(), &limits).unwrap(),
+            Message::Pacs028(message),
+            "round trip"
+        );
+        let path = dir.path().join(format!("pacs028-{i}.xml"));
+        std::fs::write(&path, xml).unwrap();
+        files.push(path);
+    }
+    xmllint("pacs.028.001.03.xsd", &files);
 }
 
 #[test]
@@ -272,6 +312,7 @@ fn every_shared_sample_parses_and_payments_round_trip() {
                 let again = match &message {
                     Message::Pacs008(m) => Message::parse(m.to_xml().as_bytes(), &limits).unwrap(),
                     Message::Pacs002(m) => Message::parse(m.to_xml().as_bytes(), &limits).unwrap(),
+                    Message::Pacs028(m) => Message::parse(m.to_xml().as_bytes(), &limits).unwrap(),
                 };
                 assert_eq!(again, message, "{}", path.display());
                 typed += 1;

@@ -482,6 +482,75 @@ async fn submit_pacs008(
     .await
 }
 
+/// POST /v1/iso20022/pacs.028: a status request (by OrgnlUETR, OrgnlInstrId or OrgnlEndToEndId)
+/// answered with a pacs.002 of the payment's state; only the debtor or creditor agent may ask.
+async fn status_pacs028(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let request = match clearhouse_iso20022::Message::parse(&body, &crate::iso::limits()) {
+                Ok(clearhouse_iso20022::Message::Pacs028(request)) => request,
+                Ok(_) => {
+                    return Err(
+                        ApiError::new(400, "unsupported_message", "send a pacs.028.001.03")
+                            .with_reason("FF01"),
+                    )
+                }
+                Err(error) => {
+                    return Err(ApiError::new(400, "invalid_message", error.to_string())
+                        .with_reason("FF01"))
+                }
+            };
+            let query = match (
+                &request.original_uetr,
+                &request.original_instruction_id,
+                &request.original_end_to_end_id,
+            ) {
+                (Some(uetr), _, _) => StatusQuery {
+                    uetr: Some(uetr.clone()),
+                    ..StatusQuery::default()
+                },
+                (None, Some(instruction), _) => StatusQuery {
+                    instruction_id: Some(instruction.clone()),
+                    ..StatusQuery::default()
+                },
+                (None, None, Some(e2e)) => StatusQuery {
+                    end_to_end_id: Some(e2e.clone()),
+                    ..StatusQuery::default()
+                },
+                _ => {
+                    return Err(ApiError::new(
+                        400,
+                        "no_reference",
+                        "a pacs.028 needs OrgnlUETR, OrgnlInstrId or OrgnlEndToEndId",
+                    )
+                    .with_reason("FF01"))
+                }
+            };
+            let view = state.switch.status(&caller, query).await?;
+            let original = request
+                .original_message_id
+                .clone()
+                .unwrap_or_else(|| view.instruction_id.clone());
+            Ok(xml_response(
+                StatusCode::OK,
+                crate::iso::pacs002_of(&view, &original).to_xml(),
+            ))
+        },
+    )
+    .await
+}
+
 /// GET /v1/payments/{id}/pacs.002: the payment's state as a pacs.002.
 async fn get_payment_pacs002(
     State(state): State<AppState>,
@@ -540,6 +609,7 @@ pub fn router(switch: Arc<Switch>) -> Router {
         .route("/v1/payments/{id}/decision", post(decide))
         .route("/v1/payments/{id}/pacs.002", get(get_payment_pacs002))
         .route("/v1/iso20022/pacs.008", post(submit_pacs008))
+        .route("/v1/iso20022/pacs.028", post(status_pacs028))
         .route("/v1/participants/{bic}", get(participant))
         .route("/v1/participants/{bic}/positions", get(positions))
         .route("/v1/admin/participants", post(onboard))

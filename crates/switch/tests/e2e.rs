@@ -329,6 +329,21 @@ fn payments_end_to_end_over_http() {
         assert_eq!(available(&debtor, DEBTOR).await, "4887.25", "moved once");
         let (status, xml) = call(&debtor, "GET", &format!("/v1/payments/{}/pacs.002", json_view["payment_id"].as_str().unwrap()), Value::Null).await;
         assert_eq!(status, 200, "{xml}");
+        // A pacs.028 status request by UETR answers with a pacs.002; a stranger gets 404.
+        let status_request = clearhouse_iso20022::Pacs028 {
+            message_id: "REQ-1".into(),
+            creation: "2026-11-25T07:31:00.000Z".into(),
+            original_message_id: Some("MSG-X-1".into()),
+            original_message_name: Some("pacs.008.001.08".into()),
+            original_uetr: Some(json_view["uetr"].as_str().unwrap().to_string()),
+            ..Default::default()
+        };
+        let (status, answer) = debtor.request("POST", "/v1/iso20022/pacs.028", status_request.to_xml().as_bytes()).await.unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+        let clearhouse_iso20022::Message::Pacs002(report) = clearhouse_iso20022::Message::parse(&answer, &limits).unwrap() else { panic!() };
+        assert_eq!((report.status.as_str(), report.original_end_to_end_id.as_deref()), ("ACSC", Some("E2E-X-1")));
+        let (status, _) = client_of(&url, POOR).request("POST", "/v1/iso20022/pacs.028", status_request.to_xml().as_bytes()).await.unwrap();
+        assert_eq!(status, 404);
         // Rules the XSD does not check answer RJCT in a pacs.002: too many decimals for EUR.
         pacs008.message_id = "MSG-X-2".into();
         pacs008.transactions[0].instruction_id = Some("X-2".into());
