@@ -168,6 +168,9 @@ pub struct PaymentsArgs {
     /// Data directory for the switch (default: a fresh temporary one, removed afterwards).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Submit ISO 20022 pacs.008 XML (answers are pacs.002) instead of JSON.
+    #[arg(long)]
+    xml: bool,
     /// Print one JSON object with the figures.
     #[arg(long)]
     json: bool,
@@ -198,6 +201,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         delay_ms: 0,
         seed: 42,
         data_dir: None,
+        xml: false,
         json: false,
     };
     let report = run_p1(&run, true)?;
@@ -498,6 +502,7 @@ async fn drive(
         let remaining = remaining.clone();
         let done = done.clone();
         let mut rng = Rng::new(args.seed ^ (worker as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let xml = args.xml;
         let interval = (args.rate > 0)
             .then(|| Duration::from_secs_f64(args.clients as f64 / args.rate as f64));
         tasks.push(tokio::spawn(async move {
@@ -530,23 +535,44 @@ async fn drive(
                 let debtor_bic = bic_of(debtor);
                 sequence += 1;
                 let cents = 1 + rng.below(100_000);
-                let body = json!({
-                    "instruction_id": format!("W{worker}-{sequence}"),
-                    "end_to_end_id": format!("E2E-W{worker}-{sequence}"),
-                    "debtor_agent": debtor_bic, "creditor_agent": bic_of(creditor),
-                    "amount": format!("{}.{:02}", cents / 100, cents % 100), "currency": "EUR",
-                    "debtor": {"name": "Payer", "account": format!("ACC{debtor}")},
-                    "creditor": {"name": "Payee", "account": format!("ACC{creditor}")},
-                })
-                .to_string();
+                let instruction = format!("W{worker}-{sequence}");
+                let amount = format!("{}.{:02}", cents / 100, cents % 100);
+                let (path, body) = if xml {
+                    (
+                        "/v1/iso20022/pacs.008",
+                        pacs008(
+                            &instruction,
+                            &debtor_bic,
+                            &bic_of(creditor),
+                            &amount,
+                            debtor,
+                            creditor,
+                        ),
+                    )
+                } else {
+                    (
+                        "/v1/payments",
+                        json!({
+                            "instruction_id": instruction,
+                            "end_to_end_id": format!("E2E-{instruction}"),
+                            "debtor_agent": debtor_bic, "creditor_agent": bic_of(creditor),
+                            "amount": amount, "currency": "EUR",
+                            "debtor": {"name": "Payer", "account": format!("ACC{debtor}")},
+                            "creditor": {"name": "Payee", "account": format!("ACC{creditor}")},
+                        })
+                        .to_string(),
+                    )
+                };
                 let sent = Instant::now();
-                let answer = clients[debtor]
-                    .request("POST", "/v1/payments", body.as_bytes())
-                    .await;
+                let answer = clients[debtor].request("POST", path, body.as_bytes()).await;
                 match answer {
                     Ok((200, bytes)) => {
                         local.latencies.push(sent.elapsed());
-                        let view: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                        let view: Value = if xml {
+                            pacs002_view(&bytes)
+                        } else {
+                            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+                        };
                         match view["status"].as_str() {
                             Some("ACSC") => local.settled += 1,
                             _ => {
@@ -622,7 +648,7 @@ async fn drive(
     let mut latencies = tally.latencies;
     latencies.sort_unstable();
     Ok(json!({
-        "workload": "P1",
+        "workload": if args.xml { "P1 (ISO 20022 pacs.008 in, pacs.002 out)" } else { "P1 (JSON)" },
         "machine": machine(),
         "participants": banks.len(),
         "clients": args.clients,
@@ -653,4 +679,65 @@ fn percentile_p1000(sorted: &[Duration], p: u64) -> f64 {
     }
     let rank = ((sorted.len() as u64 - 1) * p).div_ceil(1000) as usize;
     (sorted[rank].as_micros() as f64 / 1000.0 * 1000.0).round() / 1000.0
+}
+
+/// A one-transaction pacs.008 from the load generator.
+fn pacs008(
+    instruction: &str,
+    debtor_bic: &str,
+    creditor_bic: &str,
+    amount: &str,
+    debtor: usize,
+    creditor: usize,
+) -> String {
+    use clearhouse_iso20022::messages::{Account, Agent};
+    clearhouse_iso20022::Pacs008 {
+        message_id: format!("M-{instruction}"),
+        creation: clearhouse_iso20022::time::date_time(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
+        ),
+        number_of_transactions: "1".into(),
+        settlement_method: "CLRG".into(),
+        clearing_system: None,
+        transactions: vec![clearhouse_iso20022::CreditTransfer {
+            instruction_id: Some(instruction.to_string()),
+            end_to_end_id: format!("E2E-{instruction}"),
+            amount: amount.to_string(),
+            currency: "EUR".into(),
+            charge_bearer: "SLEV".into(),
+            debtor_name: Some("Payer".into()),
+            debtor_account: Some(Account {
+                iban: None,
+                other_id: Some(format!("ACC{debtor}")),
+            }),
+            debtor_agent: Agent {
+                bic: Some(debtor_bic.to_string()),
+                ..Agent::default()
+            },
+            creditor_agent: Agent {
+                bic: Some(creditor_bic.to_string()),
+                ..Agent::default()
+            },
+            creditor_name: Some("Payee".into()),
+            creditor_account: Some(Account {
+                iban: None,
+                other_id: Some(format!("ACC{creditor}")),
+            }),
+            ..clearhouse_iso20022::CreditTransfer::default()
+        }],
+    }
+    .to_xml()
+}
+
+/// The status and reason of a pacs.002 answer, as the JSON view's fields.
+fn pacs002_view(bytes: &[u8]) -> Value {
+    match clearhouse_iso20022::Message::parse(bytes, &clearhouse_iso20022::Limits::default()) {
+        Ok(clearhouse_iso20022::Message::Pacs002(report)) => {
+            json!({"status": report.status, "reason": report.reason})
+        }
+        _ => Value::Null,
+    }
 }

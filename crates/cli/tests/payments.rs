@@ -86,3 +86,43 @@ fn the_demo_runs_a_scheme_and_prints_a_summary() {
         "live progress: {output}"
     );
 }
+
+#[test]
+fn bench_payments_in_iso20022_settles_through_pacs008_and_pacs002() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, output) = clearhouse(
+        dir.path(),
+        &[
+            "bench",
+            "payments",
+            "--participants",
+            "3",
+            "--payments",
+            "200",
+            "--clients",
+            "4",
+            "--xml",
+            "--json",
+        ],
+    );
+    assert!(ok, "{output}");
+    let report: serde_json::Value =
+        serde_json::from_str(&output[output.find('{').unwrap()..=output.rfind('}').unwrap()])
+            .unwrap();
+    let rejected: u64 = report["rejected_by_reason"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        report["settled"].as_u64().unwrap() + rejected,
+        200,
+        "{report}"
+    );
+    assert!(
+        report["rejected_by_reason"].get("?").is_none(),
+        "every answer is a readable pacs.002: {report}"
+    );
+    assert_eq!(report["books_balance"], true);
+}
