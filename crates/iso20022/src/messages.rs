@@ -6,6 +6,7 @@ use crate::xml::{self, Element, Limits, XmlError};
 pub const PACS_008_NS: &str = "urn:iso:std:iso:20022:tech:xsd:pacs.008.001.08";
 pub const PACS_002_NS: &str = "urn:iso:std:iso:20022:tech:xsd:pacs.002.001.10";
 pub const PACS_028_NS: &str = "urn:iso:std:iso:20022:tech:xsd:pacs.028.001.03";
+pub const PACS_004_NS: &str = "urn:iso:std:iso:20022:tech:xsd:pacs.004.001.09";
 pub const HEAD_001_NS: &str = "urn:iso:std:iso:20022:tech:xsd:head.001.001.02";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -16,7 +17,7 @@ pub enum MessageError {
     Missing { path: String },
     #[error("{path}: {reason}")]
     Invalid { path: String, reason: String },
-    #[error("unsupported message {namespace:?} (supported: pacs.008.001.08, pacs.002.001.10, pacs.028.001.03)")]
+    #[error("unsupported message {namespace:?} (supported: pacs.008.001.08, pacs.002.001.10, pacs.004.001.09, pacs.028.001.03)")]
     Unsupported { namespace: String },
 }
 
@@ -101,8 +102,31 @@ pub struct Pacs028 {
     pub original_uetr: Option<String>,
 }
 
+/// PmtRtr with one TxInf: money of a settled payment sent back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pacs004 {
+    pub message_id: String,
+    pub creation: String,
+    pub settlement_method: String,
+    pub return_id: Option<String>,
+    pub original_message_id: Option<String>,
+    pub original_message_name: Option<String>,
+    pub original_instruction_id: Option<String>,
+    pub original_end_to_end_id: Option<String>,
+    pub original_transaction_id: Option<String>,
+    pub original_uetr: Option<String>,
+    /// Decimal text, as sent.
+    pub returned_amount: String,
+    pub currency: String,
+    pub settlement_date: Option<String>,
+    pub charge_bearer: Option<String>,
+    /// ExternalReturnReason1Code.
+    pub reason: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
+    Pacs004(Pacs004),
     Pacs008(Pacs008),
     Pacs002(Pacs002),
     Pacs028(Pacs028),
@@ -120,6 +144,7 @@ impl Message {
             PACS_008_NS => Ok(Message::Pacs008(Pacs008::from_document(document)?)),
             PACS_002_NS => Ok(Message::Pacs002(Pacs002::from_document(document)?)),
             PACS_028_NS => Ok(Message::Pacs028(Pacs028::from_document(document)?)),
+            PACS_004_NS => Ok(Message::Pacs004(Pacs004::from_document(document)?)),
             other => Err(MessageError::Unsupported {
                 namespace: other.to_string(),
             }),
@@ -416,6 +441,84 @@ impl Pacs028 {
             .leaf_opt("OrgnlUETR", self.original_uetr.as_deref());
         Element::new(ns, "Document")
             .child(Element::new(ns, "FIToFIPmtStsReq").child(header).child(tx))
+    }
+
+    pub fn to_xml(&self) -> String {
+        xml::emit(&self.to_document())
+    }
+}
+
+impl Pacs004 {
+    pub fn from_document(document: &Element) -> Result<Pacs004, MessageError> {
+        let doc = Reader::new(document, "/Document".into());
+        let body = doc.req_sub("PmtRtr")?;
+        let header = body.req_sub("GrpHdr")?;
+        if body.element.all("TxInf").count() != 1 {
+            return Err(MessageError::Invalid {
+                path: format!("{}/TxInf", body.path),
+                reason: "exactly one TxInf per return".into(),
+            });
+        }
+        let tx = body.req_sub("TxInf")?;
+        let amount = tx
+            .element
+            .get("RtrdIntrBkSttlmAmt")
+            .ok_or_else(|| tx.missing("RtrdIntrBkSttlmAmt"))?;
+        Ok(Pacs004 {
+            message_id: header.req("MsgId")?,
+            creation: header.req("CreDtTm")?,
+            settlement_method: header.req("SttlmInf/SttlmMtd")?,
+            return_id: tx.opt("RtrId"),
+            original_message_id: tx.opt("OrgnlGrpInf/OrgnlMsgId"),
+            original_message_name: tx.opt("OrgnlGrpInf/OrgnlMsgNmId"),
+            original_instruction_id: tx.opt("OrgnlInstrId"),
+            original_end_to_end_id: tx.opt("OrgnlEndToEndId"),
+            original_transaction_id: tx.opt("OrgnlTxId"),
+            original_uetr: tx.opt("OrgnlUETR"),
+            returned_amount: amount.text.clone(),
+            currency: amount
+                .attr_value("Ccy")
+                .ok_or_else(|| tx.missing("RtrdIntrBkSttlmAmt/@Ccy"))?
+                .to_string(),
+            settlement_date: tx.opt("IntrBkSttlmDt"),
+            charge_bearer: tx.opt("ChrgBr"),
+            reason: tx.opt("RtrRsnInf/Rsn/Cd"),
+        })
+    }
+
+    /// The Document element, in schema order.
+    pub fn to_document(&self) -> Element {
+        let ns = PACS_004_NS;
+        let header = Element::new(ns, "GrpHdr")
+            .leaf("MsgId", self.message_id.as_str())
+            .leaf("CreDtTm", self.creation.as_str())
+            .leaf("NbOfTxs", "1")
+            .child(Element::new(ns, "SttlmInf").leaf("SttlmMtd", self.settlement_method.as_str()));
+        let mut tx = Element::new(ns, "TxInf").leaf_opt("RtrId", self.return_id.as_deref());
+        if let (Some(id), Some(name)) = (&self.original_message_id, &self.original_message_name) {
+            tx = tx.child(
+                Element::new(ns, "OrgnlGrpInf")
+                    .leaf("OrgnlMsgId", id.as_str())
+                    .leaf("OrgnlMsgNmId", name.as_str()),
+            );
+        }
+        let mut amount = Element::new(ns, "RtrdIntrBkSttlmAmt").attr("Ccy", self.currency.as_str());
+        amount.text = self.returned_amount.clone();
+        tx = tx
+            .leaf_opt("OrgnlInstrId", self.original_instruction_id.as_deref())
+            .leaf_opt("OrgnlEndToEndId", self.original_end_to_end_id.as_deref())
+            .leaf_opt("OrgnlTxId", self.original_transaction_id.as_deref())
+            .leaf_opt("OrgnlUETR", self.original_uetr.as_deref())
+            .child(amount)
+            .leaf_opt("IntrBkSttlmDt", self.settlement_date.as_deref())
+            .leaf_opt("ChrgBr", self.charge_bearer.as_deref());
+        if let Some(reason) = &self.reason {
+            tx = tx.child(
+                Element::new(ns, "RtrRsnInf")
+                    .child(Element::new(ns, "Rsn").leaf("Cd", reason.as_str())),
+            );
+        }
+        Element::new(ns, "Document").child(Element::new(ns, "PmtRtr").child(header).child(tx))
     }
 
     pub fn to_xml(&self) -> String {

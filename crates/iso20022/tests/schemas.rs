@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clearhouse_iso20022::messages::{Account, Agent};
-use clearhouse_iso20022::{time, CreditTransfer, Limits, Message, Pacs002, Pacs008, Pacs028};
+use clearhouse_iso20022::{
+    time, CreditTransfer, Limits, Message, Pacs002, Pacs004, Pacs008, Pacs028,
+};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
@@ -206,6 +208,45 @@ fn pacs028() -> impl Strategy<Value = Pacs028> {
         })
 }
 
+fn pacs004() -> impl Strategy<Value = Pacs004> {
+    (
+        (
+            id(35),
+            proptest::option::of(id(35)),
+            proptest::option::of(id(35)),
+        ),
+        (
+            proptest::option::of(id(35)),
+            proptest::option::of(id(35)),
+            proptest::option::of(uetr()),
+        ),
+        (
+            1u64..1_000_000_000,
+            prop_oneof![Just("AC04"), Just("FOCR"), Just("MS03"), Just("AM09")],
+            proptest::option::of(prop_oneof![Just("SLEV"), Just("SHAR")]),
+        ),
+    )
+        .prop_map(
+            |((msg, rtr, orig), (instr, e2e, uetr), (cents, reason, chrg))| Pacs004 {
+                message_id: msg,
+                creation: time::date_time(1_795_591_845_123_000_000),
+                settlement_method: "CLRG".into(),
+                return_id: rtr,
+                original_message_name: orig.as_ref().map(|_| "pacs.008.001.08".to_string()),
+                original_message_id: orig,
+                original_instruction_id: instr,
+                original_end_to_end_id: e2e,
+                original_transaction_id: None,
+                original_uetr: uetr,
+                returned_amount: format!("{}.{:02}", cents / 100, cents % 100),
+                currency: "EUR".into(),
+                settlement_date: Some(time::date(1_795_591_845_123_000_000)),
+                charge_bearer: chrg.map(str::to_string),
+                reason: Some(reason.into()),
+            },
+        )
+}
+
 /// Validates files against an XSD in one xmllint run; panics with xmllint's words on failure.
 fn xmllint(xsd: &str, files: &[PathBuf]) {
     let (ok, errors) = xmllint_run(xsd, files);
@@ -290,6 +331,19 @@ fn emitted_messages_validate_against_the_official_schemas_and_round_trip() {
         files.push(path);
     }
     xmllint("pacs.028.001.03.xsd", &files);
+    let mut files = Vec::new();
+    for (i, message) in generate(pacs004(), 200).into_iter().enumerate() {
+        let xml = message.to_xml();
+        assert_eq!(
+            Message::parse(xml.as_bytes(), &limits).unwrap(),
+            Message::Pacs004(message),
+            "round trip"
+        );
+        let path = dir.path().join(format!("pacs004-{i}.xml"));
+        std::fs::write(&path, xml).unwrap();
+        files.push(path);
+    }
+    xmllint("pacs.004.001.09.xsd", &files);
 }
 
 #[test]
@@ -305,7 +359,9 @@ fn every_shared_sample_parses_and_payments_round_trip() {
             let Some(document) = root.find("Document") else {
                 continue;
             };
-            if document.ns.ends_with("pacs.008.001.08") || document.ns.ends_with("pacs.002.001.10")
+            if document.ns.ends_with("pacs.008.001.08")
+                || document.ns.ends_with("pacs.002.001.10")
+                || document.ns.ends_with("pacs.004.001.09")
             {
                 let message = Message::parse(&bytes, &limits)
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -313,6 +369,7 @@ fn every_shared_sample_parses_and_payments_round_trip() {
                     Message::Pacs008(m) => Message::parse(m.to_xml().as_bytes(), &limits).unwrap(),
                     Message::Pacs002(m) => Message::parse(m.to_xml().as_bytes(), &limits).unwrap(),
                     Message::Pacs028(m) => Message::parse(m.to_xml().as_bytes(), &limits).unwrap(),
+                    Message::Pacs004(m) => Message::parse(m.to_xml().as_bytes(), &limits).unwrap(),
                 };
                 assert_eq!(again, message, "{}", path.display());
                 typed += 1;

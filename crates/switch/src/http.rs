@@ -551,6 +551,109 @@ async fn status_pacs028(
     .await
 }
 
+/// POST /v1/payments/{id}/return: the creditor agent returns (part of) a settled payment.
+async fn return_payment(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let key = u128::from_str_radix(&id, 16).map_err(|_| {
+                ApiError::new(400, "invalid_id", "payment id is 32 hex digits").with_reason("FF01")
+            })?;
+            let view = state
+                .switch
+                .return_payment(&caller, key, json_body(&body)?)
+                .await?;
+            Ok(ok(StatusCode::OK, &view))
+        },
+    )
+    .await
+}
+
+/// POST /v1/iso20022/pacs.004: a return of a settled payment (found by OrgnlUETR), answered with
+/// a pacs.002 (ACSC, or RJCT with a reason).
+async fn return_pacs004(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let request = match clearhouse_iso20022::Message::parse(&body, &crate::iso::limits()) {
+                Ok(clearhouse_iso20022::Message::Pacs004(request)) => request,
+                Ok(_) => {
+                    return Err(
+                        ApiError::new(400, "unsupported_message", "send a pacs.004.001.09")
+                            .with_reason("FF01"),
+                    )
+                }
+                Err(error) => {
+                    return Err(ApiError::new(400, "invalid_message", error.to_string())
+                        .with_reason("FF01"))
+                }
+            };
+            let uetr = request.original_uetr.clone().ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    "no_reference",
+                    "this scheme finds the original payment by OrgnlUETR",
+                )
+                .with_reason("FF01")
+            })?;
+            let key = state
+                .switch
+                .payment_by_uetr(&uetr)
+                .await?
+                .ok_or_else(|| ApiError::new(404, "not_found", "payment not found"))?;
+            let return_request = crate::switch::ReturnRequest {
+                return_id: request
+                    .return_id
+                    .clone()
+                    .unwrap_or_else(|| request.message_id.clone()),
+                amount: Some(request.returned_amount.clone()),
+                reason: request.reason.clone().unwrap_or_default(),
+            };
+            match state
+                .switch
+                .return_payment(&caller, key, return_request)
+                .await
+            {
+                Ok(_) => Ok(xml_response(
+                    StatusCode::OK,
+                    crate::iso::pacs002_of_return(&request, "ACSC", None).to_xml(),
+                )),
+                Err(error)
+                    if error.reason.is_some() && error.status != 401 && error.status != 403 =>
+                {
+                    Ok(xml_response(
+                        StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_REQUEST),
+                        crate::iso::pacs002_of_return(&request, "RJCT", error.reason).to_xml(),
+                    ))
+                }
+                Err(error) => Err(error),
+            }
+        },
+    )
+    .await
+}
+
 /// GET /v1/payments/{id}/pacs.002: the payment's state as a pacs.002.
 async fn get_payment_pacs002(
     State(state): State<AppState>,
@@ -610,6 +713,8 @@ pub fn router(switch: Arc<Switch>) -> Router {
         .route("/v1/payments/{id}/pacs.002", get(get_payment_pacs002))
         .route("/v1/iso20022/pacs.008", post(submit_pacs008))
         .route("/v1/iso20022/pacs.028", post(status_pacs028))
+        .route("/v1/iso20022/pacs.004", post(return_pacs004))
+        .route("/v1/payments/{id}/return", post(return_payment))
         .route("/v1/participants/{bic}", get(participant))
         .route("/v1/participants/{bic}/positions", get(positions))
         .route("/v1/admin/participants", post(onboard))

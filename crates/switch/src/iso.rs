@@ -3,7 +3,7 @@
 //! views of the same payment.
 
 use clearhouse_iso20022::messages::Account;
-use clearhouse_iso20022::{time, CreditTransfer, Limits, Message, Pacs002, Pacs008};
+use clearhouse_iso20022::{time, CreditTransfer, Limits, Message, Pacs002, Pacs004, Pacs008};
 
 use crate::model::Party;
 use crate::switch::{now_ns, ApiError, PaymentRequest, PaymentView};
@@ -127,5 +127,23 @@ pub fn pacs002_refusal(message: &Pacs008, reason: &str) -> Pacs002 {
         status: "RJCT".into(),
         reason: Some(reason.to_string()),
         acceptance: None,
+    }
+}
+
+/// A pacs.002 answering a pacs.004: ACSC when the return settled, RJCT with a reason otherwise.
+pub fn pacs002_of_return(request: &Pacs004, status: &str, reason: Option<&str>) -> Pacs002 {
+    let now = now_ns();
+    Pacs002 {
+        message_id: format!("CH{:x}", now),
+        creation: time::date_time(now),
+        original_message_id: request.message_id.clone(),
+        original_message_name: "pacs.004.001.09".into(),
+        original_instruction_id: request.return_id.clone(),
+        original_end_to_end_id: request.original_end_to_end_id.clone(),
+        original_transaction_id: None,
+        original_uetr: request.original_uetr.clone(),
+        status: status.to_string(),
+        reason: reason.map(str::to_string),
+        acceptance: Some(time::date_time(now)),
     }
 }

@@ -81,6 +81,7 @@ pub const TRANSFER_CODE_PAYMENT: u16 = 1;
 pub const TRANSFER_CODE_LIQUIDITY_IN: u16 = 2;
 pub const TRANSFER_CODE_LIQUIDITY_OUT: u16 = 3;
 pub const TRANSFER_CODE_NDC_LINE: u16 = 4;
+pub const TRANSFER_CODE_RETURN: u16 = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -177,6 +178,13 @@ pub fn new_uetr() -> String {
 
 const STATUS_REASON_CODES: &str = include_str!("status_reason_codes.txt");
 
+const RETURN_REASON_CODES: &str = include_str!("return_reason_codes.txt");
+
+/// Whether `code` is in ISO's ExternalReturnReason1Code set (copied from ../shared/iso20022).
+pub fn is_return_reason_code(code: &str) -> bool {
+    code.len() == 4 && RETURN_REASON_CODES.lines().any(|line| line == code)
+}
+
 /// Whether `code` is in ISO's ExternalStatusReason1Code set (copied from ../shared/iso20022).
 pub fn is_status_reason_code(code: &str) -> bool {
     code.len() == 4 && STATUS_REASON_CODES.lines().any(|line| line == code)
@@ -252,6 +260,37 @@ pub struct PaymentRecord {
     pub accepted_at_ns: u64,
     pub deadline_ns: u64,
     pub finished_at_ns: Option<u64>,
+    /// Minor units returned so far (pacs.004), never more than `amount`.
+    #[serde(default, with = "u128_string")]
+    pub returned: u128,
+}
+
+/// A return of (part of) a settled payment: money from its creditor agent back to its debtor
+/// agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReturnRecord {
+    #[serde(with = "u128_string")]
+    pub key: u128,
+    pub return_id: String,
+    #[serde(with = "u128_string")]
+    pub original_key: u128,
+    pub original_instruction_id: String,
+    pub original_end_to_end_id: String,
+    pub original_uetr: String,
+    /// The original creditor agent, who sends the money back.
+    pub returning_agent: String,
+    /// The original debtor agent, who receives it.
+    pub receiving_agent: String,
+    pub currency: String,
+    #[serde(with = "u128_string")]
+    pub amount: u128,
+    /// ExternalReturnReason1Code.
+    pub reason: String,
+    pub settled_at_ns: u64,
+}
+
+pub fn return_alias(returning_agent: &str, return_id: &str) -> u128 {
+    id128(&[b"return", returning_agent.as_bytes(), return_id.as_bytes()])
 }
 
 impl PaymentRecord {

@@ -68,6 +68,7 @@ pub enum ForwardError {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Notification {
     Payment(Box<PaymentView>),
+    Return(Box<crate::switch::ReturnView>),
     LiquidityAlert(PositionView),
 }
 

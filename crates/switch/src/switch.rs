@@ -134,6 +134,8 @@ pub struct PaymentView {
     pub accepted_at_ns: u64,
     pub deadline_ns: u64,
     pub finished_at_ns: Option<u64>,
+    /// Returned so far with pacs.004 (0 when none).
+    pub returned_amount: String,
 }
 
 impl PaymentView {
@@ -156,8 +158,61 @@ impl PaymentView {
             accepted_at_ns: record.accepted_at_ns,
             deadline_ns: record.deadline_ns,
             finished_at_ns: record.finished_at_ns,
+            returned_amount: money::format_amount(record.returned, exponent),
         }
     }
+}
+
+/// A return as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReturnView {
+    pub return_key: String,
+    pub return_id: String,
+    pub payment_id: String,
+    pub original_instruction_id: String,
+    pub original_end_to_end_id: String,
+    pub original_uetr: String,
+    pub returning_agent: String,
+    pub receiving_agent: String,
+    pub amount: String,
+    pub currency: String,
+    pub reason: String,
+    /// Returns settle at once or are refused: always ACSC here.
+    pub status: String,
+    pub settled_at_ns: u64,
+}
+
+impl ReturnView {
+    pub fn of(r: &ReturnRecord) -> ReturnView {
+        let exponent = currency(&r.currency).map_or(2, |c| c.exponent);
+        ReturnView {
+            return_key: format!("{:032x}", r.key),
+            return_id: r.return_id.clone(),
+            payment_id: format!("{:032x}", r.original_key),
+            original_instruction_id: r.original_instruction_id.clone(),
+            original_end_to_end_id: r.original_end_to_end_id.clone(),
+            original_uetr: r.original_uetr.clone(),
+            returning_agent: r.returning_agent.clone(),
+            receiving_agent: r.receiving_agent.clone(),
+            amount: money::format_amount(r.amount, exponent),
+            currency: r.currency.clone(),
+            reason: r.reason.clone(),
+            status: "ACSC".into(),
+            settled_at_ns: r.settled_at_ns,
+        }
+    }
+}
+
+/// A return request (JSON; pacs.004 converts into it): by the original creditor agent.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReturnRequest {
+    pub return_id: String,
+    /// Decimal; the whole unreturned amount when absent.
+    #[serde(default)]
+    pub amount: Option<String>,
+    /// ExternalReturnReason1Code, e.g. AC04, MS03, FOCR.
+    pub reason: String,
 }
 
 /// What the engine stores for the switch (the JSON value of each record).
@@ -166,6 +221,7 @@ impl PaymentView {
 enum Stored {
     Participant(Participant),
     Payment(Box<PaymentRecord>),
+    Return(Box<ReturnRecord>),
 }
 
 fn participant_key(bic: &str) -> u128 {
@@ -424,6 +480,8 @@ pub struct Switch {
     outbound: Outbound,
     pub stats: SwitchStats,
     alerted: Mutex<FxHashMap<(String, String), bool>>,
+    /// Returns run one at a time (they are rare; it keeps "never more than the payment" simple).
+    returns: tokio::sync::Mutex<()>,
 }
 
 /// Submits to the engine and waits without blocking the runtime.
@@ -479,6 +537,7 @@ impl Switch {
                     participants.insert(p.bic.clone(), p);
                 }
                 Ok(Stored::Payment(p)) => payments.push(*p),
+                Ok(Stored::Return(_)) => {}
                 Err(error) => {
                     return Err(ApiError::new(
                         500,
@@ -502,6 +561,7 @@ impl Switch {
             outbound,
             stats: SwitchStats::default(),
             alerted: Mutex::new(FxHashMap::default()),
+            returns: tokio::sync::Mutex::new(()),
             config,
         });
         switch.install_participants(participants);
@@ -1325,6 +1385,7 @@ impl Switch {
             accepted_at_ns: now,
             deadline_ns: now + self.config.settle_deadline_ms * 1_000_000,
             finished_at_ns: None,
+            returned: 0,
         })
     }
 
@@ -1755,8 +1816,173 @@ impl Switch {
             .flatten()?;
         match serde_json::from_slice::<Stored>(&value).ok()? {
             Stored::Payment(record) => Some(*record),
-            Stored::Participant(_) => None,
+            Stored::Participant(_) | Stored::Return(_) => None,
         }
+    }
+
+    /// Returns (part of) a settled payment: its creditor agent sends the money back to its debtor
+    /// agent, atomically with the return record and the payment's returned amount. Idempotent by
+    /// (returning agent, return id).
+    pub async fn return_payment(
+        &self,
+        caller: &Caller,
+        payment_key: u128,
+        request: ReturnRequest,
+    ) -> Result<ReturnView, ApiError> {
+        let Caller::Participant(me) = caller else {
+            return Err(ApiError::new(
+                403,
+                "forbidden",
+                "returns are sent by the payment's creditor agent",
+            ));
+        };
+        if !is_max35(&request.return_id) {
+            return Err(ApiError::bad_request(
+                "return_id must be 1 to 35 printable characters",
+                "FF01",
+            ));
+        }
+        if !is_return_reason_code(&request.reason) {
+            return Err(ApiError::bad_request(
+                format!(
+                    "{:?} is not an ISO 20022 return reason code",
+                    request.reason
+                ),
+                "FF01",
+            ));
+        }
+        let _one_at_a_time = self.returns.lock().await;
+        let alias = return_alias(me, &request.return_id);
+        let existing = {
+            let node = self.node.clone();
+            blocking(move || {
+                Ok(match node.resolve_alias(alias)? {
+                    Some(key) => node.get_records(&[key])?.pop().flatten(),
+                    None => None,
+                })
+            })
+            .await?
+        };
+        if let Some(value) = existing {
+            return match serde_json::from_slice::<Stored>(&value) {
+                Ok(Stored::Return(r)) if r.original_key == payment_key => Ok(ReturnView::of(&r)),
+                _ => Err(ApiError::new(
+                    409,
+                    "duplicate_return_id",
+                    "this return_id was used for another return",
+                )
+                .with_reason("DUPL")),
+            };
+        }
+        let mut original = self
+            .find(payment_key)
+            .await?
+            .ok_or_else(|| ApiError::not_found("payment"))?;
+        if original.creditor_agent != *me {
+            return Err(ApiError::not_found("payment"));
+        }
+        if original.state != PaymentState::Settled {
+            return Err(ApiError::new(
+                409,
+                "not_settled",
+                "only a settled payment can be returned",
+            ));
+        }
+        let c = currency(&original.currency).expect("stored currencies are known");
+        let open = original.amount - original.returned;
+        let amount = match &request.amount {
+            Some(text) => money::parse_amount(text, c.exponent)
+                .map_err(|e| ApiError::bad_request(e.to_string(), "AM12"))?,
+            None => open,
+        };
+        if amount == 0 || amount > open {
+            return Err(ApiError::new(
+                409,
+                "return_exceeds_payment",
+                format!(
+                    "{} of the payment is still unreturned",
+                    money::format_amount(open, c.exponent)
+                ),
+            )
+            .with_reason("AM09"));
+        }
+        let now = now_ns();
+        let record = ReturnRecord {
+            key: crate::model::payment_key(now, me, &format!("return {}", request.return_id)),
+            return_id: request.return_id.clone(),
+            original_key: payment_key,
+            original_instruction_id: original.instruction_id.clone(),
+            original_end_to_end_id: original.end_to_end_id.clone(),
+            original_uetr: original.uetr.clone(),
+            returning_agent: me.clone(),
+            receiving_agent: original.debtor_agent.clone(),
+            currency: original.currency.clone(),
+            amount,
+            reason: request.reason.clone(),
+            settled_at_ns: now,
+        };
+        original.returned += amount;
+        let transfer = Transfer {
+            id: record.key,
+            debit_account_id: position_account(me, &original.currency),
+            credit_account_id: position_account(&original.debtor_agent, &original.currency),
+            amount,
+            ledger: c.numeric,
+            code: TRANSFER_CODE_RETURN,
+            ..Transfer::default()
+        };
+        let puts = vec![
+            RecordPut {
+                key: record.key,
+                value: encode(&Stored::Return(Box::new(record.clone()))),
+                open: false,
+                aliases: vec![alias],
+                when_transfer_ok: Some(0),
+            },
+            RecordPut {
+                key: payment_key,
+                value: encode(&Stored::Payment(Box::new(original.clone()))),
+                open: false,
+                aliases: vec![],
+                when_transfer_ok: Some(0),
+            },
+        ];
+        let outcome = engine_submit(&self.node, vec![transfer], puts).await?;
+        match outcome.results[0] {
+            CreateTransferResult::Ok => {}
+            CreateTransferResult::ExceedsCredits => {
+                return Err(ApiError::new(
+                    409,
+                    "insufficient_liquidity",
+                    "the returning agent's position cannot cover the return; nothing changed",
+                )
+                .with_reason("AM04"))
+            }
+            other => return Err(ApiError::new(500, "ledger_refused", format!("{other:?}"))),
+        }
+        // The recent cache must show the new returned amount.
+        {
+            let mut recent = self.recent.lock().expect("recent");
+            if let Some(cached) = recent.map.get_mut(&payment_key) {
+                *cached = original.clone();
+            }
+        }
+        let view = ReturnView::of(&record);
+        tracing::info!(payment = %format!("{payment_key:032x}"), reason = %record.reason, "payment returned");
+        self.notify(
+            &record.receiving_agent,
+            Notification::Return(Box::new(view.clone())),
+        );
+        self.notify(
+            &record.returning_agent,
+            Notification::Return(Box::new(view.clone())),
+        );
+        Ok(view)
+    }
+
+    /// The key of a payment by UETR (for pacs.004 and pacs.028).
+    pub async fn payment_by_uetr(&self, uetr: &str) -> Result<Option<u128>, ApiError> {
+        self.resolve(uetr_alias(uetr)).await
     }
 
     fn notify(&self, bic: &str, notification: Notification) {

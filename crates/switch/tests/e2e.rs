@@ -344,6 +344,46 @@ fn payments_end_to_end_over_http() {
         assert_eq!((report.status.as_str(), report.original_end_to_end_id.as_deref()), ("ACSC", Some("E2E-X-1")));
         let (status, _) = client_of(&url, POOR).request("POST", "/v1/iso20022/pacs.028", status_request.to_xml().as_bytes()).await.unwrap();
         assert_eq!(status, 404);
+        // Returns: the creditor agent sends (part of) a settled payment back, JSON or pacs.004.
+        let payment_id = json_view["payment_id"].as_str().unwrap().to_string();
+        let creditor = client_of(&url, ACCEPTS);
+        let return_path = format!("/v1/payments/{payment_id}/return");
+        let (status, returned) = call(&creditor, "POST", &return_path, json!({"return_id": "RT-1", "amount": "2.50", "reason": "AC04"})).await;
+        assert_eq!((status, returned["status"].as_str()), (200, Some("ACSC")), "{returned}");
+        assert_eq!(available(&debtor, DEBTOR).await, "4889.75");
+        let (_, again) = call(&creditor, "POST", &return_path, json!({"return_id": "RT-1", "amount": "2.50", "reason": "AC04"})).await;
+        assert_eq!(again, returned, "a retried return answers the same");
+        assert_eq!(available(&debtor, DEBTOR).await, "4889.75", "and moves nothing");
+        let (status, body) = call(&creditor, "POST", &return_path, json!({"return_id": "RT-2", "amount": "10.01", "reason": "AC04"})).await;
+        assert_eq!((status, body["reason"].as_str()), (409, Some("AM09")), "never more than the payment: {body}");
+        let (status, _) = call(&debtor, "POST", &return_path, json!({"return_id": "RT-3", "reason": "AC04"})).await;
+        assert_eq!(status, 404, "only the creditor agent returns");
+        let (status, body) = call(&creditor, "POST", &return_path, json!({"return_id": "RT-4", "reason": "XX99"})).await;
+        assert_eq!((status, body["reason"].as_str()), (400, Some("FF01")), "{body}");
+        let pacs004 = clearhouse_iso20022::Pacs004 {
+            message_id: "RET-MSG-1".into(),
+            creation: "2026-11-25T07:40:00.000Z".into(),
+            settlement_method: "CLRG".into(),
+            return_id: Some("RT-5".into()),
+            original_uetr: Some(json_view["uetr"].as_str().unwrap().to_string()),
+            returned_amount: "10.00".into(),
+            currency: "EUR".into(),
+            reason: Some("MS03".into()),
+            ..Default::default()
+        };
+        let (status, answer) = creditor.request("POST", "/v1/iso20022/pacs.004", pacs004.to_xml().as_bytes()).await.unwrap();
+        let clearhouse_iso20022::Message::Pacs002(report) = clearhouse_iso20022::Message::parse(&answer, &limits).unwrap() else { panic!() };
+        assert_eq!((status, report.status.as_str(), report.original_message_name.as_str()), (200, "ACSC", "pacs.004.001.09"));
+        assert_eq!(available(&debtor, DEBTOR).await, "4899.75");
+        let (_, view) = call(&debtor, "GET", &format!("/v1/payments/{payment_id}"), Value::Null).await;
+        assert_eq!((view["status"].as_str(), view["returned_amount"].as_str()), (Some("ACSC"), Some("12.50")), "{view}");
+        let mut again = pacs004.clone();
+        again.return_id = Some("RT-6".into());
+        again.returned_amount = "0.01".into();
+        let (status, answer) = creditor.request("POST", "/v1/iso20022/pacs.004", again.to_xml().as_bytes()).await.unwrap();
+        let clearhouse_iso20022::Message::Pacs002(report) = clearhouse_iso20022::Message::parse(&answer, &limits).unwrap() else { panic!() };
+        assert_eq!((status, report.status.as_str(), report.reason.as_deref()), (409, "RJCT", Some("AM09")));
+
         // Rules the XSD does not check answer RJCT in a pacs.002: too many decimals for EUR.
         pacs008.message_id = "MSG-X-2".into();
         pacs008.transactions[0].instruction_id = Some("X-2".into());
@@ -359,7 +399,7 @@ fn payments_end_to_end_over_http() {
         let dtd = "<?xml version=\"1.0\"?><!DOCTYPE d [<!ENTITY x \"y\">]><Document/>";
         let (status, body) = call_raw(&debtor, "/v1/iso20022/pacs.008", dtd.as_bytes()).await;
         assert_eq!(status, 400, "{body}");
-        assert_eq!(available(&debtor, DEBTOR).await, "4887.25", "nothing moved");
+        assert_eq!(available(&debtor, DEBTOR).await, "4899.75", "nothing moved");
 
         // Every rejection reason, each recorded and answered with its ISO code.
         let cases = [
@@ -382,7 +422,7 @@ fn payments_end_to_end_over_http() {
             assert_eq!(again.1, body, "a resubmitted rejection answers the same");
         }
         // Liquidity released after every rejection: only the settled payment left the debtor.
-        assert_eq!(available(&debtor, DEBTOR).await, "4887.25");
+        assert_eq!(available(&debtor, DEBTOR).await, "4899.75");
         assert_eq!(available(&op, POOR).await, "10.00");
         // Suspended creditor: AG01; resumed: settles.
         let (status, _) = call(
@@ -545,7 +585,7 @@ fn payments_end_to_end_over_http() {
         onboard(&op, DEFERS, &deferring, prefunded.clone()).await;
         let (status, body) = call(&debtor, "POST", "/v1/payments", payment(DEBTOR, DEFERS, "D-1", "2.00")).await;
         assert_eq!((status, body["status"].as_str()), (200, Some("ACSC")), "{body}");
-        assert_eq!(available(&debtor, DEBTOR).await, "4885.25");
+        assert_eq!(available(&debtor, DEBTOR).await, "4897.75");
         // A decision for a payment that is already final is refused, and changes nothing.
         let late = call(&client_of(&url, DEFERS), "POST", &format!("/v1/payments/{}/decision", body["payment_id"].as_str().unwrap()), json!({"status": "RJCT", "reason": "AC04"})).await;
         assert_eq!(late.0, 409, "{late:?}");
@@ -586,7 +626,7 @@ fn payments_end_to_end_over_http() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
             available(&debtor, DEBTOR).await,
-            "4835.25",
+            "4847.75",
             "50.00 reserved"
         );
         let (_, found) = call(
@@ -639,7 +679,7 @@ fn payments_end_to_end_over_http() {
             (Some("RJCT"), Some("AB05")),
             "{last}"
         );
-        assert_eq!(available(&debtor, DEBTOR).await, "4885.25");
+        assert_eq!(available(&debtor, DEBTOR).await, "4897.75");
         // Settled history survived too.
         let (_, body) = call(
             &debtor,
