@@ -569,6 +569,16 @@ impl Node {
         self.call(Request::Stats)
     }
 
+    /// The journal sequence acknowledged so far (everything up to it is durable).
+    pub fn committed_seq(&self) -> u64 {
+        self.inner.progress.committed_seq.load(Ordering::SeqCst)
+    }
+
+    /// The journal sequence the index holds (queries that do not wait see up to here).
+    pub fn indexed_seq(&self) -> u64 {
+        self.inner.progress.indexed.lock().expect("progress").seq
+    }
+
     /// Waits until the index holds everything acknowledged so far, so queries read their writes.
     fn wait_indexed(&self) -> Result<(), EngineError> {
         let target = self.inner.progress.committed_seq.load(Ordering::SeqCst);

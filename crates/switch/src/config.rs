@@ -60,7 +60,7 @@ impl Default for SwitchConfig {
             notification_attempts_max: 8,
             clock_skew_ms: 30_000,
             nonces_max: 4_000_000,
-            recent_payments_max: 1_000_000,
+            recent_payments_max: 200_000,
             participants_max: 10_000,
             tls_cert_pem: None,
             tls_key_pem: None,

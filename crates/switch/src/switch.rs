@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clearhouse_engine::{EngineError, Node, RecordPut, SubmitOutcome};
 use clearhouse_ledger::{
@@ -265,7 +265,8 @@ struct Recent {
     map: FxHashMap<u128, PaymentRecord>,
     /// Instruction alias -> payment key.
     by_instruction: FxHashMap<u128, u128>,
-    order: VecDeque<(Instant, u128)>,
+    /// (journal sequence acknowledged when the record was cached, key), oldest first.
+    order: VecDeque<(u64, u128)>,
 }
 
 /// Figures for the dashboard, the demo and the benchmark.
@@ -1136,14 +1137,19 @@ impl Switch {
             )
             .with_reason("DUPL"));
         }
-        if let Some(reason) = self.business_check(&record) {
-            return self.reject_before_reservation(record, reason).await;
-        }
-        // Claim the id (a concurrent identical submit waits for this one) within the limits.
+        // Claim the instruction (a concurrent identical submit waits for this one) within the
+        // limits. A rejection below is cached before the claim is released, so a duplicate
+        // always finds the payment somewhere: in flight, in the recent cache, or in the index.
         let (entry, receiver) = match self.claim(&record)? {
             Ok(claimed) => claimed,
             Err(existing) => return self.answer_duplicate(existing, &record, uetr_given).await,
         };
+        if let Some(reason) = self.business_check(&record) {
+            let debtor = record.debtor_agent.clone();
+            let answer = self.reject_before_reservation(record, reason, &entry).await;
+            self.release(id, &debtor);
+            return answer;
+        }
         // Reserve: the pending transfer and the open record, atomically.
         let transfer = self.reservation(&record);
         let put = RecordPut {
@@ -1167,7 +1173,6 @@ impl Switch {
         match outcome.results[0] {
             CreateTransferResult::Ok => {}
             CreateTransferResult::ExceedsCredits => {
-                self.release(id, &record.debtor_agent);
                 let reason = match self
                     .terms_of(&record.debtor_agent, &record.currency)
                     .map(|t| t.model)
@@ -1175,7 +1180,10 @@ impl Switch {
                     Some(SettlementModel::DeferredNet) => "AM23",
                     _ => "AM04",
                 };
-                return self.reject_before_reservation(record, reason).await;
+                let debtor = record.debtor_agent.clone();
+                let answer = self.reject_before_reservation(record, reason, &entry).await;
+                self.release(id, &debtor);
+                return answer;
             }
             other => {
                 // Exists*: the id was reserved before (the record is on disk); anything else is
@@ -1440,6 +1448,7 @@ impl Switch {
         &self,
         mut record: PaymentRecord,
         reason: &'static str,
+        entry: &InFlight,
     ) -> Result<(bool, PaymentView), ApiError> {
         record.state = PaymentState::Rejected;
         record.reason = Some(reason.to_string());
@@ -1457,6 +1466,8 @@ impl Switch {
         };
         engine_submit(&self.node, vec![], vec![put]).await?;
         self.finished(&record);
+        // Concurrent duplicates of this instruction wait on it.
+        let _ = entry.done.send(Some(record.clone()));
         tracing::info!(payment = %format!("{:032x}", record.id()), reason, "payment rejected");
         Ok((true, PaymentView::of(&record)))
     }
@@ -1489,20 +1500,22 @@ impl Switch {
             }
             PaymentState::Reserved => unreachable!("only final records are finished"),
         }
+        // The record is durable (acknowledged), so the journal has reached at least this sequence;
+        // once the index has too, the index answers for it and the cache may let it go.
+        let acknowledged = self.node.committed_seq();
+        let indexed = self.node.indexed_seq();
         let mut recent = self.recent.lock().expect("recent");
-        let now = Instant::now();
         recent.map.insert(record.id(), record.clone());
         recent
             .by_instruction
             .insert(record.instruction_alias(), record.id());
-        recent.order.push_back((now, record.id()));
-        // Over the limit, evict only entries old enough for the index to hold them (the index
-        // lags by milliseconds; a minute is a wide margin), up to twice the limit.
+        recent.order.push_back((acknowledged, record.id()));
+        // Over the limit, evict only what the index already holds (duplicate checks read the
+        // index without waiting for it); if the index lags, the cache grows until it catches up
+        // (the engine's unindexed-transfers limit bounds that lag).
         while recent.order.len() > self.config.recent_payments_max {
-            let &(at, id) = recent.order.front().expect("non-empty");
-            if now.duration_since(at) < Duration::from_secs(60)
-                && recent.order.len() < 2 * self.config.recent_payments_max
-            {
+            let &(seq, id) = recent.order.front().expect("non-empty");
+            if seq > indexed {
                 break;
             }
             recent.order.pop_front();

@@ -234,6 +234,37 @@ fn payments_end_to_end_over_http() {
         assert_eq!(status, 200);
         assert_eq!(again, body);
         assert_eq!(available(&debtor, DEBTOR).await, "4899.75");
+        // Concurrent identical submissions: one payment, one answer for all, money moved once.
+        let mut copies = Vec::new();
+        for _ in 0..8 {
+            let client = debtor.clone();
+            copies.push(tokio::spawn(async move { call(&client, "POST", "/v1/payments", payment(DEBTOR, ACCEPTS, "C-1", "1.00")).await }));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for copy in copies {
+            let (status, body) = copy.await.unwrap();
+            assert_eq!((status, body["status"].as_str()), (200, Some("ACSC")), "{body}");
+            ids.insert(body["payment_id"].as_str().unwrap().to_string());
+        }
+        assert_eq!(ids.len(), 1, "one payment");
+        assert_eq!(available(&debtor, DEBTOR).await, "4898.75");
+        // Concurrent identical submissions that are rejected: one rejection, recorded once.
+        let mut copies = Vec::new();
+        for _ in 0..8 {
+            let client = debtor.clone();
+            copies.push(tokio::spawn(async move { call(&client, "POST", "/v1/payments", payment(DEBTOR, "NONEDEFF", "C-2", "1.00")).await }));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for copy in copies {
+            let (_, body) = copy.await.unwrap();
+            assert_eq!(body["reason"].as_str(), Some("CNOR"), "{body}");
+            ids.insert(body["payment_id"].as_str().unwrap().to_string());
+        }
+        assert_eq!(ids.len(), 1, "one rejected payment");
+        // Give the 1.00 back so the figures below stay as they were.
+        let (status, _) = call(&client_of(&url, ACCEPTS), "POST", "/v1/payments", payment(ACCEPTS, DEBTOR, "C-3", "1.00")).await;
+        assert_eq!(status, 200);
+        assert_eq!(available(&debtor, DEBTOR).await, "4899.75");
         // Same instruction id, other content: DUPL, nothing changes.
         let (status, dupl) = call(
             &debtor,
