@@ -4,12 +4,13 @@
 //! depth, element count, text length; DTDs and custom entities refused; errors name the element
 //! path); select the message by the Document's namespace; read and write typed pacs.008.001.08
 //! (customer credit transfer), pacs.002.001.10 (payment status report), pacs.004.001.09
-//! (payment return) and pacs.028.001.03 (payment status request), writing the right
+//! (payment return), pacs.028.001.03 (payment status request) and the head.001.001.02 business
+//! application header, writing the right
 //! namespace, only the elements present, in schema order; format ISO dates and times.
 //!
 //! It deliberately does not: validate against the XSDs at run time (the tests do, with xmllint);
 //! make business decisions (the switch checks amounts, codes, BICs, UETRs); know the other
-//! message types yet (camt.*, head.001 come next); keep elements it does not model
+//! message types yet (camt.* come next); keep elements it does not model
 //! (postal addresses, structured remittance): they are read past, not re-emitted.
 
 pub mod messages;
@@ -17,7 +18,7 @@ pub mod time;
 pub mod xml;
 
 pub use messages::{
-    CreditTransfer, Message, MessageError, Pacs002, Pacs004, Pacs008, Pacs028, PACS_002_NS,
-    PACS_004_NS, PACS_008_NS, PACS_028_NS,
+    envelope_xml, AppHeader, CreditTransfer, Message, MessageError, Pacs002, Pacs004, Pacs008,
+    Pacs028, PACS_002_NS, PACS_004_NS, PACS_008_NS, PACS_028_NS,
 };
 pub use xml::{Element, Limits, XmlError};

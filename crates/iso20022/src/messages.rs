@@ -140,6 +140,90 @@ impl Message {
         let document = root.find("Document").ok_or_else(|| MessageError::Missing {
             path: format!("/{}/Document", root.name),
         })?;
+        Message::from_document(document)
+    }
+}
+
+/// The business application header (head.001.001.02) that may travel with a message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppHeader {
+    pub from: Agent,
+    pub to: Agent,
+    pub business_message_id: String,
+    /// The message it heads, e.g. "pacs.008.001.08".
+    pub message_definition: String,
+    pub business_service: Option<String>,
+    pub created: String,
+}
+
+/// The namespace of the envelope clearhouse writes around a header and a document (ISO 20022
+/// leaves the envelope to the network; SWIFT and FedNow each have their own).
+pub const ENVELOPE_NS: &str = "urn:clearhouse:xsd:envelope:1";
+
+impl AppHeader {
+    pub fn from_element(element: &Element) -> Result<AppHeader, MessageError> {
+        if &*element.ns != HEAD_001_NS {
+            return Err(MessageError::Unsupported {
+                namespace: element.ns.to_string(),
+            });
+        }
+        let r = Reader::new(element, "/AppHdr".into());
+        Ok(AppHeader {
+            from: agent(&r.req_sub("Fr/FIId")?)?,
+            to: agent(&r.req_sub("To/FIId")?)?,
+            business_message_id: r.req("BizMsgIdr")?,
+            message_definition: r.req("MsgDefIdr")?,
+            business_service: r.opt("BizSvc"),
+            created: r.req("CreDt")?,
+        })
+    }
+
+    /// The AppHdr element, in schema order.
+    pub fn to_element(&self) -> Element {
+        let ns = HEAD_001_NS;
+        let party = |name: &str, a: &Agent| {
+            let fi = agent_element(ns, "FIId", a);
+            Element::new(ns, name).child(fi)
+        };
+        Element::new(ns, "AppHdr")
+            .child(party("Fr", &self.from))
+            .child(party("To", &self.to))
+            .leaf("BizMsgIdr", self.business_message_id.as_str())
+            .leaf("MsgDefIdr", self.message_definition.as_str())
+            .leaf_opt("BizSvc", self.business_service.as_deref())
+            .leaf("CreDt", self.created.as_str())
+    }
+}
+
+/// A header and a document in clearhouse's envelope.
+pub fn envelope_xml(header: &AppHeader, document: Element) -> String {
+    xml::emit(
+        &Element::new(ENVELOPE_NS, "Envelope")
+            .child(header.to_element())
+            .child(document),
+    )
+}
+
+impl Message {
+    /// Like [`Message::parse`], also returning the business application header when one travels
+    /// with the document (anywhere in the envelope).
+    pub fn parse_with_header(
+        bytes: &[u8],
+        limits: &Limits,
+    ) -> Result<(Option<AppHeader>, Message), MessageError> {
+        let root = xml::parse(bytes, limits)?;
+        let header = root
+            .find("AppHdr")
+            .map(AppHeader::from_element)
+            .transpose()?;
+        let document = root.find("Document").ok_or_else(|| MessageError::Missing {
+            path: format!("/{}/Document", root.name),
+        })?;
+        Ok((header, Message::from_document(document)?))
+    }
+
+    /// The typed message of a Document element, chosen by its namespace.
+    pub fn from_document(document: &Element) -> Result<Message, MessageError> {
         match &*document.ns {
             PACS_008_NS => Ok(Message::Pacs008(Pacs008::from_document(document)?)),
             PACS_002_NS => Ok(Message::Pacs002(Pacs002::from_document(document)?)),

@@ -38,6 +38,8 @@ pub struct SwitchConfig {
     pub recent_payments_max: usize,
     /// Participants the switch accepts.
     pub participants_max: usize,
+    /// The switch's own BIC, in the business application headers it writes.
+    pub scheme_bic: String,
     /// TLS: PEM certificate chain and private key; both or neither (plain HTTP, e.g. behind a
     /// TLS-terminating proxy or on loopback).
     pub tls_cert_pem: Option<std::path::PathBuf>,
@@ -62,6 +64,7 @@ impl Default for SwitchConfig {
             nonces_max: 4_000_000,
             recent_payments_max: 200_000,
             participants_max: 10_000,
+            scheme_bic: "CLRHXXXX".into(),
             tls_cert_pem: None,
             tls_key_pem: None,
         }

@@ -452,27 +452,42 @@ async fn submit_pacs008(
         body,
         |state, caller, body| async move {
             let submission = crate::iso::read_pacs008(&body)?;
+            if let (Some(header), Caller::Participant(me)) = (&submission.header, &caller) {
+                crate::iso::check_header(header, me, crate::iso::PACS_008_NAME)?;
+            }
             let original = submission.message.message_id.clone();
+            let header = submission.header.clone();
+            let scheme_bic = state.switch.config.scheme_bic.clone();
+            let answer = |status: StatusCode, report: clearhouse_iso20022::Pacs002| {
+                xml_response(
+                    status,
+                    crate::iso::answer_xml(
+                        header.as_ref(),
+                        &scheme_bic,
+                        "pacs.002.001.10",
+                        report.to_document(),
+                    ),
+                )
+            };
             match state.switch.submit(&caller, submission.request).await {
-                Ok((done, view)) => Ok(xml_response(
+                Ok((done, view)) => Ok(answer(
                     if done {
                         StatusCode::OK
                     } else {
                         StatusCode::ACCEPTED
                     },
-                    crate::iso::pacs002_of(&view, &original).to_xml(),
+                    crate::iso::pacs002_of(&view, &original),
                 )),
                 // Refusals with an ISO reason are answered in ISO: pacs.002 RJCT.
                 Err(error)
                     if error.reason.is_some() && error.status != 401 && error.status != 403 =>
                 {
-                    Ok(xml_response(
+                    Ok(answer(
                         StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_REQUEST),
                         crate::iso::pacs002_refusal(
                             &submission.message,
                             error.reason.unwrap_or("NARR"),
-                        )
-                        .to_xml(),
+                        ),
                     ))
                 }
                 Err(error) => Err(error),

@@ -2,7 +2,8 @@
 //! the JSON API's, and every answer is a pacs.002 of the payment's state. JSON and XML are two
 //! views of the same payment.
 
-use clearhouse_iso20022::messages::Account;
+use clearhouse_iso20022::messages::{Account, Agent};
+use clearhouse_iso20022::{envelope_xml, AppHeader, Element};
 use clearhouse_iso20022::{time, CreditTransfer, Limits, Message, Pacs002, Pacs004, Pacs008};
 
 use crate::model::Party;
@@ -29,15 +30,64 @@ fn account_text(account: &Option<Account>) -> String {
 
 /// A parsed pacs.008 and the one transaction the scheme accepts per message.
 pub struct Submission {
+    pub header: Option<AppHeader>,
     pub message: Pacs008,
     pub request: PaymentRequest,
+}
+
+/// Checks a business application header: sent by the authenticated participant, for this
+/// message type.
+pub fn check_header(header: &AppHeader, sender: &str, definition: &str) -> Result<(), ApiError> {
+    if header.from.bic.as_deref() != Some(sender) {
+        return Err(ApiError::new(
+            403,
+            "header_sender_mismatch",
+            "AppHdr/Fr must be the authenticated participant's BICFI",
+        ));
+    }
+    if header.message_definition != definition {
+        return Err(ApiError::new(
+            400,
+            "header_definition_mismatch",
+            format!("AppHdr/MsgDefIdr must be {definition}"),
+        )
+        .with_reason("FF01"));
+    }
+    Ok(())
+}
+
+/// The answer's XML: the document alone, or with a reply header when the request had one.
+pub fn answer_xml(
+    request_header: Option<&AppHeader>,
+    scheme_bic: &str,
+    definition: &str,
+    document: Element,
+) -> String {
+    match request_header {
+        None => clearhouse_iso20022::xml::emit(&document),
+        Some(request) => {
+            let now = now_ns();
+            let reply = AppHeader {
+                from: Agent {
+                    bic: Some(scheme_bic.to_string()),
+                    ..Agent::default()
+                },
+                to: request.from.clone(),
+                business_message_id: format!("CH{now:x}"),
+                message_definition: definition.to_string(),
+                business_service: request.business_service.clone(),
+                created: time::date_time(now),
+            };
+            envelope_xml(&reply, document)
+        }
+    }
 }
 
 /// Reads a pacs.008 into a payment request. A message that does not parse is a 400 (FF01, with
 /// the element path); one that parses but breaks a rule the XSD does not check answers RJCT.
 pub fn read_pacs008(body: &[u8]) -> Result<Submission, ApiError> {
-    let message = match Message::parse(body, &limits()) {
-        Ok(Message::Pacs008(message)) => message,
+    let (header, message) = match Message::parse_with_header(body, &limits()) {
+        Ok((header, Message::Pacs008(message))) => (header, message),
         Ok(_) => {
             return Err(
                 ApiError::new(400, "unsupported_message", "submit a pacs.008.001.08")
@@ -90,7 +140,11 @@ pub fn read_pacs008(body: &[u8]) -> Result<Submission, ApiError> {
         remittance_information: (!tx.remittance_unstructured.is_empty())
             .then(|| tx.remittance_unstructured.join(" ")),
     };
-    Ok(Submission { message, request })
+    Ok(Submission {
+        header,
+        message,
+        request,
+    })
 }
 
 /// A pacs.002 reporting a payment's state (ACSC, RJCT with reason, or PDNG).

@@ -360,6 +360,41 @@ fn payments_end_to_end_over_http() {
         assert_eq!(available(&debtor, DEBTOR).await, "4887.25", "moved once");
         let (status, xml) = call(&debtor, "GET", &format!("/v1/payments/{}/pacs.002", json_view["payment_id"].as_str().unwrap()), Value::Null).await;
         assert_eq!(status, 200, "{xml}");
+        // With a business application header: checked against the sender, answered with one.
+        let header = clearhouse_iso20022::AppHeader {
+            from: clearhouse_iso20022::messages::Agent { bic: Some(DEBTOR.into()), ..Default::default() },
+            to: clearhouse_iso20022::messages::Agent { bic: Some("CLRHXXXX".into()), ..Default::default() },
+            business_message_id: "BAH-1".into(),
+            message_definition: "pacs.008.001.08".into(),
+            business_service: None,
+            created: "2026-11-25T07:30:00.000Z".into(),
+        };
+        let mut with_header = pacs008.clone();
+        with_header.message_id = "MSG-H-1".into();
+        with_header.transactions[0].instruction_id = Some("H-1".into());
+        with_header.transactions[0].end_to_end_id = "E2E-H-1".into();
+        with_header.transactions[0].amount = "0.25".into();
+        let (status, answer) = debtor
+            .request("POST", "/v1/iso20022/pacs.008", clearhouse_iso20022::envelope_xml(&header, with_header.to_document()).as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+        let (reply_header, report) = clearhouse_iso20022::Message::parse_with_header(&answer, &limits).unwrap();
+        let reply_header = reply_header.expect("a reply header");
+        assert_eq!((reply_header.from.bic.as_deref(), reply_header.to.bic.as_deref(), reply_header.message_definition.as_str()), (Some("CLRHXXXX"), Some(DEBTOR), "pacs.002.001.10"));
+        assert!(matches!(report, clearhouse_iso20022::Message::Pacs002(ref r) if r.status == "ACSC"), "{report:?}");
+        let mut forged = header.clone();
+        forged.from.bic = Some(POOR.into());
+        with_header.transactions[0].instruction_id = Some("H-2".into());
+        let (status, _) = debtor
+            .request("POST", "/v1/iso20022/pacs.008", clearhouse_iso20022::envelope_xml(&forged, with_header.to_document()).as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(status, 403, "a header naming another sender");
+        // Give the 0.25 back so the figures below stay as they were.
+        let (status, _) = call(&client_of(&url, ACCEPTS), "POST", "/v1/payments", payment(ACCEPTS, DEBTOR, "H-3", "0.25")).await;
+        assert_eq!(status, 200);
+
         // A pacs.028 status request by UETR answers with a pacs.002; a stranger gets 404.
         let status_request = clearhouse_iso20022::Pacs028 {
             message_id: "REQ-1".into(),
