@@ -17,7 +17,7 @@ pub mod node;
 
 pub use codec::RecordPut;
 pub use index::QUERY_LIMIT_MAX;
-pub use node::{Node, NodeOptions, NodeStats, RecoveryReport, SubmitOutcome};
+pub use node::{MetricsSnapshot, Node, NodeOptions, NodeStats, RecoveryReport, SubmitOutcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

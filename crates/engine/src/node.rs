@@ -127,7 +127,14 @@ fn sync_loop(progress: &Progress, jobs: Receiver<SyncJob>, index_sender: SyncSen
             continue;
         }
         if let Some(file) = &job.file {
-            if let Err(error) = file.sync_data() {
+            let started = std::time::Instant::now();
+            let synced = file.sync_data();
+            progress.metrics.syncs.fetch_add(1, Ordering::Relaxed);
+            progress
+                .metrics
+                .sync_nanos
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            if let Err(error) = synced {
                 tracing::error!(%error, "journal fdatasync failed; the node stops accepting work");
                 let mut state = progress.indexed.lock().expect("progress");
                 state
@@ -180,6 +187,31 @@ struct Progress {
     indexed: Mutex<IndexedState>,
     indexed_changed: Condvar,
     stopped: AtomicBool,
+    metrics: EngineMetrics,
+}
+
+/// Counters for monitoring (Prometheus), updated as the node works.
+#[derive(Default)]
+pub struct EngineMetrics {
+    /// Journal groups synced, and the total time their fdatasync took.
+    pub syncs: AtomicU64,
+    pub sync_nanos: AtomicU64,
+    /// Requests executed (writes and lookups) and groups they came in.
+    pub requests: AtomicU64,
+    pub groups: AtomicU64,
+}
+
+/// A snapshot of the node's figures for monitoring.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsSnapshot {
+    pub syncs: u64,
+    pub sync_seconds_total: f64,
+    pub requests: u64,
+    pub groups: u64,
+    pub committed_seq: u64,
+    pub indexed_seq: u64,
+    pub checkpoint_seq: u64,
+    pub stopped: bool,
 }
 
 impl Progress {
@@ -391,6 +423,7 @@ impl Node {
             }),
             indexed_changed: Condvar::new(),
             stopped: AtomicBool::new(false),
+            metrics: EngineMetrics::default(),
         });
         let (request_sender, request_receiver) = mpsc::sync_channel(options.request_queue_max);
         let (index_sender, index_receiver) = mpsc::sync_channel(options.index_queue_max);
@@ -567,6 +600,22 @@ impl Node {
 
     pub fn stats(&self) -> Result<NodeStats, EngineError> {
         self.call(Request::Stats)
+    }
+
+    /// Monitoring figures (cheap: atomics and one short lock).
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let progress = &self.inner.progress;
+        let state = progress.indexed.lock().expect("progress");
+        MetricsSnapshot {
+            syncs: progress.metrics.syncs.load(Ordering::Relaxed),
+            sync_seconds_total: progress.metrics.sync_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            requests: progress.metrics.requests.load(Ordering::Relaxed),
+            groups: progress.metrics.groups.load(Ordering::Relaxed),
+            committed_seq: progress.committed_seq.load(Ordering::SeqCst),
+            indexed_seq: state.seq,
+            checkpoint_seq: state.checkpoint_seq,
+            stopped: progress.stopped.load(Ordering::SeqCst),
+        }
     }
 
     /// The journal sequence acknowledged so far (everything up to it is durable).
@@ -850,6 +899,13 @@ impl Engine {
     }
 
     fn process_group(&mut self, group: &mut Vec<Request>) -> Result<(), EngineError> {
+        if !group.is_empty() {
+            self.progress
+                .metrics
+                .requests
+                .fetch_add(group.len() as u64, Ordering::Relaxed);
+            self.progress.metrics.groups.fetch_add(1, Ordering::Relaxed);
+        }
         let mut answered: Vec<Pending> = Vec::with_capacity(group.len());
         let seq_before = self.journal.next_seq();
         let now = now_ns();

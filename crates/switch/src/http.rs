@@ -711,6 +711,24 @@ async fn health() -> &'static str {
     "ok\n"
 }
 
+/// Readiness: 200 while the engine takes work, 503 once it stopped (disk or journal failure).
+async fn ready(State(state): State<AppState>) -> Response {
+    if state.switch.ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "engine stopped\n").into_response()
+    }
+}
+
+/// Prometheus metrics (aggregates only: no participant data), unauthenticated for scrapers.
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.switch.render_metrics(),
+    )
+        .into_response()
+}
+
 async fn fallback() -> Response {
     ApiError::new(404, "no_route", "no such endpoint; see /openapi.json").into_response()
 }
@@ -738,6 +756,8 @@ pub fn router(switch: Arc<Switch>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/openapi.json", get(openapi))
         .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(body_max))
         .with_state(state)

@@ -18,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod iso;
+pub mod metrics;
 pub mod model;
 pub mod money;
 pub mod outbound;

@@ -480,6 +480,7 @@ pub struct Switch {
     recent: Mutex<Recent>,
     outbound: Outbound,
     pub stats: SwitchStats,
+    pub latency: crate::metrics::PaymentLatency,
     alerted: Mutex<FxHashMap<(String, String), bool>>,
     /// Returns run one at a time (they are rare; it keeps "never more than the payment" simple).
     returns: tokio::sync::Mutex<()>,
@@ -561,6 +562,7 @@ impl Switch {
             recent: Mutex::new(Recent::default()),
             outbound,
             stats: SwitchStats::default(),
+            latency: crate::metrics::PaymentLatency::default(),
             alerted: Mutex::new(FxHashMap::default()),
             returns: tokio::sync::Mutex::new(()),
             config,
@@ -608,6 +610,117 @@ impl Switch {
             in_flight: self.in_flight.lock().expect("in flight").payments.len(),
             rejected_by_reason: self.stats.rejected_by_reason.lock().expect("stats").clone(),
         }
+    }
+
+    /// Prometheus text: payments by final state and reason, in flight, stage latencies, and the
+    /// engine's journal, group and index figures.
+    pub fn render_metrics(&self) -> String {
+        use crate::metrics::metric;
+        let mut out = String::with_capacity(8192);
+        let stats = self.stats_view();
+        let node = self.node.metrics();
+        metric(
+            &mut out,
+            "clearhouse_payments_submitted_total",
+            "counter",
+            "Payments submitted (including duplicates and refusals).",
+            &[("", stats.submitted as f64)],
+        );
+        let mut finals = vec![("state=\"settled\"".to_string(), stats.settled as f64)];
+        for (reason, count) in &stats.rejected_by_reason {
+            finals.push((
+                format!("state=\"rejected\",reason=\"{reason}\""),
+                *count as f64,
+            ));
+        }
+        let finals: Vec<(&str, f64)> = finals.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            &mut out,
+            "clearhouse_payments_final_total",
+            "counter",
+            "Payments by final state (and ISO reason when rejected).",
+            &finals,
+        );
+        metric(
+            &mut out,
+            "clearhouse_payments_in_flight",
+            "gauge",
+            "Payments reserved and not yet final.",
+            &[("", stats.in_flight as f64)],
+        );
+        self.latency.render(&mut out);
+        metric(
+            &mut out,
+            "clearhouse_participants",
+            "gauge",
+            "Participants onboarded.",
+            &[("", self.participants().len() as f64)],
+        );
+        metric(
+            &mut out,
+            "clearhouse_journal_syncs_total",
+            "counter",
+            "Journal groups made durable (one fdatasync each).",
+            &[("", node.syncs as f64)],
+        );
+        metric(
+            &mut out,
+            "clearhouse_journal_sync_seconds_total",
+            "counter",
+            "Time spent in journal fdatasync.",
+            &[("", node.sync_seconds_total)],
+        );
+        metric(
+            &mut out,
+            "clearhouse_engine_requests_total",
+            "counter",
+            "Requests executed by the engine.",
+            &[("", node.requests as f64)],
+        );
+        metric(
+            &mut out,
+            "clearhouse_engine_groups_total",
+            "counter",
+            "Groups the requests came in (requests / groups = mean group size).",
+            &[("", node.groups as f64)],
+        );
+        metric(
+            &mut out,
+            "clearhouse_journal_committed_sequence",
+            "gauge",
+            "Last durable journal record.",
+            &[("", node.committed_seq as f64)],
+        );
+        metric(
+            &mut out,
+            "clearhouse_index_lag_records",
+            "gauge",
+            "Journal records not yet in the on-disk index.",
+            &[(
+                "",
+                node.committed_seq.saturating_sub(node.indexed_seq) as f64,
+            )],
+        );
+        metric(
+            &mut out,
+            "clearhouse_checkpoint_sequence",
+            "gauge",
+            "Journal record covered by the last durable index checkpoint.",
+            &[("", node.checkpoint_seq as f64)],
+        );
+        metric(
+            &mut out,
+            "clearhouse_up",
+            "gauge",
+            "1 while the engine accepts work.",
+            &[("", if node.stopped { 0.0 } else { 1.0 })],
+        );
+        out
+    }
+
+    /// Whether the switch can take work (the engine has not stopped).
+    pub fn ready(&self) -> bool {
+        !self.node.metrics().stopped
     }
 
     // ---------------------------------------------------------------- authentication
@@ -1163,8 +1276,12 @@ impl Switch {
             ],
             when_transfer_ok: Some(0),
         };
+        let reserving = std::time::Instant::now();
         let outcome = match engine_submit(&self.node, vec![transfer], vec![put]).await {
-            Ok(outcome) => outcome,
+            Ok(outcome) => {
+                self.latency.reserve.observe(reserving.elapsed());
+                outcome
+            }
             Err(error) => {
                 self.release(id, &record.debtor_agent);
                 return Err(error.into());
@@ -1700,6 +1817,7 @@ impl Switch {
         let remaining = Duration::from_nanos(record.deadline_ns.saturating_sub(now_ns()));
         let deadline = tokio::time::Instant::now() + remaining;
         let creditor = self.participants().get(&record.creditor_agent).cloned();
+        let forwarding = std::time::Instant::now();
         let decision = match creditor {
             None => Decision::Reject("CNOR".into()),
             Some(creditor) => {
@@ -1724,6 +1842,7 @@ impl Switch {
                 }
             }
         };
+        self.latency.creditor.observe(forwarding.elapsed());
         self.finalize(entry.clone(), decision).await;
     }
 
@@ -1768,6 +1887,7 @@ impl Switch {
             aliases: vec![],
             when_transfer_ok: condition,
         };
+        let settling = std::time::Instant::now();
         let mut attempts = 0;
         let outcome = loop {
             match engine_submit(&self.node, vec![transfer], vec![put(&record, Some(0))]).await {
@@ -1807,6 +1927,10 @@ impl Switch {
                 }
             }
         }
+        self.latency.settle.observe(settling.elapsed());
+        self.latency.end_to_end.observe(Duration::from_nanos(
+            now_ns().saturating_sub(record.accepted_at_ns),
+        ));
         self.finished(&record);
         let view = PaymentView::of(&record);
         self.notify(

@@ -682,6 +682,30 @@ fn payments_end_to_end_over_http() {
         assert_eq!(status, 200);
         assert_eq!(available(&net, NET).await, "70.00");
 
+        // Metrics (Prometheus text, no credentials) and readiness.
+        let plain = SignedClient::new(&url, "scraper", vec![0]);
+        let (status, text) = plain.send("GET", "/metrics", b"", &[]).await.unwrap();
+        assert_eq!(status, 200);
+        let text = String::from_utf8(text.to_vec()).unwrap();
+        let value = |line_start: &str| -> f64 {
+            text.lines()
+                .find(|l| l.starts_with(line_start))
+                .unwrap_or_else(|| panic!("{line_start} in\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert!(value("clearhouse_payments_final_total{state=\"settled\"}") >= 5.0);
+        assert!(value("clearhouse_payments_final_total{state=\"rejected\",reason=\"AC04\"}") >= 1.0);
+        assert!(value("clearhouse_payment_stage_seconds_count{stage=\"end_to_end\"}") >= 5.0);
+        assert!(value("clearhouse_payment_stage_seconds_count{stage=\"creditor_answer\"}") >= 5.0);
+        assert!(value("clearhouse_journal_syncs_total") >= 10.0);
+        assert_eq!(value("clearhouse_up"), 1.0);
+        assert!(!text.contains("Alice") && !text.contains("DE89"), "no personal data in metrics");
+        assert_eq!(plain.send("GET", "/ready", b"", &[]).await.unwrap().0, 200);
+
         // A silent creditor agent: reserved when the switch stops; the reservation survives.
         let silent_request = payment(DEBTOR, SILENT, "S-1", "50.00");
         let client = debtor.clone();
