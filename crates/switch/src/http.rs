@@ -112,71 +112,93 @@ fn ok<T: Serialize>(status: StatusCode, value: &T) -> Response {
     (status, axum::Json(value)).into_response()
 }
 
-/// A signed request: admitted (a permit of the concurrent-requests limit, held while it is
-/// handled), its body read within the body limit, its signature verified. Handlers that take it
-/// never see an unauthenticated request.
-struct Signed {
-    caller: Caller,
+/// One signed request: the admission permit, authentication, then the handler.
+async fn handle<F, Fut>(
+    state: AppState,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     body: Bytes,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl axum::extract::FromRequest<AppState> for Signed {
-    type Rejection = Response;
-
-    async fn from_request(
-        request: axum::extract::Request,
-        state: &AppState,
-    ) -> Result<Signed, Response> {
-        let Ok(permit) = state.requests.clone().try_acquire_owned() else {
-            let mut busy = ApiError::new(503, "server_busy", "too many requests in progress");
-            busy.retry_after_seconds = Some(1);
-            return Err(busy.into_response());
-        };
-        let (parts, body) = request.into_parts();
-        let (method, uri, headers) = (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.headers.clone(),
-        );
-        let body = Bytes::from_request(axum::extract::Request::from_parts(parts, body), state)
-            .await
-            .map_err(IntoResponse::into_response)?;
-        let caller = authenticate(state, &method, &uri, &headers, &body)
-            .map_err(IntoResponse::into_response)?;
-        Ok(Signed {
-            caller,
-            body,
-            _permit: permit,
-        })
+    handler: F,
+) -> Response
+where
+    F: FnOnce(AppState, Caller, Bytes) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, ApiError>>,
+{
+    let Ok(_permit) = state.requests.clone().try_acquire_owned() else {
+        return ApiError::new(503, "server_busy", "too many requests in progress")
+            .into_response_with_retry();
+    };
+    let caller = match authenticate(&state, &method, &uri, &headers, &body) {
+        Ok(caller) => caller,
+        Err(error) => return error.into_response(),
+    };
+    match handler(state, caller, body).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
     }
 }
 
-type Answer = Result<Response, ApiError>;
+trait RetryResponse {
+    fn into_response_with_retry(self) -> Response;
+}
+impl RetryResponse for ApiError {
+    fn into_response_with_retry(mut self) -> Response {
+        self.retry_after_seconds = Some(1);
+        self.into_response()
+    }
+}
 
-async fn submit_payment(State(state): State<AppState>, signed: Signed) -> Answer {
-    let request = json_body(&signed.body)?;
-    let (done, view) = state.switch.submit(&signed.caller, request).await?;
-    Ok(ok(
-        if done {
-            StatusCode::OK
-        } else {
-            StatusCode::ACCEPTED
+async fn submit_payment(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let request = json_body(&body)?;
+            let (done, view) = state.switch.submit(&caller, request).await?;
+            Ok(ok(
+                if done {
+                    StatusCode::OK
+                } else {
+                    StatusCode::ACCEPTED
+                },
+                &view,
+            ))
         },
-        &view,
-    ))
+    )
+    .await
 }
 
 async fn query_payment(
     State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
-    signed: Signed,
-) -> Answer {
-    let query: StatusQuery = serde_urlencoded_like(query.as_deref().unwrap_or(""))?;
-    Ok(ok(
-        StatusCode::OK,
-        &state.switch.status(&signed.caller, query).await?,
-    ))
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            let query: StatusQuery = serde_urlencoded_like(query.as_deref().unwrap_or(""))?;
+            let view = state.switch.status(&caller, query).await?;
+            Ok(ok(StatusCode::OK, &view))
+        },
+    )
+    .await
 }
 
 /// Parses `a=b&c=d` (no percent-decoding needed: every field is an id of safe characters).
@@ -204,295 +226,477 @@ fn serde_urlencoded_like(query: &str) -> Result<StatusQuery, ApiError> {
         .map_err(|e| ApiError::new(400, "invalid_query", e.to_string()).with_reason("FF01"))
 }
 
-fn by_id(id: String) -> StatusQuery {
-    StatusQuery {
-        payment_id: Some(id),
-        ..StatusQuery::default()
-    }
-}
-
-fn payment_key(id: &str) -> Result<u128, ApiError> {
-    u128::from_str_radix(id, 16).map_err(|_| {
-        ApiError::new(400, "invalid_id", "payment id is 32 hex digits").with_reason("FF01")
-    })
-}
-
 async fn get_payment(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    signed: Signed,
-) -> Answer {
-    Ok(ok(
-        StatusCode::OK,
-        &state.switch.status(&signed.caller, by_id(id)).await?,
-    ))
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            let query = StatusQuery {
+                payment_id: Some(id),
+                ..StatusQuery::default()
+            };
+            Ok(ok(
+                StatusCode::OK,
+                &state.switch.status(&caller, query).await?,
+            ))
+        },
+    )
+    .await
 }
 
-async fn decide(State(state): State<AppState>, Path(id): Path<String>, signed: Signed) -> Answer {
-    let key = payment_key(&id)?;
-    let decision: DecisionBody = json_body(&signed.body)?;
-    let decision = decision.decision().ok_or_else(|| {
-        ApiError::new(
-            400,
-            "invalid_decision",
-            "status ACCP without reason, or RJCT with an ISO 20022 status reason code",
-        )
-        .with_reason("FF01")
-    })?;
-    state.switch.decide(&signed.caller, key, decision)?;
-    Ok(ok(
-        StatusCode::ACCEPTED,
-        &serde_json::json!({"accepted": true}),
-    ))
+async fn decide(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let id = u128::from_str_radix(&id, 16).map_err(|_| {
+                ApiError::new(400, "invalid_id", "payment id is 32 hex digits").with_reason("FF01")
+            })?;
+            let decision: DecisionBody = json_body(&body)?;
+            let decision = decision.decision().ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    "invalid_decision",
+                    "status ACCP without reason, or RJCT with an ISO 20022 status reason code",
+                )
+                .with_reason("FF01")
+            })?;
+            state.switch.decide(&caller, id, decision)?;
+            Ok(ok(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({"accepted": true}),
+            ))
+        },
+    )
+    .await
 }
 
-async fn onboard(State(state): State<AppState>, signed: Signed) -> Answer {
-    operator_only(&signed.caller)?;
-    let (view, secret) = state.switch.onboard(json_body(&signed.body)?).await?;
-    Ok(ok(
-        StatusCode::CREATED,
-        &serde_json::json!({"participant": view, "secret_hex": secret}),
-    ))
+async fn onboard(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            operator_only(&caller)?;
+            let (view, secret) = state.switch.onboard(json_body(&body)?).await?;
+            Ok(ok(
+                StatusCode::CREATED,
+                &serde_json::json!({"participant": view, "secret_hex": secret}),
+            ))
+        },
+    )
+    .await
 }
 
-async fn change(State(state): State<AppState>, Path(bic): Path<String>, signed: Signed) -> Answer {
-    operator_only(&signed.caller)?;
-    Ok(ok(
-        StatusCode::OK,
-        &state.switch.change(&bic, json_body(&signed.body)?).await?,
-    ))
+async fn change(
+    State(state): State<AppState>,
+    Path(bic): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            operator_only(&caller)?;
+            Ok(ok(
+                StatusCode::OK,
+                &state.switch.change(&bic, json_body(&body)?).await?,
+            ))
+        },
+    )
+    .await
 }
 
 async fn liquidity(
     State(state): State<AppState>,
     Path(bic): Path<String>,
-    signed: Signed,
-) -> Answer {
-    operator_only(&signed.caller)?;
-    Ok(ok(
-        StatusCode::OK,
-        &state
-            .switch
-            .liquidity(&bic, json_body(&signed.body)?)
-            .await?,
-    ))
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            operator_only(&caller)?;
+            Ok(ok(
+                StatusCode::OK,
+                &state.switch.liquidity(&bic, json_body(&body)?).await?,
+            ))
+        },
+    )
+    .await
 }
 
 async fn participant(
     State(state): State<AppState>,
     Path(bic): Path<String>,
-    signed: Signed,
-) -> Answer {
-    self_or_operator(&signed.caller, &bic)?;
-    Ok(ok(StatusCode::OK, &state.switch.participant_view(&bic)?))
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            self_or_operator(&caller, &bic)?;
+            Ok(ok(StatusCode::OK, &state.switch.participant_view(&bic)?))
+        },
+    )
+    .await
 }
 
 async fn positions(
     State(state): State<AppState>,
     Path(bic): Path<String>,
-    signed: Signed,
-) -> Answer {
-    self_or_operator(&signed.caller, &bic)?;
-    Ok(ok(StatusCode::OK, &state.switch.positions(&bic).await?))
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            self_or_operator(&caller, &bic)?;
+            Ok(ok(StatusCode::OK, &state.switch.positions(&bic).await?))
+        },
+    )
+    .await
 }
 
-async fn stats(State(state): State<AppState>, signed: Signed) -> Answer {
-    operator_only(&signed.caller)?;
-    Ok(ok(StatusCode::OK, &state.switch.stats_view()))
+async fn stats(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            operator_only(&caller)?;
+            Ok(ok(StatusCode::OK, &state.switch.stats_view()))
+        },
+    )
+    .await
 }
 
 fn xml_response(status: StatusCode, xml: String) -> Response {
     (status, [("content-type", "application/xml")], xml).into_response()
 }
 
-/// An ISO 20022 message of the expected kind, or a JSON 400 (FF01, with the element path).
-fn read_message(body: &[u8], expected: &str) -> Result<clearhouse_iso20022::Message, ApiError> {
-    clearhouse_iso20022::Message::parse(body, &crate::iso::limits())
-        .map_err(|error| {
-            ApiError::new(400, "invalid_message", error.to_string()).with_reason("FF01")
-        })
-        .and_then(|message| {
-            let kind = match &message {
-                clearhouse_iso20022::Message::Pacs008(_) => "pacs.008.001.08",
-                clearhouse_iso20022::Message::Pacs002(_) => "pacs.002.001.10",
-                clearhouse_iso20022::Message::Pacs004(_) => "pacs.004.001.09",
-                clearhouse_iso20022::Message::Pacs028(_) => "pacs.028.001.03",
-            };
-            if kind == expected {
-                Ok(message)
-            } else {
-                Err(
-                    ApiError::new(400, "unsupported_message", format!("send a {expected}"))
-                        .with_reason("FF01"),
-                )
-            }
-        })
-}
-
-/// Whether a refusal is answered in ISO (a pacs.002 RJCT): it carries a reason code and is not
-/// an authentication or authorization failure.
-fn answered_in_iso(error: &ApiError) -> bool {
-    error.reason.is_some() && error.status != 401 && error.status != 403
-}
-
 /// POST /v1/iso20022/pacs.008: a pacs.008 in, a pacs.002 out (ACSC, RJCT with reason, or PDNG
 /// with 202 when not final in time). An unreadable message is a JSON 400 (FF01, element path).
-async fn submit_pacs008(State(state): State<AppState>, signed: Signed) -> Answer {
-    let submission = crate::iso::read_pacs008(&signed.body)?;
-    if let (Some(header), Caller::Participant(me)) = (&submission.header, &signed.caller) {
-        crate::iso::check_header(header, me, crate::iso::PACS_008_NAME)?;
-    }
-    let original = submission.message.message_id.clone();
-    let header = submission.header.clone();
-    let scheme_bic = state.switch.config.scheme_bic.clone();
-    let answer = |status: StatusCode, report: clearhouse_iso20022::Pacs002| {
-        xml_response(
-            status,
-            crate::iso::answer_xml(
-                header.as_ref(),
-                &scheme_bic,
-                "pacs.002.001.10",
-                report.to_document(),
-            ),
-        )
-    };
-    match state
-        .switch
-        .submit(&signed.caller, submission.request)
-        .await
-    {
-        Ok((done, view)) => Ok(answer(
-            if done {
-                StatusCode::OK
-            } else {
-                StatusCode::ACCEPTED
-            },
-            crate::iso::pacs002_of(&view, &original),
-        )),
-        Err(error) if answered_in_iso(&error) => Ok(answer(
-            StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_REQUEST),
-            crate::iso::pacs002_refusal(&submission.message, error.reason.unwrap_or("NARR")),
-        )),
-        Err(error) => Err(error),
-    }
+async fn submit_pacs008(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let submission = crate::iso::read_pacs008(&body)?;
+            if let (Some(header), Caller::Participant(me)) = (&submission.header, &caller) {
+                crate::iso::check_header(header, me, crate::iso::PACS_008_NAME)?;
+            }
+            let original = submission.message.message_id.clone();
+            let header = submission.header.clone();
+            let scheme_bic = state.switch.config.scheme_bic.clone();
+            let answer = |status: StatusCode, report: clearhouse_iso20022::Pacs002| {
+                xml_response(
+                    status,
+                    crate::iso::answer_xml(
+                        header.as_ref(),
+                        &scheme_bic,
+                        "pacs.002.001.10",
+                        report.to_document(),
+                    ),
+                )
+            };
+            match state.switch.submit(&caller, submission.request).await {
+                Ok((done, view)) => Ok(answer(
+                    if done {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::ACCEPTED
+                    },
+                    crate::iso::pacs002_of(&view, &original),
+                )),
+                // Refusals with an ISO reason are answered in ISO: pacs.002 RJCT.
+                Err(error)
+                    if error.reason.is_some() && error.status != 401 && error.status != 403 =>
+                {
+                    Ok(answer(
+                        StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_REQUEST),
+                        crate::iso::pacs002_refusal(
+                            &submission.message,
+                            error.reason.unwrap_or("NARR"),
+                        ),
+                    ))
+                }
+                Err(error) => Err(error),
+            }
+        },
+    )
+    .await
 }
 
 /// POST /v1/iso20022/pacs.028: a status request (by OrgnlUETR, OrgnlInstrId or OrgnlEndToEndId)
 /// answered with a pacs.002 of the payment's state; only the debtor or creditor agent may ask.
-async fn status_pacs028(State(state): State<AppState>, signed: Signed) -> Answer {
-    let clearhouse_iso20022::Message::Pacs028(request) =
-        read_message(&signed.body, "pacs.028.001.03")?
-    else {
-        unreachable!("read_message checked the kind")
-    };
-    let query = match (
-        &request.original_uetr,
-        &request.original_instruction_id,
-        &request.original_end_to_end_id,
-    ) {
-        (Some(uetr), _, _) => StatusQuery {
-            uetr: Some(uetr.clone()),
-            ..StatusQuery::default()
+async fn status_pacs028(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let request = match clearhouse_iso20022::Message::parse(&body, &crate::iso::limits()) {
+                Ok(clearhouse_iso20022::Message::Pacs028(request)) => request,
+                Ok(_) => {
+                    return Err(
+                        ApiError::new(400, "unsupported_message", "send a pacs.028.001.03")
+                            .with_reason("FF01"),
+                    )
+                }
+                Err(error) => {
+                    return Err(ApiError::new(400, "invalid_message", error.to_string())
+                        .with_reason("FF01"))
+                }
+            };
+            let query = match (
+                &request.original_uetr,
+                &request.original_instruction_id,
+                &request.original_end_to_end_id,
+            ) {
+                (Some(uetr), _, _) => StatusQuery {
+                    uetr: Some(uetr.clone()),
+                    ..StatusQuery::default()
+                },
+                (None, Some(instruction), _) => StatusQuery {
+                    instruction_id: Some(instruction.clone()),
+                    ..StatusQuery::default()
+                },
+                (None, None, Some(e2e)) => StatusQuery {
+                    end_to_end_id: Some(e2e.clone()),
+                    ..StatusQuery::default()
+                },
+                _ => {
+                    return Err(ApiError::new(
+                        400,
+                        "no_reference",
+                        "a pacs.028 needs OrgnlUETR, OrgnlInstrId or OrgnlEndToEndId",
+                    )
+                    .with_reason("FF01"))
+                }
+            };
+            let view = state.switch.status(&caller, query).await?;
+            let original = request
+                .original_message_id
+                .clone()
+                .unwrap_or_else(|| view.instruction_id.clone());
+            Ok(xml_response(
+                StatusCode::OK,
+                crate::iso::pacs002_of(&view, &original).to_xml(),
+            ))
         },
-        (None, Some(instruction), _) => StatusQuery {
-            instruction_id: Some(instruction.clone()),
-            ..StatusQuery::default()
-        },
-        (None, None, Some(e2e)) => StatusQuery {
-            end_to_end_id: Some(e2e.clone()),
-            ..StatusQuery::default()
-        },
-        _ => {
-            return Err(ApiError::new(
-                400,
-                "no_reference",
-                "a pacs.028 needs OrgnlUETR, OrgnlInstrId or OrgnlEndToEndId",
-            )
-            .with_reason("FF01"))
-        }
-    };
-    let view = state.switch.status(&signed.caller, query).await?;
-    let original = request
-        .original_message_id
-        .clone()
-        .unwrap_or_else(|| view.instruction_id.clone());
-    Ok(xml_response(
-        StatusCode::OK,
-        crate::iso::pacs002_of(&view, &original).to_xml(),
-    ))
+    )
+    .await
 }
 
 /// POST /v1/payments/{id}/return: the creditor agent returns (part of) a settled payment.
 async fn return_payment(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    signed: Signed,
-) -> Answer {
-    let key = payment_key(&id)?;
-    let view = state
-        .switch
-        .return_payment(&signed.caller, key, json_body(&signed.body)?)
-        .await?;
-    Ok(ok(StatusCode::OK, &view))
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let key = u128::from_str_radix(&id, 16).map_err(|_| {
+                ApiError::new(400, "invalid_id", "payment id is 32 hex digits").with_reason("FF01")
+            })?;
+            let view = state
+                .switch
+                .return_payment(&caller, key, json_body(&body)?)
+                .await?;
+            Ok(ok(StatusCode::OK, &view))
+        },
+    )
+    .await
 }
 
 /// POST /v1/iso20022/pacs.004: a return of a settled payment (found by OrgnlUETR), answered with
 /// a pacs.002 (ACSC, or RJCT with a reason).
-async fn return_pacs004(State(state): State<AppState>, signed: Signed) -> Answer {
-    let clearhouse_iso20022::Message::Pacs004(request) =
-        read_message(&signed.body, "pacs.004.001.09")?
-    else {
-        unreachable!("read_message checked the kind")
-    };
-    let uetr = request.original_uetr.clone().ok_or_else(|| {
-        ApiError::new(
-            400,
-            "no_reference",
-            "this scheme finds the original payment by OrgnlUETR",
-        )
-        .with_reason("FF01")
-    })?;
-    let key = state
-        .switch
-        .payment_by_uetr(&uetr)
-        .await?
-        .ok_or_else(|| ApiError::new(404, "not_found", "payment not found"))?;
-    let return_request = crate::switch::ReturnRequest {
-        return_id: request
-            .return_id
-            .clone()
-            .unwrap_or_else(|| request.message_id.clone()),
-        amount: Some(request.returned_amount.clone()),
-        reason: request.reason.clone().unwrap_or_default(),
-    };
-    match state
-        .switch
-        .return_payment(&signed.caller, key, return_request)
-        .await
-    {
-        Ok(_) => Ok(xml_response(
-            StatusCode::OK,
-            crate::iso::pacs002_of_return(&request, "ACSC", None).to_xml(),
-        )),
-        Err(error) if answered_in_iso(&error) => Ok(xml_response(
-            StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_REQUEST),
-            crate::iso::pacs002_of_return(&request, "RJCT", error.reason).to_xml(),
-        )),
-        Err(error) => Err(error),
-    }
+async fn return_pacs004(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let request = match clearhouse_iso20022::Message::parse(&body, &crate::iso::limits()) {
+                Ok(clearhouse_iso20022::Message::Pacs004(request)) => request,
+                Ok(_) => {
+                    return Err(
+                        ApiError::new(400, "unsupported_message", "send a pacs.004.001.09")
+                            .with_reason("FF01"),
+                    )
+                }
+                Err(error) => {
+                    return Err(ApiError::new(400, "invalid_message", error.to_string())
+                        .with_reason("FF01"))
+                }
+            };
+            let uetr = request.original_uetr.clone().ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    "no_reference",
+                    "this scheme finds the original payment by OrgnlUETR",
+                )
+                .with_reason("FF01")
+            })?;
+            let key = state
+                .switch
+                .payment_by_uetr(&uetr)
+                .await?
+                .ok_or_else(|| ApiError::new(404, "not_found", "payment not found"))?;
+            let return_request = crate::switch::ReturnRequest {
+                return_id: request
+                    .return_id
+                    .clone()
+                    .unwrap_or_else(|| request.message_id.clone()),
+                amount: Some(request.returned_amount.clone()),
+                reason: request.reason.clone().unwrap_or_default(),
+            };
+            match state
+                .switch
+                .return_payment(&caller, key, return_request)
+                .await
+            {
+                Ok(_) => Ok(xml_response(
+                    StatusCode::OK,
+                    crate::iso::pacs002_of_return(&request, "ACSC", None).to_xml(),
+                )),
+                Err(error)
+                    if error.reason.is_some() && error.status != 401 && error.status != 403 =>
+                {
+                    Ok(xml_response(
+                        StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_REQUEST),
+                        crate::iso::pacs002_of_return(&request, "RJCT", error.reason).to_xml(),
+                    ))
+                }
+                Err(error) => Err(error),
+            }
+        },
+    )
+    .await
 }
 
 /// GET /v1/payments/{id}/pacs.002: the payment's state as a pacs.002.
 async fn get_payment_pacs002(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    signed: Signed,
-) -> Answer {
-    let view = state.switch.status(&signed.caller, by_id(id)).await?;
-    Ok(xml_response(
-        StatusCode::OK,
-        crate::iso::pacs002_of(&view, &view.instruction_id).to_xml(),
-    ))
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            let query = StatusQuery {
+                payment_id: Some(id),
+                ..StatusQuery::default()
+            };
+            let view = state.switch.status(&caller, query).await?;
+            Ok(xml_response(
+                StatusCode::OK,
+                crate::iso::pacs002_of(&view, &view.instruction_id).to_xml(),
+            ))
+        },
+    )
+    .await
 }
 
 async fn openapi() -> Response {
