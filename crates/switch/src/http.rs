@@ -556,6 +556,7 @@ async fn status_pacs028(
             let original = request
                 .original_message_id
                 .clone()
+                .or_else(|| view.message_id.clone())
                 .unwrap_or_else(|| view.instruction_id.clone());
             Ok(xml_response(
                 StatusCode::OK,
@@ -692,7 +693,11 @@ async fn get_payment_pacs002(
             let view = state.switch.status(&caller, query).await?;
             Ok(xml_response(
                 StatusCode::OK,
-                crate::iso::pacs002_of(&view, &view.instruction_id).to_xml(),
+                crate::iso::pacs002_of(
+                    &view,
+                    view.message_id.as_deref().unwrap_or(&view.instruction_id),
+                )
+                .to_xml(),
             ))
         },
     )

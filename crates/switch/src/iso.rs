@@ -139,6 +139,7 @@ pub fn read_pacs008(body: &[u8]) -> Result<Submission, ApiError> {
         },
         remittance_information: (!tx.remittance_unstructured.is_empty())
             .then(|| tx.remittance_unstructured.join(" ")),
+        message_id: Some(message.message_id.clone()),
     };
     Ok(Submission {
         header,

@@ -254,6 +254,9 @@ pub struct PaymentRecord {
     pub debtor: Party,
     pub creditor: Party,
     pub remittance_information: Option<String>,
+    /// The message that carried the payment (pacs.008 GrpHdr/MsgId), when there was one.
+    #[serde(default)]
+    pub message_id: Option<String>,
     pub state: PaymentState,
     pub reason: Option<String>,
     /// Wall-clock nanoseconds: accepted by the switch, the settlement deadline, the end.

@@ -112,6 +112,9 @@ pub struct PaymentRequest {
     pub creditor: Party,
     #[serde(default)]
     pub remittance_information: Option<String>,
+    /// The message that carried it (pacs.008 GrpHdr/MsgId), for status reports.
+    #[serde(default)]
+    pub message_id: Option<String>,
 }
 
 /// A payment as the API shows it.
@@ -128,6 +131,7 @@ pub struct PaymentView {
     pub debtor: Party,
     pub creditor: Party,
     pub remittance_information: Option<String>,
+    pub message_id: Option<String>,
     /// ISO 20022 transaction status: PDNG, ACSC or RJCT.
     pub status: String,
     pub reason: Option<String>,
@@ -153,6 +157,7 @@ impl PaymentView {
             debtor: record.debtor.clone(),
             creditor: record.creditor.clone(),
             remittance_information: record.remittance_information.clone(),
+            message_id: record.message_id.clone(),
             status: record.state.iso_status().to_string(),
             reason: record.reason.clone(),
             accepted_at_ns: record.accepted_at_ns,
@@ -1462,6 +1467,12 @@ impl Switch {
                 ));
             }
         }
+        if r.message_id.as_ref().is_some_and(|m| !is_max35(m)) {
+            return Err(ApiError::bad_request(
+                "message_id must be 1 to 35 printable characters",
+                "FF01",
+            ));
+        }
         if r.remittance_information
             .as_ref()
             .is_some_and(|t| t.len() > 140)
@@ -1505,6 +1516,7 @@ impl Switch {
             debtor: r.debtor,
             creditor: r.creditor,
             remittance_information: r.remittance_information,
+            message_id: r.message_id,
             state: PaymentState::Reserved,
             reason: None,
             accepted_at_ns: now,

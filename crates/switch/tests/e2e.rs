@@ -358,8 +358,10 @@ fn payments_end_to_end_over_http() {
         let clearhouse_iso20022::Message::Pacs002(again) = clearhouse_iso20022::Message::parse(&again, &limits).unwrap() else { panic!() };
         assert_eq!((status, again.status.as_str()), (200, "ACSC"));
         assert_eq!(available(&debtor, DEBTOR).await, "4887.25", "moved once");
-        let (status, xml) = call(&debtor, "GET", &format!("/v1/payments/{}/pacs.002", json_view["payment_id"].as_str().unwrap()), Value::Null).await;
-        assert_eq!(status, 200, "{xml}");
+        let (status, xml) = debtor.request("GET", &format!("/v1/payments/{}/pacs.002", json_view["payment_id"].as_str().unwrap()), b"").await.unwrap();
+        let clearhouse_iso20022::Message::Pacs002(report) = clearhouse_iso20022::Message::parse(&xml, &limits).unwrap() else { panic!() };
+        assert_eq!((report.original_message_id.as_str(), report.status.as_str()), ("MSG-X-1", "ACSC"), "the pacs.008's MsgId is kept");
+        assert_eq!(status, 200);
         // With a business application header: checked against the sender, answered with one.
         let header = clearhouse_iso20022::AppHeader {
             from: clearhouse_iso20022::messages::Agent { bic: Some(DEBTOR.into()), ..Default::default() },
