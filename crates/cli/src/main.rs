@@ -8,6 +8,7 @@
 
 mod admin;
 mod bench;
+mod init;
 mod iso_bench;
 mod node_protocol;
 mod payments;
@@ -30,6 +31,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Prepares a fresh data directory: a commented configuration file and the operator key.
+    ///
+    /// Example: clearhouse init --data-dir data && clearhouse serve --data-dir data --config data/switch.toml
+    Init(init::InitArgs),
     /// Runs the payment switch: HTTP API on its embedded storage.
     ///
     /// Example: clearhouse serve --data-dir data --listen 127.0.0.1:8080
@@ -122,6 +127,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => payments::demo(args),
         Command::SimBanks(args) => payments::sim_banks(args),
         Command::Admin(args) => admin::run(args),
+        Command::Init(args) => init::run(args),
         Command::Node {
             data_dir,
             segment_size,

@@ -1,0 +1,93 @@
+//! `clearhouse init`: a fresh data directory with a commented configuration file and the
+//! operator's key, ready for `clearhouse serve --data-dir DIR --config DIR/switch.toml`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clearhouse_switch::SwitchConfig;
+
+#[derive(clap::Args)]
+pub struct InitArgs {
+    /// The data directory to create (must not exist or be empty).
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+}
+
+pub fn run(args: InitArgs) -> anyhow::Result<()> {
+    if args.data_dir.exists() && std::fs::read_dir(&args.data_dir)?.next().is_some() {
+        bail!(
+            "{} is not empty; init only prepares a fresh data directory",
+            args.data_dir.display()
+        );
+    }
+    std::fs::create_dir_all(&args.data_dir)?;
+    let d = SwitchConfig::default();
+    let config = format!(
+        r#"# clearhouse switch configuration. Every field is optional; the values shown are the defaults.
+# Use: clearhouse serve --data-dir {dir} --config {dir}/switch.toml
+
+# Address the HTTP API listens on.
+listen = "{listen}"
+
+# A payment not accepted by its creditor agent by then is rejected (AB05, or AB08 if never reached).
+settle_deadline_ms = {settle}
+# The ledger reservation's own timeout: liquidity is released by then even if the switch is down.
+hard_timeout_ms = {hard}
+# How long a submit waits for the final state before answering PDNG (HTTP 202).
+sync_wait_ms = {sync}
+
+# Limits (requests beyond them are refused with 413, 429 or 503, never queued without bound).
+body_bytes_max = {body}
+in_flight_per_participant_max = {ifp}
+in_flight_total_max = {ift}
+outbound_per_participant_max = {opp}
+outbound_call_timeout_ms = {oct}
+notification_queue_max = {nqm}
+notification_attempts_max = {nam}
+# Allowed clock skew of signed requests, and the replay window.
+clock_skew_ms = {skew}
+nonces_max = {nonces}
+recent_payments_max = {recent}
+participants_max = {pmax}
+
+# The switch's BIC in the ISO 20022 headers it writes.
+scheme_bic = "{bic}"
+
+# TLS (rustls): both or neither. Without them the API is plain HTTP (loopback, or behind a proxy).
+# tls_cert_pem = "/etc/clearhouse/cert.pem"
+# tls_key_pem = "/etc/clearhouse/key.pem"
+"#,
+        dir = args.data_dir.display(),
+        listen = d.listen,
+        settle = d.settle_deadline_ms,
+        hard = d.hard_timeout_ms,
+        sync = d.sync_wait_ms,
+        body = d.body_bytes_max,
+        ifp = d.in_flight_per_participant_max,
+        ift = d.in_flight_total_max,
+        opp = d.outbound_per_participant_max,
+        oct = d.outbound_call_timeout_ms,
+        nqm = d.notification_queue_max,
+        nam = d.notification_attempts_max,
+        skew = d.clock_skew_ms,
+        nonces = d.nonces_max,
+        recent = d.recent_payments_max,
+        pmax = d.participants_max,
+        bic = d.scheme_bic,
+    );
+    // The file must parse back into exactly the defaults.
+    SwitchConfig::from_toml(&config).context("the generated configuration does not parse")?;
+    let config_path = args.data_dir.join("switch.toml");
+    std::fs::write(&config_path, config)?;
+    let key = clearhouse_switch::switch::OperatorKey::load_or_create(&args.data_dir)?;
+    println!(
+        "created {}\n  configuration: {}\n  operator key:  {} (key id {:?}, mode 0600)\nnext: clearhouse serve --data-dir {} --config {}",
+        args.data_dir.display(),
+        config_path.display(),
+        args.data_dir.join("operator.key").display(),
+        key.key_id,
+        args.data_dir.display(),
+        config_path.display()
+    );
+    Ok(())
+}
