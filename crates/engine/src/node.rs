@@ -469,6 +469,7 @@ impl Node {
                 transfers_sent: 0,
                 checkpoint_seq_done: last_seq,
                 records: Vec::new(),
+                free_bytes_this_group: None,
             };
             std::thread::Builder::new()
                 .name("clearhouse-engine".into())
@@ -836,6 +837,8 @@ struct Engine {
     transfers_sent: u64,
     /// Application records written by the current group, for the index.
     records: Vec<RecordPut>,
+    /// Free bytes on the data directory's filesystem, read at the group's first write.
+    free_bytes_this_group: Option<u64>,
 }
 
 enum Pending {
@@ -899,6 +902,7 @@ impl Engine {
     }
 
     fn process_group(&mut self, group: &mut Vec<Request>) -> Result<(), EngineError> {
+        self.free_bytes_this_group = None;
         if !group.is_empty() {
             self.progress
                 .metrics
@@ -1089,7 +1093,9 @@ impl Engine {
         Ok(SubmitOutcome { results, written })
     }
 
-    fn check_disk_space(&self) -> Result<(), EngineError> {
+    /// Refuses a write while the disk is too full. Free space is read (statvfs) once per group,
+    /// not per request: the required margin dwarfs what one group can write.
+    fn check_disk_space(&mut self) -> Result<(), EngineError> {
         // The index may still have to write every unindexed transfer (one transaction can hold
         // them all, copy-on-write pages included), so that much space must stay free too.
         let required_bytes = self.options.disk_free_min_bytes.saturating_add(
@@ -1097,7 +1103,9 @@ impl Engine {
                 .unindexed_transfers_max
                 .saturating_mul(INDEX_BYTES_PER_TRANSFER_ESTIMATE),
         );
-        let free_bytes = free_bytes(&self.options.data_dir);
+        let free_bytes = *self
+            .free_bytes_this_group
+            .get_or_insert_with(|| free_bytes(&self.options.data_dir));
         if free_bytes < required_bytes {
             return Err(EngineError::DiskFull {
                 path: self.options.data_dir.clone(),
