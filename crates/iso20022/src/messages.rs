@@ -262,6 +262,17 @@ impl<'a> Reader<'a> {
             .at(path)
             .map(|e| Reader::new(e, format!("{}/{path}", self.path)))
     }
+    /// The one child named `name` (the scheme takes one transaction per message).
+    fn only(&self, name: &str) -> Result<Reader<'a>, MessageError> {
+        if self.element.all(name).count() > 1 {
+            return Err(MessageError::Invalid {
+                path: format!("{}/{name}", self.path),
+                reason: format!("exactly one {name} per message"),
+            });
+        }
+        self.req_sub(name)
+    }
+
     fn req_sub(&self, path: &str) -> Result<Reader<'a>, MessageError> {
         self.sub(path).ok_or_else(|| self.missing(path))
     }
@@ -288,6 +299,13 @@ fn account(r: &Reader<'_>) -> Account {
         iban: r.opt("Id/IBAN"),
         other_id: r.opt("Id/Othr/Id"),
     }
+}
+
+/// OrgnlGrpInf: the message a report, request or return refers to.
+fn original_group(ns: &str, message_id: &str, message_name: &str) -> Element {
+    Element::new(ns, "OrgnlGrpInf")
+        .leaf("OrgnlMsgId", message_id)
+        .leaf("OrgnlMsgNmId", message_name)
 }
 
 fn agent_element(ns: &str, name: &str, agent: &Agent) -> Element {
@@ -452,9 +470,7 @@ impl Pacs002 {
         let header = Element::new(ns, "GrpHdr")
             .leaf("MsgId", self.message_id.as_str())
             .leaf("CreDtTm", self.creation.as_str());
-        let original = Element::new(ns, "OrgnlGrpInf")
-            .leaf("OrgnlMsgId", self.original_message_id.as_str())
-            .leaf("OrgnlMsgNmId", self.original_message_name.as_str());
+        let original = original_group(ns, &self.original_message_id, &self.original_message_name);
         let mut tx = Element::new(ns, "TxInfAndSts")
             .child(original)
             .leaf_opt("OrgnlInstrId", self.original_instruction_id.as_deref())
@@ -483,13 +499,7 @@ impl Pacs028 {
         let doc = Reader::new(document, "/Document".into());
         let body = doc.req_sub("FIToFIPmtStsReq")?;
         let header = body.req_sub("GrpHdr")?;
-        if body.element.all("TxInf").count() != 1 {
-            return Err(MessageError::Invalid {
-                path: format!("{}/TxInf", body.path),
-                reason: "exactly one TxInf per status request".into(),
-            });
-        }
-        let tx = body.req_sub("TxInf")?;
+        let tx = body.only("TxInf")?;
         Ok(Pacs028 {
             message_id: header.req("MsgId")?,
             creation: header.req("CreDtTm")?,
@@ -512,11 +522,7 @@ impl Pacs028 {
         let mut tx =
             Element::new(ns, "TxInf").leaf_opt("StsReqId", self.status_request_id.as_deref());
         if let (Some(id), Some(name)) = (&self.original_message_id, &self.original_message_name) {
-            tx = tx.child(
-                Element::new(ns, "OrgnlGrpInf")
-                    .leaf("OrgnlMsgId", id.as_str())
-                    .leaf("OrgnlMsgNmId", name.as_str()),
-            );
+            tx = tx.child(original_group(ns, id, name));
         }
         tx = tx
             .leaf_opt("OrgnlInstrId", self.original_instruction_id.as_deref())
@@ -537,13 +543,7 @@ impl Pacs004 {
         let doc = Reader::new(document, "/Document".into());
         let body = doc.req_sub("PmtRtr")?;
         let header = body.req_sub("GrpHdr")?;
-        if body.element.all("TxInf").count() != 1 {
-            return Err(MessageError::Invalid {
-                path: format!("{}/TxInf", body.path),
-                reason: "exactly one TxInf per return".into(),
-            });
-        }
-        let tx = body.req_sub("TxInf")?;
+        let tx = body.only("TxInf")?;
         let amount = tx
             .element
             .get("RtrdIntrBkSttlmAmt")
@@ -580,11 +580,7 @@ impl Pacs004 {
             .child(Element::new(ns, "SttlmInf").leaf("SttlmMtd", self.settlement_method.as_str()));
         let mut tx = Element::new(ns, "TxInf").leaf_opt("RtrId", self.return_id.as_deref());
         if let (Some(id), Some(name)) = (&self.original_message_id, &self.original_message_name) {
-            tx = tx.child(
-                Element::new(ns, "OrgnlGrpInf")
-                    .leaf("OrgnlMsgId", id.as_str())
-                    .leaf("OrgnlMsgNmId", name.as_str()),
-            );
+            tx = tx.child(original_group(ns, id, name));
         }
         let mut amount = Element::new(ns, "RtrdIntrBkSttlmAmt").attr("Ccy", self.currency.as_str());
         amount.text = self.returned_amount.clone();
