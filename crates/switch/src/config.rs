@@ -1,7 +1,5 @@
 //! The switch's configuration (TOML), every field with a sane default.
 
-use std::time::Duration;
-
 use serde::Deserialize;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -108,9 +106,6 @@ impl SwitchConfig {
         Ok(())
     }
 
-    pub fn settle_deadline(&self) -> Duration {
-        Duration::from_millis(self.settle_deadline_ms)
-    }
     /// The ledger timeout in whole seconds, rounded up.
     pub fn hard_timeout_seconds(&self) -> u32 {
         self.hard_timeout_ms.div_ceil(1000) as u32

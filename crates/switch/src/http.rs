@@ -127,7 +127,8 @@ where
 {
     let Ok(_permit) = state.requests.clone().try_acquire_owned() else {
         return ApiError::new(503, "server_busy", "too many requests in progress")
-            .into_response_with_retry();
+            .retry_after(1)
+            .into_response();
     };
     let caller = match authenticate(&state, &method, &uri, &headers, &body) {
         Ok(caller) => caller,
@@ -136,16 +137,6 @@ where
     match handler(state, caller, body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
-    }
-}
-
-trait RetryResponse {
-    fn into_response_with_retry(self) -> Response;
-}
-impl RetryResponse for ApiError {
-    fn into_response_with_retry(mut self) -> Response {
-        self.retry_after_seconds = Some(1);
-        self.into_response()
     }
 }
 

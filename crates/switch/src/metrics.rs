@@ -79,7 +79,14 @@ impl PaymentLatency {
 }
 
 /// Writes one metric with its help and type lines.
-pub fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, f64)]) {
+/// Counts go in as integers (exact), durations and ratios as floats.
+pub fn metric<V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: &[(&str, V)],
+) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
     for (labels, value) in samples {

@@ -196,26 +196,6 @@ pub struct Party {
     pub account: String,
 }
 
-impl Party {
-    /// For logs: personal data never leaves unmasked.
-    pub fn masked(&self) -> String {
-        mask(&self.account)
-    }
-}
-
-/// Keeps the last 4 characters: "DE89…3000" style masking for logs.
-pub fn mask(text: &str) -> String {
-    let tail: String = text
-        .chars()
-        .rev()
-        .take(4)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    format!("***{tail}")
-}
-
 /// Where a payment is in its lifecycle. `Reserved` is the only open state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PaymentState {
@@ -337,7 +317,6 @@ mod tests {
         assert!(!is_max35(" x"));
         assert!(is_status_reason_code("AC04"));
         assert!(!is_status_reason_code("ZZ99"));
-        assert_eq!(mask("DE89370400440532013000"), "***3000");
         assert_ne!(instruction_alias("A", "BC"), instruction_alias("AB", "C"));
         let key = payment_key(1_000, "A", "B");
         assert_eq!(key >> 64, 1_000);

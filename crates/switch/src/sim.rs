@@ -53,14 +53,17 @@ struct SimState {
     counters: Arc<SimCounters>,
 }
 
-fn verify(
-    state: &SimState,
-    bank: &SimBank,
+/// The bank a request is for, if the switch signed it; otherwise the status to answer (404, or
+/// 401 counting the bad signature).
+fn admit<'a>(
+    state: &'a SimState,
+    bic: &str,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
-) -> bool {
+) -> Result<&'a SimBank, StatusCode> {
+    let bank = state.banks.get(bic).ok_or(StatusCode::NOT_FOUND)?;
     let get = |name| {
         headers
             .get(name)
@@ -74,7 +77,7 @@ fn verify(
         signature: get(auth::HEADER_SIGNATURE),
     };
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    signed.key_id == SWITCH_KEY_ID
+    let verified = signed.key_id == SWITCH_KEY_ID
         && auth::verify(
             &signed,
             &bank.secret,
@@ -84,7 +87,15 @@ fn verify(
             auth::now_ms(),
             &state.nonces,
         )
-        .is_ok()
+        .is_ok();
+    if !verified {
+        state
+            .counters
+            .bad_signatures
+            .fetch_add(1, Ordering::Relaxed);
+        return Err(StatusCode::UNAUTHORIZED);
+    }
+    Ok(bank)
 }
 
 /// Whether the simulated bank rejects this payment (stable per payment id).
@@ -101,16 +112,10 @@ async fn payment(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(bank) = state.banks.get(&bic) else {
-        return StatusCode::NOT_FOUND.into_response();
+    let bank = match admit(&state, &bic, &method, &uri, &headers, &body) {
+        Ok(bank) => bank,
+        Err(answer) => return answer.into_response(),
     };
-    if !verify(&state, bank, &method, &uri, &headers, &body) {
-        state
-            .counters
-            .bad_signatures
-            .fetch_add(1, Ordering::Relaxed);
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
     let Ok(payment) = serde_json::from_slice::<PaymentView>(&body) else {
         return StatusCode::BAD_REQUEST.into_response();
     };
@@ -153,15 +158,8 @@ async fn notifications(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(bank) = state.banks.get(&bic) else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    if !verify(&state, bank, &method, &uri, &headers, &body) {
-        state
-            .counters
-            .bad_signatures
-            .fetch_add(1, Ordering::Relaxed);
-        return StatusCode::UNAUTHORIZED.into_response();
+    if let Err(answer) = admit(&state, &bic, &method, &uri, &headers, &body) {
+        return answer.into_response();
     }
     match serde_json::from_slice::<Vec<Notification>>(&body) {
         Ok(list) => {

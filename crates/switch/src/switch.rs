@@ -18,7 +18,7 @@
 //! deadline, an expired one is recorded as rejected.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -63,7 +63,7 @@ impl ApiError {
         self.reason = Some(reason);
         self
     }
-    fn retry_after(mut self, seconds: u64) -> ApiError {
+    pub fn retry_after(mut self, seconds: u64) -> ApiError {
         self.retry_after_seconds = Some(seconds);
         self
     }
@@ -586,14 +586,6 @@ impl Switch {
         Ok(switch)
     }
 
-    pub fn node(&self) -> &Node {
-        &self.node
-    }
-
-    pub fn operator_key(&self) -> &OperatorKey {
-        &self.operator
-    }
-
     pub fn participants(&self) -> Arc<BTreeMap<String, Participant>> {
         self.participants.read().expect("participants").clone()
     }
@@ -629,16 +621,13 @@ impl Switch {
             "clearhouse_payments_submitted_total",
             "counter",
             "Payments submitted (including duplicates and refusals).",
-            &[("", stats.submitted as f64)],
+            &[("", stats.submitted)],
         );
-        let mut finals = vec![("state=\"settled\"".to_string(), stats.settled as f64)];
+        let mut finals = vec![("state=\"settled\"".to_string(), stats.settled)];
         for (reason, count) in &stats.rejected_by_reason {
-            finals.push((
-                format!("state=\"rejected\",reason=\"{reason}\""),
-                *count as f64,
-            ));
+            finals.push((format!("state=\"rejected\",reason=\"{reason}\""), *count));
         }
-        let finals: Vec<(&str, f64)> = finals.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        let finals: Vec<(&str, u64)> = finals.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         metric(
             &mut out,
             "clearhouse_payments_final_total",
@@ -651,7 +640,7 @@ impl Switch {
             "clearhouse_payments_in_flight",
             "gauge",
             "Payments reserved and not yet final.",
-            &[("", stats.in_flight as f64)],
+            &[("", stats.in_flight)],
         );
         self.latency.render(&mut out);
         metric(
@@ -659,14 +648,14 @@ impl Switch {
             "clearhouse_participants",
             "gauge",
             "Participants onboarded.",
-            &[("", self.participants().len() as f64)],
+            &[("", self.participants().len())],
         );
         metric(
             &mut out,
             "clearhouse_journal_syncs_total",
             "counter",
             "Journal groups made durable (one fdatasync each).",
-            &[("", node.syncs as f64)],
+            &[("", node.syncs)],
         );
         metric(
             &mut out,
@@ -680,45 +669,42 @@ impl Switch {
             "clearhouse_engine_requests_total",
             "counter",
             "Requests executed by the engine.",
-            &[("", node.requests as f64)],
+            &[("", node.requests)],
         );
         metric(
             &mut out,
             "clearhouse_engine_groups_total",
             "counter",
             "Groups the requests came in (requests / groups = mean group size).",
-            &[("", node.groups as f64)],
+            &[("", node.groups)],
         );
         metric(
             &mut out,
             "clearhouse_journal_committed_sequence",
             "gauge",
             "Last durable journal record.",
-            &[("", node.committed_seq as f64)],
+            &[("", node.committed_seq)],
         );
         metric(
             &mut out,
             "clearhouse_index_lag_records",
             "gauge",
             "Journal records not yet in the on-disk index.",
-            &[(
-                "",
-                node.committed_seq.saturating_sub(node.indexed_seq) as f64,
-            )],
+            &[("", node.committed_seq.saturating_sub(node.indexed_seq))],
         );
         metric(
             &mut out,
             "clearhouse_checkpoint_sequence",
             "gauge",
             "Journal record covered by the last durable index checkpoint.",
-            &[("", node.checkpoint_seq as f64)],
+            &[("", node.checkpoint_seq)],
         );
         metric(
             &mut out,
             "clearhouse_up",
             "gauge",
             "1 while the engine accepts work.",
-            &[("", if node.stopped { 0.0 } else { 1.0 })],
+            &[("", u64::from(!node.stopped))],
         );
         out
     }
@@ -820,12 +806,7 @@ impl Switch {
             let c = currency(code).ok_or_else(|| {
                 ApiError::bad_request(format!("currency {code:?} is not supported"), "AM03")
             })?;
-            let parse = |v: &Option<String>| -> Result<u128, ApiError> {
-                v.as_deref().map_or(Ok(0), |t| {
-                    money::parse_amount(t, c.exponent)
-                        .map_err(|e| ApiError::bad_request(e.to_string(), "AM12"))
-                })
-            };
+            let parse = |v: &Option<String>| v.as_deref().map_or(Ok(0), |t| amount_in(t, c));
             let net_debit_cap = parse(&terms.net_debit_cap)?;
             if terms.model == SettlementModel::Prefunded && net_debit_cap != 0 {
                 return Err(ApiError::bad_request(
@@ -970,10 +951,7 @@ impl Switch {
             let terms = participant.currencies.get_mut(&code).ok_or_else(|| {
                 ApiError::bad_request(format!("{code} is not enabled for {bic}"), "AM03")
             })?;
-            let parse = |t: &str| {
-                money::parse_amount(t, c.exponent)
-                    .map_err(|e| ApiError::bad_request(e.to_string(), "AM12"))
-            };
+            let parse = |t: &str| amount_in(t, c);
             if let Some(v) = &change.per_payment_max {
                 terms.per_payment_max = parse(v)?;
             }
@@ -1104,11 +1082,7 @@ impl Switch {
                     "AM03",
                 )
             })?;
-        let amount = money::parse_amount(&request.amount, c.exponent)
-            .map_err(|e| ApiError::bad_request(e.to_string(), "AM12"))?;
-        if amount == 0 {
-            return Err(ApiError::bad_request("amount must be positive", "AM01"));
-        }
+        let amount = positive_amount_in(&request.amount, c)?;
         let position = position_account(bic, c.code);
         let settlement = settlement_account(c.code);
         let (debit, credit, code) = match request.direction {
@@ -1498,11 +1472,7 @@ impl Switch {
                 "AM03",
             )
         })?;
-        let amount = money::parse_amount(&r.amount, c.exponent)
-            .map_err(|e| ApiError::bad_request(e.to_string(), "AM12"))?;
-        if amount == 0 {
-            return Err(ApiError::bad_request("amount must be positive", "AM01"));
-        }
+        let amount = positive_amount_in(&r.amount, c)?;
         let now = now_ns();
         Ok(PaymentRecord {
             key: payment_key(now, &r.debtor_agent, &r.instruction_id),
@@ -2040,8 +2010,7 @@ impl Switch {
         let c = currency(&original.currency).expect("stored currencies are known");
         let open = original.amount - original.returned;
         let amount = match &request.amount {
-            Some(text) => money::parse_amount(text, c.exponent)
-                .map_err(|e| ApiError::bad_request(e.to_string(), "AM12"))?,
+            Some(text) => amount_in(text, c)?,
             None => open,
         };
         if amount == 0 || amount > open {
@@ -2190,6 +2159,20 @@ pub struct StatusQuery {
     pub uetr: Option<String>,
 }
 
+/// An amount in `c`'s minor units from its decimal text; refused with AM12 when malformed or
+/// with more decimals than the currency has.
+fn amount_in(text: &str, c: money::Currency) -> Result<u128, ApiError> {
+    money::parse_amount(text, c.exponent).map_err(|e| ApiError::bad_request(e.to_string(), "AM12"))
+}
+
+/// Like [`amount_in`], and zero is refused with AM01.
+fn positive_amount_in(text: &str, c: money::Currency) -> Result<u128, ApiError> {
+    match amount_in(text, c)? {
+        0 => Err(ApiError::bad_request("amount must be positive", "AM01")),
+        amount => Ok(amount),
+    }
+}
+
 fn check_endpoint(endpoint: &str) -> Result<(), ApiError> {
     let ok = endpoint.len() <= 200
         && (endpoint.starts_with("http://") || endpoint.starts_with("https://"))
@@ -2229,8 +2212,4 @@ fn position_view(code: &str, terms: &CurrencyTerms, account: &Account) -> Positi
         liquidity_alert_below: money::format_amount(terms.liquidity_alert_below, e),
         below_alert: available < terms.liquidity_alert_below,
     }
-}
-
-pub fn data_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
-    (data_dir.join("ledger"), data_dir.join("operator.key"))
 }
