@@ -943,28 +943,21 @@ impl Engine {
                     answered.push(Pending::Accounts(reply, result));
                 }
                 Request::CreateTransfers(transfers, reply) => {
-                    let result = match prefetch(&self.index, &mut self.ledger, &transfers) {
-                        Ok(found) => {
-                            let seq = self.journal.next_seq();
-                            for id in found {
-                                self.touch(seq, id);
-                            }
-                            self.execute(
-                                KIND_CREATE_TRANSFERS,
-                                now,
-                                &transfers,
-                                codec::encode_transfer,
-                                |r: &CreateTransferResult| r.as_u32(),
-                                |ledger, now, results| {
-                                    let mut out = Vec::new();
-                                    ledger.create_transfers(now, &transfers, &mut out)?;
-                                    *results = out;
-                                    Ok(())
-                                },
-                            )
-                        }
-                        Err(error) => Err(error),
-                    };
+                    let result = self.prefetch_and_touch(&transfers).and_then(|()| {
+                        self.execute(
+                            KIND_CREATE_TRANSFERS,
+                            now,
+                            &transfers,
+                            codec::encode_transfer,
+                            |r: &CreateTransferResult| r.as_u32(),
+                            |ledger, now, results| {
+                                let mut out = Vec::new();
+                                ledger.create_transfers(now, &transfers, &mut out)?;
+                                *results = out;
+                                Ok(())
+                            },
+                        )
+                    });
                     answered.push(Pending::Transfers(reply, result));
                 }
                 Request::Submit(transfers, records, reply) => {
@@ -1025,17 +1018,42 @@ impl Engine {
             }
             .into());
         }
+        let payload = codec::encode_batch(events, encode);
+        self.journal_and_apply(kind, now, payload, |ledger| {
+            let mut results = Vec::new();
+            apply(ledger, now, &mut results)?;
+            let digest = codec::results_digest(results.iter().map(code));
+            Ok((results, digest))
+        })
+    }
+
+    /// The write path every journaled request takes: refuse on a full disk, reserve the journal
+    /// space (so nothing runs that cannot be journaled), run on the ledger, seal the results'
+    /// digest into the payload, append.
+    fn journal_and_apply<T>(
+        &mut self,
+        kind: u16,
+        now: u64,
+        mut payload: Vec<u8>,
+        apply: impl FnOnce(&mut Ledger) -> Result<(T, (u32, u32)), clearhouse_ledger::BatchError>,
+    ) -> Result<T, EngineError> {
         self.check_disk_space()?;
-        let mut payload = codec::encode_batch(events, encode);
         self.journal.reserve(payload.len())?;
-        let mut results = Vec::new();
-        apply(&mut self.ledger, now, &mut results)?;
-        codec::seal_results(
-            &mut payload,
-            codec::results_digest(results.iter().map(code)),
-        );
+        let (out, digest) = apply(&mut self.ledger)?;
+        codec::seal_results(&mut payload, digest);
         self.journal.append(kind, now, &payload)?;
-        Ok(results)
+        Ok(out)
+    }
+
+    /// Loads from the index the transfers a batch names that are not cached, and keeps them
+    /// cached until the index holds this batch's changes.
+    fn prefetch_and_touch(&mut self, transfers: &[Transfer]) -> Result<(), EngineError> {
+        let found = prefetch(&self.index, &mut self.ledger, transfers)?;
+        let seq = self.journal.next_seq();
+        for id in found {
+            self.touch(seq, id);
+        }
+        Ok(())
     }
 
     /// Like [`Engine::execute`], for a submit: transfers and records in one journal record.
@@ -1045,13 +1063,13 @@ impl Engine {
         transfers: &[Transfer],
         records: Vec<RecordPut>,
     ) -> Result<SubmitOutcome, EngineError> {
-        if transfers.len() > clearhouse_ledger::BATCH_EVENTS_MAX || records.len() > RECORD_PUTS_MAX
-        {
-            return Err(clearhouse_ledger::BatchError::TooManyEvents {
-                count: transfers.len().max(records.len()),
-                max: clearhouse_ledger::BATCH_EVENTS_MAX,
+        for (count, max) in [
+            (transfers.len(), clearhouse_ledger::BATCH_EVENTS_MAX),
+            (records.len(), RECORD_PUTS_MAX),
+        ] {
+            if count > max {
+                return Err(clearhouse_ledger::BatchError::TooManyEvents { count, max }.into());
             }
-            .into());
         }
         for record in &records {
             if record.value.len() > RECORD_VALUE_MAX
@@ -1072,19 +1090,15 @@ impl Engine {
                 });
             }
         }
-        self.check_disk_space()?;
-        let found = prefetch(&self.index, &mut self.ledger, transfers)?;
-        let seq = self.journal.next_seq();
-        for id in found {
-            self.touch(seq, id);
-        }
-        let mut payload = codec::encode_submit(transfers, &records);
-        self.journal.reserve(payload.len())?;
-        let mut results = Vec::new();
-        self.ledger.create_transfers(now, transfers, &mut results)?;
-        let written = records_written(&records, &results);
-        codec::seal_results(&mut payload, submit_digest(&results, &written));
-        self.journal.append(KIND_SUBMIT, now, &payload)?;
+        self.prefetch_and_touch(transfers)?;
+        let payload = codec::encode_submit(transfers, &records);
+        let (results, written) = self.journal_and_apply(KIND_SUBMIT, now, payload, |ledger| {
+            let mut results = Vec::new();
+            ledger.create_transfers(now, transfers, &mut results)?;
+            let written = records_written(&records, &results);
+            let digest = submit_digest(&results, &written);
+            Ok(((results, written), digest))
+        })?;
         for (record, written) in records.into_iter().zip(&written) {
             if *written {
                 self.records.push(record);
