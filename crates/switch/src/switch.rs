@@ -578,8 +578,21 @@ impl Switch {
             open_payments = payments.len(),
             "switch started"
         );
+        // One ledger lookup for all open payments (in requests of a query's size), not one each.
+        let ids: Vec<u128> = payments.iter().map(PaymentRecord::id).collect();
+        let mut pending = rustc_hash::FxHashSet::default();
+        for chunk in ids.chunks(clearhouse_engine::QUERY_LIMIT_MAX as usize) {
+            let node = switch.node.clone();
+            let chunk = chunk.to_vec();
+            for stored in blocking(move || node.lookup_transfers(chunk)).await? {
+                if stored.status == PendingStatus::Pending {
+                    pending.insert(stored.transfer.id);
+                }
+            }
+        }
         for record in payments {
-            switch.resume(record).await;
+            let reserved = pending.contains(&record.id());
+            switch.resume(record, reserved);
         }
         let watcher = switch.clone();
         tokio::spawn(async move { watcher.watch_liquidity().await });
@@ -2109,8 +2122,8 @@ impl Switch {
         }
     }
 
-    /// Picks up an open payment after a restart.
-    async fn resume(self: &Arc<Self>, record: PaymentRecord) {
+    /// Picks up an open payment after a restart; `reserved`: its reservation is still pending.
+    fn resume(self: &Arc<Self>, record: PaymentRecord, reserved: bool) {
         let id = record.id();
         let (done, _) = watch::channel(None);
         let entry = Arc::new(InFlight {
@@ -2127,15 +2140,9 @@ impl Switch {
                 .entry(record.debtor_agent.clone())
                 .or_default() += 1;
         }
-        let node = self.node.clone();
-        let stored = blocking(move || node.lookup_transfers(vec![id]))
-            .await
-            .ok()
-            .and_then(|mut v| v.pop());
-        let pending = stored.is_some_and(|s| s.status == PendingStatus::Pending);
-        tracing::info!(payment = %format!("{id:032x}"), pending, "resuming an open payment");
+        tracing::info!(payment = %format!("{id:032x}"), reserved, "resuming an open payment");
         let switch = self.clone();
-        if pending && record.deadline_ns > now_ns() {
+        if reserved && record.deadline_ns > now_ns() {
             tokio::spawn(async move { switch.drive(entry).await });
         } else {
             // Past the deadline (or already expired by the ledger): rejected on timeout.
