@@ -28,14 +28,16 @@ pub const RECORD_PUTS_MAX: usize = 8189;
 /// (replacing any earlier value), each alias then resolves to `key`, and `open` keeps the key in
 /// the set of open records (so an application can find its unfinished work after a restart).
 /// With `when_transfer_ok = Some(i)` the record is written only if transfer `i` of the same batch
-/// succeeded, atomically with it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// succeeded, atomically with it. A record with a `voucher` appends that body to the voucher
+/// chain (see [`crate::vouchers`]) when, and only when, the record is written.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecordPut {
     pub key: u128,
     pub value: Vec<u8>,
     pub open: bool,
     pub aliases: Vec<u128>,
     pub when_transfer_ok: Option<u32>,
+    pub voucher: Option<Vec<u8>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -253,7 +255,8 @@ pub fn decode_batch<T>(
 
 /// A submit payload: header (8), transfer count (u32), record count (u32), the transfers
 /// (128 bytes each), then each record: key (16), condition (u32, u32::MAX = always), open (u8),
-/// alias count (u8), reserved zero (u16), value length (u32), aliases (16 each), value bytes.
+/// alias count (u8), voucher length (u16, 0 = no voucher), value length (u32), aliases (16 each),
+/// value bytes, voucher bytes.
 pub fn encode_submit(transfers: &[Transfer], puts: &[RecordPut]) -> Vec<u8> {
     let mut out =
         Vec::with_capacity(PAYLOAD_HEADER_SIZE + 8 + transfers.len() * 128 + puts.len() * 128);
@@ -270,12 +273,15 @@ pub fn encode_submit(transfers: &[Transfer], puts: &[RecordPut]) -> Vec<u8> {
         w.u32(put.when_transfer_ok.unwrap_or(u32::MAX));
         w.0.push(put.open as u8);
         w.0.push(put.aliases.len() as u8);
-        w.u16(0);
+        w.u16(put.voucher.as_ref().map_or(0, |v| v.len() as u16));
         w.u32(put.value.len() as u32);
         for alias in &put.aliases {
             w.u128(*alias);
         }
         out.extend_from_slice(&put.value);
+        if let Some(voucher) = &put.voucher {
+            out.extend_from_slice(voucher);
+        }
     }
     out
 }
@@ -317,11 +323,12 @@ pub fn decode_submit(payload: &[u8]) -> Result<(Vec<Transfer>, Vec<RecordPut>), 
         let key = r.u128();
         let when = r.u32();
         let [open, alias_count] = r.take::<2>();
-        let _reserved = r.u16();
+        let voucher_len = r.u16() as usize;
         let value_len = r.u32() as usize;
-        let body = alias_count as usize * 16 + value_len;
+        let body = alias_count as usize * 16 + value_len + voucher_len;
         if alias_count as usize > RECORD_ALIASES_MAX
             || value_len > RECORD_VALUE_MAX
+            || voucher_len > crate::vouchers::VOUCHER_BODY_MAX
             || r.0.len() < body
         {
             return Err(short("record body", body, r.0.len()));
@@ -331,13 +338,15 @@ pub fn decode_submit(payload: &[u8]) -> Result<(Vec<Transfer>, Vec<RecordPut>), 
             aliases.push(r.u128());
         }
         let value = r.0[..value_len].to_vec();
-        rest = &r.0[value_len..];
+        let voucher = (voucher_len > 0).then(|| r.0[value_len..value_len + voucher_len].to_vec());
+        rest = &r.0[value_len + voucher_len..];
         puts.push(RecordPut {
             key,
             value,
             open: open != 0,
             aliases,
             when_transfer_ok: (when != u32::MAX).then_some(when),
+            voucher,
         });
     }
     if !rest.is_empty() {
@@ -470,6 +479,7 @@ mod tests {
                 open: true,
                 aliases: vec![2, 3],
                 when_transfer_ok: Some(0),
+                voucher: Some(b"event".to_vec()),
             },
             RecordPut {
                 key: u128::MAX,
@@ -477,6 +487,7 @@ mod tests {
                 open: false,
                 aliases: vec![],
                 when_transfer_ok: None,
+                voucher: None,
             },
         ];
         let payload = encode_submit(&transfers, &puts);

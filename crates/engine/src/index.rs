@@ -16,6 +16,7 @@ use clearhouse_ledger::{
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::codec::{self, RecordPut};
+use crate::vouchers::{Voucher, VoucherChain};
 use crate::EngineError;
 
 const TRANSFERS: TableDefinition<u128, &[u8]> = TableDefinition::new("transfers");
@@ -32,6 +33,8 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const RECORDS: TableDefinition<u128, &[u8]> = TableDefinition::new("records");
 const RECORDS_OPEN: TableDefinition<u128, u8> = TableDefinition::new("records_open");
 const RECORD_ALIASES: TableDefinition<u128, u128> = TableDefinition::new("record_aliases");
+/// The voucher chain: sequence number -> chain hash (32 bytes) followed by the body.
+const VOUCHERS: TableDefinition<u64, &[u8]> = TableDefinition::new("vouchers");
 
 /// Most results one query returns, as in TigerBeetle.
 pub const QUERY_LIMIT_MAX: u32 = 8_190;
@@ -58,6 +61,8 @@ pub struct IndexUpdate {
     pub scalars: LedgerScalars,
     /// Application records written (their conditions held), in journal order.
     pub records: Vec<RecordPut>,
+    /// Vouchers appended, in chain order.
+    pub vouchers: Vec<Voucher>,
     /// Commit with fsync: a checkpoint that lets the journal before it be deleted.
     pub durable: bool,
 }
@@ -68,6 +73,8 @@ pub struct Restored {
     pub scalars: LedgerScalars,
     pub accounts: Vec<Account>,
     pub pending: Vec<StoredTransfer>,
+    /// The voucher chain's head as of `seq`.
+    pub vouchers: VoucherChain,
 }
 
 pub struct Index {
@@ -90,6 +97,7 @@ impl Index {
             redb_try!(txn.open_table(RECORDS), "open table");
             redb_try!(txn.open_table(RECORDS_OPEN), "open table");
             redb_try!(txn.open_table(RECORD_ALIASES), "open table");
+            redb_try!(txn.open_table(VOUCHERS), "open table");
         }
         redb_try!(txn.commit(), "commit");
         Ok(index)
@@ -136,11 +144,23 @@ impl Index {
             assert_eq!(stored.status, PendingStatus::Pending);
             pending.push(stored);
         }
+        let vouchers_table = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
+        let vouchers = match redb_try!(vouchers_table.last(), "read last voucher") {
+            Some((seq, value)) => {
+                let voucher = decode_voucher(seq.value(), value.value())?;
+                VoucherChain {
+                    seq: voucher.seq,
+                    hash: voucher.hash,
+                }
+            }
+            None => VoucherChain::default(),
+        };
         Ok(Restored {
             seq,
             scalars,
             accounts,
             pending,
+            vouchers,
         })
     }
 
@@ -247,6 +267,18 @@ impl Index {
                     }
                 }
             }
+            if !update.vouchers.is_empty() {
+                let mut vouchers = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
+                for voucher in &update.vouchers {
+                    buffer.clear();
+                    buffer.extend_from_slice(&voucher.hash);
+                    buffer.extend_from_slice(&voucher.body);
+                    redb_try!(
+                        vouchers.insert(voucher.seq, buffer.as_slice()),
+                        "insert voucher"
+                    );
+                }
+            }
             let mut meta = redb_try!(txn.open_table(META), "open meta");
             redb_try!(
                 meta.insert("applied_seq", update.seq.to_le_bytes().as_slice()),
@@ -274,6 +306,21 @@ impl Index {
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
             out.push(redb_try!(records.get(*key), "read record").map(|v| v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Vouchers with sequence numbers from `from_seq` on, in order, at most `limit`.
+    pub fn vouchers(&self, from_seq: u64, limit: usize) -> Result<Vec<Voucher>, EngineError> {
+        let txn = redb_try!(self.db.begin_read(), "begin read");
+        let table = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
+        let mut out = Vec::with_capacity(limit.min(65_536));
+        for entry in redb_try!(table.range(from_seq..), "range vouchers") {
+            if out.len() >= limit {
+                break;
+            }
+            let (seq, value) = redb_try!(entry, "read voucher");
+            out.push(decode_voucher(seq.value(), value.value())?);
         }
         Ok(out)
     }
@@ -421,4 +468,21 @@ impl Index {
             .map(|event| (event.timestamp, event.balance.expect("filtered")))
             .collect())
     }
+}
+
+fn decode_voucher(seq: u64, value: &[u8]) -> Result<Voucher, EngineError> {
+    if value.len() < 32 {
+        return Err(EngineError::Index {
+            context: "vouchers",
+            message: format!(
+                "voucher {seq} is {} bytes, shorter than its hash",
+                value.len()
+            ),
+        });
+    }
+    Ok(Voucher {
+        seq,
+        hash: value[..32].try_into().expect("32 bytes"),
+        body: value[32..].to_vec(),
+    })
 }

@@ -14,10 +14,12 @@
 pub mod codec;
 pub mod index;
 pub mod node;
+pub mod vouchers;
 
 pub use codec::RecordPut;
 pub use index::QUERY_LIMIT_MAX;
 pub use node::{MetricsSnapshot, Node, NodeOptions, NodeStats, RecoveryReport, SubmitOutcome};
+pub use vouchers::{Voucher, VoucherStamp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

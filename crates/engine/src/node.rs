@@ -27,6 +27,7 @@ use crate::codec::{
     RECORD_ALIASES_MAX, RECORD_PUTS_MAX, RECORD_VALUE_MAX,
 };
 use crate::index::{Index, IndexUpdate};
+use crate::vouchers::{Voucher, VoucherChain, VoucherStamp, VOUCHER_BODY_MAX};
 use crate::EngineError;
 
 #[derive(Clone, Debug)]
@@ -170,6 +171,8 @@ type Reply<T> = Box<dyn FnOnce(Result<T, EngineError>) + Send>;
 pub struct SubmitOutcome {
     pub results: Vec<CreateTransferResult>,
     pub written: Vec<bool>,
+    /// For each record: where its voucher landed in the chain (None: no voucher, or not written).
+    pub vouchers: Vec<Option<VoucherStamp>>,
 }
 
 enum Request {
@@ -334,14 +337,18 @@ impl Node {
                 reason: format!("{what} of record {seq} failed: {error}"),
             };
         let mut app_records: Vec<RecordPut> = Vec::new();
+        let mut chain = restored.vouchers;
+        let mut app_vouchers: Vec<Voucher> = Vec::new();
         let flush = |ledger: &mut Ledger,
                      pending_changes: &mut ChangeSet,
                      pending_records: &mut Vec<RecordPut>,
+                     pending_vouchers: &mut Vec<Voucher>,
                      seq: u64|
          -> Result<(), EngineError> {
             let update = IndexUpdate {
                 seq,
                 records: std::mem::take(pending_records),
+                vouchers: std::mem::take(pending_vouchers),
                 changes: std::mem::take(pending_changes),
                 accounts: ledger.take_dirty_accounts(),
                 scalars: ledger.scalars(),
@@ -354,8 +361,15 @@ impl Node {
             Ok(())
         };
         clearhouse_journal::read_records(&journal_dir, restored.seq, |record| {
-            replay(&index, &mut ledger, &record, &mut app_records)
-                .map_err(|error| corrupt(record.seq, "replay", error))?;
+            replay(
+                &index,
+                &mut ledger,
+                &record,
+                &mut app_records,
+                &mut chain,
+                &mut app_vouchers,
+            )
+            .map_err(|error| corrupt(record.seq, "replay", error))?;
             replayed += 1;
             last_seq = record.seq;
             ledger.take_changes(&mut changes);
@@ -375,6 +389,7 @@ impl Node {
                     &mut ledger,
                     &mut pending_changes,
                     &mut app_records,
+                    &mut app_vouchers,
                     record.seq,
                 )
                 .map_err(|error| corrupt(record.seq, "indexing", error))?;
@@ -385,6 +400,7 @@ impl Node {
             &mut ledger,
             &mut pending_changes,
             &mut app_records,
+            &mut app_vouchers,
             last_seq,
         )?;
         recovery.records_replayed = replayed;
@@ -392,6 +408,7 @@ impl Node {
             index.apply(&IndexUpdate {
                 seq: last_seq,
                 records: Vec::new(),
+                vouchers: Vec::new(),
                 changes: ChangeSet::default(),
                 accounts: ledger.take_dirty_accounts(),
                 scalars: ledger.scalars(),
@@ -469,6 +486,8 @@ impl Node {
                 transfers_sent: 0,
                 checkpoint_seq_done: last_seq,
                 records: Vec::new(),
+                chain,
+                vouchers: Vec::new(),
                 free_bytes_this_group: None,
             };
             std::thread::Builder::new()
@@ -586,6 +605,12 @@ impl Node {
     }
 
     /// Open application records (at most `limit`), reading every acknowledged write.
+    /// Vouchers from sequence `from_seq` on, at most `limit` (as of everything committed so far).
+    pub fn vouchers(&self, from_seq: u64, limit: usize) -> Result<Vec<Voucher>, EngineError> {
+        self.wait_indexed()?;
+        self.inner.index.vouchers(from_seq, limit)
+    }
+
     pub fn open_records(&self, limit: usize) -> Result<Vec<(u128, Vec<u8>)>, EngineError> {
         self.wait_indexed()?;
         self.inner.index.open_records(limit)
@@ -662,6 +687,8 @@ fn replay(
     ledger: &mut Ledger,
     record: &Record,
     records_out: &mut Vec<RecordPut>,
+    chain: &mut VoucherChain,
+    vouchers_out: &mut Vec<Voucher>,
 ) -> Result<(), EngineError> {
     let digest = match record.kind {
         KIND_SUBMIT => {
@@ -670,8 +697,11 @@ fn replay(
             let mut results = Vec::new();
             ledger.create_transfers(record.timestamp, &transfers, &mut results)?;
             let written = records_written(&records, &results);
-            for (put, written) in records.into_iter().zip(&written) {
+            for (mut put, written) in records.into_iter().zip(&written) {
                 if *written {
+                    if let Some(body) = put.voucher.take() {
+                        vouchers_out.push(chain.append(body));
+                    }
                     records_out.push(put);
                 }
             }
@@ -837,6 +867,9 @@ struct Engine {
     transfers_sent: u64,
     /// Application records written by the current group, for the index.
     records: Vec<RecordPut>,
+    /// The voucher chain's head, and the vouchers the current group appended, for the index.
+    chain: VoucherChain,
+    vouchers: Vec<Voucher>,
     /// Free bytes on the data directory's filesystem, read at the group's first write.
     free_bytes_this_group: Option<u64>,
 }
@@ -893,6 +926,7 @@ impl Engine {
             update: Some(IndexUpdate {
                 seq,
                 records: std::mem::take(&mut self.records),
+                vouchers: std::mem::take(&mut self.vouchers),
                 changes,
                 accounts: self.ledger.take_dirty_accounts(),
                 scalars: self.ledger.scalars(),
@@ -1075,15 +1109,20 @@ impl Engine {
             if record.value.len() > RECORD_VALUE_MAX
                 || record.aliases.len() > RECORD_ALIASES_MAX
                 || record
+                    .voucher
+                    .as_ref()
+                    .is_some_and(|v| v.is_empty() || v.len() > VOUCHER_BODY_MAX)
+                || record
                     .when_transfer_ok
                     .is_some_and(|i| i as usize >= transfers.len())
             {
                 return Err(EngineError::RecordRefused {
                     key: record.key,
                     reason: format!(
-                        "value {} bytes (max {RECORD_VALUE_MAX}), {} aliases (max {RECORD_ALIASES_MAX}), condition {:?} over {} transfers",
+                        "value {} bytes (max {RECORD_VALUE_MAX}), {} aliases (max {RECORD_ALIASES_MAX}), voucher {:?} bytes (1 to {VOUCHER_BODY_MAX}), condition {:?} over {} transfers",
                         record.value.len(),
                         record.aliases.len(),
+                        record.voucher.as_ref().map(|v| v.len()),
                         record.when_transfer_ok,
                         transfers.len()
                     ),
@@ -1099,12 +1138,27 @@ impl Engine {
             let digest = submit_digest(&results, &written);
             Ok(((results, written), digest))
         })?;
-        for (record, written) in records.into_iter().zip(&written) {
+        let mut vouchers = Vec::with_capacity(records.len());
+        for (mut record, written) in records.into_iter().zip(&written) {
+            let mut stamp = None;
             if *written {
+                if let Some(body) = record.voucher.take() {
+                    let voucher = self.chain.append(body);
+                    stamp = Some(VoucherStamp {
+                        seq: voucher.seq,
+                        hash: voucher.hash,
+                    });
+                    self.vouchers.push(voucher);
+                }
                 self.records.push(record);
             }
+            vouchers.push(stamp);
         }
-        Ok(SubmitOutcome { results, written })
+        Ok(SubmitOutcome {
+            results,
+            written,
+            vouchers,
+        })
     }
 
     /// Refuses a write while the disk is too full. Free space is read (statvfs) once per group,
@@ -1152,6 +1206,7 @@ impl Engine {
         IndexUpdate {
             seq,
             records: std::mem::take(&mut self.records),
+            vouchers: std::mem::take(&mut self.vouchers),
             changes,
             accounts: self.ledger.take_dirty_accounts(),
             scalars: self.ledger.scalars(),

@@ -374,6 +374,7 @@ fn records_are_written_with_their_transfers_atomically_and_survive_restarts() {
         open,
         aliases: vec![key + 1000],
         when_transfer_ok: when,
+        voucher: Some(value.as_bytes().to_vec()),
     };
     {
         let node = Node::start(small_options(dir.path())).unwrap();
@@ -412,6 +413,24 @@ fn records_are_written_with_their_transfers_atomically_and_survive_restarts() {
             ]
         );
         assert_eq!(outcome.written, vec![true, false, true]);
+        // Only written records append their vouchers, in order, chained.
+        use clearhouse_engine::vouchers::{chain_hash, leaf_digest, GENESIS_HASH};
+        let first = chain_hash(&GENESIS_HASH, 1, &leaf_digest(b"ten"));
+        let second = chain_hash(&first, 2, &leaf_digest(b"thirty"));
+        let stamps: Vec<Option<(u64, [u8; 32])>> = outcome
+            .vouchers
+            .iter()
+            .map(|v| v.map(|v| (v.seq, v.hash)))
+            .collect();
+        assert_eq!(stamps, vec![Some((1, first)), None, Some((2, second))]);
+        let stored = node.vouchers(1, 10).unwrap();
+        assert_eq!(stored.len(), 2);
+        assert_eq!((stored[1].seq, stored[1].hash), (2, second));
+        assert_eq!(stored[1].body, b"thirty".to_vec());
+        // An empty voucher body is refused with the whole batch.
+        let mut empty = put(50, "x", true, None);
+        empty.voucher = Some(vec![]);
+        assert!(node.submit(vec![], vec![empty]).is_err());
         // A condition naming a transfer that is not in the batch is refused whole.
         assert!(node
             .submit(vec![], vec![put(40, "x", true, Some(0))])
@@ -430,8 +449,20 @@ fn records_are_written_with_their_transfers_atomically_and_survive_restarts() {
         node.get_records(&[10]).unwrap(),
         vec![Some(b"ten".to_vec())]
     );
-    node.submit(vec![], vec![put(10, "ten-done", false, None)])
+    let outcome = node
+        .submit(vec![], vec![put(10, "ten-done", false, None)])
         .unwrap();
+    // The chain continues across the restart.
+    let stored = node.vouchers(2, 10).unwrap();
+    assert_eq!(outcome.vouchers[0].unwrap().seq, 3);
+    assert_eq!(
+        stored[1].hash,
+        clearhouse_engine::vouchers::chain_hash(
+            &stored[0].hash,
+            3,
+            &clearhouse_engine::vouchers::leaf_digest(b"ten-done")
+        )
+    );
     drop(node);
     let node = Node::start(small_options(dir.path())).unwrap();
     assert_eq!(

@@ -905,6 +905,7 @@ impl Switch {
             open: true,
             aliases: vec![],
             when_transfer_ok: None,
+            voucher: None,
         };
         let outcome = engine_submit(&self.node, lines, vec![record]).await?;
         if let Some(bad) = outcome
@@ -1046,6 +1047,7 @@ impl Switch {
             open: true,
             aliases: vec![],
             when_transfer_ok: (!transfers.is_empty()).then_some(0),
+            voucher: None,
         };
         let outcome = engine_submit(&self.node, transfers, vec![record]).await?;
         if let Some(result) = outcome.results.first() {
@@ -1267,6 +1269,7 @@ impl Switch {
                 uetr_alias(&record.uetr),
             ],
             when_transfer_ok: Some(0),
+            voucher: None,
         };
         let reserving = std::time::Instant::now();
         let outcome = match engine_submit(&self.node, vec![transfer], vec![put]).await {
@@ -1575,6 +1578,7 @@ impl Switch {
                 uetr_alias(&record.uetr),
             ],
             when_transfer_ok: None,
+            voucher: None,
         };
         engine_submit(&self.node, vec![], vec![put]).await?;
         self.finished(&record);
@@ -1881,6 +1885,7 @@ impl Switch {
             open: false,
             aliases: vec![],
             when_transfer_ok: condition,
+            voucher: None,
         };
         let settling = std::time::Instant::now();
         let mut attempts = 0;
@@ -2069,6 +2074,7 @@ impl Switch {
                 open: false,
                 aliases: vec![alias],
                 when_transfer_ok: Some(0),
+                voucher: None,
             },
             RecordPut {
                 key: payment_key,
@@ -2076,6 +2082,7 @@ impl Switch {
                 open: false,
                 aliases: vec![],
                 when_transfer_ok: Some(0),
+                voucher: None,
             },
         ];
         let outcome = engine_submit(&self.node, vec![transfer], puts).await?;
