@@ -97,16 +97,13 @@ pub enum VoucherEvent {
         closed_at_ns: u64,
     },
     /// One fund adjustment of a window's settlement: `net` > 0 the participant receives it,
-    /// `net` < 0 it pays it. `moved` is what the ledger moved on its position (less than |net|
-    /// only when a net receiver had already spent the receipts; the rest is carried).
+    /// `net` < 0 it pays it.
     FundAdjustment {
         window: u64,
         participant: String,
         currency: String,
         #[serde(with = "net")]
         net: i128,
-        #[serde(with = "amount")]
-        moved: u128,
     },
     /// A window's settlement is final: `adjustments` fund adjustments were posted as one atomic
     /// linked batch.

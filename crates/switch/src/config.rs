@@ -42,6 +42,9 @@ pub struct SwitchConfig {
     /// TLS-terminating proxy or on loopback).
     pub tls_cert_pem: Option<std::path::PathBuf>,
     pub tls_key_pem: Option<std::path::PathBuf>,
+    /// Close (and settle) the settlement window every this many seconds; 0 = only by operator
+    /// command.
+    pub window_close_every_seconds: u64,
 }
 
 impl Default for SwitchConfig {
@@ -65,6 +68,7 @@ impl Default for SwitchConfig {
             scheme_bic: "CLRHXXXX".into(),
             tls_cert_pem: None,
             tls_key_pem: None,
+            window_close_every_seconds: 0,
         }
     }
 }

@@ -695,6 +695,172 @@ async fn get_payment_pacs002(
     .await
 }
 
+/// The number in `name=<digits>` of a query, if present.
+fn query_number(query: Option<&str>, name: &str) -> Result<Option<u64>, ApiError> {
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        if let Some((key, value)) = pair.split_once('=') {
+            if key == name {
+                return value.parse().map(Some).map_err(|_| {
+                    ApiError::new(400, "invalid_query", format!("{name} must be a number"))
+                        .with_reason("FF01")
+                });
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn query_text<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CloseBody {
+    #[serde(default = "yes")]
+    settle: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn close_window(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let request: CloseBody = if body.is_empty() {
+                CloseBody { settle: true }
+            } else {
+                json_body(&body)?
+            };
+            let report = state.switch.close_window(&caller, request.settle).await?;
+            Ok(ok(StatusCode::OK, &report))
+        },
+    )
+    .await
+}
+
+async fn settle_window(
+    State(state): State<AppState>,
+    Path(window): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            Ok(ok(
+                StatusCode::OK,
+                &state.switch.settle_window(&caller, window).await?,
+            ))
+        },
+    )
+    .await
+}
+
+async fn list_windows(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move { Ok(ok(StatusCode::OK, &state.switch.windows(&caller).await?)) },
+    )
+    .await
+}
+
+async fn get_window(
+    State(state): State<AppState>,
+    Path(window): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            let report = state.switch.window_report(&caller, window).await?;
+            let typed = |content_type: &'static str, text: String| {
+                ([(axum::http::header::CONTENT_TYPE, content_type)], text).into_response()
+            };
+            match query_text(query.as_deref(), "format").unwrap_or("json") {
+                "json" => Ok(ok(StatusCode::OK, &report)),
+                "csv" => Ok(typed("text/csv", report.to_csv())),
+                "svg" => Ok(typed("image/svg+xml", report.to_svg())),
+                other => Err(ApiError::new(
+                    400,
+                    "invalid_query",
+                    format!("format {other:?} is not one of json, csv, svg"),
+                )
+                .with_reason("FF01")),
+            }
+        },
+    )
+    .await
+}
+
+async fn vouchers(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            let from = query_number(query.as_deref(), "from")?.unwrap_or(1);
+            let limit = query_number(query.as_deref(), "limit")?.unwrap_or(1_000);
+            let page = state
+                .switch
+                .vouchers(&caller, from, limit.min(usize::MAX as u64) as usize)
+                .await?;
+            Ok(ok(StatusCode::OK, &page))
+        },
+    )
+    .await
+}
+
 async fn openapi() -> Response {
     (
         [("content-type", "application/json")],
@@ -750,6 +916,11 @@ pub fn router(switch: Arc<Switch>) -> Router {
         .route("/v1/admin/participants/{bic}", patch(change))
         .route("/v1/admin/participants/{bic}/liquidity", post(liquidity))
         .route("/v1/stats", get(stats))
+        .route("/v1/admin/windows/close", post(close_window))
+        .route("/v1/admin/windows/{window}/settle", post(settle_window))
+        .route("/v1/windows", get(list_windows))
+        .route("/v1/windows/{window}", get(get_window))
+        .route("/v1/vouchers", get(vouchers))
         .route("/openapi.json", get(openapi))
         .route("/health", get(health))
         .route("/ready", get(ready))

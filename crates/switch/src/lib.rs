@@ -14,6 +14,7 @@
 //! the same [`switch::PaymentRequest`] as JSON and answers with pacs.002).
 
 pub mod auth;
+pub mod clearing;
 pub mod client;
 pub mod config;
 pub mod http;

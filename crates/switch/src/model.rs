@@ -82,6 +82,7 @@ pub const TRANSFER_CODE_LIQUIDITY_IN: u16 = 2;
 pub const TRANSFER_CODE_LIQUIDITY_OUT: u16 = 3;
 pub const TRANSFER_CODE_NDC_LINE: u16 = 4;
 pub const TRANSFER_CODE_RETURN: u16 = 5;
+pub const TRANSFER_CODE_FUND_ADJUSTMENT: u16 = 6;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

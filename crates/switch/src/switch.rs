@@ -23,7 +23,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use clearhouse_clearing::report::WindowReport;
+use clearhouse_clearing::VoucherEvent;
 use clearhouse_engine::{EngineError, Node, RecordPut, SubmitOutcome};
+
+use crate::clearing::{submit_then, Clearing};
 use clearhouse_ledger::{
     Account, AccountFlags, CreateAccountResult, CreateTransferResult, PendingStatus, Transfer,
     TransferFlags,
@@ -237,6 +241,46 @@ fn encode(stored: &Stored) -> Vec<u8> {
     serde_json::to_vec(stored).expect("records serialize")
 }
 
+/// The voucher of a payment's final state (settled or rejected).
+fn payment_voucher(record: &PaymentRecord) -> Vec<u8> {
+    let payment = format!("{:032x}", record.id());
+    let at_ns = record.finished_at_ns.unwrap_or(record.accepted_at_ns);
+    match record.state {
+        PaymentState::Settled => VoucherEvent::PaymentSettled {
+            payment,
+            uetr: record.uetr.clone(),
+            end_to_end_id: record.end_to_end_id.clone(),
+            debtor_agent: record.debtor_agent.clone(),
+            creditor_agent: record.creditor_agent.clone(),
+            currency: record.currency.clone(),
+            amount: record.amount,
+            at_ns,
+        },
+        PaymentState::Rejected | PaymentState::Reserved => VoucherEvent::PaymentRejected {
+            payment,
+            uetr: record.uetr.clone(),
+            debtor_agent: record.debtor_agent.clone(),
+            creditor_agent: record.creditor_agent.clone(),
+            currency: record.currency.clone(),
+            amount: record.amount,
+            reason: record.reason.clone().unwrap_or_default(),
+            at_ns,
+        },
+    }
+    .to_bytes()
+}
+
+fn operator(caller: &Caller) -> Result<(), ApiError> {
+    match caller {
+        Caller::Operator => Ok(()),
+        Caller::Participant(_) => Err(ApiError::new(
+            403,
+            "forbidden",
+            "operator credentials required",
+        )),
+    }
+}
+
 pub fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -327,7 +371,7 @@ impl OperatorKey {
 }
 
 /// Writes a file readable by its owner only, durably (fsync file and directory).
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -489,6 +533,8 @@ pub struct Switch {
     alerted: Mutex<FxHashMap<(String, String), bool>>,
     /// Returns run one at a time (they are rare; it keeps "never more than the payment" simple).
     returns: tokio::sync::Mutex<()>,
+    /// Settlement windows, netting, checkpoints.
+    pub clearing: Arc<Clearing>,
 }
 
 /// Submits to the engine and waits without blocking the runtime.
@@ -509,7 +555,7 @@ async fn engine_submit(
 }
 
 /// Runs a blocking engine call (lookups, index reads) off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
@@ -554,6 +600,16 @@ impl Switch {
                 }
             }
         }
+        let signing_key = crate::clearing::load_or_create_signing_key(data_dir)
+            .map_err(|e| ApiError::new(500, "operator_key", e.to_string()))?;
+        let clearing = Arc::new(
+            Clearing::start(
+                node.clone(),
+                signing_key,
+                &crate::clearing::settlement_models(&participants),
+            )
+            .await?,
+        );
         let registry: crate::outbound::Registry = Arc::new(RwLock::new(Arc::new(BTreeMap::new())));
         let outbound = Outbound::new(&config, registry.clone());
         let switch = Arc::new(Switch {
@@ -570,6 +626,7 @@ impl Switch {
             latency: crate::metrics::PaymentLatency::default(),
             alerted: Mutex::new(FxHashMap::default()),
             returns: tokio::sync::Mutex::new(()),
+            clearing,
             config,
         });
         switch.install_participants(participants);
@@ -596,6 +653,7 @@ impl Switch {
         }
         let watcher = switch.clone();
         tokio::spawn(async move { watcher.watch_liquidity().await });
+        switch.spawn_window_schedule();
         Ok(switch)
     }
 
@@ -656,6 +714,37 @@ impl Switch {
             &[("", stats.in_flight)],
         );
         self.latency.render(&mut out);
+        let (window, _) = self.clearing.open_window();
+        metric(
+            &mut out,
+            "clearhouse_window_open",
+            "gauge",
+            "The settlement window open now.",
+            &[("", window)],
+        );
+        metric(
+            &mut out,
+            "clearhouse_windows_total",
+            "counter",
+            "Settlement windows closed and settled since start.",
+            &[
+                (
+                    "event=\"closed\"",
+                    self.clearing.windows_closed.load(Ordering::Relaxed),
+                ),
+                (
+                    "event=\"settled\"",
+                    self.clearing.windows_settled.load(Ordering::Relaxed),
+                ),
+            ],
+        );
+        metric(
+            &mut out,
+            "clearhouse_reconciliation_breaks_total",
+            "counter",
+            "Internal reconciliation breaks found since start (any is an alarm).",
+            &[("", self.clearing.breaks_total.load(Ordering::Relaxed))],
+        );
         metric(
             &mut out,
             "clearhouse_participants",
@@ -1113,7 +1202,26 @@ impl Switch {
             code,
             ..Transfer::default()
         };
-        let outcome = engine_submit(&self.node, vec![transfer], vec![]).await?;
+        let voucher = VoucherEvent::Liquidity {
+            transfer: format!("{:032x}", transfer.id),
+            participant: bic.to_string(),
+            currency: c.code.to_string(),
+            direction: match request.direction {
+                LiquidityDirection::In => "in",
+                LiquidityDirection::Out => "out",
+            }
+            .to_string(),
+            amount,
+            at_ns: now_ns(),
+        };
+        let record = RecordPut {
+            key: transfer.id,
+            value: voucher.to_bytes(),
+            when_transfer_ok: Some(0),
+            voucher: Some(voucher.to_bytes()),
+            ..RecordPut::default()
+        };
+        let outcome = engine_submit(&self.node, vec![transfer], vec![record]).await?;
         match outcome.results[0] {
             CreateTransferResult::Ok | CreateTransferResult::Exists => {}
             CreateTransferResult::ExceedsCredits => {
@@ -1578,7 +1686,7 @@ impl Switch {
                 uetr_alias(&record.uetr),
             ],
             when_transfer_ok: None,
-            voucher: None,
+            voucher: Some(payment_voucher(&record)),
         };
         engine_submit(&self.node, vec![], vec![put]).await?;
         self.finished(&record);
@@ -1885,12 +1993,38 @@ impl Switch {
             open: false,
             aliases: vec![],
             when_transfer_ok: condition,
-            voucher: None,
+            voucher: Some(payment_voucher(record)),
         };
         let settling = std::time::Instant::now();
         let mut attempts = 0;
         let outcome = loop {
-            match engine_submit(&self.node, vec![transfer], vec![put(&record, Some(0))]).await {
+            // A settled payment counts in the open window in its commit callback (journal order).
+            let count = (record.state == PaymentState::Settled).then(|| {
+                let counter = self.clearing.counter();
+                let (payer, payee, code, amount) = (
+                    record.debtor_agent.clone(),
+                    record.creditor_agent.clone(),
+                    record.currency.clone(),
+                    record.amount,
+                );
+                move |outcome: &SubmitOutcome| {
+                    if outcome.written[0] {
+                        counter(&payer, &payee, &code, amount);
+                    }
+                }
+            });
+            let submitted = submit_then(
+                &self.node,
+                vec![transfer],
+                vec![put(&record, Some(0))],
+                move |outcome| {
+                    if let Some(count) = count {
+                        count(outcome)
+                    }
+                },
+            )
+            .await;
+            match submitted {
                 Ok(outcome) => break Some(outcome),
                 Err(EngineError::Overloaded { .. }) if attempts < FINALIZE_ATTEMPTS_MAX => {
                     attempts += 1;
@@ -2074,7 +2208,20 @@ impl Switch {
                 open: false,
                 aliases: vec![alias],
                 when_transfer_ok: Some(0),
-                voucher: None,
+                voucher: Some(
+                    VoucherEvent::PaymentReturned {
+                        return_key: format!("{:032x}", record.key),
+                        original_payment: format!("{payment_key:032x}"),
+                        original_uetr: record.original_uetr.clone(),
+                        returning_agent: record.returning_agent.clone(),
+                        receiving_agent: record.receiving_agent.clone(),
+                        currency: record.currency.clone(),
+                        amount: record.amount,
+                        reason: record.reason.clone(),
+                        at_ns: record.settled_at_ns,
+                    }
+                    .to_bytes(),
+                ),
             },
             RecordPut {
                 key: payment_key,
@@ -2085,7 +2232,18 @@ impl Switch {
                 voucher: None,
             },
         ];
-        let outcome = engine_submit(&self.node, vec![transfer], puts).await?;
+        let counter = self.clearing.counter();
+        let (payer, payee, code) = (
+            record.returning_agent.clone(),
+            record.receiving_agent.clone(),
+            record.currency.clone(),
+        );
+        let outcome = submit_then(&self.node, vec![transfer], puts, move |outcome| {
+            if outcome.written[0] {
+                counter(&payer, &payee, &code, amount);
+            }
+        })
+        .await?;
         match outcome.results[0] {
             CreateTransferResult::Ok => {}
             CreateTransferResult::ExceedsCredits => {
@@ -2116,6 +2274,85 @@ impl Switch {
             Notification::Return(Box::new(view.clone())),
         );
         Ok(view)
+    }
+
+    /// Closes the open settlement window (operator), settling it right away with `settle`.
+    pub async fn close_window(
+        &self,
+        caller: &Caller,
+        settle: bool,
+    ) -> Result<WindowReport, ApiError> {
+        operator(caller)?;
+        let models = crate::clearing::settlement_models(&self.participants());
+        self.clearing.close(&models, settle).await
+    }
+
+    pub async fn settle_window(
+        &self,
+        caller: &Caller,
+        window: u64,
+    ) -> Result<WindowReport, ApiError> {
+        operator(caller)?;
+        self.clearing.settle(window).await
+    }
+
+    /// A window's report; a participant sees only its own positions.
+    pub async fn window_report(
+        &self,
+        caller: &Caller,
+        window: u64,
+    ) -> Result<WindowReport, ApiError> {
+        let models = crate::clearing::settlement_models(&self.participants());
+        let report = self.clearing.report(window, &models).await?;
+        Ok(match caller {
+            Caller::Operator => report,
+            Caller::Participant(bic) => crate::clearing::participant_view(report, bic),
+        })
+    }
+
+    pub async fn windows(&self, caller: &Caller) -> Result<Vec<WindowReport>, ApiError> {
+        let models = crate::clearing::settlement_models(&self.participants());
+        let reports = self.clearing.list(&models).await?;
+        Ok(match caller {
+            Caller::Operator => reports,
+            Caller::Participant(bic) => reports
+                .into_iter()
+                .map(|r| crate::clearing::participant_view(r, bic))
+                .collect(),
+        })
+    }
+
+    pub async fn vouchers(
+        &self,
+        caller: &Caller,
+        from: u64,
+        limit: usize,
+    ) -> Result<crate::clearing::VoucherPage, ApiError> {
+        let participant = match caller {
+            Caller::Operator => None,
+            Caller::Participant(bic) => Some(bic.as_str()),
+        };
+        self.clearing.voucher_page(participant, from, limit).await
+    }
+
+    /// Closes windows on the configured schedule (every `window_close_every_seconds`), settling
+    /// each; a failed close is logged and tried again at the next tick.
+    pub fn spawn_window_schedule(self: &Arc<Self>) {
+        let every = self.config.window_close_every_seconds;
+        if every == 0 {
+            return;
+        }
+        let switch = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(every));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(error) = switch.close_window(&Caller::Operator, true).await {
+                    tracing::error!(%error, "scheduled window close failed");
+                }
+            }
+        });
     }
 
     /// The key of a payment by UETR (for pacs.004 and pacs.028).

@@ -1,0 +1,980 @@
+//! Settlement windows on the live switch: positions accumulated at commit time, exact cut-over,
+//! multilateral net settlement posted as one linked ledger batch, signed checkpoints of the
+//! voucher chain, and internal reconciliation.
+//!
+//! Exactness: the engine answers submits in journal order on one thread. Settled payments and
+//! returns are added to the open window's accumulators in their commit callback, and a close
+//! swaps the accumulators in its own commit callback, so every payment lands in exactly the
+//! window its place in the journal (and in the voucher chain) says, and closing pauses nothing.
+//! After a restart the open window's accumulators are recomputed from the vouchers.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use clearhouse_clearing::event::VoucherEvent;
+use clearhouse_clearing::export::sign_checkpoint;
+use clearhouse_clearing::netting::{accumulators_from_vouchers, Accumulators, SettlementPlan};
+use clearhouse_clearing::report::{Break, WindowReport, WindowState};
+use clearhouse_engine::{EngineError, Node, RecordPut, SubmitOutcome};
+use clearhouse_ledger::{CreateTransferResult, Transfer, TransferFlags};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::model::*;
+use crate::money::currency;
+use crate::switch::{blocking, now_ns, write_private, ApiError};
+
+/// Vouchers read per index query when scanning the chain.
+const VOUCHER_PAGE: usize = 8_192;
+/// Bytes of plan JSON per record (records hold at most 4 KiB).
+const PLAN_CHUNK_BYTES: usize = 3_900;
+/// Most windows listed at once.
+pub const WINDOWS_LISTED_MAX: u64 = 100;
+
+fn state_key() -> u128 {
+    id128(&[b"clearing-state"])
+}
+fn window_key(window: u64) -> u128 {
+    id128(&[b"window", &window.to_le_bytes()])
+}
+fn plan_chunk_key(window: u64, chunk: u32) -> u128 {
+    id128(&[b"window-plan", &window.to_le_bytes(), &chunk.to_le_bytes()])
+}
+pub fn fund_adjustment_id(window: u64, bic: &str, currency: &str) -> u128 {
+    id128(&[
+        b"fund-adjustment",
+        &window.to_le_bytes(),
+        bic.as_bytes(),
+        currency.as_bytes(),
+    ])
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StateRecord {
+    /// The open window.
+    window: u64,
+    opened_at_ns: u64,
+}
+
+/// A window as stored: the report without its plan (kept in chunk records), and where its
+/// `window_closed` voucher is.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct WindowRecord {
+    report: WindowReport,
+    closed_seq: Option<u64>,
+    plan_chunks: u32,
+}
+
+struct Live {
+    window: u64,
+    opened_at_ns: u64,
+    current: Accumulators,
+    /// Closed windows' accumulators until their plan is stored.
+    closed: BTreeMap<u64, Accumulators>,
+}
+
+pub struct Clearing {
+    node: Node,
+    key: SigningKey,
+    live: Arc<Mutex<Live>>,
+    /// Close and settle run one at a time.
+    admin: tokio::sync::Mutex<()>,
+    /// Reconciliation breaks found since start (alarm), and accumulation failures.
+    pub breaks_total: AtomicU64,
+    pub windows_closed: AtomicU64,
+    pub windows_settled: AtomicU64,
+}
+
+/// Which positions settle net: (participant, currency) -> deferred net?
+pub type SettlementModels = BTreeMap<(String, String), bool>;
+
+pub fn settlement_models(participants: &BTreeMap<String, Participant>) -> SettlementModels {
+    participants
+        .values()
+        .flat_map(|p| {
+            p.currencies.iter().map(|(code, terms)| {
+                (
+                    (p.bic.clone(), code.clone()),
+                    terms.model == SettlementModel::DeferredNet,
+                )
+            })
+        })
+        .collect()
+}
+
+/// Submits and runs `on_commit` on the engine's answering thread, in journal order, before the
+/// caller is woken.
+pub async fn submit_then(
+    node: &Node,
+    transfers: Vec<Transfer>,
+    records: Vec<RecordPut>,
+    on_commit: impl FnOnce(&SubmitOutcome) + Send + 'static,
+) -> Result<SubmitOutcome, EngineError> {
+    let (sender, receiver) = oneshot::channel();
+    node.submit_with(transfers, records, move |result| {
+        if let Ok(outcome) = &result {
+            on_commit(outcome);
+        }
+        let _ = sender.send(result);
+    })?;
+    receiver.await.unwrap_or_else(|_| {
+        Err(EngineError::Stopped {
+            reason: "the engine dropped the request".into(),
+        })
+    })
+}
+
+/// The operator's Ed25519 key that signs checkpoints: `operator-ed25519.key` (hex seed, 0600) in
+/// the data directory, created on first start, with the public key beside it.
+pub fn load_or_create_signing_key(data_dir: &Path) -> std::io::Result<SigningKey> {
+    let path = data_dir.join("operator-ed25519.key");
+    let key = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let seed: [u8; 32] = hex::decode(text.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{} is not 32 bytes of hex", path.display()),
+                    )
+                })?;
+            SigningKey::from_bytes(&seed)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).expect("operating system randomness");
+            write_private(&path, hex::encode(seed).as_bytes())?;
+            SigningKey::from_bytes(&seed)
+        }
+        Err(error) => return Err(error),
+    };
+    std::fs::write(
+        data_dir.join("operator-ed25519.pub"),
+        format!("{}\n", hex::encode(key.verifying_key().as_bytes())),
+    )?;
+    Ok(key)
+}
+
+fn deferred(models: &SettlementModels) -> impl Fn(&str, &str) -> bool + '_ {
+    |bic, code| {
+        models
+            .get(&(bic.to_string(), code.to_string()))
+            .copied()
+            .unwrap_or(false)
+    }
+}
+
+fn internal(error: impl std::fmt::Display) -> ApiError {
+    ApiError::new(500, "clearing_failed", error.to_string())
+}
+
+impl Clearing {
+    /// Loads the clearing state, recomputes the open window's positions from the vouchers, and
+    /// completes any window whose close was interrupted (checkpoint and plan).
+    pub async fn start(
+        node: Node,
+        key: SigningKey,
+        models: &SettlementModels,
+    ) -> Result<Clearing, ApiError> {
+        let state = match read_json::<StateRecord>(&node, state_key()).await? {
+            Some(state) => state,
+            None => {
+                let state = StateRecord {
+                    window: 1,
+                    opened_at_ns: now_ns(),
+                };
+                put_records(&node, vec![], vec![plain(state_key(), &state)]).await?;
+                state
+            }
+        };
+        // Scan from the last window whose closing voucher is known.
+        let mut start_window = 1;
+        let mut start_seq = 1;
+        let mut back = state.window.saturating_sub(1);
+        while back >= 1 {
+            if let Some(record) = read_json::<WindowRecord>(&node, window_key(back)).await? {
+                if let Some(seq) = record.closed_seq {
+                    start_window = back + 1;
+                    start_seq = seq + 1;
+                    break;
+                }
+            }
+            back -= 1;
+        }
+        let mut events = Vec::new();
+        let mut closes = BTreeMap::new();
+        let mut from = start_seq;
+        loop {
+            let page = {
+                let node = node.clone();
+                blocking(move || node.vouchers(from, VOUCHER_PAGE)).await?
+            };
+            let Some(last) = page.last() else { break };
+            from = last.seq + 1;
+            for voucher in page {
+                let event = VoucherEvent::parse(&voucher.body).map_err(|error| {
+                    internal(format!("voucher {} does not parse: {error}", voucher.seq))
+                })?;
+                if let VoucherEvent::WindowClosed { window, .. } = &event {
+                    closes.insert(*window, (voucher.seq, voucher.hash));
+                }
+                events.push(event);
+            }
+        }
+        let (mut windows, open) =
+            accumulators_from_vouchers(start_window, &events).map_err(internal)?;
+        if open != state.window {
+            return Err(internal(format!(
+                "the vouchers end in window {open} but the clearing state says window {} is open",
+                state.window
+            )));
+        }
+        let current = windows.remove(&state.window).unwrap_or_default();
+        let clearing = Clearing {
+            node,
+            key,
+            live: Arc::new(Mutex::new(Live {
+                window: state.window,
+                opened_at_ns: state.opened_at_ns,
+                current,
+                closed: BTreeMap::new(),
+            })),
+            admin: tokio::sync::Mutex::new(()),
+            breaks_total: AtomicU64::new(0),
+            windows_closed: AtomicU64::new(0),
+            windows_settled: AtomicU64::new(0),
+        };
+        for (window, accumulators) in windows {
+            let Some(&(seq, hash)) = closes.get(&window) else {
+                continue;
+            };
+            tracing::warn!(window, "completing a window whose close was interrupted");
+            clearing
+                .complete_close(window, seq, hash, &accumulators, models)
+                .await?;
+        }
+        Ok(clearing)
+    }
+
+    pub fn public_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    /// The open window and its start.
+    pub fn open_window(&self) -> (u64, u64) {
+        let live = self.live.lock().expect("clearing");
+        (live.window, live.opened_at_ns)
+    }
+
+    /// A commit hook: counts a settled payment or return in the open window. Runs on the engine's
+    /// answering thread, in journal order.
+    pub fn counter(&self) -> impl Fn(&str, &str, &str, u128) + Send + Sync + 'static {
+        let live = self.live.clone();
+        move |payer, payee, code, amount| {
+            let mut live = live.lock().expect("clearing");
+            if let Err(error) = live.current.add(payer, payee, code, amount) {
+                // Money did move on the ledger; reconciliation at close will show the break.
+                tracing::error!(%error, payer, payee, "cannot count a settled amount in the window");
+            }
+        }
+    }
+
+    /// Snapshot of the open window's positions, as a preview plan.
+    pub fn preview(&self, models: &SettlementModels) -> Result<WindowReport, ApiError> {
+        let (window, opened_at_ns, accumulators) = {
+            let live = self.live.lock().expect("clearing");
+            (live.window, live.opened_at_ns, live.current.clone())
+        };
+        let plan =
+            SettlementPlan::compute(window, &accumulators, deferred(models)).map_err(internal)?;
+        Ok(WindowReport {
+            window,
+            state: WindowState::Open,
+            opened_at_ns,
+            closed_at_ns: None,
+            settled_at_ns: None,
+            checkpoint: None,
+            plan: Some(plan),
+            carried: vec![],
+            breaks: vec![],
+            reconciled: false,
+        })
+    }
+
+    /// Closes the open window: the cut-over voucher and the next window's state are one journal
+    /// record, the accumulators are swapped in its commit callback, then the chain head is signed
+    /// and the plan stored. With `settle`, the window is settled right after.
+    pub async fn close(
+        &self,
+        models: &SettlementModels,
+        settle: bool,
+    ) -> Result<WindowReport, ApiError> {
+        let report = {
+            let _admin = self.admin.lock().await;
+            let (window, opened_at_ns) = self.open_window();
+            let closed_at_ns = now_ns();
+            let event = VoucherEvent::WindowClosed {
+                window,
+                opened_at_ns,
+                closed_at_ns,
+            };
+            let next = StateRecord {
+                window: window + 1,
+                opened_at_ns: closed_at_ns,
+            };
+            let mut record = plain(state_key(), &next);
+            record.voucher = Some(event.to_bytes());
+            let live = self.live.clone();
+            let outcome = submit_then(&self.node, vec![], vec![record], move |outcome| {
+                if outcome.written[0] {
+                    let mut live = live.lock().expect("clearing");
+                    assert_eq!(live.window, window, "windows close one at a time");
+                    let accumulators = std::mem::take(&mut live.current);
+                    live.closed.insert(window, accumulators);
+                    live.window = window + 1;
+                    live.opened_at_ns = closed_at_ns;
+                }
+            })
+            .await?;
+            let stamp = outcome.vouchers[0].expect("an unconditional record is written");
+            let accumulators = self
+                .live
+                .lock()
+                .expect("clearing")
+                .closed
+                .remove(&window)
+                .expect("swapped in the commit callback");
+            self.windows_closed.fetch_add(1, Ordering::Relaxed);
+            let report = self
+                .complete_close(window, stamp.seq, stamp.hash, &accumulators, models)
+                .await?;
+            tracing::info!(
+                window,
+                voucher = stamp.seq,
+                positions = report.plan.as_ref().map_or(0, |p| p.positions.len()),
+                "window closed and signed"
+            );
+            report
+        };
+        if settle {
+            self.settle(report.window).await
+        } else {
+            Ok(report)
+        }
+    }
+
+    /// Signs the checkpoint at the closing voucher, computes the plan and stores the window.
+    async fn complete_close(
+        &self,
+        window: u64,
+        seq: u64,
+        hash: [u8; 32],
+        accumulators: &Accumulators,
+        models: &SettlementModels,
+    ) -> Result<WindowReport, ApiError> {
+        let checkpoint = sign_checkpoint(&self.key, window, seq, hash);
+        let plan =
+            SettlementPlan::compute(window, accumulators, deferred(models)).map_err(internal)?;
+        let (closed_at_ns, opened_at_ns) = self.closing_time(seq).await?;
+        let report = WindowReport {
+            window,
+            state: WindowState::Closed,
+            opened_at_ns,
+            closed_at_ns: Some(closed_at_ns),
+            settled_at_ns: None,
+            checkpoint: Some(checkpoint),
+            plan: Some(plan),
+            carried: vec![],
+            breaks: vec![],
+            reconciled: false,
+        };
+        self.store(&report, Some(seq), vec![], vec![]).await?;
+        Ok(report)
+    }
+
+    /// The close time and open time written in a `window_closed` voucher.
+    async fn closing_time(&self, seq: u64) -> Result<(u64, u64), ApiError> {
+        let node = self.node.clone();
+        let voucher = blocking(move || node.vouchers(seq, 1))
+            .await?
+            .pop()
+            .filter(|v| v.seq == seq)
+            .ok_or_else(|| internal(format!("voucher {seq} is missing")))?;
+        match VoucherEvent::parse(&voucher.body).map_err(internal)? {
+            VoucherEvent::WindowClosed {
+                closed_at_ns,
+                opened_at_ns,
+                ..
+            } => Ok((closed_at_ns, opened_at_ns)),
+            other => Err(internal(format!(
+                "voucher {seq} is {other:?}, not a window close"
+            ))),
+        }
+    }
+
+    /// Writes a window's record and plan chunks, with `transfers` and `extra` records in the same
+    /// journal record; the window record is conditional on the last transfer when there are any
+    /// (a linked batch: all or nothing).
+    async fn store(
+        &self,
+        report: &WindowReport,
+        closed_seq: Option<u64>,
+        transfers: Vec<Transfer>,
+        mut extra: Vec<RecordPut>,
+    ) -> Result<SubmitOutcome, ApiError> {
+        let plan_json = serde_json::to_vec(&report.plan).expect("plans serialize");
+        let chunks: Vec<&[u8]> = plan_json.chunks(PLAN_CHUNK_BYTES).collect();
+        let condition = transfers.len().checked_sub(1).map(|i| i as u32);
+        let mut stored = report.clone();
+        stored.plan = None;
+        let record = WindowRecord {
+            report: stored,
+            closed_seq,
+            plan_chunks: chunks.len() as u32,
+        };
+        let mut records = Vec::with_capacity(chunks.len() + 1 + extra.len());
+        for (i, chunk) in chunks.iter().enumerate() {
+            records.push(RecordPut {
+                key: plan_chunk_key(report.window, i as u32),
+                value: chunk.to_vec(),
+                when_transfer_ok: condition,
+                ..RecordPut::default()
+            });
+        }
+        records.append(&mut extra);
+        let mut window_record = plain(window_key(report.window), &record);
+        window_record.when_transfer_ok = condition;
+        if report.state == WindowState::Settled {
+            window_record.voucher = Some(
+                VoucherEvent::WindowSettled {
+                    window: report.window,
+                    adjustments: transfers.len() as u32,
+                    settled_at_ns: report.settled_at_ns.unwrap_or(0),
+                }
+                .to_bytes(),
+            );
+        }
+        records.push(window_record);
+        Ok(put_records(&self.node, transfers, records).await?)
+    }
+
+    /// A stored window (or the open one, as a preview).
+    pub async fn report(
+        &self,
+        window: u64,
+        models: &SettlementModels,
+    ) -> Result<WindowReport, ApiError> {
+        if window == self.open_window().0 {
+            return self.preview(models);
+        }
+        let record = read_json::<WindowRecord>(&self.node, window_key(window))
+            .await?
+            .ok_or_else(|| ApiError::new(404, "not_found", format!("window {window} not found")))?;
+        let mut report = record.report;
+        let keys: Vec<u128> = (0..record.plan_chunks)
+            .map(|i| plan_chunk_key(window, i))
+            .collect();
+        let chunks = {
+            let node = self.node.clone();
+            blocking(move || node.get_records(&keys)).await?
+        };
+        let mut plan = Vec::new();
+        for chunk in chunks {
+            plan.extend(chunk.ok_or_else(|| internal("a plan chunk is missing"))?);
+        }
+        if !plan.is_empty() {
+            report.plan = serde_json::from_slice(&plan).map_err(internal)?;
+        }
+        Ok(report)
+    }
+
+    /// The most recent windows, newest first (the open one included).
+    pub async fn list(&self, models: &SettlementModels) -> Result<Vec<WindowReport>, ApiError> {
+        let (open, _) = self.open_window();
+        let mut out = vec![self.preview(models)?];
+        let mut window = open - 1;
+        while window >= 1 && (out.len() as u64) < WINDOWS_LISTED_MAX {
+            let mut report = self.report(window, models).await?;
+            report.plan = report.plan.map(|mut plan| {
+                plan.positions.clear();
+                plan.instructions.clear();
+                plan
+            });
+            out.push(report);
+            window -= 1;
+        }
+        Ok(out)
+    }
+
+    /// Settles a closed window: every fund adjustment in one linked ledger batch, with a voucher
+    /// each and the window's `window_settled` voucher, all or nothing; then reconciles.
+    /// Idempotent: settling a settled window answers its report.
+    pub async fn settle(&self, window: u64) -> Result<WindowReport, ApiError> {
+        let _admin = self.admin.lock().await;
+        let no_models = SettlementModels::new();
+        let mut report = self.report(window, &no_models).await?;
+        match report.state {
+            WindowState::Open => {
+                return Err(ApiError::new(
+                    409,
+                    "window_open",
+                    format!("window {window} is open; close it first"),
+                ))
+            }
+            WindowState::Settled => return Ok(report),
+            WindowState::Closed => {}
+        }
+        let plan = report
+            .plan
+            .clone()
+            .ok_or_else(|| internal("closed window without plan"))?;
+        let mut transfers = Vec::with_capacity(plan.instructions.len());
+        let mut records = Vec::with_capacity(plan.instructions.len());
+        for instruction in &plan.instructions {
+            let c = currency(&instruction.currency)
+                .ok_or_else(|| internal(format!("unknown currency {}", instruction.currency)))?;
+            let position = position_account(&instruction.participant, c.code);
+            let settlement = settlement_account(c.code);
+            let id = fund_adjustment_id(window, &instruction.participant, c.code);
+            let (debit, credit, flags) = if instruction.net < 0 {
+                // A net payer paid in at the settlement bank: its position is restored.
+                (settlement, position, TransferFlags::LINKED)
+            } else {
+                // A net receiver is paid out: what it received leaves its position (at most what
+                // is there; the rest is carried and reported).
+                (
+                    position,
+                    settlement,
+                    TransferFlags::LINKED.with(TransferFlags::BALANCING_DEBIT),
+                )
+            };
+            records.push(RecordPut {
+                key: id,
+                value: serde_json::to_vec(instruction).expect("instructions serialize"),
+                when_transfer_ok: Some(transfers.len() as u32),
+                voucher: Some(
+                    VoucherEvent::FundAdjustment {
+                        window,
+                        participant: instruction.participant.clone(),
+                        currency: instruction.currency.clone(),
+                        net: instruction.net,
+                    }
+                    .to_bytes(),
+                ),
+                ..RecordPut::default()
+            });
+            transfers.push(Transfer {
+                id,
+                debit_account_id: debit,
+                credit_account_id: credit,
+                amount: instruction.net.unsigned_abs(),
+                ledger: c.numeric,
+                code: TRANSFER_CODE_FUND_ADJUSTMENT,
+                flags,
+                ..Transfer::default()
+            });
+        }
+        if let Some(last) = transfers.last_mut() {
+            last.flags = last.flags.without(TransferFlags::LINKED);
+        }
+        if transfers.len() > clearhouse_ledger::BATCH_EVENTS_MAX {
+            return Err(ApiError::new(
+                409,
+                "too_many_adjustments",
+                format!(
+                    "{} fund adjustments exceed one batch ({})",
+                    transfers.len(),
+                    clearhouse_ledger::BATCH_EVENTS_MAX
+                ),
+            ));
+        }
+        report.state = WindowState::Settled;
+        report.settled_at_ns = Some(now_ns());
+        let ids: Vec<u128> = transfers.iter().map(|t| t.id).collect();
+        let outcome = self
+            .store(
+                &report,
+                closed_seq_of(&self.node, window).await?,
+                transfers,
+                records,
+            )
+            .await?;
+        if let Some(failed) = outcome
+            .results
+            .iter()
+            .position(|r| !matches!(r, CreateTransferResult::Ok | CreateTransferResult::Exists))
+        {
+            let cause = outcome
+                .results
+                .iter()
+                .find(|r| {
+                    !matches!(
+                        r,
+                        CreateTransferResult::Ok
+                            | CreateTransferResult::Exists
+                            | CreateTransferResult::LinkedEventFailed
+                    )
+                })
+                .unwrap_or(&outcome.results[failed]);
+            return Err(ApiError::new(
+                409,
+                "settlement_refused",
+                format!(
+                    "the ledger refused fund adjustment {failed} ({cause:?}); nothing was posted and window {window} stays closed"
+                ),
+            ));
+        }
+        self.windows_settled.fetch_add(1, Ordering::Relaxed);
+        // What the ledger moved for each receiver (balancing), to report any carried amount.
+        let moved = if ids.is_empty() {
+            vec![]
+        } else {
+            let node = self.node.clone();
+            blocking(move || node.lookup_transfers(ids)).await?
+        };
+        for (instruction, stored) in plan.instructions.iter().zip(&moved) {
+            let carried = instruction
+                .net
+                .unsigned_abs()
+                .saturating_sub(stored.transfer.amount);
+            if carried > 0 {
+                report.carried.push((
+                    instruction.participant.clone(),
+                    instruction.currency.clone(),
+                    carried.to_string(),
+                ));
+            }
+        }
+        tracing::info!(
+            window,
+            adjustments = plan.instructions.len(),
+            "window settled"
+        );
+        drop(_admin);
+        self.reconcile(window, report).await
+    }
+
+    /// Internal reconciliation of a settled window: the positions recomputed from the window's
+    /// vouchers equal the plan's; every instruction is on the ledger with its amount and
+    /// accounts; nets sum to zero (checked when the plan was made). Breaks are stored in the
+    /// window's report, counted, and logged as errors.
+    pub async fn reconcile(
+        &self,
+        window: u64,
+        mut report: WindowReport,
+    ) -> Result<WindowReport, ApiError> {
+        let _admin = self.admin.lock().await;
+        let mut breaks = Vec::new();
+        let end = closed_seq_of(&self.node, window)
+            .await?
+            .ok_or_else(|| internal("settled window without closing voucher"))?;
+        let start = if window == 1 {
+            1
+        } else {
+            closed_seq_of(&self.node, window - 1)
+                .await?
+                .ok_or_else(|| internal("previous window without closing voucher"))?
+                + 1
+        };
+        let mut events = Vec::new();
+        let mut from = start;
+        while from <= end {
+            let page = {
+                let node = self.node.clone();
+                let limit = VOUCHER_PAGE.min((end - from + 1) as usize);
+                blocking(move || node.vouchers(from, limit)).await?
+            };
+            let Some(last) = page.last() else { break };
+            from = last.seq + 1;
+            for voucher in page {
+                events.push(VoucherEvent::parse(&voucher.body).map_err(internal)?);
+            }
+        }
+        let (windows, _) = accumulators_from_vouchers(window, &events).map_err(internal)?;
+        let recomputed = windows.get(&window).cloned().unwrap_or_default();
+        let plan = report.plan.clone().unwrap_or(SettlementPlan {
+            window,
+            positions: vec![],
+            instructions: vec![],
+            figures: vec![],
+        });
+        let mut planned: BTreeMap<(String, String), (u128, u128)> = plan
+            .positions
+            .iter()
+            .map(|p| {
+                (
+                    (p.participant.clone(), p.currency.clone()),
+                    (p.sent, p.received),
+                )
+            })
+            .collect();
+        for (key, position) in &recomputed.positions {
+            let found = planned.remove(key);
+            if found != Some((position.sent, position.received)) {
+                breaks.push(Break {
+                    check: "positions_vs_vouchers".into(),
+                    subject: format!("{} {}", key.0, key.1),
+                    expected: format!("sent {} received {}", position.sent, position.received),
+                    found: found.map_or("no position".into(), |(s, r)| {
+                        format!("sent {s} received {r}")
+                    }),
+                });
+            }
+        }
+        for (key, (sent, received)) in planned {
+            breaks.push(Break {
+                check: "positions_vs_vouchers".into(),
+                subject: format!("{} {}", key.0, key.1),
+                expected: "no vouchers".into(),
+                found: format!("sent {sent} received {received}"),
+            });
+        }
+        let ids: Vec<u128> = plan
+            .instructions
+            .iter()
+            .map(|i| fund_adjustment_id(window, &i.participant, &i.currency))
+            .collect();
+        let on_ledger: BTreeMap<u128, Transfer> = if ids.is_empty() {
+            BTreeMap::new()
+        } else {
+            let node = self.node.clone();
+            blocking(move || node.lookup_transfers(ids))
+                .await?
+                .into_iter()
+                .map(|s| (s.transfer.id, s.transfer))
+                .collect()
+        };
+        let carried: BTreeMap<(String, String), u128> = report
+            .carried
+            .iter()
+            .map(|(p, c, a)| ((p.clone(), c.clone()), a.parse().unwrap_or(0)))
+            .collect();
+        for instruction in &plan.instructions {
+            let id = fund_adjustment_id(window, &instruction.participant, &instruction.currency);
+            let position = position_account(&instruction.participant, &instruction.currency);
+            let settlement = settlement_account(&instruction.currency);
+            let expected_accounts = if instruction.net < 0 {
+                (settlement, position)
+            } else {
+                (position, settlement)
+            };
+            let carried = carried
+                .get(&(
+                    instruction.participant.clone(),
+                    instruction.currency.clone(),
+                ))
+                .copied()
+                .unwrap_or(0);
+            let subject = format!("{} {}", instruction.participant, instruction.currency);
+            match on_ledger.get(&id) {
+                Some(t)
+                    if (t.debit_account_id, t.credit_account_id) == expected_accounts
+                        && t.amount.checked_add(carried)
+                            == Some(instruction.net.unsigned_abs()) => {}
+                Some(t) => breaks.push(Break {
+                    check: "instruction_vs_ledger".into(),
+                    subject,
+                    expected: format!("{} (carried {carried})", instruction.net.unsigned_abs()),
+                    found: format!(
+                        "{} between {:x} and {:x}",
+                        t.amount, t.debit_account_id, t.credit_account_id
+                    ),
+                }),
+                None => breaks.push(Break {
+                    check: "instruction_vs_ledger".into(),
+                    subject,
+                    expected: instruction.net.to_string(),
+                    found: "no fund adjustment on the ledger".into(),
+                }),
+            }
+        }
+        if !breaks.is_empty() {
+            self.breaks_total
+                .fetch_add(breaks.len() as u64, Ordering::Relaxed);
+            tracing::error!(
+                window,
+                breaks = breaks.len(),
+                "reconciliation breaks: positions, vouchers and ledger disagree"
+            );
+        }
+        report.breaks = breaks;
+        report.reconciled = true;
+        let closed_seq = closed_seq_of(&self.node, window).await?;
+        // Rewrite the record only (no voucher: the window_settled voucher is already chained).
+        let mut stored = report.clone();
+        stored.plan = None;
+        let record = WindowRecord {
+            report: stored,
+            closed_seq,
+            plan_chunks: read_json::<WindowRecord>(&self.node, window_key(window))
+                .await?
+                .map_or(0, |r| r.plan_chunks),
+        };
+        put_records(&self.node, vec![], vec![plain(window_key(window), &record)]).await?;
+        Ok(report)
+    }
+}
+
+async fn closed_seq_of(node: &Node, window: u64) -> Result<Option<u64>, ApiError> {
+    Ok(read_json::<WindowRecord>(node, window_key(window))
+        .await?
+        .and_then(|r| r.closed_seq))
+}
+
+fn plain<T: Serialize>(key: u128, value: &T) -> RecordPut {
+    RecordPut {
+        key,
+        value: serde_json::to_vec(value).expect("clearing records serialize"),
+        ..RecordPut::default()
+    }
+}
+
+async fn put_records(
+    node: &Node,
+    transfers: Vec<Transfer>,
+    records: Vec<RecordPut>,
+) -> Result<SubmitOutcome, EngineError> {
+    submit_then(node, transfers, records, |_| {}).await
+}
+
+async fn read_json<T: serde::de::DeserializeOwned + Send + 'static>(
+    node: &Node,
+    key: u128,
+) -> Result<Option<T>, ApiError> {
+    let node = node.clone();
+    let value = blocking(move || node.get_records(&[key]))
+        .await?
+        .pop()
+        .flatten();
+    match value {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|error| internal(format!("clearing record {key:x}: {error}"))),
+    }
+}
+
+/// A page of the voucher chain as one caller may see it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VoucherPage {
+    /// The chain hash before the first entry (hex; zeros before voucher 1).
+    pub previous_hash: String,
+    pub entries: Vec<clearhouse_clearing::export::ViewEntry>,
+    /// Signed checkpoints of windows whose closing voucher is in this page.
+    pub checkpoints: Vec<clearhouse_clearing::export::Checkpoint>,
+    /// The operator's Ed25519 public key (hex) that signs checkpoints.
+    pub public_key: String,
+    /// Where the next page starts, when there may be one.
+    pub next_from: Option<u64>,
+}
+
+/// Most vouchers in one page.
+pub const VOUCHER_PAGE_MAX: usize = 4_096;
+
+impl Clearing {
+    /// Vouchers `from..from+limit`: every entry's leaf digest, and bodies only of the events
+    /// `participant` is party to (all of them for the operator, `participant = None`).
+    pub async fn voucher_page(
+        &self,
+        participant: Option<&str>,
+        from: u64,
+        limit: usize,
+    ) -> Result<VoucherPage, ApiError> {
+        let from = from.max(1);
+        let limit = limit.clamp(1, VOUCHER_PAGE_MAX);
+        let vouchers = {
+            let node = self.node.clone();
+            blocking(move || node.vouchers(from - 1, limit + 1)).await?
+        };
+        let mut previous_hash = clearhouse_engine::vouchers::GENESIS_HASH;
+        let mut entries = Vec::with_capacity(limit);
+        let mut checkpoints = Vec::new();
+        for voucher in vouchers {
+            if voucher.seq < from {
+                previous_hash = voucher.hash;
+                continue;
+            }
+            let event = VoucherEvent::parse(&voucher.body).map_err(internal)?;
+            let visible = participant.is_none_or(|bic| event.involves(bic));
+            if let VoucherEvent::WindowClosed { window, .. } = event {
+                if let Some(record) =
+                    read_json::<WindowRecord>(&self.node, window_key(window)).await?
+                {
+                    if let Some(checkpoint) = record.report.checkpoint {
+                        checkpoints.push(checkpoint);
+                    }
+                }
+            }
+            entries.push(clearhouse_clearing::export::ViewEntry {
+                seq: voucher.seq,
+                leaf: clearhouse_engine::vouchers::leaf_digest(&voucher.body),
+                body: visible.then(|| String::from_utf8_lossy(&voucher.body).into_owned()),
+            });
+        }
+        let next_from = (entries.len() == limit).then(|| from + limit as u64);
+        Ok(VoucherPage {
+            previous_hash: hex::encode(previous_hash),
+            entries,
+            checkpoints,
+            public_key: hex::encode(self.public_key().as_bytes()),
+            next_from,
+        })
+    }
+}
+
+/// What a participant may see of a window: its own positions and instructions, and the
+/// scheme-wide figures.
+pub fn participant_view(mut report: WindowReport, bic: &str) -> WindowReport {
+    if let Some(plan) = &mut report.plan {
+        plan.positions.retain(|p| p.participant == bic);
+        plan.instructions.retain(|i| i.participant == bic);
+    }
+    report.carried.retain(|(p, _, _)| p == bic);
+    report.breaks.clear();
+    report
+}
+
+/// Writes the whole voucher chain with every signed checkpoint as an export (see
+/// [`clearhouse_clearing::export`]); `progress` gets the vouchers written so far. Blocking: for
+/// the CLI, on a data directory no server is using.
+pub fn export_vouchers<W: std::io::Write>(
+    node: &Node,
+    public_key: &VerifyingKey,
+    out: W,
+    mut progress: impl FnMut(u64),
+) -> Result<(W, u64, u64), ApiError> {
+    let mut writer =
+        clearhouse_clearing::export::ExportWriter::new(out, public_key).map_err(internal)?;
+    let (mut vouchers, mut checkpoints) = (0u64, 0u64);
+    let mut from = 1;
+    loop {
+        let page = node.vouchers(from, VOUCHER_PAGE)?;
+        let Some(last) = page.last() else { break };
+        from = last.seq + 1;
+        for voucher in page {
+            writer
+                .voucher(voucher.seq, &voucher.hash, &voucher.body)
+                .map_err(internal)?;
+            vouchers += 1;
+            if let Ok(VoucherEvent::WindowClosed { window, .. }) =
+                VoucherEvent::parse(&voucher.body)
+            {
+                let stored = node.get_records(&[window_key(window)])?.pop().flatten();
+                let record: Option<WindowRecord> = stored
+                    .map(|bytes| serde_json::from_slice(&bytes))
+                    .transpose()
+                    .map_err(internal)?;
+                if let Some(checkpoint) = record.and_then(|r| r.report.checkpoint) {
+                    writer.checkpoint(&checkpoint).map_err(internal)?;
+                    checkpoints += 1;
+                }
+            }
+        }
+        progress(vouchers);
+    }
+    Ok((writer.finish().map_err(internal)?, vouchers, checkpoints))
+}

@@ -1,0 +1,213 @@
+//! Settlement windows end to end over HTTP: exact cut-over, multilateral net settlement posted on
+//! the ledger, signed checkpoints, participants verifying their own vouchers, restart recovery of
+//! the open window, and a full export that verifies.
+
+use clearhouse_clearing::export::{verify_export, verify_participant_view, Checkpoint, ViewEntry};
+use clearhouse_engine::Node;
+use serde_json::{json, Value};
+
+mod common;
+use common::*;
+
+const A: &str = "AAAADEFF";
+const B: &str = "BBBBDEFF";
+const C: &str = "CCCCDEFF";
+const P: &str = "PREFDEFF";
+
+async fn pay(url: &str, debtor: &str, creditor: &str, id: &str, amount: &str) {
+    let (status, body) = call(
+        &client_of(url, debtor),
+        "POST",
+        "/v1/payments",
+        payment(debtor, creditor, id, amount),
+    )
+    .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("ACSC")),
+        "{body}"
+    );
+}
+
+fn instruction_of(report: &Value, bic: &str) -> Option<String> {
+    report["plan"]["instructions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["participant"] == bic)
+        .map(|i| i["net"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn windows_net_settle_sign_and_survive_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (banks, _) = banks_runtime.block_on(start_banks(
+        vec![bank(A), bank(B), bank(C), bank(P)],
+        accepting(),
+    ));
+    let running = start_switch(dir.path(), config());
+    let url = running.url.clone();
+    banks_runtime.block_on(async {
+        let op = operator(dir.path(), &url);
+        for bic in [A, B, C] {
+            onboard(
+                &op,
+                bic,
+                &banks,
+                json!({"model": "deferred_net", "net_debit_cap": "1000.00"}),
+            )
+            .await;
+        }
+        onboard(&op, P, &banks, json!({"model": "prefunded"})).await;
+        fund(&op, P, "500.00").await;
+        pay(&url, A, B, "W1-1", "100.00").await;
+        pay(&url, B, C, "W1-2", "70.00").await;
+        pay(&url, C, A, "W1-3", "50.00").await;
+        pay(&url, P, A, "W1-4", "30.00").await;
+        pay(&url, A, P, "W1-5", "10.00").await;
+
+        // The open window's preview already nets.
+        let (status, preview) = call(&op, "GET", "/v1/windows/1", Value::Null).await;
+        assert_eq!(status, 200, "{preview}");
+        assert_eq!(preview["state"], "open");
+        assert_eq!(instruction_of(&preview, A).as_deref(), Some("-3000"));
+
+        // Only the operator closes windows.
+        let (status, _) = call(
+            &client_of(&url, A),
+            "POST",
+            "/v1/admin/windows/close",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, 403);
+
+        let (status, report) = call(
+            &op,
+            "POST",
+            "/v1/admin/windows/close",
+            json!({"settle": true}),
+        )
+        .await;
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["state"], "settled", "{report}");
+        assert_eq!(report["reconciled"], true);
+        assert_eq!(report["breaks"], json!([]));
+        // A pays 30.00, B receives 30.00, C receives 20.00; the prefunded P settled gross.
+        assert_eq!(instruction_of(&report, A).as_deref(), Some("-3000"));
+        assert_eq!(instruction_of(&report, B).as_deref(), Some("3000"));
+        assert_eq!(instruction_of(&report, C).as_deref(), Some("2000"));
+        assert_eq!(instruction_of(&report, P), None);
+        let figures = &report["plan"]["figures"][0];
+        assert_eq!(figures["gross"], "26000");
+        assert_eq!(figures["net"], "5000");
+        assert_eq!(figures["netting_efficiency_bp"], 8076);
+        assert!(report["checkpoint"]["signature"].is_string());
+        // Settlement reset the deferred-net positions to their caps.
+        for bic in [A, B, C] {
+            assert_eq!(available(&op, bic).await, "1000.00", "{bic}");
+        }
+        assert_eq!(available(&op, P).await, "480.00");
+        // Settling again changes nothing.
+        let (status, again) = call(&op, "POST", "/v1/admin/windows/1/settle", Value::Null).await;
+        assert_eq!(
+            (status, &again["settled_at_ns"]),
+            (200, &report["settled_at_ns"])
+        );
+        assert_eq!(available(&op, A).await, "1000.00");
+
+        // Window 2 is open and counts new payments.
+        pay(&url, A, B, "W2-1", "5.00").await;
+
+        // A participant sees only its own positions...
+        let (status, mine) = call(&client_of(&url, B), "GET", "/v1/windows/1", Value::Null).await;
+        assert_eq!(status, 200);
+        let positions = mine["plan"]["positions"].as_array().unwrap();
+        assert_eq!(positions.len(), 1);
+        assert_eq!(positions[0]["participant"], B);
+        // ...and verifies its own vouchers against the signed checkpoint.
+        let (status, page) = call(
+            &client_of(&url, B),
+            "GET",
+            "/v1/vouchers?from=1&limit=100",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, 200, "{page}");
+        let entries: Vec<ViewEntry> = serde_json::from_value(page["entries"].clone()).unwrap();
+        let checkpoint: Checkpoint =
+            serde_json::from_value(page["checkpoints"][0].clone()).unwrap();
+        let key: [u8; 32] = hex::decode(page["public_key"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&key).unwrap();
+        let own = verify_participant_view(B, &[0; 32], &entries, &checkpoint, &key).unwrap();
+        // Its two payments and the window close.
+        assert_eq!(own.len(), 3, "{own:?}");
+        assert!(entries.iter().filter(|e| e.body.is_some()).count() >= 3);
+        assert!(entries.iter().any(|e| e.body.is_none()));
+
+        // CSV and SVG reports.
+        let (status, csv) = op
+            .request("GET", "/v1/windows/1?format=csv", b"")
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        let csv = String::from_utf8(csv.to_vec()).unwrap();
+        assert!(
+            csv.contains(&format!("1,{A},EUR,deferred_net,11000,2,8000,2,-3000,")),
+            "{csv}"
+        );
+        let (status, svg) = op
+            .request("GET", "/v1/windows/1?format=svg", b"")
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        assert!(String::from_utf8(svg.to_vec()).unwrap().starts_with("<svg"));
+    });
+    drop(running);
+
+    // After a restart the open window's positions come back from the vouchers.
+    let running = start_switch(dir.path(), config());
+    let url = running.url.clone();
+    banks_runtime.block_on(async {
+        let op = operator(dir.path(), &url);
+        let (_, preview) = call(&op, "GET", "/v1/windows/2", Value::Null).await;
+        assert_eq!(
+            instruction_of(&preview, A).as_deref(),
+            Some("-500"),
+            "{preview}"
+        );
+        let (status, report) = call(&op, "POST", "/v1/admin/windows/close", Value::Null).await;
+        assert_eq!(
+            (status, &report["state"]),
+            (200, &json!("settled")),
+            "{report}"
+        );
+        assert_eq!(report["breaks"], json!([]));
+        assert_eq!(instruction_of(&report, B).as_deref(), Some("500"));
+        let (_, list) = call(&op, "GET", "/v1/windows", Value::Null).await;
+        assert_eq!(list[0]["window"], 3);
+        assert_eq!(list[0]["state"], "open");
+        assert_eq!(list.as_array().unwrap().len(), 3);
+    });
+    drop(running);
+
+    // The full export verifies against the operator's public key.
+    let node = Node::start(node_options(dir.path())).unwrap();
+    let public = std::fs::read_to_string(dir.path().join("operator-ed25519.pub")).unwrap();
+    let public: [u8; 32] = hex::decode(public.trim()).unwrap().try_into().unwrap();
+    let public = ed25519_dalek::VerifyingKey::from_bytes(&public).unwrap();
+    let (bytes, vouchers, checkpoints) =
+        clearhouse_switch::clearing::export_vouchers(&node, &public, Vec::new(), |_| {}).unwrap();
+    assert_eq!(checkpoints, 2);
+    let report = verify_export(&bytes[..], Some(&public), |_| {}).unwrap();
+    assert_eq!(report.vouchers, vouchers);
+    assert_eq!(report.checkpoints, 2);
+}
