@@ -424,9 +424,9 @@ pub fn verify_participant_view(
 ) -> Result<Vec<(u64, VoucherEvent)>, ClearingError> {
     verify_checkpoint(public_key, checkpoint)?;
     let mut hash = *previous_hash;
-    let mut expected = entries.first().map_or(0, |e| e.seq);
+    let first = entries.first().map_or(0, |e| e.seq);
     let mut own = Vec::new();
-    for entry in entries {
+    for (expected, entry) in (first..).zip(entries) {
         let fail = |reason: String| ClearingError::Voucher {
             seq: entry.seq,
             reason,
@@ -451,7 +451,6 @@ pub fn verify_participant_view(
             }
             return Ok(own);
         }
-        expected += 1;
     }
     Err(ClearingError::Checkpoint {
         window: checkpoint.window,

@@ -223,12 +223,12 @@ impl SettlementPlan {
             .into_values()
             .map(|mut figure| {
                 figure.liquidity_saved = figure.gross - figure.net;
-                figure.netting_efficiency_bp = if figure.gross == 0 {
-                    0
-                } else {
-                    // liquidity_saved <= gross, so this is at most 10,000.
-                    (figure.liquidity_saved.saturating_mul(10_000) / figure.gross) as u32
-                };
+                // liquidity_saved <= gross, so this is at most 10,000 (0 when gross is 0).
+                figure.netting_efficiency_bp = figure
+                    .liquidity_saved
+                    .saturating_mul(10_000)
+                    .checked_div(figure.gross)
+                    .unwrap_or(0) as u32;
                 figure
             })
             .collect();

@@ -59,12 +59,15 @@ fn build(
     (vouchers, checkpoints, events)
 }
 
+/// A frame of an export: start, end, the voucher sequence an error in it names, checkpoint?
+type Frame = (usize, usize, u64, bool);
+
 /// The export, and for each byte the sequence number an error there must name.
 fn export(
     key: &SigningKey,
     vouchers: &[Voucher],
     checkpoints: &[Checkpoint],
-) -> (Vec<u8>, Vec<(usize, usize, u64, bool)>) {
+) -> (Vec<u8>, Vec<Frame>) {
     let mut writer = ExportWriter::new(Vec::new(), &key.verifying_key()).unwrap();
     let mut frames = Vec::new();
     let mut offset = 22 + 32;
