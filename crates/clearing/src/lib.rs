@@ -16,6 +16,7 @@ pub mod event;
 pub mod export;
 pub mod netting;
 pub mod report;
+pub mod statement;
 
 pub use event::VoucherEvent;
 pub use netting::{Accumulators, Instruction, NetPosition, Position, SettlementPlan};

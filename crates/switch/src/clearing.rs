@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use clearhouse_clearing::event::VoucherEvent;
-use clearhouse_clearing::export::sign_checkpoint;
+use clearhouse_clearing::export::{sign_checkpoint, Checkpoint};
 use clearhouse_clearing::netting::{accumulators_from_vouchers, Accumulators, SettlementPlan};
 use clearhouse_clearing::report::{Break, WindowReport, WindowState};
 use clearhouse_engine::{EngineError, Node, RecordPut, SubmitOutcome};
@@ -514,6 +514,15 @@ impl Clearing {
     /// each and the window's `window_settled` voucher, all or nothing; then reconciles.
     /// Idempotent: settling a settled window answers its report.
     pub async fn settle(&self, window: u64) -> Result<WindowReport, ApiError> {
+        let report = self.settle_only(window).await?;
+        if report.reconciled {
+            return Ok(report);
+        }
+        self.reconcile(window, report).await
+    }
+
+    /// Settles without reconciling (see [`Clearing::settle`]).
+    pub async fn settle_only(&self, window: u64) -> Result<WindowReport, ApiError> {
         let _admin = self.admin.lock().await;
         let no_models = SettlementModels::new();
         let mut report = self.report(window, &no_models).await?;
@@ -669,31 +678,12 @@ impl Clearing {
     ) -> Result<WindowReport, ApiError> {
         let _admin = self.admin.lock().await;
         let mut breaks = Vec::new();
-        let end = closed_seq_of(&self.node, window)
+        let events: Vec<VoucherEvent> = self
+            .window_events(window)
             .await?
-            .ok_or_else(|| internal("settled window without closing voucher"))?;
-        let start = if window == 1 {
-            1
-        } else {
-            closed_seq_of(&self.node, window - 1)
-                .await?
-                .ok_or_else(|| internal("previous window without closing voucher"))?
-                + 1
-        };
-        let mut events = Vec::new();
-        let mut from = start;
-        while from <= end {
-            let page = {
-                let node = self.node.clone();
-                let limit = VOUCHER_PAGE.min((end - from + 1) as usize);
-                blocking(move || node.vouchers(from, limit)).await?
-            };
-            let Some(last) = page.last() else { break };
-            from = last.seq + 1;
-            for voucher in page {
-                events.push(VoucherEvent::parse(&voucher.body).map_err(internal)?);
-            }
-        }
+            .into_iter()
+            .map(|(_, event)| event)
+            .collect();
         let (windows, _) = accumulators_from_vouchers(window, &events).map_err(internal)?;
         let recomputed = windows.get(&window).cloned().unwrap_or_default();
         let plan = report.plan.clone().unwrap_or(SettlementPlan {
@@ -819,6 +809,53 @@ impl Clearing {
     }
 }
 
+impl Clearing {
+    /// The vouchers of a closed window, its closing voucher last.
+    pub async fn window_events(&self, window: u64) -> Result<Vec<(u64, VoucherEvent)>, ApiError> {
+        let end = closed_seq_of(&self.node, window).await?.ok_or_else(|| {
+            ApiError::new(409, "window_open", format!("window {window} is not closed"))
+        })?;
+        let start = if window == 1 {
+            1
+        } else {
+            closed_seq_of(&self.node, window - 1)
+                .await?
+                .ok_or_else(|| internal("previous window without closing voucher"))?
+                + 1
+        };
+        let mut events = Vec::with_capacity((end + 1).saturating_sub(start).min(1 << 20) as usize);
+        let mut from = start;
+        while from <= end {
+            let page = {
+                let node = self.node.clone();
+                let limit = VOUCHER_PAGE.min((end - from + 1) as usize);
+                blocking(move || node.vouchers(from, limit)).await?
+            };
+            let Some(last) = page.last() else { break };
+            from = last.seq + 1;
+            for voucher in page {
+                events.push((
+                    voucher.seq,
+                    VoucherEvent::parse(&voucher.body).map_err(internal)?,
+                ));
+            }
+        }
+        Ok(events)
+    }
+
+    /// Every participant's statement of a closed window (one pass over its vouchers).
+    pub async fn statements(
+        &self,
+        window: u64,
+    ) -> Result<Vec<clearhouse_clearing::statement::Statement>, ApiError> {
+        let mut statements = clearhouse_clearing::statement::Statements::new(window);
+        for (seq, event) in self.window_events(window).await? {
+            statements.add(seq, &event).map_err(internal)?;
+        }
+        Ok(statements.finish())
+    }
+}
+
 async fn closed_seq_of(node: &Node, window: u64) -> Result<Option<u64>, ApiError> {
     Ok(read_json::<WindowRecord>(node, window_key(window))
         .await?
@@ -938,17 +975,15 @@ pub fn participant_view(mut report: WindowReport, bic: &str) -> WindowReport {
     report
 }
 
-/// Writes the whole voucher chain with every signed checkpoint as an export (see
-/// [`clearhouse_clearing::export`]); `progress` gets the vouchers written so far. Blocking: for
-/// the CLI, on a data directory no server is using.
-pub fn export_vouchers<W: std::io::Write>(
+/// Walks the whole voucher chain in order, with each window's signed checkpoint right after its
+/// closing voucher; `progress` gets the vouchers seen so far. Blocking: for the CLI, on a data
+/// directory no server is using.
+pub fn walk_vouchers(
     node: &Node,
-    public_key: &VerifyingKey,
-    out: W,
+    mut on_voucher: impl FnMut(&clearhouse_engine::Voucher) -> Result<(), ApiError>,
+    mut on_checkpoint: impl FnMut(&Checkpoint) -> Result<(), ApiError>,
     mut progress: impl FnMut(u64),
-) -> Result<(W, u64, u64), ApiError> {
-    let mut writer =
-        clearhouse_clearing::export::ExportWriter::new(out, public_key).map_err(internal)?;
+) -> Result<(u64, u64), ApiError> {
     let (mut vouchers, mut checkpoints) = (0u64, 0u64);
     let mut from = 1;
     loop {
@@ -956,9 +991,7 @@ pub fn export_vouchers<W: std::io::Write>(
         let Some(last) = page.last() else { break };
         from = last.seq + 1;
         for voucher in page {
-            writer
-                .voucher(voucher.seq, &voucher.hash, &voucher.body)
-                .map_err(internal)?;
+            on_voucher(&voucher)?;
             vouchers += 1;
             if let Ok(VoucherEvent::WindowClosed { window, .. }) =
                 VoucherEvent::parse(&voucher.body)
@@ -969,12 +1002,73 @@ pub fn export_vouchers<W: std::io::Write>(
                     .transpose()
                     .map_err(internal)?;
                 if let Some(checkpoint) = record.and_then(|r| r.report.checkpoint) {
-                    writer.checkpoint(&checkpoint).map_err(internal)?;
+                    on_checkpoint(&checkpoint)?;
                     checkpoints += 1;
                 }
             }
         }
         progress(vouchers);
     }
-    Ok((writer.finish().map_err(internal)?, vouchers, checkpoints))
+    Ok((vouchers, checkpoints))
+}
+
+/// Writes the whole chain with its checkpoints as an export (see
+/// [`clearhouse_clearing::export`]).
+pub fn export_vouchers<W: std::io::Write>(
+    node: &Node,
+    public_key: &VerifyingKey,
+    out: W,
+    progress: impl FnMut(u64),
+) -> Result<(W, u64, u64), ApiError> {
+    let writer = std::cell::RefCell::new(
+        clearhouse_clearing::export::ExportWriter::new(out, public_key).map_err(internal)?,
+    );
+    let (vouchers, checkpoints) = walk_vouchers(
+        node,
+        |v| {
+            writer
+                .borrow_mut()
+                .voucher(v.seq, &v.hash, &v.body)
+                .map_err(internal)
+        },
+        |c| writer.borrow_mut().checkpoint(c).map_err(internal),
+        progress,
+    )?;
+    Ok((
+        writer.into_inner().finish().map_err(internal)?,
+        vouchers,
+        checkpoints,
+    ))
+}
+
+/// Verifies the chain and checkpoints of a data directory in place: every hash recomputed from
+/// its body, every checkpoint's hash and signature. The error names the first voucher or
+/// checkpoint that does not hold.
+pub fn verify_data_dir(
+    node: &Node,
+    public_key: &VerifyingKey,
+    progress: impl FnMut(u64),
+) -> Result<clearhouse_clearing::export::VerifyReport, clearhouse_clearing::ClearingError> {
+    let verifier =
+        std::cell::RefCell::new(clearhouse_clearing::export::ChainVerifier::new(*public_key));
+    let failure: std::cell::RefCell<Option<clearhouse_clearing::ClearingError>> =
+        std::cell::RefCell::new(None);
+    let keep = |result: Result<(), clearhouse_clearing::ClearingError>| {
+        result.map_err(|error| {
+            let message = error.to_string();
+            *failure.borrow_mut() = Some(error);
+            internal(message)
+        })
+    };
+    let walked = walk_vouchers(
+        node,
+        |v| keep(verifier.borrow_mut().voucher(v.seq, &v.hash, &v.body)),
+        |c| keep(verifier.borrow_mut().checkpoint(c)),
+        progress,
+    );
+    if let Some(error) = failure.into_inner() {
+        return Err(error);
+    }
+    walked.map_err(|error| clearhouse_clearing::ClearingError::Io(error.to_string()))?;
+    Ok(verifier.into_inner().report())
 }

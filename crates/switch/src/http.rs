@@ -834,6 +834,50 @@ async fn get_window(
     .await
 }
 
+async fn statements(
+    State(state): State<AppState>,
+    Path(window): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            let participant = query_text(query.as_deref(), "participant");
+            let statements = state
+                .switch
+                .statements(&caller, window, participant)
+                .await?;
+            match query_text(query.as_deref(), "format").unwrap_or("json") {
+                "json" => Ok(ok(StatusCode::OK, &statements)),
+                "csv" => {
+                    let mut out = Vec::new();
+                    for statement in &statements {
+                        statement
+                            .write_csv(&mut out)
+                            .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+                    }
+                    Ok(([(axum::http::header::CONTENT_TYPE, "text/csv")], out).into_response())
+                }
+                other => Err(ApiError::new(
+                    400,
+                    "invalid_query",
+                    format!("format {other:?} is not one of json, csv"),
+                )
+                .with_reason("FF01")),
+            }
+        },
+    )
+    .await
+}
+
 async fn vouchers(
     State(state): State<AppState>,
     method: Method,
@@ -920,6 +964,7 @@ pub fn router(switch: Arc<Switch>) -> Router {
         .route("/v1/admin/windows/{window}/settle", post(settle_window))
         .route("/v1/windows", get(list_windows))
         .route("/v1/windows/{window}", get(get_window))
+        .route("/v1/windows/{window}/statement", get(statements))
         .route("/v1/vouchers", get(vouchers))
         .route("/openapi.json", get(openapi))
         .route("/health", get(health))

@@ -2310,6 +2310,34 @@ impl Switch {
         })
     }
 
+    /// A participant's statements of a closed window (one per currency); the operator names the
+    /// participant.
+    pub async fn statements(
+        &self,
+        caller: &Caller,
+        window: u64,
+        participant: Option<&str>,
+    ) -> Result<Vec<clearhouse_clearing::statement::Statement>, ApiError> {
+        let bic = match (caller, participant) {
+            (Caller::Participant(me), None) => me.clone(),
+            (Caller::Participant(me), Some(bic)) if me == bic => me.clone(),
+            (Caller::Participant(_), Some(_)) => {
+                return Err(ApiError::new(
+                    403,
+                    "forbidden",
+                    "a participant can only read its own statements",
+                ))
+            }
+            (Caller::Operator, Some(bic)) => bic.to_string(),
+            (Caller::Operator, None) => {
+                return Err(ApiError::bad_request("participant=BIC is required", "FF01"))
+            }
+        };
+        let mut statements = self.clearing.statements(window).await?;
+        statements.retain(|s| s.participant == bic);
+        Ok(statements)
+    }
+
     pub async fn windows(&self, caller: &Caller) -> Result<Vec<WindowReport>, ApiError> {
         let models = crate::clearing::settlement_models(&self.participants());
         let reports = self.clearing.list(&models).await?;

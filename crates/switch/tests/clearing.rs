@@ -153,6 +153,27 @@ fn windows_net_settle_sign_and_survive_restarts() {
         assert!(entries.iter().filter(|e| e.body.is_some()).count() >= 3);
         assert!(entries.iter().any(|e| e.body.is_none()));
 
+        // B's statement of window 1: credited 100.00 by A, debited 70.00 to C.
+        let (status, statement) = call(
+            &client_of(&url, B),
+            "GET",
+            "/v1/windows/1/statement",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, 200, "{statement}");
+        assert_eq!(statement[0]["total_credits"], "10000");
+        assert_eq!(statement[0]["total_debits"], "7000");
+        assert_eq!(statement[0]["entries"].as_array().unwrap().len(), 2);
+        let (status, _) = call(
+            &client_of(&url, B),
+            "GET",
+            &format!("/v1/windows/1/statement?participant={A}"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, 403);
+
         // CSV and SVG reports.
         let (status, csv) = op
             .request("GET", "/v1/windows/1?format=csv", b"")
