@@ -8,6 +8,7 @@
 
 mod admin;
 mod bench;
+mod clearing_cmd;
 mod init;
 mod iso_bench;
 mod node_protocol;
@@ -49,6 +50,16 @@ enum Command {
     ///
     /// Example: clearhouse admin --url http://127.0.0.1:8080 --key-file data/operator.key stats
     Admin(admin::AdminArgs),
+    /// Verifies the voucher chain and every signed window checkpoint, of a stopped server's data
+    /// directory or of an export; names the first voucher that does not hold. Exit code 0 verified,
+    /// 1 not, 2 unreadable input.
+    ///
+    /// Example: clearhouse verify --export vouchers.export --public-key $(cat data/operator-ed25519.pub)
+    Verify(clearing_cmd::VerifyArgs),
+    /// Writes the whole voucher chain with its signed checkpoints to one file, for auditors.
+    ///
+    /// Example: clearhouse export-vouchers --data-dir data --out vouchers.export
+    ExportVouchers(clearing_cmd::ExportArgs),
     /// Simulated participant banks (creditor side) for the demo and the payments benchmark.
     SimBanks(payments::SimBanksArgs),
     /// Benchmarks that print figures (see BENCHMARKS.md).
@@ -94,6 +105,11 @@ enum BenchCommand {
     ///
     /// Example: clearhouse bench payments --payments 200000 --json
     Payments(payments::PaymentsArgs),
+    /// Workload C1 of shared/bench/WORKLOAD.md: one window of N settled payments; times close,
+    /// settle, reconcile, statements, export and verify.
+    ///
+    /// Example: clearhouse bench clearing --payments 1000000 --participants 100 --json
+    Clearing(clearing_cmd::ClearingBenchArgs),
     /// ISO 20022: parse and emit throughput of pacs.008 on one core.
     ///
     /// Example: clearhouse bench iso20022 --messages 200000
@@ -123,6 +139,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Recovery(args)) => bench::recovery(args),
         Command::Bench(BenchCommand::Payments(args)) => payments::bench(args),
         Command::Bench(BenchCommand::Iso20022(args)) => iso_bench::run(args),
+        Command::Bench(BenchCommand::Clearing(args)) => clearing_cmd::bench(args),
+        Command::Verify(args) => clearing_cmd::verify(args),
+        Command::ExportVouchers(args) => clearing_cmd::export(args),
         Command::Serve(args) => payments::serve(args),
         Command::Demo(args) => payments::demo(args),
         Command::SimBanks(args) => payments::sim_banks(args),

@@ -269,6 +269,20 @@ impl Index {
             }
             if !update.vouchers.is_empty() {
                 let mut vouchers = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
+                // The chain has no gaps: this update starts right after the last stored voucher.
+                let last =
+                    redb_try!(vouchers.last(), "read last voucher").map(|(seq, _)| seq.value());
+                let first = update.vouchers[0].seq;
+                if first != last.unwrap_or(0) + 1
+                    || update.vouchers.windows(2).any(|w| w[1].seq != w[0].seq + 1)
+                {
+                    return Err(EngineError::Index {
+                        context: "vouchers",
+                        message: format!(
+                            "voucher chain gap: the index ends at {last:?}, the update starts at {first}"
+                        ),
+                    });
+                }
                 for voucher in &update.vouchers {
                     buffer.clear();
                     buffer.extend_from_slice(&voucher.hash);

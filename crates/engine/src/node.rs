@@ -817,6 +817,7 @@ fn index_loop(
                 .extend_from_slice(&next.changes.accounts_created);
             job.accounts.extend_from_slice(&next.accounts);
             job.records.extend(next.records);
+            job.vouchers.extend(next.vouchers);
             job.seq = next.seq;
             job.scalars = next.scalars;
             job.durable |= next.durable;

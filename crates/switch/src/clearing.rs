@@ -29,6 +29,8 @@ use crate::switch::{blocking, now_ns, write_private, ApiError};
 
 /// Vouchers read per index query when scanning the chain.
 const VOUCHER_PAGE: usize = 8_192;
+/// Windows kept in memory with their plans.
+const WINDOWS_CACHED_MAX: usize = 64;
 /// Bytes of plan JSON per record (records hold at most 4 KiB).
 const PLAN_CHUNK_BYTES: usize = 3_900;
 /// Most windows listed at once.
@@ -63,6 +65,7 @@ struct StateRecord {
 /// `window_closed` voucher is.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct WindowRecord {
+    /// Stored without its plan; the cached copy has it.
     report: WindowReport,
     closed_seq: Option<u64>,
     plan_chunks: u32,
@@ -82,6 +85,8 @@ pub struct Clearing {
     live: Arc<Mutex<Live>>,
     /// Close and settle run one at a time.
     admin: tokio::sync::Mutex<()>,
+    /// Recent windows as stored (with their plans), so close and settle never wait for the index.
+    cache: Mutex<BTreeMap<u64, WindowRecord>>,
     /// Reconciliation breaks found since start (alarm), and accumulation failures.
     pub breaks_total: AtomicU64,
     pub windows_closed: AtomicU64,
@@ -244,6 +249,7 @@ impl Clearing {
                 closed: BTreeMap::new(),
             })),
             admin: tokio::sync::Mutex::new(()),
+            cache: Mutex::new(BTreeMap::new()),
             breaks_total: AtomicU64::new(0),
             windows_closed: AtomicU64::new(0),
             windows_settled: AtomicU64::new(0),
@@ -253,8 +259,9 @@ impl Clearing {
                 continue;
             };
             tracing::warn!(window, "completing a window whose close was interrupted");
+            let times = clearing.closing_time(seq).await?;
             clearing
-                .complete_close(window, seq, hash, &accumulators, models)
+                .complete_close(window, seq, hash, times, &accumulators, models)
                 .await?;
         }
         Ok(clearing)
@@ -350,7 +357,14 @@ impl Clearing {
                 .expect("swapped in the commit callback");
             self.windows_closed.fetch_add(1, Ordering::Relaxed);
             let report = self
-                .complete_close(window, stamp.seq, stamp.hash, &accumulators, models)
+                .complete_close(
+                    window,
+                    stamp.seq,
+                    stamp.hash,
+                    (closed_at_ns, opened_at_ns),
+                    &accumulators,
+                    models,
+                )
                 .await?;
             tracing::info!(
                 window,
@@ -373,13 +387,13 @@ impl Clearing {
         window: u64,
         seq: u64,
         hash: [u8; 32],
+        (closed_at_ns, opened_at_ns): (u64, u64),
         accumulators: &Accumulators,
         models: &SettlementModels,
     ) -> Result<WindowReport, ApiError> {
         let checkpoint = sign_checkpoint(&self.key, window, seq, hash);
         let plan =
             SettlementPlan::compute(window, accumulators, deferred(models)).map_err(internal)?;
-        let (closed_at_ns, opened_at_ns) = self.closing_time(seq).await?;
         let report = WindowReport {
             window,
             state: WindowState::Closed,
@@ -459,22 +473,34 @@ impl Clearing {
             );
         }
         records.push(window_record);
-        Ok(put_records(&self.node, transfers, records).await?)
+        let outcome = put_records(&self.node, transfers, records).await?;
+        if outcome.written.last() == Some(&true) {
+            self.remember(WindowRecord {
+                report: report.clone(),
+                closed_seq,
+                plan_chunks: chunks.len() as u32,
+            });
+        }
+        Ok(outcome)
     }
 
-    /// A stored window (or the open one, as a preview).
-    pub async fn report(
-        &self,
-        window: u64,
-        models: &SettlementModels,
-    ) -> Result<WindowReport, ApiError> {
-        if window == self.open_window().0 {
-            return self.preview(models);
+    fn remember(&self, record: WindowRecord) {
+        let mut cache = self.cache.lock().expect("clearing cache");
+        cache.insert(record.report.window, record);
+        while cache.len() > WINDOWS_CACHED_MAX {
+            cache.pop_first();
         }
-        let record = read_json::<WindowRecord>(&self.node, window_key(window))
-            .await?
-            .ok_or_else(|| ApiError::new(404, "not_found", format!("window {window} not found")))?;
-        let mut report = record.report;
+    }
+
+    /// A stored window with its plan: from memory, else from the index.
+    async fn window_record(&self, window: u64) -> Result<Option<WindowRecord>, ApiError> {
+        if let Some(record) = self.cache.lock().expect("clearing cache").get(&window) {
+            return Ok(Some(record.clone()));
+        }
+        let Some(mut record) = read_json::<WindowRecord>(&self.node, window_key(window)).await?
+        else {
+            return Ok(None);
+        };
         let keys: Vec<u128> = (0..record.plan_chunks)
             .map(|i| plan_chunk_key(window, i))
             .collect();
@@ -487,8 +513,30 @@ impl Clearing {
             plan.extend(chunk.ok_or_else(|| internal("a plan chunk is missing"))?);
         }
         if !plan.is_empty() {
-            report.plan = serde_json::from_slice(&plan).map_err(internal)?;
+            record.report.plan = serde_json::from_slice(&plan).map_err(internal)?;
         }
+        self.remember(record.clone());
+        Ok(Some(record))
+    }
+
+    async fn closed_seq(&self, window: u64) -> Result<Option<u64>, ApiError> {
+        Ok(self.window_record(window).await?.and_then(|r| r.closed_seq))
+    }
+
+    /// A stored window (or the open one, as a preview).
+    pub async fn report(
+        &self,
+        window: u64,
+        models: &SettlementModels,
+    ) -> Result<WindowReport, ApiError> {
+        if window == self.open_window().0 {
+            return self.preview(models);
+        }
+        let record = self
+            .window_record(window)
+            .await?
+            .ok_or_else(|| ApiError::new(404, "not_found", format!("window {window} not found")))?;
+        let report = record.report;
         Ok(report)
     }
 
@@ -605,12 +653,7 @@ impl Clearing {
         report.settled_at_ns = Some(now_ns());
         let ids: Vec<u128> = transfers.iter().map(|t| t.id).collect();
         let outcome = self
-            .store(
-                &report,
-                closed_seq_of(&self.node, window).await?,
-                transfers,
-                records,
-            )
+            .store(&report, self.closed_seq(window).await?, transfers, records)
             .await?;
         if let Some(failed) = outcome
             .results
@@ -645,11 +688,16 @@ impl Clearing {
             let node = self.node.clone();
             blocking(move || node.lookup_transfers(ids)).await?
         };
-        for (instruction, stored) in plan.instructions.iter().zip(&moved) {
+        let moved: BTreeMap<u128, u128> = moved
+            .into_iter()
+            .map(|s| (s.transfer.id, s.transfer.amount))
+            .collect();
+        for instruction in &plan.instructions {
+            let id = fund_adjustment_id(window, &instruction.participant, &instruction.currency);
             let carried = instruction
                 .net
                 .unsigned_abs()
-                .saturating_sub(stored.transfer.amount);
+                .saturating_sub(moved.get(&id).copied().unwrap_or(0));
             if carried > 0 {
                 report.carried.push((
                     instruction.participant.clone(),
@@ -663,8 +711,7 @@ impl Clearing {
             adjustments = plan.instructions.len(),
             "window settled"
         );
-        drop(_admin);
-        self.reconcile(window, report).await
+        Ok(report)
     }
 
     /// Internal reconciliation of a settled window: the positions recomputed from the window's
@@ -793,18 +840,25 @@ impl Clearing {
         }
         report.breaks = breaks;
         report.reconciled = true;
-        let closed_seq = closed_seq_of(&self.node, window).await?;
+        let closed_seq = self.closed_seq(window).await?;
         // Rewrite the record only (no voucher: the window_settled voucher is already chained).
         let mut stored = report.clone();
         stored.plan = None;
+        let plan_chunks = self
+            .window_record(window)
+            .await?
+            .map_or(0, |r| r.plan_chunks);
         let record = WindowRecord {
             report: stored,
             closed_seq,
-            plan_chunks: read_json::<WindowRecord>(&self.node, window_key(window))
-                .await?
-                .map_or(0, |r| r.plan_chunks),
+            plan_chunks,
         };
         put_records(&self.node, vec![], vec![plain(window_key(window), &record)]).await?;
+        self.remember(WindowRecord {
+            report: report.clone(),
+            closed_seq,
+            plan_chunks,
+        });
         Ok(report)
     }
 }
@@ -812,13 +866,13 @@ impl Clearing {
 impl Clearing {
     /// The vouchers of a closed window, its closing voucher last.
     pub async fn window_events(&self, window: u64) -> Result<Vec<(u64, VoucherEvent)>, ApiError> {
-        let end = closed_seq_of(&self.node, window).await?.ok_or_else(|| {
+        let end = self.closed_seq(window).await?.ok_or_else(|| {
             ApiError::new(409, "window_open", format!("window {window} is not closed"))
         })?;
         let start = if window == 1 {
             1
         } else {
-            closed_seq_of(&self.node, window - 1)
+            self.closed_seq(window - 1)
                 .await?
                 .ok_or_else(|| internal("previous window without closing voucher"))?
                 + 1
@@ -854,12 +908,6 @@ impl Clearing {
         }
         Ok(statements.finish())
     }
-}
-
-async fn closed_seq_of(node: &Node, window: u64) -> Result<Option<u64>, ApiError> {
-    Ok(read_json::<WindowRecord>(node, window_key(window))
-        .await?
-        .and_then(|r| r.closed_seq))
 }
 
 fn plain<T: Serialize>(key: u128, value: &T) -> RecordPut {

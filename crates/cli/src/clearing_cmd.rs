@@ -1,0 +1,502 @@
+//! `verify`, `export-vouchers` and `bench clearing` (workload C1 of shared/bench/WORKLOAD.md).
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clearhouse_clearing::event::VoucherEvent;
+use clearhouse_clearing::export::verify_export;
+use clearhouse_engine::{Node, NodeOptions, RecordPut};
+use clearhouse_ledger::Transfer;
+use clearhouse_switch::model::{position_account, TRANSFER_CODE_PAYMENT};
+use clearhouse_switch::switch::{OnboardRequest, TermsRequest};
+use clearhouse_switch::{Caller, Switch, SwitchConfig};
+use ed25519_dalek::VerifyingKey;
+use serde_json::json;
+
+use crate::bench::{data_dir, machine};
+use crate::workload::Rng;
+
+/// Progress on stderr when it is a terminal: one line, rewritten.
+struct Progress {
+    label: &'static str,
+    total: u64,
+    unit: &'static str,
+    shown: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(label: &'static str, total: u64, unit: &'static str) -> Progress {
+        Progress {
+            label,
+            total,
+            unit,
+            shown: std::io::stderr().is_terminal(),
+            last: Instant::now() - Duration::from_secs(1),
+        }
+    }
+
+    fn update(&mut self, done: u64) {
+        if !self.shown || self.last.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.last = Instant::now();
+        let width = 30u64;
+        let filled = if self.total == 0 {
+            0
+        } else {
+            (done.min(self.total) * width / self.total) as usize
+        };
+        let percent = (done.min(self.total) * 100)
+            .checked_div(self.total)
+            .unwrap_or(0);
+        eprint!(
+            "\r{} [{}{}] {percent:>3}% {done} / {} {}",
+            self.label,
+            "#".repeat(filled),
+            " ".repeat(width as usize - filled),
+            self.total,
+            self.unit
+        );
+    }
+
+    fn finish(&mut self) {
+        if self.shown {
+            self.last = Instant::now() - Duration::from_secs(1);
+            self.update(self.total);
+            eprintln!();
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// Verify a stopped server's data directory in place.
+    #[arg(long, conflicts_with = "export")]
+    data_dir: Option<PathBuf>,
+    /// Verify an export file (from `clearhouse export-vouchers`).
+    #[arg(long)]
+    export: Option<PathBuf>,
+    /// The operator's Ed25519 public key (64 hex digits) to trust; default: the key file
+    /// operator-ed25519.pub of --data-dir (for an export without it: the key inside the export,
+    /// reported so you can compare it with the one you trust).
+    #[arg(long)]
+    public_key: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_key(hex_text: &str) -> anyhow::Result<VerifyingKey> {
+    let bytes: [u8; 32] = hex::decode(hex_text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .context("a public key is 64 hex digits")?;
+    VerifyingKey::from_bytes(&bytes).context("not an Ed25519 public key")
+}
+
+fn node_options(data_dir: &Path) -> NodeOptions {
+    let mut options = NodeOptions::new(data_dir.join("ledger"));
+    options.group_requests_max = 256;
+    options.request_queue_max = 8192;
+    options.index_transaction_interval_min = Duration::from_millis(50);
+    options.index_jobs_per_transaction_max = 256;
+    options.index_queue_max = 256;
+    options
+}
+
+/// Exit codes: 0 the chain and every checkpoint hold; 1 they do not (the message names the first
+/// voucher or checkpoint that fails); 2 the input could not be read.
+pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let trusted = match (&args.public_key, &args.data_dir) {
+        (Some(text), _) => Some(parse_key(text)?),
+        (None, Some(dir)) => {
+            let path = dir.join("operator-ed25519.pub");
+            Some(parse_key(
+                &std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )?)
+        }
+        (None, None) => None,
+    };
+    let started = Instant::now();
+    let result = match (&args.data_dir, &args.export) {
+        (Some(dir), None) => {
+            if !dir.join("ledger").exists() {
+                eprintln!("clearhouse verify: {} has no ledger", dir.display());
+                std::process::exit(2);
+            }
+            let node = Node::start(node_options(dir)).context("opening the data directory")?;
+            let mut progress = Progress::new("verify", 0, "vouchers");
+            let key = trusted.expect("a data directory has its key");
+            let result = clearhouse_switch::clearing::verify_data_dir(&node, &key, |done| {
+                progress.total = progress.total.max(done);
+                progress.update(done)
+            });
+            progress.finish();
+            result
+        }
+        (None, Some(file)) => {
+            let size = std::fs::metadata(file)
+                .with_context(|| format!("reading {}", file.display()))?
+                .len();
+            let input =
+                std::fs::File::open(file).with_context(|| format!("reading {}", file.display()))?;
+            let mut progress = Progress::new("verify", size, "bytes");
+            let result = verify_export(input, trusted.as_ref(), |done| progress.update(done));
+            progress.finish();
+            result
+        }
+        _ => bail!("give --data-dir or --export"),
+    };
+    match result {
+        Ok(report) => {
+            if args.json {
+                let mut value = serde_json::to_value(&report)?;
+                value["seconds"] = json!(started.elapsed().as_secs_f64());
+                println!("{value}");
+            } else {
+                println!(
+                    "verified: {} vouchers chained, {} signed checkpoints (last at voucher {}), head {} ; {} vouchers after the last checkpoint are chained but not signed yet; operator key {}{}",
+                    report.vouchers,
+                    report.checkpoints,
+                    report.last_checkpoint_seq,
+                    report.head_hash,
+                    report.unsigned_tail,
+                    report.public_key,
+                    if trusted.is_none() { " (taken from the export: compare it with the key you trust)" } else { "" }
+                );
+            }
+            Ok(())
+        }
+        Err(error) => {
+            eprintln!("clearhouse verify: FAILED: {error}");
+            std::process::exit(1);
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// The data directory of a stopped server.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The export file to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let key_path = args.data_dir.join("operator-ed25519.pub");
+    let key = parse_key(
+        &std::fs::read_to_string(&key_path)
+            .with_context(|| format!("reading {}", key_path.display()))?,
+    )?;
+    let node = Node::start(node_options(&args.data_dir)).context("opening the data directory")?;
+    let file = std::fs::File::create(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut progress = Progress::new("export", 0, "vouchers");
+    let (writer, vouchers, checkpoints) = clearhouse_switch::clearing::export_vouchers(
+        &node,
+        &key,
+        std::io::BufWriter::new(file),
+        |done| {
+            progress.total = progress.total.max(done);
+            progress.update(done)
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    progress.finish();
+    writer
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .sync_all()?;
+    println!(
+        "exported {vouchers} vouchers and {checkpoints} checkpoints to {}",
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ClearingBenchArgs {
+    /// Settled payments in the window.
+    #[arg(long, default_value_t = 1_000_000)]
+    payments: u64,
+    /// Participants (all deferred net settlement, EUR).
+    #[arg(long, default_value_t = 100)]
+    participants: u32,
+    /// Data directory (default: a fresh temporary directory under the current one).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A BIC for participant `i`: four letters from `i`, then DEFF.
+fn bic(i: u32) -> String {
+    let mut letters = [b'A'; 4];
+    let mut n = i;
+    for slot in letters.iter_mut().rev() {
+        *slot = b'A' + (n % 26) as u8;
+        n /= 26;
+    }
+    format!("{}DEFF", String::from_utf8_lossy(&letters))
+}
+
+/// Payments per load batch: about 700 bytes each in the journal, whose records hold at most 1 MiB.
+const LOAD_BATCH: usize = 1_000;
+
+/// Workload C1: one window of N settled payments over P participants, then close, settle,
+/// reconcile, statements, export and verify, each timed.
+///
+/// The payments are loaded straight into the engine as settled payments (a ledger transfer
+/// between the two positions, the payment's voucher, and the window's commit-time accumulator
+/// update, exactly what the switch's settle step writes), not through the HTTP lifecycle, which
+/// workload P1 measures.
+pub fn bench(args: ClearingBenchArgs) -> anyhow::Result<()> {
+    if args.participants < 2 {
+        bail!("--participants must be at least 2");
+    }
+    let (dir, _temp) = data_dir(&args.data_dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(async {
+        let node = Node::start(node_options(&dir)).context("starting the node")?;
+        let switch = Switch::start(node.clone(), SwitchConfig::default(), &dir)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let bics: Vec<String> = (0..args.participants).map(bic).collect();
+        for b in &bics {
+            let mut currencies = BTreeMap::new();
+            currencies.insert(
+                "EUR".to_string(),
+                TermsRequest {
+                    model: clearhouse_switch::model::SettlementModel::DeferredNet,
+                    net_debit_cap: Some("1000000000000.00".into()),
+                    per_payment_max: None,
+                    liquidity_alert_below: None,
+                },
+            );
+            switch
+                .onboard(OnboardRequest {
+                    bic: b.clone(),
+                    name: format!("Bank {b}"),
+                    endpoint: "http://127.0.0.1:9".into(),
+                    currencies,
+                    secret_hex: None,
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        // Load the window.
+        let loading = Instant::now();
+        let mut rng = Rng::new(args.seed);
+        let mut progress = Progress::new("load", args.payments, "payments");
+        let mut loaded = 0u64;
+        let mut gross = 0u128;
+        while loaded < args.payments {
+            let count = (args.payments - loaded).min(LOAD_BATCH as u64) as usize;
+            let mut transfers = Vec::with_capacity(count);
+            let mut records = Vec::with_capacity(count);
+            let mut moves = Vec::with_capacity(count);
+            for i in 0..count {
+                let n = loaded + i as u64;
+                let from = (rng.next_u64() % args.participants as u64) as u32;
+                let to = (from + 1 + (rng.next_u64() % (args.participants as u64 - 1)) as u32)
+                    % args.participants;
+                let amount = 1 + u128::from(rng.next_u64() % 100_000);
+                gross += amount;
+                let id = clearhouse_switch::model::id128(&[b"c1", &n.to_le_bytes()]);
+                let (payer, payee) = (bics[from as usize].clone(), bics[to as usize].clone());
+                transfers.push(Transfer {
+                    id,
+                    debit_account_id: position_account(&payer, "EUR"),
+                    credit_account_id: position_account(&payee, "EUR"),
+                    amount,
+                    ledger: 978,
+                    code: TRANSFER_CODE_PAYMENT,
+                    ..Transfer::default()
+                });
+                let event = VoucherEvent::PaymentSettled {
+                    payment: format!("{id:032x}"),
+                    uetr: clearhouse_switch::model::new_uetr(),
+                    end_to_end_id: format!("C1-{n}"),
+                    debtor_agent: payer.clone(),
+                    creditor_agent: payee.clone(),
+                    currency: "EUR".into(),
+                    amount,
+                    at_ns: clearhouse_switch::switch::now_ns(),
+                };
+                let body = event.to_bytes();
+                records.push(RecordPut {
+                    key: id,
+                    value: body.clone(),
+                    when_transfer_ok: Some(i as u32),
+                    voucher: Some(body),
+                    ..RecordPut::default()
+                });
+                moves.push((payer, payee, amount));
+            }
+            let counter = switch.clearing.counter();
+            let outcome = clearhouse_switch::clearing::submit_then(
+                &node,
+                transfers,
+                records,
+                move |outcome| {
+                    for ((payer, payee, amount), written) in moves.iter().zip(&outcome.written) {
+                        if *written {
+                            counter(payer, payee, "EUR", *amount);
+                        }
+                    }
+                },
+            )
+            .await?;
+            if let Some(bad) = outcome.written.iter().position(|w| !w) {
+                bail!(
+                    "payment {bad} of a load batch failed: {:?}",
+                    outcome.results[bad]
+                );
+            }
+            loaded += count as u64;
+            progress.update(loaded);
+        }
+        progress.finish();
+        let load_seconds = loading.elapsed().as_secs_f64();
+        let error = |e: clearhouse_switch::ApiError| anyhow::anyhow!("{e}");
+
+        let started = Instant::now();
+        let closed = switch
+            .close_window(&Caller::Operator, false)
+            .await
+            .map_err(error)?;
+        let close_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let started = Instant::now();
+        let settled = switch
+            .clearing
+            .settle_only(closed.window)
+            .await
+            .map_err(error)?;
+        let settle_ms = started.elapsed().as_secs_f64() * 1000.0;
+        // Reconciliation reads the window's vouchers from the index, which is still catching up
+        // with the load (close and settle never wait for it): time that apart.
+        let started = Instant::now();
+        {
+            let node = node.clone();
+            tokio::task::spawn_blocking(move || node.vouchers(u64::MAX, 1)).await??;
+        }
+        let index_catch_up_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let started = Instant::now();
+        let reconciled = switch
+            .clearing
+            .reconcile(closed.window, settled)
+            .await
+            .map_err(error)?;
+        let reconcile_ms = started.elapsed().as_secs_f64() * 1000.0;
+
+        let started = Instant::now();
+        let statements = switch
+            .clearing
+            .statements(closed.window)
+            .await
+            .map_err(error)?;
+        let statements_dir = dir.join("statements");
+        std::fs::create_dir_all(&statements_dir)?;
+        let mut entries = 0usize;
+        for statement in &statements {
+            entries += statement.entries.len();
+            let path = statements_dir.join(format!(
+                "window-{}-{}-{}.csv",
+                statement.window, statement.participant, statement.currency
+            ));
+            let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+            statement.write_csv(&mut out)?;
+            out.flush()?;
+        }
+        let statements_ms = started.elapsed().as_secs_f64() * 1000.0;
+
+        let figures = reconciled
+            .plan
+            .as_ref()
+            .and_then(|p| p.figures.first().cloned())
+            .context("a plan with figures")?;
+        if figures.gross != gross {
+            bail!("window gross {} but {gross} was loaded", figures.gross);
+        }
+        drop(switch);
+        Ok::<_, anyhow::Error>((
+            node,
+            json!({
+                "workload": "C1",
+                "payments": args.payments,
+                "participants": args.participants,
+                "load_seconds": load_seconds,
+                "close_ms": close_ms,
+                "settle_ms": settle_ms,
+                "close_and_settle_ms": close_ms + settle_ms,
+                "index_catch_up_ms": index_catch_up_ms,
+                "reconcile_ms": reconcile_ms,
+                "breaks": reconciled.breaks.len(),
+                "statements": statements.len(),
+                "statement_entries": entries,
+                "statements_ms": statements_ms,
+                "instructions": reconciled.plan.as_ref().map_or(0, |p| p.instructions.len()),
+                "gross": figures.gross.to_string(),
+                "net": figures.net.to_string(),
+                "netting_efficiency_bp": figures.netting_efficiency_bp,
+            }),
+        ))
+    });
+    let (node, mut report) = report?;
+    // Export and verify the whole chain (the load's vouchers, the close, the settlement).
+    let key = parse_key(&std::fs::read_to_string(dir.join("operator-ed25519.pub"))?)?;
+    let export_path = dir.join("vouchers.export");
+    let started = Instant::now();
+    let (writer, vouchers, _) = clearhouse_switch::clearing::export_vouchers(
+        &node,
+        &key,
+        std::io::BufWriter::new(std::fs::File::create(&export_path)?),
+        |_| {},
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    writer.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let export_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let started = Instant::now();
+    let verified = verify_export(std::fs::File::open(&export_path)?, Some(&key), |_| {})?;
+    let verify_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let started = Instant::now();
+    let in_place = clearhouse_switch::clearing::verify_data_dir(&node, &key, |_| {})?;
+    let verify_data_dir_ms = started.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(verified.vouchers, vouchers);
+    assert_eq!(in_place.vouchers, vouchers);
+    report["vouchers"] = json!(vouchers);
+    report["export_ms"] = json!(export_ms);
+    report["verify_export_ms"] = json!(verify_ms);
+    report["verify_data_dir_ms"] = json!(verify_data_dir_ms);
+    report["machine"] = json!(machine());
+    drop(node);
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "C1: {} payments over {} participants (loaded in {:.1} s)\n  close {:.1} ms + settle {:.1} ms = {:.1} ms ({} instructions, netting efficiency {:.2}%)\n  index catch-up after the load {:.0} ms, reconcile {:.0} ms ({} breaks)\n  statements {:.0} ms ({} statements, {} entries)\n  export {:.0} ms, verify {:.0} ms ({} vouchers), verify in place {:.0} ms\n  machine: {}",
+            report["payments"], report["participants"], report["load_seconds"].as_f64().unwrap_or(0.0),
+            report["close_ms"].as_f64().unwrap_or(0.0), report["settle_ms"].as_f64().unwrap_or(0.0),
+            report["close_and_settle_ms"].as_f64().unwrap_or(0.0), report["instructions"],
+            report["netting_efficiency_bp"].as_f64().unwrap_or(0.0) / 100.0,
+            report["index_catch_up_ms"].as_f64().unwrap_or(0.0),
+            report["reconcile_ms"].as_f64().unwrap_or(0.0), report["breaks"],
+            report["statements_ms"].as_f64().unwrap_or(0.0), report["statements"], report["statement_entries"],
+            export_ms, verify_ms, vouchers, verify_data_dir_ms, report["machine"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
