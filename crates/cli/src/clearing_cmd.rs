@@ -45,11 +45,9 @@ impl Progress {
         }
         self.last = Instant::now();
         let width = 30u64;
-        let filled = if self.total == 0 {
-            0
-        } else {
-            (done.min(self.total) * width / self.total) as usize
-        };
+        let filled = (done.min(self.total) * width)
+            .checked_div(self.total)
+            .unwrap_or(0) as usize;
         let percent = (done.min(self.total) * 100)
             .checked_div(self.total)
             .unwrap_or(0);
