@@ -87,6 +87,36 @@ enum AdminCommand {
     },
     /// Counters: submitted, settled, rejected by reason, in flight.
     Stats,
+    /// Closes the open settlement window (exact cut-over, signed checkpoint, net positions) and
+    /// settles it unless --no-settle.
+    ///
+    /// Example: clearhouse admin close-window
+    CloseWindow {
+        #[arg(long)]
+        no_settle: bool,
+    },
+    /// Settles a closed window: fund adjustments as one linked batch, then reconciliation.
+    SettleWindow {
+        window: u64,
+    },
+    /// The open window and the recent ones.
+    Windows,
+    /// One window's settlement report: json, csv, or svg (chart of net positions).
+    ///
+    /// Example: clearhouse admin window 3 --format svg > window-3.svg
+    Window {
+        window: u64,
+        #[arg(long, default_value = "json")]
+        format: String,
+    },
+    /// A participant's statement of a window (json or csv).
+    Statement {
+        window: u64,
+        #[arg(long)]
+        participant: String,
+        #[arg(long, default_value = "json")]
+        format: String,
+    },
 }
 
 fn terms(spec: &str) -> anyhow::Result<(String, Value)> {
@@ -177,6 +207,31 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
         ),
         AdminCommand::Payment { id } => ("GET", format!("/v1/payments/{id}"), Value::Null),
         AdminCommand::Stats => ("GET", "/v1/stats".to_string(), Value::Null),
+        AdminCommand::CloseWindow { no_settle } => (
+            "POST",
+            "/v1/admin/windows/close".to_string(),
+            json!({"settle": !no_settle}),
+        ),
+        AdminCommand::SettleWindow { window } => (
+            "POST",
+            format!("/v1/admin/windows/{window}/settle"),
+            Value::Null,
+        ),
+        AdminCommand::Windows => ("GET", "/v1/windows".to_string(), Value::Null),
+        AdminCommand::Window { window, format } => (
+            "GET",
+            format!("/v1/windows/{window}?format={format}"),
+            Value::Null,
+        ),
+        AdminCommand::Statement {
+            window,
+            participant,
+            format,
+        } => (
+            "GET",
+            format!("/v1/windows/{window}/statement?participant={participant}&format={format}"),
+            Value::Null,
+        ),
     };
     let body = if body.is_null() {
         Vec::new()
@@ -194,7 +249,11 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
     let value: Value =
         serde_json::from_slice(&answer).unwrap_or_else(|_| json!(String::from_utf8_lossy(&answer)));
     if (200..300).contains(&status) {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        match &value {
+            // CSV and SVG answers are printed as they are.
+            Value::String(text) => print!("{text}"),
+            other => println!("{}", serde_json::to_string_pretty(other)?),
+        }
         Ok(())
     } else {
         bail!(

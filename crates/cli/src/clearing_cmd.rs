@@ -109,6 +109,16 @@ fn node_options(data_dir: &Path) -> NodeOptions {
 /// Exit codes: 0 the chain and every checkpoint hold; 1 they do not (the message names the first
 /// voucher or checkpoint that fails); 2 the input could not be read.
 pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    match verify_inner(args) {
+        Ok(()) => Ok(()),
+        Err(error) => {
+            eprintln!("clearhouse verify: cannot read the input: {error:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn verify_inner(args: VerifyArgs) -> anyhow::Result<()> {
     let trusted = match (&args.public_key, &args.data_dir) {
         (Some(text), _) => Some(parse_key(text)?),
         (None, Some(dir)) => {

@@ -97,6 +97,29 @@ fn the_operator_cli_onboards_funds_limits_and_suspends() {
         "EUR:prefunded",
     ]);
     assert!(!ok && out.contains("participant_exists"), "{out}");
+    // Window 1 holds the liquidity voucher only: it closes and settles with nothing to net.
+    let (ok, out) = admin(&["close-window"]);
+    assert!(ok && out.contains("\"state\": \"settled\""), "{out}");
+    let (ok, out) = admin(&["windows"]);
+    assert!(ok && out.contains("\"window\": 2"), "{out}");
+    let (ok, out) = admin(&["window", "1", "--format", "csv"]);
+    assert!(
+        ok && out.starts_with("window,participant,currency"),
+        "{out}"
+    );
+    let (ok, out) = admin(&["window", "1", "--format", "svg"]);
+    assert!(ok && out.starts_with("<svg"), "{out}");
+    let (ok, out) = admin(&[
+        "statement",
+        "1",
+        "--participant",
+        "BANKDEFF",
+        "--format",
+        "csv",
+    ]);
+    assert!(ok && out.contains("liquidity"), "{out}");
+    let (ok, out) = admin(&["settle-window", "2"]);
+    assert!(!ok && out.contains("window_open"), "{out}");
     // Someone else's key file: refused.
     std::fs::write(
         dir.path().join("forged.key"),
