@@ -4,15 +4,16 @@
 //! depth, element count, text length; DTDs and custom entities refused; errors name the element
 //! path); select the message by the Document's namespace; read and write typed pacs.008.001.08
 //! (customer credit transfer), pacs.002.001.10 (payment status report), pacs.004.001.09
-//! (payment return), pacs.028.001.03 (payment status request) and the head.001.001.02 business
+//! (payment return), pacs.028.001.03 (payment status request), camt.053.001.08 (statement),
+//! camt.054.001.08 (debit/credit notification) and the head.001.001.02 business
 //! application header, writing the right
 //! namespace, only the elements present, in schema order; format ISO dates and times.
 //!
 //! It deliberately does not: validate against the XSDs at run time (the tests do, with xmllint);
-//! make business decisions (the switch checks amounts, codes, BICs, UETRs); know the other
-//! message types yet (camt.* come next); keep elements it does not model
+//! make business decisions (the switch checks amounts, codes, BICs, UETRs); know camt.056/029 yet; keep elements it does not model
 //! (postal addresses, structured remittance): they are read past, not re-emitted.
 
+pub mod camt;
 pub mod messages;
 pub mod time;
 pub mod xml;

@@ -75,6 +75,11 @@ impl Element {
         }
     }
 
+    pub fn with_text(mut self, text: &str) -> Element {
+        self.text = text.to_string();
+        self
+    }
+
     pub fn child(mut self, child: Element) -> Element {
         self.children.push(child);
         self
