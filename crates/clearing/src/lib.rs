@@ -15,6 +15,7 @@
 pub mod event;
 pub mod export;
 pub mod netting;
+pub mod reconcile;
 pub mod report;
 pub mod statement;
 

@@ -508,3 +508,288 @@ pub fn bench(args: ClearingBenchArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct ReconcileArgs {
+    /// The switch's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The operator key file (`<key id> <hex secret>`).
+    #[arg(long, default_value = "data/operator.key")]
+    key_file: PathBuf,
+    /// The participant whose movements the statement shows.
+    #[arg(long)]
+    participant: String,
+    /// The closed settlement window to reconcile.
+    #[arg(long)]
+    window: u64,
+    /// The statement: camt.053, camt.054 (XML) or CSV (header with amount, currency, direction,
+    /// and optionally uetr, end_to_end_id, status; amounts in minor units).
+    #[arg(long)]
+    statement: PathBuf,
+    /// text, json or csv.
+    #[arg(long, default_value = "text")]
+    format: String,
+}
+
+/// The statement's lines, amounts in minor units.
+fn statement_lines(path: &Path) -> anyhow::Result<Vec<clearhouse_clearing::reconcile::TheirLine>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'<') {
+        let text = String::from_utf8(bytes).context("a CSV statement must be UTF-8")?;
+        return clearhouse_clearing::reconcile::parse_csv(&text).map_err(|e| anyhow::anyhow!(e));
+    }
+    let limits = clearhouse_iso20022::Limits {
+        bytes_max: 512 << 20,
+        elements_max: 20_000_000,
+        ..clearhouse_iso20022::Limits::default()
+    };
+    let report = clearhouse_iso20022::camt::CashReport::parse(&bytes, &limits)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut lines = Vec::new();
+    for entry in report.reports.iter().flat_map(|r| &r.entries) {
+        let position = lines.len() as u64 + 1;
+        let currency = clearhouse_switch::money::currency(&entry.currency)
+            .with_context(|| format!("entry {position}: unknown currency {}", entry.currency))?;
+        lines.push(clearhouse_clearing::reconcile::TheirLine {
+            position,
+            uetr: entry.uetr.clone(),
+            end_to_end_id: entry.end_to_end_id.clone(),
+            amount: clearhouse_switch::money::parse_amount(&entry.amount, currency.exponent)
+                .map_err(|e| anyhow::anyhow!("entry {position}: {e}"))?,
+            currency: entry.currency.clone(),
+            credit: entry.credit,
+            status: match entry.status.as_str() {
+                "BOOK" => "booked",
+                "PDNG" => "pending",
+                _ => "info",
+            }
+            .into(),
+        });
+    }
+    Ok(lines)
+}
+
+/// What the switch's vouchers of `window` say about `participant`.
+async fn our_lines(
+    client: &clearhouse_switch::client::SignedClient,
+    participant: &str,
+    window: u64,
+) -> anyhow::Result<Vec<clearhouse_clearing::reconcile::OurLine>> {
+    let get = |path: String| async move {
+        let (status, body) = client.request("GET", &path, b"").await?;
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        if status != 200 {
+            bail!(
+                "GET {path}: {status} {}",
+                value["message"].as_str().unwrap_or("")
+            );
+        }
+        Ok::<_, anyhow::Error>(value)
+    };
+    let closed_seq = |report: &serde_json::Value| report["checkpoint"]["seq"].as_u64();
+    let report = get(format!("/v1/windows/{window}")).await?;
+    let end = closed_seq(&report).with_context(|| format!("window {window} is not closed yet"))?;
+    let start = if window == 1 {
+        1
+    } else {
+        closed_seq(&get(format!("/v1/windows/{}", window - 1)).await?)
+            .context("the previous window has no checkpoint")?
+            + 1
+    };
+    let mut progress = Progress::new("vouchers", end + 1 - start, "read");
+    let mut lines = Vec::new();
+    let mut from = start;
+    while from <= end {
+        let page = get(format!("/v1/vouchers?from={from}&limit=4096")).await?;
+        let entries = page["entries"].as_array().cloned().unwrap_or_default();
+        if entries.is_empty() {
+            break;
+        }
+        for entry in &entries {
+            let seq = entry["seq"].as_u64().unwrap_or(0);
+            if seq > end {
+                break;
+            }
+            from = seq + 1;
+            let Some(body) = entry["body"].as_str() else {
+                continue;
+            };
+            let event = VoucherEvent::parse(body.as_bytes()).map_err(|e| anyhow::anyhow!(e))?;
+            use clearhouse_clearing::reconcile::OurLine;
+            let line = |uetr: &str,
+                        e2e: Option<&str>,
+                        amount: u128,
+                        currency: &str,
+                        credit: bool,
+                        status: &str| OurLine {
+                voucher: seq,
+                uetr: Some(uetr.to_string()),
+                end_to_end_id: e2e.map(str::to_string),
+                amount,
+                currency: currency.to_string(),
+                credit,
+                status: status.to_string(),
+            };
+            match &event {
+                VoucherEvent::PaymentSettled {
+                    uetr,
+                    end_to_end_id,
+                    debtor_agent,
+                    creditor_agent,
+                    currency,
+                    amount,
+                    ..
+                } if debtor_agent == participant || creditor_agent == participant => {
+                    lines.push(line(
+                        uetr,
+                        Some(end_to_end_id),
+                        *amount,
+                        currency,
+                        creditor_agent == participant,
+                        "settled",
+                    ));
+                }
+                VoucherEvent::PaymentRejected {
+                    uetr,
+                    debtor_agent,
+                    creditor_agent,
+                    currency,
+                    amount,
+                    ..
+                } if debtor_agent == participant || creditor_agent == participant => {
+                    lines.push(line(
+                        uetr,
+                        None,
+                        *amount,
+                        currency,
+                        creditor_agent == participant,
+                        "rejected",
+                    ));
+                }
+                VoucherEvent::PaymentReturned {
+                    original_uetr,
+                    returning_agent,
+                    receiving_agent,
+                    currency,
+                    amount,
+                    ..
+                } if returning_agent == participant || receiving_agent == participant => {
+                    lines.push(line(
+                        original_uetr,
+                        None,
+                        *amount,
+                        currency,
+                        receiving_agent == participant,
+                        "settled",
+                    ));
+                }
+                VoucherEvent::Liquidity {
+                    participant: p,
+                    currency,
+                    direction,
+                    amount,
+                    ..
+                } if p == participant => {
+                    lines.push(OurLine {
+                        voucher: seq,
+                        uetr: None,
+                        end_to_end_id: None,
+                        amount: *amount,
+                        currency: currency.clone(),
+                        credit: direction == "in",
+                        status: "settled".into(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        progress.update(from - start);
+    }
+    progress.finish();
+    Ok(lines)
+}
+
+/// Exit codes: 0 the statement agrees with the switch, 1 it does not (the report lists every
+/// difference), 2 an input could not be read or the switch refused.
+pub fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
+    let outcome = (|| {
+        let text = std::fs::read_to_string(&args.key_file)
+            .with_context(|| format!("reading the operator key {}", args.key_file.display()))?;
+        let mut parts = text.split_whitespace();
+        let key_id = parts.next().context("operator key id")?.to_string();
+        let secret = hex::decode(parts.next().context("operator secret")?)?;
+        let client = clearhouse_switch::client::SignedClient::new(&args.url, &key_id, secret);
+        let theirs = statement_lines(&args.statement)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let ours = runtime.block_on(our_lines(&client, &args.participant, args.window))?;
+        let total = theirs.len() as u64;
+        let mut progress = Progress::new("match", total, "lines");
+        let report =
+            clearhouse_clearing::reconcile::reconcile(ours, theirs, |n| progress.update(n));
+        progress.finish();
+        Ok::<_, anyhow::Error>(report)
+    })();
+    let report = match outcome {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("clearhouse reconcile: {error:#}");
+            std::process::exit(2);
+        }
+    };
+    match args.format.as_str() {
+        "json" => println!("{}", json!({"summary": report.summary(), "report": report})),
+        "csv" => print!("{}", report.to_csv()),
+        _ => {
+            println!(
+                "window {} of {}: {} matched, {} in the switch but not in the statement, {} in the statement but not in the switch, {} mismatched",
+                args.window,
+                args.participant,
+                report.matched.len(),
+                report.missing_in_statement.len(),
+                report.missing_in_switch.len(),
+                report.mismatches.len()
+            );
+            for line in &report.missing_in_statement {
+                println!(
+                    "  missing in statement: voucher {} uetr {} {} {} {}",
+                    line.voucher,
+                    line.uetr.as_deref().unwrap_or("-"),
+                    if line.credit { "credit" } else { "debit" },
+                    line.amount,
+                    line.currency
+                );
+            }
+            for line in &report.missing_in_switch {
+                println!(
+                    "  missing in switch: statement line {} uetr {} {} {} {}",
+                    line.position,
+                    line.uetr.as_deref().unwrap_or("-"),
+                    if line.credit { "credit" } else { "debit" },
+                    line.amount,
+                    line.currency
+                );
+            }
+            for m in &report.mismatches {
+                println!(
+                    "  mismatch ({}): voucher {} vs statement line {}: {} {} {} vs {} {} {}",
+                    m.fields,
+                    m.ours.voucher,
+                    m.theirs.position,
+                    m.ours.amount,
+                    if m.ours.credit { "credit" } else { "debit" },
+                    m.ours.status,
+                    m.theirs.amount,
+                    if m.theirs.credit { "credit" } else { "debit" },
+                    m.theirs.status
+                );
+            }
+        }
+    }
+    if !report.is_clean() {
+        std::process::exit(1);
+    }
+    Ok(())
+}

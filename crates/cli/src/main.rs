@@ -56,6 +56,12 @@ enum Command {
     ///
     /// Example: clearhouse verify --export vouchers.export --public-key $(cat data/operator-ed25519.pub)
     Verify(clearing_cmd::VerifyArgs),
+    /// Reconciles a participant's or settlement bank's statement (camt.053, camt.054 or CSV)
+    /// against a closed window of a running switch: matched, missing on either side, amount,
+    /// direction, currency and status mismatches. Exit code 0 clean, 1 differences, 2 error.
+    ///
+    /// Example: clearhouse reconcile --participant BANKDEFF --window 3 --statement bank.camt053.xml
+    Reconcile(clearing_cmd::ReconcileArgs),
     /// Writes the whole voucher chain with its signed checkpoints to one file, for auditors.
     ///
     /// Example: clearhouse export-vouchers --data-dir data --out vouchers.export
@@ -141,6 +147,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Iso20022(args)) => iso_bench::run(args),
         Command::Bench(BenchCommand::Clearing(args)) => clearing_cmd::bench(args),
         Command::Verify(args) => clearing_cmd::verify(args),
+        Command::Reconcile(args) => clearing_cmd::reconcile(args),
         Command::ExportVouchers(args) => clearing_cmd::export(args),
         Command::Serve(args) => payments::serve(args),
         Command::Demo(args) => payments::demo(args),

@@ -1120,3 +1120,75 @@ pub fn verify_data_dir(
     walked.map_err(|error| clearhouse_clearing::ClearingError::Io(error.to_string()))?;
     Ok(verifier.into_inner().report())
 }
+
+/// A participant's window statement as a camt.053.001.08: one account report per currency, every
+/// entry with its UETR and end-to-end reference, booked; the balances are the window's opening
+/// (zero) and closing net movement, as proprietary balance types (the position's absolute balance
+/// lives on the ledger, not in the window).
+pub fn statement_camt053(
+    statements: &[clearhouse_clearing::statement::Statement],
+    message_id: &str,
+) -> Result<String, ApiError> {
+    use clearhouse_iso20022::camt;
+    let now = now_ns();
+    let mut reports = Vec::new();
+    for statement in statements {
+        let c = currency(&statement.currency)
+            .ok_or_else(|| internal(format!("unknown currency {}", statement.currency)))?;
+        let money = |minor: u128| crate::money::format_amount(minor, c.exponent);
+        let net = statement.net().map_err(internal)?;
+        let balance = |code: &str, amount: i128| camt::Balance {
+            code: code.to_string(),
+            amount: money(amount.unsigned_abs()),
+            currency: c.code.to_string(),
+            credit: amount >= 0,
+            date: clearhouse_iso20022::time::date(now),
+        };
+        let entries = statement
+            .entries
+            .iter()
+            .map(|e| camt::Entry {
+                amount: money(e.amount),
+                currency: c.code.to_string(),
+                credit: e.credit,
+                status: "BOOK".into(),
+                booking_date: Some(clearhouse_iso20022::time::date(e.at_ns)),
+                account_servicer_reference: Some(format!("voucher-{}", e.voucher)),
+                bank_transaction_code: Some((
+                    "PMNT".into(),
+                    if e.credit { "RCDT" } else { "ICDT" }.into(),
+                    if e.kind == "return" { "RRTN" } else { "DMCT" }.into(),
+                )),
+                instruction_id: None,
+                end_to_end_id: None,
+                uetr: (e.kind != "liquidity").then(|| e.reference.clone()),
+                debtor_agent: None,
+                creditor_agent: None,
+                additional_info: Some(format!("{} with {}", e.kind, e.counterparty)),
+            })
+            .collect();
+        reports.push(camt::AccountReport {
+            id: format!("W{}-{}-{}", statement.window, statement.participant, c.code),
+            created: Some(clearhouse_iso20022::time::date_time(now)),
+            account_iban: None,
+            account_other: Some(format!("{}-{}", statement.participant, c.code)),
+            account_currency: Some(c.code.to_string()),
+            balances: vec![balance("OPBD", 0), balance("CLBD", net)],
+            entries,
+        });
+    }
+    if reports.is_empty() {
+        return Err(ApiError::new(
+            404,
+            "not_found",
+            "no movements in this window",
+        ));
+    }
+    Ok(camt::CashReport {
+        kind: camt::ReportKind::Statement,
+        message_id: message_id.chars().take(35).collect(),
+        created: clearhouse_iso20022::time::date_time(now),
+        reports,
+    }
+    .to_xml())
+}

@@ -866,10 +866,20 @@ async fn statements(
                     }
                     Ok(([(axum::http::header::CONTENT_TYPE, "text/csv")], out).into_response())
                 }
+                "camt053" => {
+                    let xml = crate::clearing::statement_camt053(
+                        &statements,
+                        &format!("STMT-W{window}-{}", participant.unwrap_or("own")),
+                    )?;
+                    Ok(
+                        ([(axum::http::header::CONTENT_TYPE, "application/xml")], xml)
+                            .into_response(),
+                    )
+                }
                 other => Err(ApiError::new(
                     400,
                     "invalid_query",
-                    format!("format {other:?} is not one of json, csv"),
+                    format!("format {other:?} is not one of json, csv, camt053"),
                 )
                 .with_reason("FF01")),
             }
