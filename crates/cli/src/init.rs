@@ -53,6 +53,18 @@ participants_max = {pmax}
 # The switch's BIC in the ISO 20022 headers it writes.
 scheme_bic = "{bic}"
 
+# Clearing: close (and settle) the settlement window every this many seconds; 0 = only on the
+# operator's command (clearhouse admin close-window). Each close signs the voucher chain head with
+# the operator's Ed25519 key ({dir}/operator-ed25519.key, created on first start).
+window_close_every_seconds = {windows}
+
+# Liquidity-saving mode, per currency: a payment that does not fit its debtor agent's liquidity is
+# queued (after its creditor agent accepts) and settled by multilateral offsetting before its
+# deadline, instead of rejected at once. E.g. ["EUR"].
+liquidity_saving_currencies = []
+queued_payments_max = {queued}
+gridlock_interval_ms = {gridlock}
+
 # TLS (rustls): both or neither. Without them the API is plain HTTP (loopback, or behind a proxy).
 # tls_cert_pem = "/etc/clearhouse/cert.pem"
 # tls_key_pem = "/etc/clearhouse/key.pem"
@@ -74,6 +86,9 @@ scheme_bic = "{bic}"
         recent = d.recent_payments_max,
         pmax = d.participants_max,
         bic = d.scheme_bic,
+        windows = d.window_close_every_seconds,
+        queued = d.queued_payments_max,
+        gridlock = d.gridlock_interval_ms,
     );
     // The file must parse back into exactly the defaults.
     SwitchConfig::from_toml(&config).context("the generated configuration does not parse")?;

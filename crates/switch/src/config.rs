@@ -45,6 +45,14 @@ pub struct SwitchConfig {
     /// Close (and settle) the settlement window every this many seconds; 0 = only by operator
     /// command.
     pub window_close_every_seconds: u64,
+    /// Liquidity-saving mode for these currencies: a payment that does not fit the debtor
+    /// agent's liquidity is queued (after its creditor agent accepts) instead of rejected, and
+    /// settled by multilateral offsetting before its deadline (else rejected AB05).
+    pub liquidity_saving_currencies: Vec<String>,
+    /// Most payments queued for liquidity at once; beyond it, AM04/AM23 as without the mode.
+    pub queued_payments_max: usize,
+    /// How often the gridlock resolution runs even without a liquidity change.
+    pub gridlock_interval_ms: u64,
 }
 
 impl Default for SwitchConfig {
@@ -69,6 +77,9 @@ impl Default for SwitchConfig {
             tls_cert_pem: None,
             tls_key_pem: None,
             window_close_every_seconds: 0,
+            liquidity_saving_currencies: vec![],
+            queued_payments_max: 10_000,
+            gridlock_interval_ms: 200,
         }
     }
 }

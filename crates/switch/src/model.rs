@@ -77,6 +77,7 @@ mod u128_string {
 pub const ACCOUNT_CODE_POSITION: u16 = 1;
 pub const ACCOUNT_CODE_SETTLEMENT_BANK: u16 = 2;
 pub const ACCOUNT_CODE_NDC_LINES: u16 = 3;
+pub const ACCOUNT_CODE_LSM_SUSPENSE: u16 = 4;
 pub const TRANSFER_CODE_PAYMENT: u16 = 1;
 pub const TRANSFER_CODE_LIQUIDITY_IN: u16 = 2;
 pub const TRANSFER_CODE_LIQUIDITY_OUT: u16 = 3;
@@ -247,6 +248,10 @@ pub struct PaymentRecord {
     /// Minor units returned so far (pacs.004), never more than `amount`.
     #[serde(default, with = "u128_string")]
     pub returned: u128,
+    /// Liquidity-saving mode: the payment did not fit the debtor agent's liquidity and waits
+    /// (nothing reserved) to be settled by offsetting, until its deadline.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub queued: bool,
 }
 
 /// A return of (part of) a settled payment: money from its creditor agent back to its debtor

@@ -28,6 +28,8 @@ use clearhouse_clearing::VoucherEvent;
 use clearhouse_engine::{EngineError, Node, RecordPut, SubmitOutcome};
 
 use crate::clearing::{submit_then, Clearing};
+
+mod lsm;
 use clearhouse_ledger::{
     Account, AccountFlags, CreateAccountResult, CreateTransferResult, PendingStatus, Transfer,
     TransferFlags,
@@ -535,6 +537,8 @@ pub struct Switch {
     returns: tokio::sync::Mutex<()>,
     /// Settlement windows, netting, checkpoints.
     pub clearing: Arc<Clearing>,
+    /// Liquidity-saving mode: payments queued for liquidity, settled by multilateral offsetting.
+    lsm: lsm::Queue,
 }
 
 /// Submits to the engine and waits without blocking the runtime.
@@ -627,6 +631,7 @@ impl Switch {
             alerted: Mutex::new(FxHashMap::default()),
             returns: tokio::sync::Mutex::new(()),
             clearing,
+            lsm: lsm::Queue::default(),
             config,
         });
         switch.install_participants(participants);
@@ -654,6 +659,10 @@ impl Switch {
         let watcher = switch.clone();
         tokio::spawn(async move { watcher.watch_liquidity().await });
         switch.spawn_window_schedule();
+        if !switch.config.liquidity_saving_currencies.is_empty() {
+            let resolver = switch.clone();
+            tokio::spawn(async move { resolver.resolve_gridlocks().await });
+        }
         Ok(switch)
     }
 
@@ -712,6 +721,13 @@ impl Switch {
             "gauge",
             "Payments reserved and not yet final.",
             &[("", stats.in_flight)],
+        );
+        metric(
+            &mut out,
+            "clearhouse_payments_queued",
+            "gauge",
+            "Payments queued for liquidity (liquidity-saving mode).",
+            &[("", self.lsm.len())],
         );
         self.latency.render(&mut out);
         let (window, _) = self.clearing.open_window();
@@ -1392,6 +1408,14 @@ impl Switch {
         };
         match outcome.results[0] {
             CreateTransferResult::Ok => {}
+            CreateTransferResult::ExceedsCredits
+                if self
+                    .config
+                    .liquidity_saving_currencies
+                    .contains(&record.currency) =>
+            {
+                return self.queue_payment(record, entry, receiver).await;
+            }
             CreateTransferResult::ExceedsCredits => {
                 let reason = match self
                     .terms_of(&record.debtor_agent, &record.currency)
@@ -1617,6 +1641,7 @@ impl Switch {
             deadline_ns: now + self.config.settle_deadline_ms * 1_000_000,
             finished_at_ns: None,
             returned: 0,
+            queued: false,
         })
     }
 
@@ -1918,6 +1943,13 @@ impl Switch {
 
     /// Drives one reserved payment to its final state.
     async fn drive(self: Arc<Self>, entry: Arc<InFlight>) {
+        let decision = self.ask_creditor(&entry).await;
+        self.finalize(entry.clone(), decision).await;
+    }
+
+    /// Forwards the payment to its creditor agent and waits for its decision (in the answer, or
+    /// later by the decision call) until the deadline.
+    async fn ask_creditor(&self, entry: &Arc<InFlight>) -> Decision {
         let record = &entry.record;
         let (decision_sender, decision_receiver) = oneshot::channel();
         *entry.decision.lock().expect("decision") = Some(decision_sender);
@@ -1950,7 +1982,7 @@ impl Switch {
             }
         };
         self.latency.creditor.observe(forwarding.elapsed());
-        self.finalize(entry.clone(), decision).await;
+        decision
     }
 
     async fn finalize(&self, entry: Arc<InFlight>, decision: Decision) {
@@ -2062,6 +2094,12 @@ impl Switch {
             }
         }
         self.latency.settle.observe(settling.elapsed());
+        self.complete(&entry, record);
+    }
+
+    /// A payment's final record is durable: count it, answer the waiting debtor agent, notify
+    /// both agents, release its in-flight slot.
+    fn complete(&self, entry: &Arc<InFlight>, record: PaymentRecord) {
         self.latency.end_to_end.observe(Duration::from_nanos(
             now_ns().saturating_sub(record.accepted_at_ns),
         ));
@@ -2075,7 +2113,11 @@ impl Switch {
         if !entry.debtor_waiting.load(Ordering::SeqCst) {
             self.notify(&record.debtor_agent, Notification::Payment(Box::new(view)));
         }
-        self.release(id, &record.debtor_agent);
+        self.release(record.id(), &record.debtor_agent);
+        if record.state == PaymentState::Settled || record.queued {
+            // Liquidity moved (or a queued payment left the queue): try the queue again.
+            self.lsm.wake.notify_one();
+        }
     }
 
     async fn find_on_disk(&self, id: u128) -> Option<PaymentRecord> {
@@ -2414,7 +2456,11 @@ impl Switch {
         }
         tracing::info!(payment = %format!("{id:032x}"), reserved, "resuming an open payment");
         let switch = self.clone();
-        if reserved && record.deadline_ns > now_ns() {
+        if record.queued {
+            // Queued for liquidity when the switch stopped: nothing was reserved; rejected on
+            // timeout rather than settled without the creditor agent's fresh decision.
+            tokio::spawn(async move { switch.reject_unreserved(entry, "AB05").await });
+        } else if reserved && record.deadline_ns > now_ns() {
             tokio::spawn(async move { switch.drive(entry).await });
         } else {
             // Past the deadline (or already expired by the ledger): rejected on timeout.

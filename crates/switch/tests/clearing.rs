@@ -232,3 +232,88 @@ fn windows_net_settle_sign_and_survive_restarts() {
     assert_eq!(report.vouchers, vouchers);
     assert_eq!(report.checkpoints, 2);
 }
+
+/// Liquidity-saving mode: three banks with no liquidity pay each other in a cycle. No payment fits
+/// alone and no two offset; the gridlock resolution settles all three at once. A payment that
+/// nothing offsets waits until its deadline and is rejected AB05. The window nets them like any
+/// other, and reconciles.
+#[test]
+fn a_gridlock_only_multilateral_offsetting_resolves_is_settled() {
+    let dir = tempfile::tempdir().unwrap();
+    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (banks, _) = banks_runtime.block_on(start_banks(
+        vec![bank(A), bank(B), bank(C), bank(P)],
+        accepting(),
+    ));
+    let running = start_switch(
+        dir.path(),
+        clearhouse_switch::SwitchConfig {
+            liquidity_saving_currencies: vec!["EUR".into()],
+            gridlock_interval_ms: 50,
+            ..config()
+        },
+    );
+    let url = running.url.clone();
+    banks_runtime.block_on(async {
+        let op = operator(dir.path(), &url);
+        for bic in [A, B, C, P] {
+            onboard(&op, bic, &banks, json!({"model": "prefunded"})).await;
+        }
+        let mut cycle = Vec::new();
+        for (i, (debtor, creditor)) in [(A, B), (B, C), (C, A)].into_iter().enumerate() {
+            let url = url.clone();
+            cycle.push(tokio::spawn(async move {
+                call(
+                    &client_of(&url, debtor),
+                    "POST",
+                    "/v1/payments",
+                    payment(debtor, creditor, &format!("G-{i}"), "100.00"),
+                )
+                .await
+            }));
+        }
+        let lonely = {
+            let url = url.clone();
+            tokio::spawn(async move {
+                call(
+                    &client_of(&url, P),
+                    "POST",
+                    "/v1/payments",
+                    payment(P, A, "G-lonely", "5.00"),
+                )
+                .await
+            })
+        };
+        for task in cycle {
+            let (status, body) = task.await.unwrap();
+            assert_eq!(
+                (status, body["status"].as_str()),
+                (200, Some("ACSC")),
+                "{body}"
+            );
+        }
+        let (status, body) = lonely.await.unwrap();
+        assert_eq!(
+            (status, body["status"].as_str(), body["reason"].as_str()),
+            (200, Some("RJCT"), Some("AB05")),
+            "{body}"
+        );
+        for bic in [A, B, C, P] {
+            assert_eq!(available(&op, bic).await, "0.00", "{bic}");
+        }
+        let (_, metrics) = op.request("GET", "/metrics", b"").await.unwrap();
+        assert!(String::from_utf8_lossy(&metrics).contains("clearhouse_payments_queued 0"));
+        let (status, report) = call(&op, "POST", "/v1/admin/windows/close", Value::Null).await;
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["breaks"], json!([]));
+        let figures = &report["plan"]["figures"][0];
+        assert_eq!(figures["gross"], "30000");
+        assert_eq!(figures["net"], "0");
+        assert_eq!(figures["netting_efficiency_bp"], 10000);
+    });
+    drop(running);
+}
