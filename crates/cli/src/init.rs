@@ -57,6 +57,8 @@ scheme_bic = "{bic}"
 # operator's command (clearhouse admin close-window). Each close signs the voucher chain head with
 # the operator's Ed25519 key ({dir}/operator-ed25519.key, created on first start).
 window_close_every_seconds = {windows}
+# And/or at fixed times of day, UTC, e.g. ["12:00", "16:30"].
+window_close_at_utc = []
 
 # Liquidity-saving mode, per currency: a payment that does not fit its debtor agent's liquidity is
 # queued (after its creditor agent accepts) and settled by multilateral offsetting before its

@@ -45,6 +45,9 @@ pub struct SwitchConfig {
     /// Close (and settle) the settlement window every this many seconds; 0 = only by operator
     /// command.
     pub window_close_every_seconds: u64,
+    /// Also close (and settle) the window at these times of day, UTC, "HH:MM" (e.g. ["12:00",
+    /// "16:30"]); empty = none. Combines with `window_close_every_seconds`.
+    pub window_close_at_utc: Vec<String>,
     /// Liquidity-saving mode for these currencies: a payment that does not fit the debtor
     /// agent's liquidity is queued (after its creditor agent accepts) instead of rejected, and
     /// settled by multilateral offsetting before its deadline (else rejected AB05).
@@ -77,6 +80,7 @@ impl Default for SwitchConfig {
             tls_cert_pem: None,
             tls_key_pem: None,
             window_close_every_seconds: 0,
+            window_close_at_utc: vec![],
             liquidity_saving_currencies: vec![],
             queued_payments_max: 10_000,
             gridlock_interval_ms: 200,
@@ -118,11 +122,91 @@ impl SwitchConfig {
         if self.tls_cert_pem.is_some() != self.tls_key_pem.is_some() {
             return invalid("tls_cert_pem and tls_key_pem go together");
         }
+        if self.window_close_at_utc.len() > 48 {
+            return invalid("window_close_at_utc: at most 48 times of day");
+        }
+        for time in &self.window_close_at_utc {
+            if minute_of_day(time).is_none() {
+                return invalid("window_close_at_utc: times are \"HH:MM\" (00:00 to 23:59)");
+            }
+        }
+        if self.queued_payments_max == 0 || self.gridlock_interval_ms == 0 {
+            return invalid("queued_payments_max and gridlock_interval_ms must be positive");
+        }
         Ok(())
+    }
+
+    /// Seconds from `now_unix_seconds` to the next scheduled window close, if any is configured.
+    pub fn seconds_to_next_close(
+        &self,
+        now_unix_seconds: u64,
+        last_close_unix_seconds: u64,
+    ) -> Option<u64> {
+        let every = (self.window_close_every_seconds > 0).then(|| {
+            (last_close_unix_seconds + self.window_close_every_seconds)
+                .saturating_sub(now_unix_seconds)
+        });
+        let second_of_day = now_unix_seconds % 86_400;
+        let fixed = self
+            .window_close_at_utc
+            .iter()
+            .filter_map(|t| minute_of_day(t))
+            .map(|minute| {
+                let at = u64::from(minute) * 60;
+                if at > second_of_day {
+                    at - second_of_day
+                } else {
+                    86_400 - second_of_day + at
+                }
+            })
+            .min();
+        match (every, fixed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The ledger timeout in whole seconds, rounded up.
     pub fn hard_timeout_seconds(&self) -> u32 {
         self.hard_timeout_ms.div_ceil(1000) as u32
+    }
+}
+
+/// "HH:MM" -> minutes since midnight.
+fn minute_of_day(text: &str) -> Option<u16> {
+    let (h, m) = text.split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some(h * 60 + m)
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+
+    #[test]
+    fn the_next_close_is_the_nearest_of_the_interval_and_the_times_of_day() {
+        let mut config = SwitchConfig {
+            window_close_at_utc: vec!["12:00".into(), "00:30".into()],
+            ..SwitchConfig::default()
+        };
+        config.validate().unwrap();
+        let day = 86_400 * 20_000;
+        // 11:59:00 -> 12:00 in 60 s; 12:00:00 exactly -> next is 00:30 tomorrow.
+        assert_eq!(
+            config.seconds_to_next_close(day + 11 * 3600 + 59 * 60, 0),
+            Some(60)
+        );
+        assert_eq!(
+            config.seconds_to_next_close(day + 12 * 3600, 0),
+            Some(12 * 3600 + 1800)
+        );
+        config.window_close_every_seconds = 30;
+        assert_eq!(config.seconds_to_next_close(day + 100, day + 90), Some(20));
+        config.window_close_at_utc = vec!["24:00".into()];
+        assert!(config.validate().is_err());
+        assert_eq!(SwitchConfig::default().seconds_to_next_close(day, 0), None);
     }
 }

@@ -1259,6 +1259,7 @@ impl Switch {
             other => return Err(ApiError::new(500, "ledger_refused", format!("{other:?}"))),
         }
         tracing::info!(bic, currency = c.code, direction = ?request.direction, "liquidity transfer");
+        self.lsm.wake.notify_one();
         self.positions(bic)
             .await?
             .into_iter()
@@ -2326,7 +2327,9 @@ impl Switch {
     ) -> Result<WindowReport, ApiError> {
         operator(caller)?;
         let models = crate::clearing::settlement_models(&self.participants());
-        self.clearing.close(&models, settle).await
+        let report = self.clearing.close(&models, settle).await;
+        self.lsm.wake.notify_one();
+        report
     }
 
     pub async fn settle_window(
@@ -2335,7 +2338,10 @@ impl Switch {
         window: u64,
     ) -> Result<WindowReport, ApiError> {
         operator(caller)?;
-        self.clearing.settle(window).await
+        let report = self.clearing.settle(window).await;
+        // Fund adjustments changed positions: queued payments may fit now.
+        self.lsm.wake.notify_one();
+        report
     }
 
     /// A window's report; a participant sees only its own positions.
@@ -2405,19 +2411,23 @@ impl Switch {
         self.clearing.voucher_page(participant, from, limit).await
     }
 
-    /// Closes windows on the configured schedule (every `window_close_every_seconds`), settling
-    /// each; a failed close is logged and tried again at the next tick.
+    /// Closes windows on the configured schedule (every `window_close_every_seconds`, and at the
+    /// `window_close_at_utc` times), settling each; a failed close is logged and tried again at
+    /// the next scheduled time.
     pub fn spawn_window_schedule(self: &Arc<Self>) {
-        let every = self.config.window_close_every_seconds;
-        if every == 0 {
+        let now = || now_ns() / 1_000_000_000;
+        if self.config.seconds_to_next_close(now(), now()).is_none() {
             return;
         }
         let switch = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(every));
-            tick.tick().await;
+            let mut last = now();
             loop {
-                tick.tick().await;
+                let Some(wait) = switch.config.seconds_to_next_close(now(), last) else {
+                    return;
+                };
+                tokio::time::sleep(Duration::from_secs(wait.max(1))).await;
+                last = now();
                 if let Err(error) = switch.close_window(&Caller::Operator, true).await {
                     tracing::error!(%error, "scheduled window close failed");
                 }

@@ -317,3 +317,28 @@ fn a_gridlock_only_multilateral_offsetting_resolves_is_settled() {
     });
     drop(running);
 }
+
+/// Windows close and settle on their own on the configured schedule.
+#[test]
+fn windows_close_on_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_switch(
+        dir.path(),
+        clearhouse_switch::SwitchConfig {
+            window_close_every_seconds: 1,
+            ..config()
+        },
+    );
+    let url = running.url.clone();
+    running.runtime.block_on(async {
+        tokio::time::sleep(std::time::Duration::from_millis(2_600)).await;
+        let op = operator(dir.path(), &url);
+        let (status, list) = call(&op, "GET", "/v1/windows", Value::Null).await;
+        assert_eq!(status, 200, "{list}");
+        let open = list[0]["window"].as_u64().unwrap();
+        assert!(open >= 3, "{list}");
+        assert_eq!(list[1]["state"], "settled", "{list}");
+        assert_eq!(list[1]["reconciled"], true, "{list}");
+    });
+    drop(running);
+}
