@@ -247,6 +247,19 @@ fn print_report(r: &Value) {
         r["books_balance"]
     );
     println!("  switch counters: {}", r["switch_stats"]);
+    let w = &r["window"];
+    println!(
+        "  clearing: window {} {} in {:.0} ms: {} payments, gross {} net {} (minor units; netting efficiency {:.2} %), chain head signed at voucher {}, reconciliation breaks: {}",
+        w["window"],
+        w["state"].as_str().unwrap_or("?"),
+        w["close_settle_reconcile_ms"].as_f64().unwrap_or(0.0),
+        w["transfers"],
+        w["gross"].as_str().unwrap_or("?"),
+        w["net"].as_str().unwrap_or("?"),
+        w["netting_efficiency_bp"].as_f64().unwrap_or(0.0) / 100.0,
+        w["checkpoint_voucher"],
+        w["reconciliation_breaks"]
+    );
 }
 
 /// A child process that prints `listening on URL` first.
@@ -641,6 +654,21 @@ async fn drive(
     }
     let funded = parse_minor(FUNDING) * banks.len() as i128;
     let (_, stats) = call(&op, "GET", "/v1/stats", &Value::Null).await?;
+    // Clearing: close the window the traffic ran in (cut-over, signed checkpoint, netting,
+    // settlement, reconciliation) and report it.
+    let closing = Instant::now();
+    let (status, window) = call(
+        &op,
+        "POST",
+        "/v1/admin/windows/close",
+        &json!({"settle": true}),
+    )
+    .await?;
+    if status != 200 {
+        bail!("closing the window: {status} {window}");
+    }
+    let close_ms = closing.elapsed().as_secs_f64() * 1000.0;
+    let figures = &window["plan"]["figures"][0];
     let mut latencies = tally.latencies;
     latencies.sort_unstable();
     Ok(json!({
@@ -664,6 +692,17 @@ async fn drive(
         "cpu_seconds_per_1000": if total > 0 { ((cpu_after - cpu_before) * 1000.0 / total as f64 * 1000.0).round() / 1000.0 } else { 0.0 },
         "books_balance": sum == funded,
         "switch_stats": stats,
+        "window": {
+            "window": window["window"],
+            "state": window["state"],
+            "transfers": figures["transfers"],
+            "gross": figures["gross"],
+            "net": figures["net"],
+            "netting_efficiency_bp": figures["netting_efficiency_bp"],
+            "checkpoint_voucher": window["checkpoint"]["seq"],
+            "reconciliation_breaks": window["breaks"].as_array().map_or(0, |b| b.len()),
+            "close_settle_reconcile_ms": close_ms,
+        },
         "signed_requests": true,
         "durability": "every reservation and final state fsynced (group commit) before it is answered",
     }))

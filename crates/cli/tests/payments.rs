@@ -57,6 +57,10 @@ fn bench_payments_reports_every_figure_and_the_books_balance() {
     assert_eq!(report["books_balance"], true);
     assert_eq!(report["switch_stats"]["settled"].as_u64(), Some(settled));
     assert_eq!(report["http_errors_by_status"], serde_json::json!({}));
+    // The traffic's window closes, settles and reconciles clean; every settled payment is in it.
+    assert_eq!(report["window"]["state"], "settled", "{report}");
+    assert_eq!(report["window"]["reconciliation_breaks"], 0);
+    assert_eq!(report["window"]["transfers"].as_u64(), Some(settled));
     // The temporary data directory is removed afterwards.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
@@ -84,6 +88,11 @@ fn the_demo_runs_a_scheme_and_prints_a_summary() {
     assert!(
         output.contains("payments") && output.contains("/s"),
         "live progress: {output}"
+    );
+    assert!(
+        output.contains("clearing: window 1 settled")
+            && output.contains("reconciliation breaks: 0"),
+        "{output}"
     );
 }
 
