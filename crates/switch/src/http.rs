@@ -915,6 +915,41 @@ async fn vouchers(
     .await
 }
 
+/// The live dashboard: one self-contained page (no external assets); it signs its own API calls.
+async fn dashboard_page() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+            ),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
+async fn dashboard_data(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            Ok(ok(StatusCode::OK, &state.switch.dashboard(&caller).await?))
+        },
+    )
+    .await
+}
+
 async fn openapi() -> Response {
     (
         [("content-type", "application/json")],
@@ -940,7 +975,7 @@ async fn ready(State(state): State<AppState>) -> Response {
 async fn metrics(State(state): State<AppState>) -> Response {
     (
         [("content-type", "text/plain; version=0.0.4")],
-        state.switch.render_metrics(),
+        state.switch.render_metrics_full().await,
     )
         .into_response()
 }
@@ -976,6 +1011,8 @@ pub fn router(switch: Arc<Switch>) -> Router {
         .route("/v1/windows/{window}", get(get_window))
         .route("/v1/windows/{window}/statement", get(statements))
         .route("/v1/vouchers", get(vouchers))
+        .route("/v1/dashboard", get(dashboard_data))
+        .route("/dashboard", get(dashboard_page))
         .route("/openapi.json", get(openapi))
         .route("/health", get(health))
         .route("/ready", get(ready))

@@ -30,6 +30,20 @@ impl Histogram {
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// Cumulative counts per bucket upper bound (seconds), the total count and the sum in
+    /// microseconds: what a client needs to compute percentiles over an interval.
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, u64, u64) {
+        (
+            BUCKETS
+                .iter()
+                .zip(&self.buckets)
+                .map(|(bound, bucket)| (*bound, bucket.load(Ordering::Relaxed)))
+                .collect(),
+            self.count.load(Ordering::Relaxed),
+            self.sum_micros.load(Ordering::Relaxed),
+        )
+    }
+
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
             let _ = writeln!(

@@ -29,11 +29,14 @@ use clearhouse_engine::{EngineError, Node, RecordPut, SubmitOutcome};
 
 use crate::clearing::{submit_then, Clearing};
 
+mod dashboard;
 mod lsm;
+
 use clearhouse_ledger::{
     Account, AccountFlags, CreateAccountResult, CreateTransferResult, PendingStatus, Transfer,
     TransferFlags,
 };
+pub use dashboard::DashboardView;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
@@ -691,6 +694,99 @@ impl Switch {
 
     /// Prometheus text: payments by final state and reason, in flight, stage latencies, and the
     /// engine's journal, group and index figures.
+    /// [`Switch::render_metrics`] plus what needs the ledger: each participant's position and
+    /// net debit cap use (the first 1,000 participants), and the open window's figures.
+    pub async fn render_metrics_full(&self) -> String {
+        use crate::metrics::metric;
+        let mut out = self.render_metrics();
+        let participants = self.participants();
+        let mut keys = Vec::new();
+        for p in participants.values().take(1_000) {
+            for (code, terms) in &p.currencies {
+                keys.push((p.bic.clone(), code.clone(), terms.net_debit_cap));
+            }
+        }
+        let ids: Vec<u128> = keys
+            .iter()
+            .map(|(b, c, _)| position_account(b, c))
+            .collect();
+        let node = self.node.clone();
+        if let Ok(accounts) = blocking(move || node.lookup_accounts(ids)).await {
+            let by_id: FxHashMap<u128, Account> = accounts.into_iter().map(|a| (a.id, a)).collect();
+            let mut available_samples = Vec::new();
+            let mut used_samples = Vec::new();
+            for (bic, code, cap) in &keys {
+                let account = by_id
+                    .get(&position_account(bic, code))
+                    .copied()
+                    .unwrap_or_default();
+                let labels = format!("participant=\"{bic}\",currency=\"{code}\"");
+                let left = available(&account);
+                available_samples.push((labels.clone(), left.to_string()));
+                if *cap > 0 {
+                    let used = (*cap - left.min(*cap)) as f64 / *cap as f64;
+                    used_samples.push((labels, format!("{used:.4}")));
+                }
+            }
+            let available_refs: Vec<(&str, &str)> = available_samples
+                .iter()
+                .map(|(l, v)| (l.as_str(), v.as_str()))
+                .collect();
+            metric(
+                &mut out,
+                "clearhouse_participant_available_minor_units",
+                "gauge",
+                "Liquidity a participant can send now (minor units): funds plus net debit cap, minus reservations.",
+                &available_refs,
+            );
+            let used_refs: Vec<(&str, &str)> = used_samples
+                .iter()
+                .map(|(l, v)| (l.as_str(), v.as_str()))
+                .collect();
+            metric(
+                &mut out,
+                "clearhouse_participant_net_debit_cap_used_ratio",
+                "gauge",
+                "Share of a deferred-net participant's net debit cap in use (0 to 1).",
+                &used_refs,
+            );
+        }
+        let models = crate::clearing::settlement_models(&participants);
+        if let Ok(preview) = self.clearing.preview(&models) {
+            let figures = preview.plan.map(|p| p.figures).unwrap_or_default();
+            let sample = |f: &dyn Fn(&clearhouse_clearing::netting::CurrencyFigures) -> String| {
+                figures
+                    .iter()
+                    .map(|x| (format!("currency=\"{}\"", x.currency), f(x)))
+                    .collect::<Vec<_>>()
+            };
+            for (name, help, values) in [
+                (
+                    "clearhouse_window_gross_minor_units",
+                    "The open window's gross value (sum of payments and returns), minor units.",
+                    sample(&|x| x.gross.to_string()),
+                ),
+                (
+                    "clearhouse_window_net_minor_units",
+                    "The open window's net value (sum of net debit positions), minor units.",
+                    sample(&|x| x.net.to_string()),
+                ),
+                (
+                    "clearhouse_window_transfers",
+                    "Payments and returns in the open window.",
+                    sample(&|x| x.transfers.to_string()),
+                ),
+            ] {
+                let refs: Vec<(&str, &str)> = values
+                    .iter()
+                    .map(|(l, v)| (l.as_str(), v.as_str()))
+                    .collect();
+                metric(&mut out, name, "gauge", help, &refs);
+            }
+        }
+        out
+    }
+
     pub fn render_metrics(&self) -> String {
         use crate::metrics::metric;
         let mut out = String::with_capacity(8192);

@@ -123,6 +123,17 @@ fn windows_net_settle_sign_and_survive_restarts() {
 
         // Window 2 is open and counts new payments.
         pay(&url, A, B, "W2-1", "5.00").await;
+        let (_, metrics) = op.request("GET", "/metrics", b"").await.unwrap();
+        let metrics = String::from_utf8_lossy(&metrics).into_owned();
+        for line in [
+            "clearhouse_window_gross_minor_units{currency=\"EUR\"} 500",
+            "clearhouse_window_open 2",
+            "clearhouse_reconciliation_breaks_total 0",
+            "clearhouse_participant_available_minor_units{participant=\"BBBBDEFF\",currency=\"EUR\"} 100500",
+            "clearhouse_participant_net_debit_cap_used_ratio{participant=\"AAAADEFF\",currency=\"EUR\"} 0.0050",
+        ] {
+            assert!(metrics.contains(line), "{line} not in {metrics}");
+        }
 
         // A participant sees only its own positions...
         let (status, mine) = call(&client_of(&url, B), "GET", "/v1/windows/1", Value::Null).await;
