@@ -73,16 +73,18 @@ fn the_dashboard_shows_live_figures_in_a_real_browser() {
     let running = start_switch(dir.path(), config());
     let url = running.url.clone();
     let stop = Arc::new(AtomicBool::new(false));
-    let load = banks_runtime.block_on(async {
+    banks_runtime.block_on(async {
         let op = operator(dir.path(), &url);
         for bic in BANKS {
             onboard(&op, bic, &banks, json!({"model": "prefunded"})).await;
             fund(&op, bic, "100000.00").await;
         }
-        // Traffic until the test is done (at most 20,000 payments).
+    });
+    // Traffic until the test is done (at most 20,000 payments).
+    let load = {
         let url = url.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        banks_runtime.spawn(async move {
             let mut sent = 0u32;
             while !stop.load(Ordering::SeqCst) && sent < 20_000 {
                 let (debtor, creditor) = (BANKS[sent as usize % 3], BANKS[(sent as usize + 1) % 3]);
@@ -99,7 +101,7 @@ fn the_dashboard_shows_live_figures_in_a_real_browser() {
             }
             sent
         })
-    });
+    };
     let key = std::fs::read_to_string(dir.path().join("operator.key")).unwrap();
     let mut parts = key.split_whitespace();
     let (key_id, operator_secret) = (parts.next().unwrap(), parts.next().unwrap());
