@@ -33,13 +33,14 @@ pub struct ServeArgs {
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = match &args.config {
-        Some(path) => SwitchConfig::from_toml(
-            &std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?,
-        )?,
-        None => SwitchConfig::default(),
+    // The file (if any), then CLEARHOUSE_<FIELD> environment overrides, then --listen.
+    let text = match &args.config {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => String::new(),
     };
+    let mut config = SwitchConfig::from_toml_and_env(&text, std::env::vars())?;
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
@@ -71,7 +72,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // The first line of stdout is the address (the demo and benchmark read it).
         println!("listening on {scheme}://{address}");
         eprintln!(
-            "clearhouse switch: {scheme}://{address} (OpenAPI: /openapi.json), data in {}, operator key in {}",
+            "clearhouse switch: {scheme}://{address} (OpenAPI: /openapi.json, dashboard: /dashboard), data in {}, operator key in {}",
             args.data_dir.display(),
             args.data_dir.join("operator.key").display()
         );

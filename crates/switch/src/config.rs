@@ -98,7 +98,34 @@ pub enum ConfigError {
 
 impl SwitchConfig {
     pub fn from_toml(text: &str) -> Result<SwitchConfig, ConfigError> {
-        let config: SwitchConfig = toml::from_str(text)?;
+        SwitchConfig::from_toml_and_env(text, std::iter::empty())
+    }
+
+    /// The file's settings, then overrides from the environment: `CLEARHOUSE_<FIELD>` (upper
+    /// case) sets `<field>`, its value read as TOML (`CLEARHOUSE_SETTLE_DEADLINE_MS=5000`,
+    /// `CLEARHOUSE_LIQUIDITY_SAVING_CURRENCIES='["EUR"]'`), or as a plain string when it is not
+    /// TOML (`CLEARHOUSE_LISTEN=0.0.0.0:8080`). `CLEARHOUSE_LOG` and `CLEARHOUSE_LOG_FORMAT` are
+    /// the logger's. An unknown field is an error, as in the file.
+    pub fn from_toml_and_env(
+        text: &str,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<SwitchConfig, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text)?;
+        for (name, value) in env {
+            let Some(field) = name.strip_prefix("CLEARHOUSE_") else {
+                continue;
+            };
+            if matches!(field, "LOG" | "LOG_FORMAT") {
+                continue;
+            }
+            let field = field.to_ascii_lowercase();
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value));
+            table.insert(field, parsed);
+        }
+        let config: SwitchConfig = table.try_into()?;
         config.validate()?;
         Ok(config)
     }
@@ -185,6 +212,28 @@ fn minute_of_day(text: &str) -> Option<u16> {
 #[cfg(test)]
 mod schedule_tests {
     use super::*;
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let env = [
+            ("CLEARHOUSE_SETTLE_DEADLINE_MS", "5000"),
+            ("CLEARHOUSE_LISTEN", "0.0.0.0:9000"),
+            ("CLEARHOUSE_LIQUIDITY_SAVING_CURRENCIES", "[\"EUR\"]"),
+            ("CLEARHOUSE_LOG", "debug"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let config =
+            SwitchConfig::from_toml_and_env("settle_deadline_ms = 7000\n", env.into_iter())
+                .unwrap();
+        assert_eq!(config.settle_deadline_ms, 5000);
+        assert_eq!(config.listen, "0.0.0.0:9000");
+        assert_eq!(config.liquidity_saving_currencies, vec!["EUR".to_string()]);
+        let unknown = [("CLEARHOUSE_NO_SUCH_FIELD".to_string(), "1".to_string())];
+        assert!(SwitchConfig::from_toml_and_env("", unknown.into_iter()).is_err());
+        let invalid = [("CLEARHOUSE_SETTLE_DEADLINE_MS".to_string(), "0".to_string())];
+        assert!(SwitchConfig::from_toml_and_env("", invalid.into_iter()).is_err());
+    }
 
     #[test]
     fn the_next_close_is_the_nearest_of_the_interval_and_the_times_of_day() {
