@@ -301,6 +301,7 @@ pub fn bench(args: ClearingBenchArgs) -> anyhow::Result<()> {
                     endpoint: "http://127.0.0.1:9".into(),
                     currencies,
                     secret_hex: None,
+                    routing_number: None,
                 })
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;

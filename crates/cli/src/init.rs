@@ -67,6 +67,11 @@ liquidity_saving_currencies = []
 queued_payments_max = {queued}
 gridlock_interval_ms = {gridlock}
 
+# The scheme's rules beyond the XSD: "generic", "sepa_instant" (EUR, IBANs with check sums, agents
+# by BIC) or "fednow" (USD, account numbers, agents by ABA routing number, a business application
+# header on every pacs.008; onboard participants with routing_number).
+scheme_profile = "generic"
+
 # TLS (rustls): both or neither. Without them the API is plain HTTP (loopback, or behind a proxy).
 # tls_cert_pem = "/etc/clearhouse/cert.pem"
 # tls_key_pem = "/etc/clearhouse/key.pem"

@@ -56,6 +56,9 @@ pub struct SwitchConfig {
     pub queued_payments_max: usize,
     /// How often the gridlock resolution runs even without a liquidity change.
     pub gridlock_interval_ms: u64,
+    /// The scheme's rules beyond the XSD: generic, sepa_instant (EUR, IBANs, BICs) or fednow
+    /// (USD, account numbers, routing numbers, business application header required).
+    pub scheme_profile: crate::profile::SchemeProfile,
 }
 
 impl Default for SwitchConfig {
@@ -84,6 +87,7 @@ impl Default for SwitchConfig {
             liquidity_saving_currencies: vec![],
             queued_payments_max: 10_000,
             gridlock_interval_ms: 200,
+            scheme_profile: crate::profile::SchemeProfile::Generic,
         }
     }
 }

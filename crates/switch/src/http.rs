@@ -442,9 +442,18 @@ async fn submit_pacs008(
         headers,
         body,
         |state, caller, body| async move {
-            let submission = crate::iso::read_pacs008(&body)?;
+            let resolve = |rtn: &str| state.switch.bic_of_routing_number(rtn);
+            let submission = crate::iso::read_pacs008(&body, &resolve)?;
+            if submission.header.is_none() && state.switch.config.scheme_profile.requires_header() {
+                return Err(ApiError::new(
+                    400,
+                    "header_required",
+                    "this scheme requires the business application header (head.001.001.02) with every pacs.008",
+                )
+                .with_reason("FF01"));
+            }
             if let (Some(header), Caller::Participant(me)) = (&submission.header, &caller) {
-                crate::iso::check_header(header, me, crate::iso::PACS_008_NAME)?;
+                crate::iso::check_header(header, me, crate::iso::PACS_008_NAME, &resolve)?;
             }
             let original = submission.message.message_id.clone();
             let header = submission.header.clone();

@@ -37,12 +37,22 @@ pub struct Submission {
 
 /// Checks a business application header: sent by the authenticated participant, for this
 /// message type.
-pub fn check_header(header: &AppHeader, sender: &str, definition: &str) -> Result<(), ApiError> {
-    if header.from.bic.as_deref() != Some(sender) {
+pub fn check_header(
+    header: &AppHeader,
+    sender: &str,
+    definition: &str,
+    resolve: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ApiError> {
+    let from = header
+        .from
+        .bic
+        .clone()
+        .or_else(|| header.from.member_id.as_deref().and_then(resolve));
+    if from.as_deref() != Some(sender) {
         return Err(ApiError::new(
             403,
             "header_sender_mismatch",
-            "AppHdr/Fr must be the authenticated participant's BICFI",
+            "AppHdr/Fr must be the authenticated participant (BICFI or its routing number)",
         ));
     }
     if header.message_definition != definition {
@@ -85,7 +95,10 @@ pub fn answer_xml(
 
 /// Reads a pacs.008 into a payment request. A message that does not parse is a 400 (FF01, with
 /// the element path); one that parses but breaks a rule the XSD does not check answers RJCT.
-pub fn read_pacs008(body: &[u8]) -> Result<Submission, ApiError> {
+pub fn read_pacs008(
+    body: &[u8],
+    resolve: &dyn Fn(&str) -> Option<String>,
+) -> Result<Submission, ApiError> {
     let (header, message) = match Message::parse_with_header(body, &limits()) {
         Ok((header, Message::Pacs008(message))) => (header, message),
         Ok(_) => {
@@ -107,15 +120,20 @@ pub fn read_pacs008(body: &[u8]) -> Result<Submission, ApiError> {
         .with_reason("FF01"));
     }
     let tx: &CreditTransfer = &message.transactions[0];
+    // Agents by BICFI, or by clearing-system member id (a routing number) of a participant.
     let bic = |agent: &clearhouse_iso20022::messages::Agent, what: &str| {
-        agent.bic.clone().ok_or_else(|| {
-            ApiError::new(
-                400,
-                "agent_without_bic",
-                format!("{what}: this scheme identifies agents by BICFI"),
-            )
-            .with_reason("RC01")
-        })
+        agent
+            .bic
+            .clone()
+            .or_else(|| agent.member_id.as_deref().and_then(resolve))
+            .ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    "unknown_agent",
+                    format!("{what}: neither a BICFI nor the routing number of a participant"),
+                )
+                .with_reason("RC01")
+            })
     };
     let request = PaymentRequest {
         instruction_id: tx

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod model;
 pub mod money;
 pub mod outbound;
+pub mod profile;
 pub mod sim;
 pub mod switch;
 

@@ -127,6 +127,9 @@ pub struct Participant {
     /// HMAC-SHA256 secret (hex), shared with the participant; signs both directions.
     pub secret_hex: String,
     pub currencies: BTreeMap<String, CurrencyTerms>,
+    /// ABA routing number (FedNow-like profile: how messages name this participant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_number: Option<String>,
 }
 
 /// ISO 20022 BIC shape: 4 letters (institution), 2 letters (country), 2 alphanumerics

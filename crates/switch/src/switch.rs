@@ -406,6 +406,9 @@ pub struct OnboardRequest {
     /// Hex HMAC secret to use; generated when absent (and returned once).
     #[serde(default)]
     pub secret_hex: Option<String>,
+    /// ABA routing number (required by the FedNow-like profile).
+    #[serde(default)]
+    pub routing_number: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -479,6 +482,8 @@ pub struct PositionView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ParticipantView {
     pub bic: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_number: Option<String>,
     pub name: String,
     pub endpoint: String,
     pub status: ParticipantStatus,
@@ -498,6 +503,7 @@ impl ParticipantView {
     fn of(p: &Participant) -> ParticipantView {
         ParticipantView {
             bic: p.bic.clone(),
+            routing_number: p.routing_number.clone(),
             name: p.name.clone(),
             endpoint: p.endpoint.clone(),
             status: p.status,
@@ -667,6 +673,14 @@ impl Switch {
             tokio::spawn(async move { resolver.resolve_gridlocks().await });
         }
         Ok(switch)
+    }
+
+    /// The participant a routing number names.
+    pub fn bic_of_routing_number(&self, routing_number: &str) -> Option<String> {
+        self.participants()
+            .values()
+            .find(|p| p.routing_number.as_deref() == Some(routing_number))
+            .map(|p| p.bic.clone())
     }
 
     pub fn participants(&self) -> Arc<BTreeMap<String, Participant>> {
@@ -980,6 +994,36 @@ impl Switch {
             ));
         }
         check_endpoint(&request.endpoint)?;
+        match &request.routing_number {
+            Some(rtn) if !crate::profile::is_routing_number(rtn) => {
+                return Err(ApiError::bad_request(
+                    "routing_number must be 9 digits with a valid ABA check digit",
+                    "RC01",
+                ))
+            }
+            Some(rtn) if self.bic_of_routing_number(rtn).is_some() => {
+                return Err(ApiError::new(
+                    409,
+                    "routing_number_taken",
+                    format!("routing number {rtn} belongs to another participant"),
+                ))
+            }
+            None if self.config.scheme_profile.uses_routing_numbers() => {
+                return Err(ApiError::bad_request(
+                    "this scheme identifies participants by routing_number",
+                    "RC01",
+                ))
+            }
+            _ => {}
+        }
+        if let Some(only) = self.config.scheme_profile.currency() {
+            if request.currencies.keys().any(|code| code != only) {
+                return Err(ApiError::bad_request(
+                    format!("this scheme clears {only} only"),
+                    "AM03",
+                ));
+            }
+        }
         if self.participants().contains_key(&request.bic) {
             return Err(ApiError::new(
                 409,
@@ -1098,6 +1142,7 @@ impl Switch {
             status: ParticipantStatus::Active,
             secret_hex: secret_hex.clone(),
             currencies,
+            routing_number: request.routing_number.clone(),
         };
         // The net debit cap lines and the participant record are written together.
         let record = RecordPut {
@@ -1685,6 +1730,9 @@ impl Switch {
                     if field == "debtor" { "RR01" } else { "AC03" },
                 ));
             }
+        }
+        if let Err((reason, message)) = self.config.scheme_profile.check_payment(&r) {
+            return Err(ApiError::bad_request(message, reason));
         }
         if r.message_id.as_ref().is_some_and(|m| !is_max35(m)) {
             return Err(ApiError::bad_request(
