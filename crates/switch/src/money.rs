@@ -123,10 +123,15 @@ pub fn parse_amount(text: &str, exponent: u8) -> Result<u128, AmountError> {
     {
         return Err(syntax());
     }
-    if whole.len() + fraction.len() > AMOUNT_DIGITS_MAX {
+    // Significant digits, as the XSD's totalDigits counts them: leading zeros of the whole part
+    // and trailing zeros of the fraction do not count ("12.00" has 2, like what we format).
+    let fraction_trimmed = fraction.trim_end_matches('0');
+    if whole.trim_start_matches('0').len() + fraction_trimmed.len() > AMOUNT_DIGITS_MAX
+        || whole.len() > 64
+        || fraction.len() > 64
+    {
         return Err(AmountError::Overflow(text.chars().take(40).collect()));
     }
-    let fraction_trimmed = fraction.trim_end_matches('0');
     if fraction_trimmed.len() > exponent as usize {
         return Err(AmountError::TooManyDecimals {
             amount: text.to_string(),
@@ -208,6 +213,11 @@ mod tests {
             parse_amount("1234567890123456789", 2),
             Err(AmountError::Overflow(_))
         ));
+        // Found by the fuzzer: what we format must parse back, trailing zeros included.
+        assert_eq!(
+            parse_amount("22222222220222000.00", 2),
+            Ok(2_222_222_222_022_200_000)
+        );
         assert_eq!(format_amount(1234, 2), "12.34");
         assert_eq!(format_amount(5, 2), "0.05");
         assert_eq!(format_amount(5, 0), "5");
