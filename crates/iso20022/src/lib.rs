@@ -10,11 +10,12 @@
 //! namespace, only the elements present, in schema order; format ISO dates and times.
 //!
 //! It deliberately does not: validate against the XSDs at run time (the tests do, with xmllint);
-//! make business decisions (the switch checks amounts, codes, BICs, UETRs); know camt.056/029 yet; keep elements it does not model
+//! make business decisions (the switch checks amounts, codes, BICs, UETRs); make scheme decisions; keep elements it does not model
 //! (postal addresses, structured remittance): they are read past, not re-emitted.
 
 pub mod camt;
 pub mod messages;
+pub mod recall;
 pub mod time;
 pub mod xml;
 

@@ -7,6 +7,7 @@ use std::process::Command;
 
 use clearhouse_iso20022::camt;
 use clearhouse_iso20022::messages::{Account, Agent};
+use clearhouse_iso20022::recall;
 use clearhouse_iso20022::{
     time, CreditTransfer, Limits, Message, Pacs002, Pacs004, Pacs008, Pacs028,
 };
@@ -508,6 +509,124 @@ fn camt_statements_and_notifications_validate_and_round_trip() {
         }
         xmllint(xsd, &files);
     }
+}
+
+fn assignment() -> impl Strategy<Value = recall::Assignment> {
+    (id(35), bic(), bic(), proptest::option::of(id(35)), bic()).prop_map(
+        |(id, assigner, assignee, case, creator)| recall::Assignment {
+            id,
+            // Case/Cretr is mandatory with a case.
+            case_creator_bic: case.as_ref().map(|_| creator),
+            assigner_bic: assigner,
+            assignee_bic: assignee,
+            created: time::date_time(1_795_591_845_123_000_000),
+            case_id: case,
+        },
+    )
+}
+
+fn original() -> impl Strategy<Value = recall::Original> {
+    (
+        proptest::option::of(id(35)),
+        proptest::option::of(id(35)),
+        proptest::option::of(id(35)),
+        proptest::option::of(id(35)),
+        proptest::option::of(uetr()),
+    )
+        .prop_map(|(message, instr, e2e, tx, uetr)| recall::Original {
+            message_name: message.as_ref().map(|_| "pacs.008.001.08".to_string()),
+            message_id: message,
+            instruction_id: instr,
+            end_to_end_id: e2e,
+            transaction_id: tx,
+            uetr,
+        })
+}
+
+fn camt056() -> impl Strategy<Value = recall::Camt056> {
+    (
+        assignment(),
+        proptest::option::of(id(35)),
+        original(),
+        proptest::option::of(1u64..1_000_000),
+        proptest::option::of(prop_oneof![
+            Just("DUPL"),
+            Just("TECH"),
+            Just("FRAD"),
+            Just("CUST"),
+            Just("AM09")
+        ]),
+        proptest::collection::vec(id(105), 0..2),
+    )
+        .prop_map(
+            |(assignment, cancellation, original, cents, reason, info)| recall::Camt056 {
+                assignment,
+                cancellation_id: cancellation,
+                original,
+                original_amount: cents
+                    .map(|c| (format!("{}.{:02}", c / 100, c % 100), "EUR".to_string())),
+                reason: reason.map(str::to_string),
+                additional_info: info,
+            },
+        )
+}
+
+fn camt029() -> impl Strategy<Value = recall::Camt029> {
+    (
+        assignment(),
+        prop_oneof![
+            Just(("CNCL", "ACCR", None)),
+            Just(("RJCR", "RJCR", Some("NOAS"))),
+            Just(("RJCR", "RJCR", Some("LEGL")))
+        ],
+        proptest::option::of(id(35)),
+        original(),
+        proptest::collection::vec(id(105), 0..2),
+    )
+        .prop_map(
+            |(assignment, (confirmation, status, reason), id, original, info)| recall::Camt029 {
+                assignment,
+                confirmation: confirmation.into(),
+                cancellation_status_id: id,
+                original,
+                status: Some(status.into()),
+                reason: reason.map(str::to_string),
+                additional_info: info,
+            },
+        )
+}
+
+#[test]
+fn recall_messages_validate_and_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits::default();
+    let mut files = Vec::new();
+    for (i, message) in generate(camt056(), 200).into_iter().enumerate() {
+        let xml = message.to_xml();
+        assert_eq!(
+            recall::Camt056::parse(xml.as_bytes(), &limits).unwrap(),
+            message
+        );
+        let path = dir.path().join(format!("camt056-{i}.xml"));
+        std::fs::write(&path, xml).unwrap();
+        files.push(path);
+    }
+    xmllint("camt.056.001.08.xsd", &files);
+    let mut files = Vec::new();
+    for (i, message) in generate(camt029(), 200).into_iter().enumerate() {
+        let xml = message.to_xml();
+        assert_eq!(
+            recall::Camt029::parse(xml.as_bytes(), &limits).unwrap(),
+            message
+        );
+        let path = dir.path().join(format!("camt029-{i}.xml"));
+        std::fs::write(&path, xml).unwrap();
+        files.push(path);
+    }
+    xmllint("camt.029.001.09.xsd", &files);
+    // The namespace selects the message: a camt.029 is not a camt.056.
+    let one = generate(camt029(), 1).remove(0).to_xml();
+    assert!(recall::Camt056::parse(one.as_bytes(), &limits).is_err());
 }
 
 #[test]
