@@ -959,6 +959,83 @@ async fn dashboard_data(
     .await
 }
 
+async fn recall_camt056(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let request = clearhouse_iso20022::recall::Camt056::parse(&body, &crate::iso::limits())
+                .map_err(|e| {
+                    ApiError::new(400, "invalid_message", e.to_string()).with_reason("FF01")
+                })?;
+            let recall = state.switch.recall_request(&caller, request).await?;
+            Ok(ok(StatusCode::ACCEPTED, &recall))
+        },
+    )
+    .await
+}
+
+async fn recall_camt029(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, body| async move {
+            let resolution =
+                clearhouse_iso20022::recall::Camt029::parse(&body, &crate::iso::limits()).map_err(
+                    |e| ApiError::new(400, "invalid_message", e.to_string()).with_reason("FF01"),
+                )?;
+            let (recall, returned) = state.switch.recall_resolution(&caller, resolution).await?;
+            Ok(ok(
+                StatusCode::OK,
+                &serde_json::json!({"recall": recall, "return": returned}),
+            ))
+        },
+    )
+    .await
+}
+
+async fn get_recall(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            Ok(ok(
+                StatusCode::OK,
+                &state.switch.recall_status(&caller, &id).await?,
+            ))
+        },
+    )
+    .await
+}
+
 async fn openapi() -> Response {
     (
         [("content-type", "application/json")],
@@ -1021,6 +1098,9 @@ pub fn router(switch: Arc<Switch>) -> Router {
         .route("/v1/windows/{window}/statement", get(statements))
         .route("/v1/vouchers", get(vouchers))
         .route("/v1/dashboard", get(dashboard_data))
+        .route("/v1/iso20022/camt.056", post(recall_camt056))
+        .route("/v1/iso20022/camt.029", post(recall_camt029))
+        .route("/v1/recalls/{id}", get(get_recall))
         .route("/dashboard", get(dashboard_page))
         .route("/openapi.json", get(openapi))
         .route("/health", get(health))

@@ -70,6 +70,7 @@ pub enum Notification {
     Payment(Box<PaymentView>),
     Return(Box<crate::switch::ReturnView>),
     LiquidityAlert(PositionView),
+    Recall(Box<crate::switch::RecallNotice>),
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;

@@ -31,6 +31,9 @@ use crate::clearing::{submit_then, Clearing};
 
 mod dashboard;
 mod lsm;
+mod recall;
+
+pub use recall::{RecallNotice, RecallRecord, RecallState};
 
 use clearhouse_ledger::{
     Account, AccountFlags, CreateAccountResult, CreateTransferResult, PendingStatus, Transfer,
@@ -149,6 +152,9 @@ pub struct PaymentView {
     pub finished_at_ns: Option<u64>,
     /// Returned so far with pacs.004 (0 when none).
     pub returned_amount: String,
+    /// In notifications of a final state: the same state as a pacs.002.001.10 document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pacs_002: Option<String>,
 }
 
 impl PaymentView {
@@ -173,6 +179,7 @@ impl PaymentView {
             deadline_ns: record.deadline_ns,
             finished_at_ns: record.finished_at_ns,
             returned_amount: money::format_amount(record.returned, exponent),
+            pacs_002: None,
         }
     }
 }
@@ -236,6 +243,7 @@ enum Stored {
     Participant(Participant),
     Payment(Box<PaymentRecord>),
     Return(Box<ReturnRecord>),
+    Recall(Box<recall::RecallRecord>),
 }
 
 fn participant_key(bic: &str) -> u128 {
@@ -603,7 +611,7 @@ impl Switch {
                     participants.insert(p.bic.clone(), p);
                 }
                 Ok(Stored::Payment(p)) => payments.push(*p),
-                Ok(Stored::Return(_)) => {}
+                Ok(Stored::Return(_)) | Ok(Stored::Recall(_)) => {}
                 Err(error) => {
                     return Err(ApiError::new(
                         500,
@@ -2249,7 +2257,14 @@ impl Switch {
             now_ns().saturating_sub(record.accepted_at_ns),
         ));
         self.finished(&record);
-        let view = PaymentView::of(&record);
+        // Notifications carry the final state twice: JSON, and as the pacs.002 an ISO 20022
+        // participant expects.
+        let mut view = PaymentView::of(&record);
+        let original_message = view
+            .message_id
+            .clone()
+            .unwrap_or_else(|| view.instruction_id.clone());
+        view.pacs_002 = Some(crate::iso::pacs002_of(&view, &original_message).to_xml());
         self.notify(
             &record.creditor_agent,
             Notification::Payment(Box::new(view.clone())),
@@ -2274,7 +2289,7 @@ impl Switch {
             .flatten()?;
         match serde_json::from_slice::<Stored>(&value).ok()? {
             Stored::Payment(record) => Some(*record),
-            Stored::Participant(_) | Stored::Return(_) => None,
+            Stored::Participant(_) | Stored::Return(_) | Stored::Recall(_) => None,
         }
     }
 

@@ -1,0 +1,217 @@
+//! Recalls over HTTP: camt.056 from the debtor agent, camt.029 from the creditor agent; an
+//! accepted recall returns the money at once (and shows in clearing), a rejected one moves
+//! nothing; bad reasons, strangers and replays are refused.
+
+use clearhouse_iso20022::recall::{Assignment, Camt029, Camt056, Original};
+use serde_json::{json, Value};
+
+mod common;
+use common::*;
+
+const A: &str = "RCLADEFF";
+const B: &str = "RCLBDEFF";
+const C: &str = "RCLCDEFF";
+
+fn camt056(case: &str, uetr: &str, reason: &str, from: &str) -> String {
+    Camt056 {
+        assignment: Assignment {
+            id: format!("ASG-{case}"),
+            assigner_bic: from.into(),
+            assignee_bic: "CLRHXXXX".into(),
+            created: "2026-11-25T08:00:00.000Z".into(),
+            case_id: Some(case.into()),
+            case_creator_bic: Some(from.into()),
+        },
+        original: Original {
+            uetr: Some(uetr.into()),
+            ..Original::default()
+        },
+        reason: Some(reason.into()),
+        ..Camt056::default()
+    }
+    .to_xml()
+}
+
+fn camt029(case: &str, accept: bool, reason: Option<&str>) -> String {
+    Camt029 {
+        assignment: Assignment {
+            id: format!("RES-{case}"),
+            assigner_bic: B.into(),
+            assignee_bic: A.into(),
+            created: "2026-11-25T08:01:00.000Z".into(),
+            case_id: Some(case.into()),
+            case_creator_bic: Some(A.into()),
+        },
+        confirmation: if accept { "CNCL" } else { "RJCR" }.into(),
+        status: Some(if accept { "ACCR" } else { "RJCR" }.into()),
+        reason: reason.map(str::to_string),
+        ..Camt029::default()
+    }
+    .to_xml()
+}
+
+async fn post_xml(
+    client: &clearhouse_switch::client::SignedClient,
+    path: &str,
+    xml: &str,
+) -> (u16, Value) {
+    let (status, body) = client.request("POST", path, xml.as_bytes()).await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn recalls_return_the_money_when_accepted_and_nothing_when_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (banks, counters) =
+        banks_runtime.block_on(start_banks(vec![bank(A), bank(B), bank(C)], accepting()));
+    let running = start_switch(dir.path(), config());
+    let url = running.url.clone();
+    banks_runtime.block_on(async {
+        let op = operator(dir.path(), &url);
+        for bic in [A, B, C] {
+            onboard(&op, bic, &banks, json!({"model": "prefunded"})).await;
+        }
+        fund(&op, A, "100.00").await;
+        fund(&op, B, "10.00").await;
+        let (a, b, c) = (client_of(&url, A), client_of(&url, B), client_of(&url, C));
+        let (status, paid) = call(&a, "POST", "/v1/payments", payment(A, B, "R-1", "30.00")).await;
+        assert_eq!(
+            (status, paid["status"].as_str()),
+            (200, Some("ACSC")),
+            "{paid}"
+        );
+        let uetr = paid["uetr"].as_str().unwrap().to_string();
+
+        // Bad reason, strangers, the wrong side: refused, nothing recorded.
+        let (status, body) = post_xml(
+            &a,
+            "/v1/iso20022/camt.056",
+            &camt056("C-0", &uetr, "ZZZZ", A),
+        )
+        .await;
+        assert_eq!(
+            (status, body["reason"].as_str()),
+            (400, Some("FF01")),
+            "{body}"
+        );
+        let (status, _) = post_xml(
+            &c,
+            "/v1/iso20022/camt.056",
+            &camt056("C-0", &uetr, "DUPL", C),
+        )
+        .await;
+        assert_eq!(status, 404, "another participant's payment is not found");
+        let (status, _) = post_xml(
+            &c,
+            "/v1/iso20022/camt.056",
+            &camt056("C-0", &uetr, "DUPL", A),
+        )
+        .await;
+        assert_eq!(status, 403, "the assigner must be the caller");
+        let (status, _) = post_xml(&a, "/v1/iso20022/camt.056", "<Document/>").await;
+        assert_eq!(status, 400);
+
+        // The request, and its replay.
+        let (status, recall) = post_xml(
+            &a,
+            "/v1/iso20022/camt.056",
+            &camt056("C-1", &uetr, "DUPL", A),
+        )
+        .await;
+        assert_eq!(
+            (status, recall["state"].as_str()),
+            (202, Some("requested")),
+            "{recall}"
+        );
+        assert_eq!(recall["assignee"], B);
+        let (status, again) = post_xml(
+            &a,
+            "/v1/iso20022/camt.056",
+            &camt056("C-1", &uetr, "DUPL", A),
+        )
+        .await;
+        assert_eq!((status, &again["recall_id"]), (202, &recall["recall_id"]));
+
+        // The creditor agent accepts: the 30.00 goes back at once.
+        let (status, resolved) =
+            post_xml(&b, "/v1/iso20022/camt.029", &camt029("C-1", true, None)).await;
+        assert_eq!(status, 200, "{resolved}");
+        assert_eq!(resolved["recall"]["state"], "accepted");
+        assert_eq!(resolved["return"]["amount"], "30.00");
+        assert_eq!(available(&a, A).await, "100.00");
+        assert_eq!(available(&b, B).await, "10.00");
+        let recall_path = format!("/v1/recalls/{}", recall["recall_id"].as_str().unwrap());
+        let (status, shown) = call(&a, "GET", &recall_path, Value::Null).await;
+        assert_eq!((status, shown["state"].as_str()), (200, Some("accepted")));
+        let (status, _) = call(&c, "GET", &recall_path, Value::Null).await;
+        assert_eq!(status, 404);
+        // Accepting again answers the same, moves nothing.
+        let (status, _) = post_xml(&b, "/v1/iso20022/camt.029", &camt029("C-1", true, None)).await;
+        assert_eq!(status, 200);
+        assert_eq!(available(&a, A).await, "100.00");
+
+        // A second payment, recalled and rejected: nothing moves.
+        let (_, paid) = call(&a, "POST", "/v1/payments", payment(A, B, "R-2", "20.00")).await;
+        let uetr = paid["uetr"].as_str().unwrap().to_string();
+        let (status, _) = post_xml(
+            &a,
+            "/v1/iso20022/camt.056",
+            &camt056("C-2", &uetr, "FRAD", A),
+        )
+        .await;
+        assert_eq!(status, 202);
+        let (status, body) = post_xml(
+            &b,
+            "/v1/iso20022/camt.029",
+            &camt029("C-2", false, Some("ZZZZ")),
+        )
+        .await;
+        assert_eq!(
+            (status, body["reason"].as_str()),
+            (400, Some("FF01")),
+            "{body}"
+        );
+        let (status, resolved) = post_xml(
+            &b,
+            "/v1/iso20022/camt.029",
+            &camt029("C-2", false, Some("NOAS")),
+        )
+        .await;
+        assert_eq!(status, 200, "{resolved}");
+        assert_eq!(resolved["recall"]["state"], "rejected");
+        assert_eq!(resolved["recall"]["rejection_reason"], "NOAS");
+        assert_eq!(available(&a, A).await, "80.00");
+        // Accepting after rejecting: refused.
+        let (status, _) = post_xml(&b, "/v1/iso20022/camt.029", &camt029("C-2", true, None)).await;
+        assert_eq!(status, 409);
+
+        // The return is in clearing: A paid 50 and got 30 back; B the opposite.
+        let (status, report) = call(&op, "POST", "/v1/admin/windows/close", Value::Null).await;
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["breaks"], json!([]));
+        let net_of = |bic: &str| {
+            report["plan"]["positions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["participant"] == bic)
+                .map(|p| p["net"].as_str().unwrap().to_string())
+        };
+        assert_eq!(net_of(A).as_deref(), Some("-2000"));
+        assert_eq!(net_of(B).as_deref(), Some("2000"));
+        // Notifications reached the banks (the camt.056 to B, the camt.029s to A, payments).
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            counters
+                .notifications
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 4
+        );
+    });
+    drop(running);
+}
