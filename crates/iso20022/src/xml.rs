@@ -159,34 +159,39 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Element, XmlError> {
     let mut root: Option<Element> = None;
     let mut elements = 0usize;
     let mut namespaces: Vec<std::sync::Arc<str>> = Vec::new();
+    let unbound: std::sync::Arc<str> = std::sync::Arc::from("");
     loop {
-        let (resolved, event) = match reader.read_resolved_event() {
-            Ok(resolved) => resolved,
+        let event = match reader.read_event() {
+            Ok(event) => event,
             Err(e) => return Err(fail(&stack, format!("malformed XML: {e}"))),
         };
-        let ns: std::sync::Arc<str> = match resolved {
-            ResolveResult::Bound(ns) => {
-                let bytes = ns.as_ref();
-                match namespaces.iter().find(|known| known.as_bytes() == bytes) {
-                    Some(known) => known.clone(),
-                    None if namespaces.len() < 16 => {
-                        let new: std::sync::Arc<str> = String::from_utf8_lossy(bytes).into();
-                        namespaces.push(new.clone());
-                        new
+        // Only elements need their namespace resolved (not text or end tags).
+        let ns: std::sync::Arc<str> = match &event {
+            Event::Start(start) | Event::Empty(start) => match reader.resolve_element(start.name()).0 {
+                ResolveResult::Bound(ns) => {
+                    let bytes = ns.as_ref();
+                    match namespaces.iter().find(|known| known.as_bytes() == bytes) {
+                        Some(known) => known.clone(),
+                        None if namespaces.len() < 16 => {
+                            let new: std::sync::Arc<str> = String::from_utf8_lossy(bytes).into();
+                            namespaces.push(new.clone());
+                            new
+                        }
+                        None => return Err(fail(&stack, "more than 16 namespaces".into())),
                     }
-                    None => return Err(fail(&stack, "more than 16 namespaces".into())),
                 }
-            }
-            ResolveResult::Unbound => std::sync::Arc::from(""),
-            ResolveResult::Unknown(prefix) => {
-                return Err(fail(
-                    &stack,
-                    format!(
-                        "undeclared namespace prefix {:?}",
-                        String::from_utf8_lossy(&prefix)
-                    ),
-                ))
-            }
+                ResolveResult::Unbound => unbound.clone(),
+                ResolveResult::Unknown(prefix) => {
+                    return Err(fail(
+                        &stack,
+                        format!(
+                            "undeclared namespace prefix {:?}",
+                            String::from_utf8_lossy(&prefix)
+                        ),
+                    ))
+                }
+            },
+            _ => unbound.clone(),
         };
         let empty = matches!(event, Event::Empty(_));
         match event {
