@@ -162,6 +162,28 @@ fn statements_reconcile_clean_and_differences_are_reported() {
             .output()
             .unwrap()
     };
+    // The same entries as a camt.054: valid too, and it reconciles clean as well.
+    let (status, camt054) = call(
+        &operator,
+        "GET",
+        &format!("/v1/windows/1/statement?participant={B}&format=camt054"),
+        Value::Null,
+    );
+    assert_eq!(status, 200);
+    let notification = dir.path().join("b.camt054.xml");
+    std::fs::write(&notification, &camt054).unwrap();
+    let lint = Command::new("xmllint")
+        .args(["--noout", "--schema"])
+        .arg(xsd.with_file_name("camt.054.001.08.xsd"))
+        .arg(&notification)
+        .output()
+        .unwrap();
+    assert!(
+        lint.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    assert_eq!(reconcile(&notification, "text").status.code(), Some(0));
     let clean = reconcile(&statement, "json");
     assert_eq!(
         clean.status.code(),

@@ -167,30 +167,33 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Element, XmlError> {
         };
         // Only elements need their namespace resolved (not text or end tags).
         let ns: std::sync::Arc<str> = match &event {
-            Event::Start(start) | Event::Empty(start) => match reader.resolve_element(start.name()).0 {
-                ResolveResult::Bound(ns) => {
-                    let bytes = ns.as_ref();
-                    match namespaces.iter().find(|known| known.as_bytes() == bytes) {
-                        Some(known) => known.clone(),
-                        None if namespaces.len() < 16 => {
-                            let new: std::sync::Arc<str> = String::from_utf8_lossy(bytes).into();
-                            namespaces.push(new.clone());
-                            new
+            Event::Start(start) | Event::Empty(start) => {
+                match reader.resolve_element(start.name()).0 {
+                    ResolveResult::Bound(ns) => {
+                        let bytes = ns.as_ref();
+                        match namespaces.iter().find(|known| known.as_bytes() == bytes) {
+                            Some(known) => known.clone(),
+                            None if namespaces.len() < 16 => {
+                                let new: std::sync::Arc<str> =
+                                    String::from_utf8_lossy(bytes).into();
+                                namespaces.push(new.clone());
+                                new
+                            }
+                            None => return Err(fail(&stack, "more than 16 namespaces".into())),
                         }
-                        None => return Err(fail(&stack, "more than 16 namespaces".into())),
+                    }
+                    ResolveResult::Unbound => unbound.clone(),
+                    ResolveResult::Unknown(prefix) => {
+                        return Err(fail(
+                            &stack,
+                            format!(
+                                "undeclared namespace prefix {:?}",
+                                String::from_utf8_lossy(&prefix)
+                            ),
+                        ))
                     }
                 }
-                ResolveResult::Unbound => unbound.clone(),
-                ResolveResult::Unknown(prefix) => {
-                    return Err(fail(
-                        &stack,
-                        format!(
-                            "undeclared namespace prefix {:?}",
-                            String::from_utf8_lossy(&prefix)
-                        ),
-                    ))
-                }
-            },
+            }
             _ => unbound.clone(),
         };
         let empty = matches!(event, Event::Empty(_));

@@ -1129,6 +1129,30 @@ pub fn statement_camt053(
     statements: &[clearhouse_clearing::statement::Statement],
     message_id: &str,
 ) -> Result<String, ApiError> {
+    statement_camt(
+        statements,
+        message_id,
+        clearhouse_iso20022::camt::ReportKind::Statement,
+    )
+}
+
+/// The same entries as a camt.054.001.08 debit/credit notification (no balances).
+pub fn statement_camt054(
+    statements: &[clearhouse_clearing::statement::Statement],
+    message_id: &str,
+) -> Result<String, ApiError> {
+    statement_camt(
+        statements,
+        message_id,
+        clearhouse_iso20022::camt::ReportKind::Notification,
+    )
+}
+
+fn statement_camt(
+    statements: &[clearhouse_clearing::statement::Statement],
+    message_id: &str,
+    kind: clearhouse_iso20022::camt::ReportKind,
+) -> Result<String, ApiError> {
     use clearhouse_iso20022::camt;
     let now = now_ns();
     let mut reports = Vec::new();
@@ -1185,7 +1209,7 @@ pub fn statement_camt053(
         ));
     }
     Ok(camt::CashReport {
-        kind: camt::ReportKind::Statement,
+        kind,
         message_id: message_id.chars().take(35).collect(),
         created: clearhouse_iso20022::time::date_time(now),
         reports,

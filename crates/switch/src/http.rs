@@ -875,6 +875,16 @@ async fn statements(
                     }
                     Ok(([(axum::http::header::CONTENT_TYPE, "text/csv")], out).into_response())
                 }
+                "camt054" => {
+                    let xml = crate::clearing::statement_camt054(
+                        &statements,
+                        &format!("NTFC-W{window}-{}", participant.unwrap_or("own")),
+                    )?;
+                    Ok(
+                        ([(axum::http::header::CONTENT_TYPE, "application/xml")], xml)
+                            .into_response(),
+                    )
+                }
                 "camt053" => {
                     let xml = crate::clearing::statement_camt053(
                         &statements,
@@ -888,7 +898,7 @@ async fn statements(
                 other => Err(ApiError::new(
                     400,
                     "invalid_query",
-                    format!("format {other:?} is not one of json, csv, camt053"),
+                    format!("format {other:?} is not one of json, csv, camt053, camt054"),
                 )
                 .with_reason("FF01")),
             }

@@ -253,12 +253,14 @@ impl Switch {
         ) {
             (Some("ACCR"), _) | (None, "CNCL") => true,
             (Some("RJCR"), _) | (None, "RJCR") => false,
-            (status, confirmation) => return Err(ApiError::bad_request(
-                format!(
+            (status, confirmation) => {
+                return Err(ApiError::bad_request(
+                    format!(
                     "TxCxlSts {status:?} / Sts/Conf {confirmation:?}: answer ACCR (CNCL) or RJCR"
                 ),
-                "FF01",
-            )),
+                    "FF01",
+                ))
+            }
         };
         let wanted = if accept {
             RecallState::Accepted
