@@ -390,7 +390,9 @@ pub fn recovery(args: RecoveryArgs) -> anyhow::Result<()> {
     }
     let load_seconds = load_started.elapsed().as_secs_f64();
     let started = Instant::now();
-    let node = Node::start(NodeOptions::new(&dir))?;
+    let mut options = NodeOptions::new(&dir);
+    options.recovery_progress = Some(crate::clearing_cmd::recovery_progress);
+    let node = Node::start(options)?;
     let elapsed = started.elapsed();
     let report = node.recovery_report().clone();
     let account = node.lookup_accounts(vec![1])?;

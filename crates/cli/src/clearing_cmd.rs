@@ -70,6 +70,24 @@ impl Progress {
     }
 }
 
+/// A progress bar for the engine's recovery (journal replay), on stderr when it is a terminal.
+pub fn recovery_progress(done: u64, total: u64) {
+    if !std::io::stderr().is_terminal() || total == 0 {
+        return;
+    }
+    let width = 30u64;
+    let filled = (done.min(total) * width / total) as usize;
+    eprint!(
+        "\rrecovery [{}{}] {:>3}% {done} / {total} journal records",
+        "#".repeat(filled),
+        " ".repeat(width as usize - filled),
+        done.min(total) * 100 / total
+    );
+    if done >= total {
+        eprintln!();
+    }
+}
+
 #[derive(clap::Args)]
 pub struct VerifyArgs {
     /// Verify a stopped server's data directory in place.
@@ -98,6 +116,7 @@ fn parse_key(hex_text: &str) -> anyhow::Result<VerifyingKey> {
 
 fn node_options(data_dir: &Path) -> NodeOptions {
     let mut options = NodeOptions::new(data_dir.join("ledger"));
+    options.recovery_progress = Some(recovery_progress);
     options.group_requests_max = 256;
     options.request_queue_max = 8192;
     options.index_transaction_interval_min = Duration::from_millis(50);

@@ -102,12 +102,15 @@ scheme_profile = "generic"
     let config_path = args.data_dir.join("switch.toml");
     std::fs::write(&config_path, config)?;
     let key = clearhouse_switch::switch::OperatorKey::load_or_create(&args.data_dir)?;
+    let signing = clearhouse_switch::clearing::load_or_create_signing_key(&args.data_dir)?;
     println!(
-        "created {}\n  configuration: {}\n  operator key:  {} (key id {:?}, mode 0600)\nnext: clearhouse serve --data-dir {} --config {}",
+        "created {}\n  configuration: {}\n  operator key:  {} (key id {:?}, mode 0600)\n  checkpoint signing key: {} (Ed25519, mode 0600; public key {} in operator-ed25519.pub)\nnext: clearhouse serve --data-dir {} --config {}",
         args.data_dir.display(),
         config_path.display(),
         args.data_dir.join("operator.key").display(),
         key.key_id,
+        args.data_dir.join("operator-ed25519.key").display(),
+        hex::encode(signing.verifying_key().as_bytes()),
         args.data_dir.display(),
         config_path.display()
     );

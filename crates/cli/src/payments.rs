@@ -50,6 +50,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         std::fs::create_dir_all(&args.data_dir)?;
         let mut options = NodeOptions::new(args.data_dir.join("ledger"));
+        options.recovery_progress = Some(crate::clearing_cmd::recovery_progress);
         options.group_requests_max = 256;
         options.request_queue_max = 8192;
         // Payments arrive as many small groups: index them in fewer, larger transactions.

@@ -30,6 +30,19 @@ fn init_writes_a_config_and_key_that_serve_starts_from() {
         .mode()
         & 0o777;
     assert_eq!(mode, 0o600, "the operator key is private");
+    let mode = std::fs::metadata(data.join("operator-ed25519.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the checkpoint signing key is private");
+    assert_eq!(
+        std::fs::read_to_string(data.join("operator-ed25519.pub"))
+            .unwrap()
+            .trim()
+            .len(),
+        64
+    );
     // A second init refuses, changing nothing.
     let again = Command::new(env!("CARGO_BIN_EXE_clearhouse"))
         .args(["init", "--data-dir"])

@@ -59,6 +59,9 @@ pub struct NodeOptions {
     /// (`unindexed_transfers_max` x 2 KiB), so neither the journal nor the index meets a full disk
     /// mid-write.
     pub disk_free_min_bytes: u64,
+    /// Called during recovery with (journal records replayed, records to replay), every 1,024
+    /// records and at the end: for progress bars.
+    pub recovery_progress: Option<fn(u64, u64)>,
 }
 
 impl NodeOptions {
@@ -76,6 +79,7 @@ impl NodeOptions {
             index_jobs_per_transaction_max: 64,
             pulse_interval: Duration::from_millis(100),
             disk_free_min_bytes: 256 * 1024 * 1024,
+            recovery_progress: None,
         }
     }
 }
@@ -336,6 +340,8 @@ impl Node {
                 offset: 0,
                 reason: format!("{what} of record {seq} failed: {error}"),
             };
+        // Records after the checkpoint (an estimate: the journal may hold a few before it).
+        let to_replay = open_report.last_seq.saturating_sub(restored.seq);
         let mut app_records: Vec<RecordPut> = Vec::new();
         let mut chain = restored.vouchers;
         let mut app_vouchers: Vec<Voucher> = Vec::new();
@@ -372,6 +378,11 @@ impl Node {
             .map_err(|error| corrupt(record.seq, "replay", error))?;
             replayed += 1;
             last_seq = record.seq;
+            if replayed.is_multiple_of(1024) {
+                if let Some(progress) = options.recovery_progress {
+                    progress(replayed, to_replay);
+                }
+            }
             ledger.take_changes(&mut changes);
             pending_changes
                 .transfers
@@ -404,6 +415,9 @@ impl Node {
             last_seq,
         )?;
         recovery.records_replayed = replayed;
+        if let Some(progress) = options.recovery_progress {
+            progress(replayed, replayed);
+        }
         if replayed > 0 {
             index.apply(&IndexUpdate {
                 seq: last_seq,

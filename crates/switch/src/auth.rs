@@ -126,10 +126,11 @@ pub fn verify(
         .timestamp
         .parse()
         .map_err(|_| AuthError::MissingHeader(HEADER_TIMESTAMP))?;
-    let skew_ms = timestamp as i64 - now_ms as i64;
-    if skew_ms.unsigned_abs() > nonces.window_ms {
+    // In i128: any u64 timestamp minus any u64 now fits (found by fuzzing: 2^63 overflowed i64).
+    let skew_ms = i128::from(timestamp) - i128::from(now_ms);
+    if skew_ms.unsigned_abs() > u128::from(nonces.window_ms) {
         return Err(AuthError::Stale {
-            skew_ms,
+            skew_ms: skew_ms.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64,
             allowed_ms: nonces.window_ms,
         });
     }
@@ -200,6 +201,24 @@ impl NonceCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_timestamp_is_refused_cleanly() {
+        // Found by fuzzing: a timestamp of 2^63 and beyond overflowed the skew computation.
+        let cache = NonceCache::new(30_000, 3);
+        for timestamp in ["9223372036854775808", "18446744073709551615", "+0", "0"] {
+            let headers = SignedHeaders {
+                key_id: "k",
+                timestamp,
+                nonce: "0123456789abcdef",
+                signature: "00",
+            };
+            assert!(matches!(
+                verify(&headers, b"s", "GET", "/", b"", 1_795_591_845_000, &cache),
+                Err(AuthError::Stale { .. })
+            ));
+        }
+    }
 
     #[test]
     fn signatures_bind_every_part_and_nonces_do_not_replay() {

@@ -201,6 +201,9 @@ pub struct ReturnView {
     /// Returns settle at once or are refused: always ACSC here.
     pub status: String,
     pub settled_at_ns: u64,
+    /// In notifications: the return as a pacs.004.001.09 document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pacs_004: Option<String>,
 }
 
 impl ReturnView {
@@ -220,6 +223,28 @@ impl ReturnView {
             reason: r.reason.clone(),
             status: "ACSC".into(),
             settled_at_ns: r.settled_at_ns,
+            pacs_004: None,
+        }
+    }
+
+    /// The return as the pacs.004 a participant would have sent for it.
+    pub fn pacs004(&self) -> clearhouse_iso20022::Pacs004 {
+        clearhouse_iso20022::Pacs004 {
+            message_id: format!("CH{:x}", now_ns()),
+            creation: clearhouse_iso20022::time::date_time(now_ns()),
+            settlement_method: "CLRG".into(),
+            return_id: Some(self.return_id.clone()),
+            original_message_id: None,
+            original_message_name: None,
+            original_instruction_id: Some(self.original_instruction_id.clone()),
+            original_end_to_end_id: Some(self.original_end_to_end_id.clone()),
+            original_transaction_id: None,
+            original_uetr: Some(self.original_uetr.clone()),
+            returned_amount: self.amount.clone(),
+            currency: self.currency.clone(),
+            settlement_date: Some(clearhouse_iso20022::time::date(self.settled_at_ns)),
+            charge_bearer: Some("SLEV".into()),
+            reason: Some(self.reason.clone()),
         }
     }
 }
@@ -2467,13 +2492,16 @@ impl Switch {
         }
         let view = ReturnView::of(&record);
         tracing::info!(payment = %format!("{payment_key:032x}"), reason = %record.reason, "payment returned");
+        // Both agents hear of it in JSON and as a pacs.004 (for a recall: the pacs.004 step).
+        let mut notice = view.clone();
+        notice.pacs_004 = Some(view.pacs004().to_xml());
         self.notify(
             &record.receiving_agent,
-            Notification::Return(Box::new(view.clone())),
+            Notification::Return(Box::new(notice.clone())),
         );
         self.notify(
             &record.returning_agent,
-            Notification::Return(Box::new(view.clone())),
+            Notification::Return(Box::new(notice)),
         );
         Ok(view)
     }
@@ -2588,7 +2616,7 @@ impl Switch {
                 tokio::time::sleep(Duration::from_secs(wait.max(1))).await;
                 last = now();
                 if let Err(error) = switch.close_window(&Caller::Operator, true).await {
-                    tracing::error!(%error, "scheduled window close failed");
+                    tracing::warn!(%error, "scheduled window close failed; tried again at the next scheduled time");
                 }
             }
         });

@@ -143,6 +143,25 @@ fn recalls_return_the_money_when_accepted_and_nothing_when_rejected() {
         assert_eq!(status, 200, "{resolved}");
         assert_eq!(resolved["recall"]["state"], "accepted");
         assert_eq!(resolved["return"]["amount"], "30.00");
+        // What the agents are notified with: the return as a pacs.004, valid per the XSD.
+        let view: clearhouse_switch::switch::ReturnView =
+            serde_json::from_value(resolved["return"].clone()).unwrap();
+        let pacs004 = dir.path().join("return.pacs004.xml");
+        std::fs::write(&pacs004, view.pacs004().to_xml()).unwrap();
+        let lint = std::process::Command::new("xmllint")
+            .args(["--noout", "--schema"])
+            .arg(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../../shared/iso20022/xsd/pacs.004.001.09.xsd"),
+            )
+            .arg(&pacs004)
+            .output()
+            .expect("xmllint");
+        assert!(
+            lint.status.success(),
+            "{}",
+            String::from_utf8_lossy(&lint.stderr)
+        );
         assert_eq!(available(&a, A).await, "100.00");
         assert_eq!(available(&b, B).await, "10.00");
         let recall_path = format!("/v1/recalls/{}", recall["recall_id"].as_str().unwrap());

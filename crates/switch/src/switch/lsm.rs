@@ -142,13 +142,13 @@ impl Switch {
                     ..Account::default()
                 }),
                 None => {
-                    tracing::error!(currency = %code, "liquidity-saving mode for an unknown currency")
+                    tracing::warn!(currency = %code, "liquidity-saving mode for an unknown currency")
                 }
             }
         }
         let node = self.node.clone();
         if let Err(error) = blocking(move || node.create_accounts(accounts)).await {
-            tracing::error!(%error, "cannot create the offsetting accounts; liquidity-saving mode is off");
+            tracing::warn!(%error, "cannot create the offsetting accounts; liquidity-saving mode is off");
             return;
         }
         let interval = Duration::from_millis(self.config.gridlock_interval_ms.max(1));
