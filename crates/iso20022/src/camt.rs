@@ -218,11 +218,17 @@ impl CashReport {
                     additional_info: opt(entry, "AddtlNtryInf"),
                 });
             }
+            let account_iban = opt(report, "Acct/Id/IBAN");
+            let account_other = opt(report, "Acct/Id/Othr/Id");
+            if account_iban.is_none() && account_other.is_none() {
+                // Found by fuzzing: the account's identification is mandatory (IBAN or Othr/Id).
+                return Err(missing(&format!("{at}/Acct/Id (IBAN or Othr/Id)")));
+            }
             reports.push(AccountReport {
                 id: text(report, "Id", &at)?,
                 created: opt(report, "CreDtTm"),
-                account_iban: opt(report, "Acct/Id/IBAN"),
-                account_other: opt(report, "Acct/Id/Othr/Id"),
+                account_iban,
+                account_other,
                 account_currency: opt(report, "Acct/Ccy"),
                 balances,
                 entries,
