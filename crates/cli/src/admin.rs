@@ -39,17 +39,20 @@ enum AdminCommand {
         currencies: Vec<String>,
     },
     /// Shows a participant.
-    Show {
-        bic: String,
-    },
+    ///
+    /// Example: clearhouse admin show BANKDEFF
+    Show { bic: String },
     /// Suspends a participant: its payments, in and out, are rejected (AG01) until resumed.
-    Suspend {
-        bic: String,
-    },
-    Resume {
-        bic: String,
-    },
+    ///
+    /// Example: clearhouse admin suspend BANKDEFF
+    Suspend { bic: String },
+    /// Resumes a suspended participant.
+    ///
+    /// Example: clearhouse admin resume BANKDEFF
+    Resume { bic: String },
     /// Changes limits of one currency.
+    ///
+    /// Example: clearhouse admin limits BANKDEFF --currency EUR --net-debit-cap 50000.00
     Limits {
         bic: String,
         #[arg(long)]
@@ -65,6 +68,8 @@ enum AdminCommand {
         allow_below_exposure: bool,
     },
     /// Moves liquidity in (from the settlement bank) or out; idempotent by --request-id.
+    ///
+    /// Example: clearhouse admin liquidity BANKDEFF --currency EUR --amount 1000.00 --request-id fund-1
     Liquidity {
         bic: String,
         #[arg(long)]
@@ -78,14 +83,16 @@ enum AdminCommand {
         out: bool,
     },
     /// Positions and available liquidity.
-    Positions {
-        bic: String,
-    },
+    ///
+    /// Example: clearhouse admin positions BANKDEFF
+    Positions { bic: String },
     /// A payment by id (32 hex digits).
-    Payment {
-        id: String,
-    },
+    ///
+    /// Example: clearhouse admin payment 0189f3c2a4d5e6f70000000000000010
+    Payment { id: String },
     /// Counters: submitted, settled, rejected by reason, in flight.
+    ///
+    /// Example: clearhouse admin stats
     Stats,
     /// Closes the open settlement window (exact cut-over, signed checkpoint, net positions) and
     /// settles it unless --no-settle.
@@ -96,10 +103,12 @@ enum AdminCommand {
         no_settle: bool,
     },
     /// Settles a closed window: fund adjustments as one linked batch, then reconciliation.
-    SettleWindow {
-        window: u64,
-    },
+    ///
+    /// Example: clearhouse admin settle-window 3
+    SettleWindow { window: u64 },
     /// The open window and the recent ones.
+    ///
+    /// Example: clearhouse admin windows
     Windows,
     /// One window's settlement report: json, csv, or svg (chart of net positions).
     ///
@@ -109,7 +118,9 @@ enum AdminCommand {
         #[arg(long, default_value = "json")]
         format: String,
     },
-    /// A participant's statement of a window (json or csv).
+    /// A participant's statement of a window: json, csv, camt053 or camt054.
+    ///
+    /// Example: clearhouse admin statement 3 --participant BANKDEFF --format camt053 > bank.xml
     Statement {
         window: u64,
         #[arg(long)]

@@ -32,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Prepares a fresh data directory: a commented configuration file and the operator key.
+    /// Prepares a fresh data directory: a commented configuration file, the operator key and the
+    /// Ed25519 key that signs window checkpoints.
     ///
     /// Example: clearhouse init --data-dir data && clearhouse serve --data-dir data --config data/switch.toml
     Init(init::InitArgs),
@@ -67,6 +68,8 @@ enum Command {
     /// Example: clearhouse export-vouchers --data-dir data --out vouchers.export
     ExportVouchers(clearing_cmd::ExportArgs),
     /// Simulated participant banks (creditor side) for the demo and the payments benchmark.
+    ///
+    /// Example: clearhouse sim-banks --banks banks.json --reject-per-10k 100
     SimBanks(payments::SimBanksArgs),
     /// Benchmarks that print figures (see BENCHMARKS.md).
     #[command(subcommand)]
