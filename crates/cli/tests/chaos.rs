@@ -1,0 +1,285 @@
+//! Process-level chaos: `clearhouse serve` under payment load (signed HTTP from 8 clients, real
+//! simulated banks in their own process) is killed with SIGKILL at random moments, 20 times, and
+//! restarted on the same data directory. Then: every payment a debtor agent was told is settled
+//! is still settled, every rejection keeps its reason, every payment the switch ever accepted
+//! reaches a final state, nothing stays reserved, the books balance, a window closes and
+//! reconciles clean, and `clearhouse verify` accepts the voucher chain.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clearhouse_switch::client::SignedClient;
+use serde_json::{json, Value};
+
+const ROUNDS: u32 = 20;
+const CLIENTS: u32 = 8;
+const BANKS: [&str; 3] = ["KILADEFF", "KILBDEFF", "KILCDEFF"];
+const FUNDING: &str = "1000000.00";
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str], data: Option<&Path>) -> (Killed, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_clearhouse"));
+    command
+        .args(args)
+        // Short deadlines, so payments caught by a kill end within the test.
+        .env("CLEARHOUSE_SETTLE_DEADLINE_MS", "1500")
+        .env("CLEARHOUSE_HARD_TIMEOUT_MS", "3000")
+        .env("CLEARHOUSE_SYNC_WAIT_MS", "4000");
+    if let Some(data) = data {
+        command.arg("--data-dir").arg(data);
+    }
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    (Killed(child), url)
+}
+
+fn secret(bic: &str) -> String {
+    hex::encode(format!("secret-of-{bic}-0123456789"))
+}
+
+fn client(url: &str, bic: &str) -> SignedClient {
+    SignedClient::new(url, &format!("{bic}-1"), hex::decode(secret(bic)).unwrap())
+}
+
+async fn call(
+    client: &SignedClient,
+    method: &str,
+    path: &str,
+    body: Value,
+) -> Option<(u16, Value)> {
+    let bytes = if body.is_null() {
+        vec![]
+    } else {
+        body.to_string().into_bytes()
+    };
+    let (status, answer) = client.request(method, path, &bytes).await.ok()?;
+    Some((
+        status,
+        serde_json::from_slice(&answer).unwrap_or(Value::Null),
+    ))
+}
+
+/// What the debtor agent was told about each instruction: (debtor, status, reason).
+type Told = Arc<Mutex<BTreeMap<String, (String, Option<(String, Option<String>)>)>>>;
+
+#[test]
+fn the_switch_survives_sigkill_under_load_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let banks_file = dir.path().join("banks.json");
+    std::fs::write(
+        &banks_file,
+        json!(BANKS
+            .iter()
+            .map(|b| json!({"bic": b, "secret_hex": secret(b)}))
+            .collect::<Vec<_>>())
+        .to_string(),
+    )
+    .unwrap();
+    let (_banks, banks_url) = spawn(
+        &[
+            "sim-banks",
+            "--reject-per-10k",
+            "100",
+            "--banks",
+            banks_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let operator = |url: &str| {
+        let text = std::fs::read_to_string(data.join("operator.key")).unwrap();
+        let mut parts = text.split_whitespace();
+        SignedClient::new(
+            url,
+            parts.next().unwrap(),
+            hex::decode(parts.next().unwrap()).unwrap(),
+        )
+    };
+    let (server, url) = spawn(&["serve", "--listen", "127.0.0.1:0"], Some(&data));
+    let mut server = Some(server);
+    runtime.block_on(async {
+        let op = operator(&url);
+        for bic in BANKS {
+            let (status, body) = call(&op, "POST", "/v1/admin/participants", json!({
+                "bic": bic, "name": format!("Bank {bic}"), "endpoint": format!("{banks_url}/bank/{bic}"),
+                "currencies": {"EUR": {"model": "prefunded"}}, "secret_hex": secret(bic),
+            })).await.unwrap();
+            assert_eq!(status, 201, "{body}");
+            let (status, _) = call(&op, "POST", &format!("/v1/admin/participants/{bic}/liquidity"), json!({
+                "request_id": "fund", "currency": "EUR", "amount": FUNDING, "direction": "in"})).await.unwrap();
+            assert_eq!(status, 200);
+        }
+    });
+    let told: Told = Arc::new(Mutex::new(BTreeMap::new()));
+    let mut url = url;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..ROUNDS {
+        let load: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let url = url.clone();
+                let told = told.clone();
+                runtime.spawn(async move {
+                    for n in 0.. {
+                        let debtor = BANKS[((c + n) % 3) as usize];
+                        let creditor = BANKS[((c + n + 1) % 3) as usize];
+                        let instruction = format!("K{round}-{c}-{n}");
+                        told.lock().unwrap().insert(instruction.clone(), (debtor.to_string(), None));
+                        let answer = call(&client(&url, debtor), "POST", "/v1/payments", json!({
+                            "instruction_id": instruction, "end_to_end_id": format!("E2E-{instruction}"),
+                            "debtor_agent": debtor, "creditor_agent": creditor, "amount": "1.00", "currency": "EUR",
+                            "debtor": {"name": "Alice", "account": "DE89370400440532013000"},
+                            "creditor": {"name": "Bob", "account": "FR1420041010050500013M02606"},
+                        })).await;
+                        match answer {
+                            Some((200, body)) if body["status"] != "PDNG" => {
+                                told.lock().unwrap().insert(instruction, (debtor.to_string(), Some((
+                                    body["status"].as_str().unwrap().to_string(),
+                                    body["reason"].as_str().map(str::to_string),
+                                ))));
+                            }
+                            // The switch died under the request, or it answered "still pending".
+                            _ => {}
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(150 + next() % 350));
+        drop(server.take()); // SIGKILL
+        for task in load {
+            task.abort();
+        }
+        let (restarted, new_url) = spawn(&["serve", "--listen", "127.0.0.1:0"], Some(&data));
+        server = Some(restarted);
+        url = new_url;
+    }
+    // Past the hard timeout: every payment caught by a kill has ended.
+    std::thread::sleep(Duration::from_millis(3_500));
+    let told = told.lock().unwrap().clone();
+    let settled_told = told
+        .values()
+        .filter(|(_, t)| matches!(t, Some((s, _)) if s == "ACSC"))
+        .count();
+    assert!(
+        settled_told > 100,
+        "the load settled only {settled_told} payments"
+    );
+    runtime.block_on(async {
+        let op = operator(&url);
+        let mut settled_now = 0usize;
+        for (instruction, (debtor, was_told)) in &told {
+            let (status, now) = call(
+                &client(&url, debtor),
+                "GET",
+                &format!("/v1/payments?instruction_id={instruction}"),
+                Value::Null,
+            )
+            .await
+            .unwrap();
+            if now["status"] == "ACSC" {
+                settled_now += 1;
+            }
+            match was_told {
+                Some((state, reason)) => {
+                    assert_eq!(
+                        status, 200,
+                        "{instruction} was answered {state} but is now {now}"
+                    );
+                    assert_eq!(
+                        now["status"].as_str(),
+                        Some(state.as_str()),
+                        "{instruction}: {now}"
+                    );
+                    assert_eq!(
+                        now["reason"].as_str(),
+                        reason.as_deref(),
+                        "{instruction}: {now}"
+                    );
+                }
+                None => {
+                    // Never answered: never accepted (404), or accepted and final by now.
+                    assert!(
+                        status == 404 || (status == 200 && now["status"] != "PDNG"),
+                        "{instruction}: {status} {now}"
+                    );
+                }
+            }
+        }
+        // Nothing reserved, and the books balance.
+        let mut total: i128 = 0;
+        for bic in BANKS {
+            let (_, positions) = call(
+                &op,
+                "GET",
+                &format!("/v1/participants/{bic}/positions"),
+                Value::Null,
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                positions[0]["reserved_outgoing"], "0.00",
+                "{bic}: {positions}"
+            );
+            let balance: String = positions[0]["balance"].as_str().unwrap().replace('.', "");
+            total += balance.parse::<i128>().unwrap();
+        }
+        assert_eq!(total, 3 * 100_000_000, "positions sum to what was funded");
+        let (status, window) = call(&op, "POST", "/v1/admin/windows/close", Value::Null)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{window}");
+        assert_eq!(window["breaks"], json!([]), "{window}");
+        // Exactly the payments settled now, each once, across 20 kills and restarts.
+        assert_eq!(
+            window["plan"]["figures"][0]["transfers"].as_u64().unwrap() as usize,
+            settled_now,
+            "window 1 holds every settled payment exactly once"
+        );
+    });
+    drop(server.take());
+    let verify = Command::new(env!("CARGO_BIN_EXE_clearhouse"))
+        .args(["verify", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
