@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clearhouse_clearing::event::VoucherEvent;
 use clearhouse_clearing::export::verify_export;
-use clearhouse_engine::{Node, NodeOptions, RecordPut};
+use clearhouse_engine::{Node, RecordPut};
 use clearhouse_ledger::Transfer;
 use clearhouse_switch::model::{position_account, TRANSFER_CODE_PAYMENT};
 use clearhouse_switch::switch::{OnboardRequest, TermsRequest};
@@ -44,21 +44,7 @@ impl Progress {
             return;
         }
         self.last = Instant::now();
-        let width = 30u64;
-        let filled = (done.min(self.total) * width)
-            .checked_div(self.total)
-            .unwrap_or(0) as usize;
-        let percent = (done.min(self.total) * 100)
-            .checked_div(self.total)
-            .unwrap_or(0);
-        eprint!(
-            "\r{} [{}{}] {percent:>3}% {done} / {} {}",
-            self.label,
-            "#".repeat(filled),
-            " ".repeat(width as usize - filled),
-            self.total,
-            self.unit
-        );
+        draw_bar(self.label, done, self.total, self.unit);
     }
 
     fn finish(&mut self) {
@@ -70,19 +56,25 @@ impl Progress {
     }
 }
 
+/// One line of a progress bar on stderr, rewritten in place.
+fn draw_bar(label: &str, done: u64, total: u64, unit: &str) {
+    let width = 30u64;
+    let done = done.min(total);
+    let filled = ((done * width).checked_div(total).unwrap_or(0)) as usize;
+    let percent = (done * 100).checked_div(total).unwrap_or(0);
+    eprint!(
+        "\r{label} [{}{}] {percent:>3}% {done} / {total} {unit}",
+        "#".repeat(filled),
+        " ".repeat(width as usize - filled),
+    );
+}
+
 /// A progress bar for the engine's recovery (journal replay), on stderr when it is a terminal.
 pub fn recovery_progress(done: u64, total: u64) {
     if !std::io::stderr().is_terminal() || total == 0 {
         return;
     }
-    let width = 30u64;
-    let filled = (done.min(total) * width / total) as usize;
-    eprint!(
-        "\rrecovery [{}{}] {:>3}% {done} / {total} journal records",
-        "#".repeat(filled),
-        " ".repeat(width as usize - filled),
-        done.min(total) * 100 / total
-    );
+    draw_bar("recovery", done, total, "journal records");
     if done >= total {
         eprintln!();
     }
@@ -112,17 +104,6 @@ fn parse_key(hex_text: &str) -> anyhow::Result<VerifyingKey> {
         .and_then(|b| b.try_into().ok())
         .context("a public key is 64 hex digits")?;
     VerifyingKey::from_bytes(&bytes).context("not an Ed25519 public key")
-}
-
-fn node_options(data_dir: &Path) -> NodeOptions {
-    let mut options = NodeOptions::new(data_dir.join("ledger"));
-    options.recovery_progress = Some(recovery_progress);
-    options.group_requests_max = 256;
-    options.request_queue_max = 8192;
-    options.index_transaction_interval_min = Duration::from_millis(50);
-    options.index_jobs_per_transaction_max = 256;
-    options.index_queue_max = 256;
-    options
 }
 
 /// Exit codes: 0 the chain and every checkpoint hold; 1 they do not (the message names the first
@@ -156,7 +137,8 @@ fn verify_inner(args: VerifyArgs) -> anyhow::Result<()> {
                 eprintln!("clearhouse verify: {} has no ledger", dir.display());
                 std::process::exit(2);
             }
-            let node = Node::start(node_options(dir)).context("opening the data directory")?;
+            let node = Node::start(crate::payments::switch_node_options(dir))
+                .context("opening the data directory")?;
             let mut progress = Progress::new("verify", 0, "vouchers");
             let key = trusted.expect("a data directory has its key");
             let result = clearhouse_switch::clearing::verify_data_dir(&node, &key, |done| {
@@ -222,7 +204,8 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
         &std::fs::read_to_string(&key_path)
             .with_context(|| format!("reading {}", key_path.display()))?,
     )?;
-    let node = Node::start(node_options(&args.data_dir)).context("opening the data directory")?;
+    let node = Node::start(crate::payments::switch_node_options(&args.data_dir))
+        .context("opening the data directory")?;
     let file = std::fs::File::create(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut progress = Progress::new("export", 0, "vouchers");
@@ -297,7 +280,8 @@ pub fn bench(args: ClearingBenchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let report = runtime.block_on(async {
-        let node = Node::start(node_options(&dir)).context("starting the node")?;
+        let node =
+            Node::start(crate::payments::switch_node_options(&dir)).context("starting the node")?;
         let switch = Switch::start(node.clone(), SwitchConfig::default(), &dir)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -515,11 +499,11 @@ pub fn bench(args: ClearingBenchArgs) -> anyhow::Result<()> {
         println!("{report}");
     } else {
         println!(
-            "C1: {} payments over {} participants (loaded in {:.1} s)\n  close {:.1} ms + settle {:.1} ms = {:.1} ms ({} instructions, netting efficiency {:.2}%)\n  index catch-up after the load {:.0} ms, reconcile {:.0} ms ({} breaks)\n  statements {:.0} ms ({} statements, {} entries)\n  export {:.0} ms, verify {:.0} ms ({} vouchers), verify in place {:.0} ms\n  machine: {}",
+            "C1: {} payments over {} participants (loaded in {:.1} s)\n  close {:.1} ms + settle {:.1} ms = {:.1} ms ({} instructions, netting efficiency {})\n  index catch-up after the load {:.0} ms, reconcile {:.0} ms ({} breaks)\n  statements {:.0} ms ({} statements, {} entries)\n  export {:.0} ms, verify {:.0} ms ({} vouchers), verify in place {:.0} ms\n  machine: {}",
             report["payments"], report["participants"], report["load_seconds"].as_f64().unwrap_or(0.0),
             report["close_ms"].as_f64().unwrap_or(0.0), report["settle_ms"].as_f64().unwrap_or(0.0),
             report["close_and_settle_ms"].as_f64().unwrap_or(0.0), report["instructions"],
-            report["netting_efficiency_bp"].as_f64().unwrap_or(0.0) / 100.0,
+            crate::payments::percent_of_bp(report["netting_efficiency_bp"].as_u64().unwrap_or(0)),
             report["index_catch_up_ms"].as_f64().unwrap_or(0.0),
             report["reconcile_ms"].as_f64().unwrap_or(0.0), report["breaks"],
             report["statements_ms"].as_f64().unwrap_or(0.0), report["statements"], report["statement_entries"],

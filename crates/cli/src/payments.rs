@@ -32,6 +32,19 @@ pub struct ServeArgs {
     listen: Option<String>,
 }
 
+/// The node under the switch (serve, and the CLI commands that open a switch's data directory):
+/// payments arrive as many small groups, so the index takes them in fewer, larger transactions.
+pub(crate) fn switch_node_options(data_dir: &Path) -> NodeOptions {
+    let mut options = NodeOptions::new(data_dir.join("ledger"));
+    options.recovery_progress = Some(crate::clearing_cmd::recovery_progress);
+    options.group_requests_max = 256;
+    options.request_queue_max = 8192;
+    options.index_transaction_interval_min = Duration::from_millis(50);
+    options.index_jobs_per_transaction_max = 256;
+    options.index_queue_max = 256;
+    options
+}
+
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The file (if any), then CLEARHOUSE_<FIELD> environment overrides, then --listen.
     let text = match &args.config {
@@ -49,15 +62,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         std::fs::create_dir_all(&args.data_dir)?;
-        let mut options = NodeOptions::new(args.data_dir.join("ledger"));
-        options.recovery_progress = Some(crate::clearing_cmd::recovery_progress);
-        options.group_requests_max = 256;
-        options.request_queue_max = 8192;
-        // Payments arrive as many small groups: index them in fewer, larger transactions.
-        options.index_transaction_interval_min = Duration::from_millis(50);
-        options.index_jobs_per_transaction_max = 256;
-        options.index_queue_max = 256;
-        let node = Node::start(options).context("starting the ledger node")?;
+        let node = Node::start(switch_node_options(&args.data_dir))
+            .context("starting the ledger node")?;
         let switch = Switch::start(node, config.clone(), &args.data_dir)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -251,17 +257,22 @@ fn print_report(r: &Value) {
     println!("  switch counters: {}", r["switch_stats"]);
     let w = &r["window"];
     println!(
-        "  clearing: window {} {} in {:.0} ms: {} payments, gross {} net {} (minor units; netting efficiency {:.2} %), chain head signed at voucher {}, reconciliation breaks: {}",
+        "  clearing: window {} {} in {:.0} ms: {} payments, gross {} net {} (minor units; netting efficiency {}), chain head signed at voucher {}, reconciliation breaks: {}",
         w["window"],
         w["state"].as_str().unwrap_or("?"),
         w["close_settle_reconcile_ms"].as_f64().unwrap_or(0.0),
         w["transfers"],
         w["gross"].as_str().unwrap_or("?"),
         w["net"].as_str().unwrap_or("?"),
-        w["netting_efficiency_bp"].as_f64().unwrap_or(0.0) / 100.0,
+        percent_of_bp(w["netting_efficiency_bp"].as_u64().unwrap_or(0)),
         w["checkpoint_voucher"],
         w["reconciliation_breaks"]
     );
+}
+
+/// Basis points as a percentage with two decimals, in integers: 9940 -> "99.40 %".
+pub(crate) fn percent_of_bp(bp: u64) -> String {
+    format!("{}.{:02} %", bp / 100, bp % 100)
 }
 
 /// A child process that prints `listening on URL` first.

@@ -6,59 +6,26 @@
 //! reconciles clean, and `clearhouse verify` accepts the voucher chain.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clearhouse_switch::client::SignedClient;
 use serde_json::{json, Value};
 
+mod common;
+use common::*;
+
 const ROUNDS: u32 = 20;
 const CLIENTS: u32 = 8;
 const BANKS: [&str; 3] = ["KILADEFF", "KILBDEFF", "KILCDEFF"];
 const FUNDING: &str = "1000000.00";
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str], data: Option<&Path>) -> (Killed, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_clearhouse"));
-    command
-        .args(args)
-        // Short deadlines, so payments caught by a kill end within the test.
-        .env("CLEARHOUSE_SETTLE_DEADLINE_MS", "1500")
-        .env("CLEARHOUSE_HARD_TIMEOUT_MS", "3000")
-        .env("CLEARHOUSE_SYNC_WAIT_MS", "4000");
-    if let Some(data) = data {
-        command.arg("--data-dir").arg(data);
-    }
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("{line}"))
-        .to_string();
-    (Killed(child), url)
-}
-
-fn secret(bic: &str) -> String {
-    hex::encode(format!("secret-of-{bic}-0123456789"))
-}
+/// Short deadlines, so payments caught by a kill end within the test.
+const DEADLINES: &[(&str, &str)] = &[
+    ("CLEARHOUSE_SETTLE_DEADLINE_MS", "1500"),
+    ("CLEARHOUSE_HARD_TIMEOUT_MS", "3000"),
+    ("CLEARHOUSE_SYNC_WAIT_MS", "4000"),
+];
 
 fn client(url: &str, bic: &str) -> SignedClient {
     SignedClient::new(url, &format!("{bic}-1"), hex::decode(secret(bic)).unwrap())
@@ -108,6 +75,7 @@ fn the_switch_survives_sigkill_under_load_and_loses_nothing() {
             banks_file.to_str().unwrap(),
         ],
         None,
+        DEADLINES,
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -123,7 +91,11 @@ fn the_switch_survives_sigkill_under_load_and_loses_nothing() {
             hex::decode(parts.next().unwrap()).unwrap(),
         )
     };
-    let (server, url) = spawn(&["serve", "--listen", "127.0.0.1:0"], Some(&data));
+    let (server, url) = spawn(
+        &["serve", "--listen", "127.0.0.1:0"],
+        Some(&data),
+        DEADLINES,
+    );
     let mut server = Some(server);
     runtime.block_on(async {
         let op = operator(&url);
@@ -183,7 +155,11 @@ fn the_switch_survives_sigkill_under_load_and_loses_nothing() {
         for task in load {
             task.abort();
         }
-        let (restarted, new_url) = spawn(&["serve", "--listen", "127.0.0.1:0"], Some(&data));
+        let (restarted, new_url) = spawn(
+            &["serve", "--listen", "127.0.0.1:0"],
+            Some(&data),
+            DEADLINES,
+        );
         server = Some(restarted);
         url = new_url;
     }

@@ -2,56 +2,23 @@
 //! switch's own camt.053 statement reconciles clean (exit 0); a changed amount, a dropped line
 //! and a line the switch never saw are each reported (exit 1).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use clearhouse_switch::client::SignedClient;
 use serde_json::{json, Value};
 
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str], data: Option<&Path>) -> (Killed, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_clearhouse"));
-    command.args(args);
-    if let Some(data) = data {
-        command.arg("--data-dir").arg(data);
-    }
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
-    (Killed(child), url)
-}
+mod common;
+use common::*;
 
 const A: &str = "AAAADEFF";
 const B: &str = "BBBBDEFF";
-
-fn secret(bic: &str) -> String {
-    hex::encode(format!("secret-of-{bic}-0123456789"))
-}
 
 #[test]
 fn statements_reconcile_clean_and_differences_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (_server, url) = spawn(&["serve", "--listen", "127.0.0.1:0"], Some(&data));
+    let (_server, url) = spawn(&["serve", "--listen", "127.0.0.1:0"], Some(&data), &[]);
     let banks_file = dir.path().join("banks.json");
     std::fs::write(
         &banks_file,
@@ -68,6 +35,7 @@ fn statements_reconcile_clean_and_differences_are_reported() {
             banks_file.to_str().unwrap(),
         ],
         None,
+        &[],
     );
     let key_text = std::fs::read_to_string(data.join("operator.key")).unwrap();
     let mut parts = key_text.split_whitespace();

@@ -116,6 +116,37 @@ fn original_group(ns: &str, o: &Original) -> Option<Element> {
     )
 }
 
+/// The reason block both messages share (Rsn/Cd and AddtlInf), when there is anything in it.
+fn reason_element(
+    ns: &str,
+    name: &str,
+    code: &Option<String>,
+    additional_info: &[String],
+) -> Option<Element> {
+    if code.is_none() && additional_info.is_empty() {
+        return None;
+    }
+    let mut reason = Element::new(ns, name);
+    if let Some(code) = code {
+        reason = reason.child(Element::new(ns, "Rsn").leaf("Cd", code.as_str()));
+    }
+    for info in additional_info {
+        reason = reason.leaf("AddtlInf", info.as_str());
+    }
+    Some(reason)
+}
+
+/// The reason block's code and additional information, as read.
+fn read_reason(tx: &Element, name: &str) -> (Option<String>, Vec<String>) {
+    match tx.get(name) {
+        Some(r) => (
+            opt(r, "Rsn/Cd"),
+            r.all("AddtlInf").map(|e| e.text.clone()).collect(),
+        ),
+        None => (None, Vec::new()),
+    }
+}
+
 fn read_original(tx: &Element) -> Original {
     Original {
         message_id: opt(tx, "OrgnlGrpInf/OrgnlMsgId"),
@@ -168,16 +199,14 @@ impl Camt056 {
                 amount.attr_value("Ccy").unwrap_or_default().to_string(),
             )
         });
-        let reasons = tx.get("CxlRsnInf");
+        let (reason, additional_info) = read_reason(tx, "CxlRsnInf");
         Ok(Camt056 {
             assignment,
             cancellation_id: opt(tx, "CxlId"),
             original: read_original(tx),
             original_amount,
-            reason: reasons.and_then(|r| opt(r, "Rsn/Cd")),
-            additional_info: reasons
-                .map(|r| r.all("AddtlInf").map(|e| e.text.clone()).collect())
-                .unwrap_or_default(),
+            reason,
+            additional_info,
         })
     }
 
@@ -200,14 +229,7 @@ impl Camt056 {
                     .with_text(amount),
             );
         }
-        if self.reason.is_some() || !self.additional_info.is_empty() {
-            let mut reason = Element::new(ns, "CxlRsnInf");
-            if let Some(code) = &self.reason {
-                reason = reason.child(Element::new(ns, "Rsn").leaf("Cd", code.as_str()));
-            }
-            for info in &self.additional_info {
-                reason = reason.leaf("AddtlInf", info.as_str());
-            }
+        if let Some(reason) = reason_element(ns, "CxlRsnInf", &self.reason, &self.additional_info) {
             tx = tx.child(reason);
         }
         let mut body =
@@ -235,17 +257,15 @@ impl Camt029 {
         let confirmation = req(body, "Sts/Conf", at)?;
         let details = only_one(body, "CxlDtls", at)?;
         let tx = only_one(details, "TxInfAndSts", &format!("{at}/CxlDtls"))?;
-        let reasons = tx.get("CxlStsRsnInf");
+        let (reason, additional_info) = read_reason(tx, "CxlStsRsnInf");
         Ok(Camt029 {
             assignment,
             confirmation,
             cancellation_status_id: opt(tx, "CxlStsId"),
             original: read_original(tx),
             status: opt(tx, "TxCxlSts"),
-            reason: reasons.and_then(|r| opt(r, "Rsn/Cd")),
-            additional_info: reasons
-                .map(|r| r.all("AddtlInf").map(|e| e.text.clone()).collect())
-                .unwrap_or_default(),
+            reason,
+            additional_info,
         })
     }
 
@@ -264,14 +284,9 @@ impl Camt029 {
             .leaf_opt("OrgnlTxId", o.transaction_id.as_deref())
             .leaf_opt("OrgnlUETR", o.uetr.as_deref())
             .leaf_opt("TxCxlSts", self.status.as_deref());
-        if self.reason.is_some() || !self.additional_info.is_empty() {
-            let mut reason = Element::new(ns, "CxlStsRsnInf");
-            if let Some(code) = &self.reason {
-                reason = reason.child(Element::new(ns, "Rsn").leaf("Cd", code.as_str()));
-            }
-            for info in &self.additional_info {
-                reason = reason.leaf("AddtlInf", info.as_str());
-            }
+        if let Some(reason) =
+            reason_element(ns, "CxlStsRsnInf", &self.reason, &self.additional_info)
+        {
             tx = tx.child(reason);
         }
         let mut body =

@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use crate::model::*;
 use crate::money::currency;
-use crate::switch::{blocking, now_ns, write_private, ApiError};
+use crate::switch::{blocking, engine_submit, now_ns, write_private, ApiError};
 
 /// Vouchers read per index query when scanning the chain.
 const VOUCHER_PAGE: usize = 8_192;
@@ -192,7 +192,7 @@ impl Clearing {
                     window: 1,
                     opened_at_ns: now_ns(),
                 };
-                put_records(&node, vec![], vec![plain(state_key(), &state)]).await?;
+                engine_submit(&node, vec![], vec![plain(state_key(), &state)]).await?;
                 state
             }
         };
@@ -473,7 +473,7 @@ impl Clearing {
             );
         }
         records.push(window_record);
-        let outcome = put_records(&self.node, transfers, records).await?;
+        let outcome = engine_submit(&self.node, transfers, records).await?;
         if outcome.written.last() == Some(&true) {
             self.remember(WindowRecord {
                 report: report.clone(),
@@ -541,11 +541,16 @@ impl Clearing {
     }
 
     /// The most recent windows, newest first (the open one included).
-    pub async fn list(&self, models: &SettlementModels) -> Result<Vec<WindowReport>, ApiError> {
+    pub async fn list(
+        &self,
+        models: &SettlementModels,
+        limit: u64,
+    ) -> Result<Vec<WindowReport>, ApiError> {
         let (open, _) = self.open_window();
         let mut out = vec![self.preview(models)?];
         let mut window = open - 1;
-        while window >= 1 && (out.len() as u64) < WINDOWS_LISTED_MAX {
+        let limit = limit.clamp(1, WINDOWS_LISTED_MAX);
+        while window >= 1 && (out.len() as u64) < limit {
             let mut report = self.report(window, models).await?;
             report.plan = report.plan.map(|mut plan| {
                 plan.positions.clear();
@@ -853,7 +858,7 @@ impl Clearing {
             closed_seq,
             plan_chunks,
         };
-        put_records(&self.node, vec![], vec![plain(window_key(window), &record)]).await?;
+        engine_submit(&self.node, vec![], vec![plain(window_key(window), &record)]).await?;
         self.remember(WindowRecord {
             report: report.clone(),
             closed_seq,
@@ -916,14 +921,6 @@ fn plain<T: Serialize>(key: u128, value: &T) -> RecordPut {
         value: serde_json::to_vec(value).expect("clearing records serialize"),
         ..RecordPut::default()
     }
-}
-
-async fn put_records(
-    node: &Node,
-    transfers: Vec<Transfer>,
-    records: Vec<RecordPut>,
-) -> Result<SubmitOutcome, EngineError> {
-    submit_then(node, transfers, records, |_| {}).await
 }
 
 async fn read_json<T: serde::de::DeserializeOwned + Send + 'static>(

@@ -802,7 +802,15 @@ async fn list_windows(
         uri,
         headers,
         body,
-        |state, caller, _| async move { Ok(ok(StatusCode::OK, &state.switch.windows(&caller).await?)) },
+        |state, caller, _| async move {
+            Ok(ok(
+                StatusCode::OK,
+                &state
+                    .switch
+                    .windows(&caller, crate::clearing::WINDOWS_LISTED_MAX)
+                    .await?,
+            ))
+        },
     )
     .await
 }

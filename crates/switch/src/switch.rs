@@ -584,20 +584,12 @@ pub struct Switch {
 }
 
 /// Submits to the engine and waits without blocking the runtime.
-async fn engine_submit(
+pub(crate) async fn engine_submit(
     node: &Node,
     transfers: Vec<Transfer>,
     records: Vec<RecordPut>,
 ) -> Result<SubmitOutcome, EngineError> {
-    let (sender, receiver) = oneshot::channel();
-    node.submit_with(transfers, records, move |result| {
-        let _ = sender.send(result);
-    })?;
-    receiver.await.unwrap_or_else(|_| {
-        Err(EngineError::Stopped {
-            reason: "the engine dropped the request".into(),
-        })
-    })
+    submit_then(node, transfers, records, |_| {}).await
 }
 
 /// Runs a blocking engine call (lookups, index reads) off the async threads.
@@ -770,9 +762,12 @@ impl Switch {
                 let labels = format!("participant=\"{bic}\",currency=\"{code}\"");
                 let left = available(&account);
                 available_samples.push((labels.clone(), left.to_string()));
-                if *cap > 0 {
-                    let used = (*cap - left.min(*cap)) as f64 / *cap as f64;
-                    used_samples.push((labels, format!("{used:.4}")));
+                if let Some(used_bp) = cap_used_bp(*cap, &account) {
+                    // A ratio for Prometheus, written from integer basis points.
+                    used_samples.push((
+                        labels,
+                        format!("{}.{:04}", used_bp / 10_000, used_bp % 10_000),
+                    ));
                 }
             }
             let available_refs: Vec<(&str, &str)> = available_samples
@@ -2299,7 +2294,9 @@ impl Switch {
             self.notify(&record.debtor_agent, Notification::Payment(Box::new(view)));
         }
         self.release(record.id(), &record.debtor_agent);
-        if record.state == PaymentState::Settled || record.queued {
+        if (record.state == PaymentState::Settled || record.queued)
+            && !self.config.liquidity_saving_currencies.is_empty()
+        {
             // Liquidity moved (or a queued payment left the queue): try the queue again.
             self.lsm.wake.notify_one();
         }
@@ -2573,9 +2570,14 @@ impl Switch {
         Ok(statements)
     }
 
-    pub async fn windows(&self, caller: &Caller) -> Result<Vec<WindowReport>, ApiError> {
+    /// The open window and the `limit - 1` most recent closed ones.
+    pub async fn windows(
+        &self,
+        caller: &Caller,
+        limit: u64,
+    ) -> Result<Vec<WindowReport>, ApiError> {
         let models = crate::clearing::settlement_models(&self.participants());
-        let reports = self.clearing.list(&models).await?;
+        let reports = self.clearing.list(&models, limit).await?;
         Ok(match caller {
             Caller::Operator => reports,
             Caller::Participant(bic) => reports
@@ -2715,6 +2717,15 @@ fn available(account: &Account) -> u128 {
         .credits_posted
         .saturating_sub(account.debits_posted)
         .saturating_sub(account.debits_pending)
+}
+
+/// Share of a net debit cap in use, basis points: the cap minus what is left of it (None without
+/// a cap).
+fn cap_used_bp(net_debit_cap: u128, account: &Account) -> Option<u128> {
+    let left = available(account).min(net_debit_cap);
+    (net_debit_cap - left)
+        .saturating_mul(10_000)
+        .checked_div(net_debit_cap)
 }
 
 fn position_view(code: &str, terms: &CurrencyTerms, account: &Account) -> PositionView {

@@ -83,14 +83,7 @@ impl Switch {
                     .get(&position_account(&p.bic, code))
                     .copied()
                     .unwrap_or_default();
-                let cap_used_bp = if terms.net_debit_cap == 0 {
-                    0
-                } else {
-                    // Used = the cap minus what is left of it (never below zero).
-                    let left = available(&account).min(terms.net_debit_cap);
-                    ((terms.net_debit_cap - left).saturating_mul(10_000) / terms.net_debit_cap)
-                        as u32
-                };
+                let cap_used_bp = cap_used_bp(terms.net_debit_cap, &account).unwrap_or(0) as u32;
                 rows.push(DashboardParticipant {
                     bic: p.bic.clone(),
                     status: p.status,
@@ -128,9 +121,9 @@ impl Switch {
         let window = self
             .window_report(caller, self.clearing.open_window().0)
             .await?;
-        let mut windows = self.windows(caller).await?;
+        // The open window comes first in the list: the 5 closed ones after it.
+        let mut windows = self.windows(caller, 6).await?;
         windows.retain(|w| w.window != window.window);
-        windows.truncate(5);
         let (buckets, count, sum_micros) = self.latency.end_to_end.snapshot();
         Ok(DashboardView {
             viewer: match caller {
