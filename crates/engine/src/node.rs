@@ -62,6 +62,9 @@ pub struct NodeOptions {
     /// Called during recovery with (journal records replayed, records to replay), every 1,024
     /// records and at the end: for progress bars.
     pub recovery_progress: Option<fn(u64, u64)>,
+    /// A simulated clock (ns since the Unix epoch) the engine reads instead of the system clock:
+    /// the deterministic simulator moves it. `None` in production.
+    pub clock: Option<Arc<AtomicU64>>,
 }
 
 impl NodeOptions {
@@ -80,6 +83,7 @@ impl NodeOptions {
             pulse_interval: Duration::from_millis(100),
             disk_free_min_bytes: 256 * 1024 * 1024,
             recovery_progress: None,
+            clock: None,
         }
     }
 }
@@ -961,7 +965,10 @@ impl Engine {
         }
         let mut answered: Vec<Pending> = Vec::with_capacity(group.len());
         let seq_before = self.journal.next_seq();
-        let now = now_ns();
+        let now = match &self.options.clock {
+            Some(clock) => clock.load(Ordering::SeqCst),
+            None => now_ns(),
+        };
         if self.ledger.next_expiry().is_some_and(|at| at <= now)
             && self.journal.reserve(codec::PAYLOAD_HEADER_SIZE).is_ok()
         {

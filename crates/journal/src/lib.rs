@@ -84,13 +84,66 @@ pub struct Record {
 #[derive(Clone, Debug)]
 pub struct JournalOptions {
     pub segment_size: u64,
+    /// Storage faults injected by the deterministic simulator; `None` in production.
+    pub faults: Option<std::sync::Arc<StorageFaults>>,
 }
 
 impl Default for JournalOptions {
     fn default() -> Self {
         JournalOptions {
             segment_size: SEGMENT_SIZE_DEFAULT,
+            faults: None,
         }
+    }
+}
+
+/// A simulated power loss for the deterministic simulator: once armed, the next write of a group
+/// puts only its first `keep_bytes` bytes on disk (0: the unsynced data is lost; fewer than the
+/// group: a torn write; all: it reached the disk but was never acknowledged), is never synced,
+/// and the journal is dead from then on (as the process would be).
+#[derive(Debug, Default)]
+pub struct StorageFaults {
+    armed: std::sync::atomic::AtomicBool,
+    keep_bytes: std::sync::atomic::AtomicU64,
+    tripped: std::sync::atomic::AtomicBool,
+    written: std::sync::atomic::AtomicU64,
+    length: std::sync::atomic::AtomicU64,
+}
+
+impl StorageFaults {
+    pub fn arm_power_loss(&self, keep_bytes: u64) {
+        use std::sync::atomic::Ordering;
+        self.keep_bytes.store(keep_bytes, Ordering::SeqCst);
+        self.tripped.store(false, Ordering::SeqCst);
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the armed power loss happened.
+    pub fn tripped(&self) -> bool {
+        self.tripped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Bytes of the failed write that reached the disk, and the write's length.
+    pub fn written(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.written.load(Ordering::SeqCst),
+            self.length.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Applies the armed fault to a write of `buffer` at `offset`: `None` when not armed.
+    fn intercept(&self, file: &File, offset: u64, buffer: &[u8]) -> Option<std::io::Error> {
+        use std::sync::atomic::Ordering;
+        if !self.armed.swap(false, Ordering::SeqCst) {
+            return None;
+        }
+        let keep = (self.keep_bytes.load(Ordering::SeqCst) as usize).min(buffer.len());
+        let _ = file.write_all_at(&buffer[..keep], offset);
+        self.written.store(keep as u64, Ordering::SeqCst);
+        self.length.store(buffer.len() as u64, Ordering::SeqCst);
+        self.tripped.store(true, Ordering::SeqCst);
+        Some(std::io::Error::other("simulated power loss"))
     }
 }
 
@@ -599,6 +652,19 @@ impl Journal {
             .file
             .as_ref()
             .expect("a segment is open when records are buffered");
+        let injected = self
+            .options
+            .faults
+            .as_ref()
+            .and_then(|faults| faults.intercept(file, self.write_offset, &self.buffer));
+        if let Some(error) = injected {
+            self.poisoned = true;
+            return Err(JournalError::Io {
+                operation: "write",
+                path: self.path.clone(),
+                source: error,
+            });
+        }
         if let Err(error) = file.write_all_at(&self.buffer, self.write_offset) {
             self.poisoned = true;
             return Err(JournalError::Io {
@@ -692,6 +758,7 @@ mod tests {
     fn options() -> JournalOptions {
         JournalOptions {
             segment_size: SEGMENT_SIZE_MIN + 4096,
+            faults: None,
         }
     }
 

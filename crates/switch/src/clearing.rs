@@ -33,6 +33,8 @@ const VOUCHER_PAGE: usize = 8_192;
 const WINDOWS_CACHED_MAX: usize = 64;
 /// Bytes of plan JSON per record (records hold at most 4 KiB).
 const PLAN_CHUNK_BYTES: usize = 3_900;
+/// Attempts of a settlement batch that a receiver's spending raced (then the window stays closed).
+const SETTLE_ATTEMPTS_MAX: u32 = 4;
 /// Most windows listed at once.
 pub const WINDOWS_LISTED_MAX: u64 = 100;
 
@@ -574,6 +576,35 @@ impl Clearing {
         self.reconcile(window, report).await
     }
 
+    /// Position accounts of the plan's net receivers with nothing available: their receipts were
+    /// spent in the next window.
+    async fn receivers_with_nothing_left(
+        &self,
+        plan: &SettlementPlan,
+    ) -> Result<std::collections::BTreeSet<u128>, ApiError> {
+        let receivers: Vec<u128> = plan
+            .instructions
+            .iter()
+            .filter(|i| i.net > 0)
+            .filter_map(|i| currency(&i.currency).map(|c| position_account(&i.participant, c.code)))
+            .collect();
+        if receivers.is_empty() {
+            return Ok(Default::default());
+        }
+        let node = self.node.clone();
+        Ok(blocking(move || node.lookup_accounts(receivers))
+            .await?
+            .into_iter()
+            .filter(|a| {
+                a.credits_posted
+                    .saturating_sub(a.debits_posted)
+                    .saturating_sub(a.debits_pending)
+                    == 0
+            })
+            .map(|a| a.id)
+            .collect())
+    }
+
     /// Settles without reconciling (see [`Clearing::settle`]).
     pub async fn settle_only(&self, window: u64) -> Result<WindowReport, ApiError> {
         let _admin = self.admin.lock().await;
@@ -594,77 +625,109 @@ impl Clearing {
             .plan
             .clone()
             .ok_or_else(|| internal("closed window without plan"))?;
-        let mut transfers = Vec::with_capacity(plan.instructions.len());
-        let mut records = Vec::with_capacity(plan.instructions.len());
-        for instruction in &plan.instructions {
-            let c = currency(&instruction.currency)
-                .ok_or_else(|| internal(format!("unknown currency {}", instruction.currency)))?;
-            let position = position_account(&instruction.participant, c.code);
-            let settlement = settlement_account(c.code);
-            let id = fund_adjustment_id(window, &instruction.participant, c.code);
-            let (debit, credit, flags) = if instruction.net < 0 {
-                // A net payer paid in at the settlement bank: its position is restored.
-                (settlement, position, TransferFlags::LINKED)
-            } else {
-                // A net receiver is paid out: what it received leaves its position (at most what
-                // is there; the rest is carried and reported).
-                (
-                    position,
-                    settlement,
-                    TransferFlags::LINKED.with(TransferFlags::BALANCING_DEBIT),
-                )
+        let mut attempt = 0;
+        let (ids, _outcome) = loop {
+            attempt += 1;
+            let empty = self.receivers_with_nothing_left(&plan).await?;
+            let mut transfers = Vec::with_capacity(plan.instructions.len());
+            let mut skipped = Vec::new();
+            let mut records = Vec::with_capacity(plan.instructions.len());
+            for instruction in &plan.instructions {
+                let c = currency(&instruction.currency).ok_or_else(|| {
+                    internal(format!("unknown currency {}", instruction.currency))
+                })?;
+                let position = position_account(&instruction.participant, c.code);
+                let settlement = settlement_account(c.code);
+                let id = fund_adjustment_id(window, &instruction.participant, c.code);
+                if instruction.net > 0 && empty.contains(&position) {
+                    // Spent in full in the next window: no transfer (the ledger refuses a balancing
+                    // debit that can move nothing); the whole net is carried and reported.
+                    skipped.push(records.len());
+                    records.push(RecordPut {
+                        key: id,
+                        value: serde_json::to_vec(instruction).expect("instructions serialize"),
+                        voucher: Some(
+                            VoucherEvent::FundAdjustment {
+                                window,
+                                participant: instruction.participant.clone(),
+                                currency: instruction.currency.clone(),
+                                net: instruction.net,
+                            }
+                            .to_bytes(),
+                        ),
+                        ..RecordPut::default()
+                    });
+                    continue;
+                }
+                let (debit, credit, flags) = if instruction.net < 0 {
+                    // A net payer paid in at the settlement bank: its position is restored.
+                    (settlement, position, TransferFlags::LINKED)
+                } else {
+                    // A net receiver is paid out: what it received leaves its position (at most what
+                    // is there; the rest is carried and reported).
+                    (
+                        position,
+                        settlement,
+                        TransferFlags::LINKED.with(TransferFlags::BALANCING_DEBIT),
+                    )
+                };
+                records.push(RecordPut {
+                    key: id,
+                    value: serde_json::to_vec(instruction).expect("instructions serialize"),
+                    when_transfer_ok: Some(transfers.len() as u32),
+                    voucher: Some(
+                        VoucherEvent::FundAdjustment {
+                            window,
+                            participant: instruction.participant.clone(),
+                            currency: instruction.currency.clone(),
+                            net: instruction.net,
+                        }
+                        .to_bytes(),
+                    ),
+                    ..RecordPut::default()
+                });
+                transfers.push(Transfer {
+                    id,
+                    debit_account_id: debit,
+                    credit_account_id: credit,
+                    amount: instruction.net.unsigned_abs(),
+                    ledger: c.numeric,
+                    code: TRANSFER_CODE_FUND_ADJUSTMENT,
+                    flags,
+                    ..Transfer::default()
+                });
+            }
+            if let Some(last) = transfers.last_mut() {
+                last.flags = last.flags.without(TransferFlags::LINKED);
+            }
+            // Skipped instructions' records stand or fall with the linked chain.
+            let chain_ok = transfers.len().checked_sub(1).map(|i| i as u32);
+            for &i in &skipped {
+                records[i].when_transfer_ok = chain_ok;
+            }
+            if transfers.len() > clearhouse_ledger::BATCH_EVENTS_MAX {
+                return Err(ApiError::new(
+                    409,
+                    "too_many_adjustments",
+                    format!(
+                        "{} fund adjustments exceed one batch ({})",
+                        transfers.len(),
+                        clearhouse_ledger::BATCH_EVENTS_MAX
+                    ),
+                ));
+            }
+            report.state = WindowState::Settled;
+            report.settled_at_ns = Some(now_ns());
+            let ids: Vec<u128> = transfers.iter().map(|t| t.id).collect();
+            let outcome = self
+                .store(&report, self.closed_seq(window).await?, transfers, records)
+                .await?;
+            let failed = outcome.results.iter().position(|r| {
+                !matches!(r, CreateTransferResult::Ok | CreateTransferResult::Exists)
+            });
+            let Some(failed) = failed else {
+                break (ids, outcome);
             };
-            records.push(RecordPut {
-                key: id,
-                value: serde_json::to_vec(instruction).expect("instructions serialize"),
-                when_transfer_ok: Some(transfers.len() as u32),
-                voucher: Some(
-                    VoucherEvent::FundAdjustment {
-                        window,
-                        participant: instruction.participant.clone(),
-                        currency: instruction.currency.clone(),
-                        net: instruction.net,
-                    }
-                    .to_bytes(),
-                ),
-                ..RecordPut::default()
-            });
-            transfers.push(Transfer {
-                id,
-                debit_account_id: debit,
-                credit_account_id: credit,
-                amount: instruction.net.unsigned_abs(),
-                ledger: c.numeric,
-                code: TRANSFER_CODE_FUND_ADJUSTMENT,
-                flags,
-                ..Transfer::default()
-            });
-        }
-        if let Some(last) = transfers.last_mut() {
-            last.flags = last.flags.without(TransferFlags::LINKED);
-        }
-        if transfers.len() > clearhouse_ledger::BATCH_EVENTS_MAX {
-            return Err(ApiError::new(
-                409,
-                "too_many_adjustments",
-                format!(
-                    "{} fund adjustments exceed one batch ({})",
-                    transfers.len(),
-                    clearhouse_ledger::BATCH_EVENTS_MAX
-                ),
-            ));
-        }
-        report.state = WindowState::Settled;
-        report.settled_at_ns = Some(now_ns());
-        let ids: Vec<u128> = transfers.iter().map(|t| t.id).collect();
-        let outcome = self
-            .store(&report, self.closed_seq(window).await?, transfers, records)
-            .await?;
-        if let Some(failed) = outcome
-            .results
-            .iter()
-            .position(|r| !matches!(r, CreateTransferResult::Ok | CreateTransferResult::Exists))
-        {
             let cause = outcome
                 .results
                 .iter()
@@ -677,14 +740,18 @@ impl Clearing {
                     )
                 })
                 .unwrap_or(&outcome.results[failed]);
+            if *cause == CreateTransferResult::ExceedsCredits && attempt < SETTLE_ATTEMPTS_MAX {
+                // A receiver spent what was left between the lookup and the batch: again.
+                continue;
+            }
             return Err(ApiError::new(
-                409,
-                "settlement_refused",
-                format!(
-                    "the ledger refused fund adjustment {failed} ({cause:?}); nothing was posted and window {window} stays closed"
-                ),
-            ));
-        }
+                    409,
+                    "settlement_refused",
+                    format!(
+                        "the ledger refused fund adjustment {failed} ({cause:?}); nothing was posted and window {window} stays closed"
+                    ),
+                ));
+        };
         self.windows_settled.fetch_add(1, Ordering::Relaxed);
         // What the ledger moved for each receiver (balancing), to report any carried amount.
         let moved = if ids.is_empty() {
@@ -817,6 +884,8 @@ impl Clearing {
                     if (t.debit_account_id, t.credit_account_id) == expected_accounts
                         && t.amount.checked_add(carried)
                             == Some(instruction.net.unsigned_abs()) => {}
+                // Carried in full: no transfer was made.
+                None if carried == instruction.net.unsigned_abs() && instruction.net > 0 => {}
                 Some(t) => breaks.push(Break {
                     check: "instruction_vs_ledger".into(),
                     subject,

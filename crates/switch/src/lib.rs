@@ -16,6 +16,7 @@
 pub mod auth;
 pub mod clearing;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod http;
 pub mod iso;

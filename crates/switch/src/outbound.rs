@@ -75,8 +75,44 @@ pub enum Notification {
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// How calls reach participants: signed HTTP, or (the deterministic simulator) a bounded
+/// channel to simulated participants that decides what is lost, late, duplicated or reordered.
+#[derive(Clone, Default)]
+pub enum Transport {
+    #[default]
+    Http,
+    Simulated(mpsc::Sender<SimCall>),
+}
+
+/// A call to a simulated participant.
+pub enum SimCall {
+    /// A payment forwarded to its creditor agent; `answer` is its synchronous answer (dropping
+    /// it unanswered is a lost message: the switch waits until the deadline).
+    Forward {
+        payment: Box<PaymentView>,
+        answer: tokio::sync::oneshot::Sender<SimAnswer>,
+    },
+    Notify {
+        participant: String,
+        notification: Notification,
+    },
+}
+
+/// A simulated creditor agent's synchronous answer to a forward.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SimAnswer {
+    /// 200 with a decision.
+    Decided(Decision),
+    /// 202: decides later with the decision call.
+    Later,
+    /// The connection was refused until the deadline.
+    Unreachable,
+}
+
 pub struct Outbound {
     client: HttpClient,
+    transport: Transport,
+    clock: crate::clock::Clock,
     registry: Registry,
     permits: Mutex<FxHashMap<String, Arc<Semaphore>>>,
     notifiers: Mutex<FxHashMap<String, mpsc::Sender<Notification>>>,
@@ -92,7 +128,12 @@ enum CallError {
 }
 
 impl Outbound {
-    pub fn new(config: &SwitchConfig, registry: Registry) -> Outbound {
+    pub fn new(
+        config: &SwitchConfig,
+        registry: Registry,
+        transport: Transport,
+        clock: crate::clock::Clock,
+    ) -> Outbound {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -102,6 +143,8 @@ impl Outbound {
             .build(connector);
         Outbound {
             client,
+            transport,
+            clock,
             registry,
             permits: Mutex::new(FxHashMap::default()),
             notifiers: Mutex::new(FxHashMap::default()),
@@ -155,14 +198,41 @@ impl Outbound {
         Ok((status, bytes))
     }
 
-    /// Forwards a payment to its creditor agent, retrying until `deadline`. `Ok(None)`: the
-    /// creditor agent answered 202 and will decide later.
+    /// Forwards a payment to its creditor agent, retrying until `deadline` (`deadline_ns` on the
+    /// switch's clock). `Ok(None)`: the creditor agent answered 202 and will decide later.
     pub async fn forward(
         &self,
         creditor: &Participant,
         payment: &PaymentView,
         deadline: tokio::time::Instant,
+        deadline_ns: u64,
     ) -> Result<Option<Decision>, ForwardError> {
+        if let Transport::Simulated(sender) = &self.transport {
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            let call = SimCall::Forward {
+                payment: Box::new(payment.clone()),
+                answer,
+            };
+            if sender.try_send(call).is_err() {
+                // The simulated network is full: as a refused connection, until the deadline.
+                self.clock.sleep_until_ns(deadline_ns).await;
+                return Err(ForwardError::Unreachable);
+            }
+            return match self.clock.timeout_at_ns(deadline_ns, answered).await {
+                Some(Ok(SimAnswer::Decided(decision))) => Ok(Some(decision)),
+                Some(Ok(SimAnswer::Later)) => Ok(None),
+                Some(Ok(SimAnswer::Unreachable)) => {
+                    self.clock.sleep_until_ns(deadline_ns).await;
+                    Err(ForwardError::Unreachable)
+                }
+                // Lost on the way (or its answer was): nothing more until the deadline.
+                Some(Err(_)) => {
+                    self.clock.sleep_until_ns(deadline_ns).await;
+                    Err(ForwardError::NoAnswer)
+                }
+                None => Err(ForwardError::NoAnswer),
+            };
+        }
         let body = serde_json::to_vec(payment).expect("payment serializes");
         let permits = self.permits(&creditor.bic);
         let mut reached = false;
@@ -217,6 +287,16 @@ impl Outbound {
 
     /// Queues a notification for a participant; delivered in order by one worker per participant.
     pub fn notify(&self, participant: &Participant, notification: Notification) {
+        if let Transport::Simulated(sender) = &self.transport {
+            let call = SimCall::Notify {
+                participant: participant.bic.clone(),
+                notification,
+            };
+            if sender.try_send(call).is_err() {
+                tracing::warn!(bic = %participant.bic, "simulated network full; notification dropped");
+            }
+            return;
+        }
         let mut notifiers = self.notifiers.lock().expect("notifiers");
         let sender = notifiers.entry(participant.bic.clone()).or_insert_with(|| {
             let (sender, receiver) = mpsc::channel(self.queue_max);

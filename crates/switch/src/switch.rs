@@ -581,6 +581,16 @@ pub struct Switch {
     pub clearing: Arc<Clearing>,
     /// Liquidity-saving mode: payments queued for liquidity, settled by multilateral offsetting.
     lsm: lsm::Queue,
+    /// Deadlines and timestamps: the system clock, or the simulator's.
+    clock: crate::clock::Clock,
+}
+
+/// What the switch runs against: the system clock and HTTP (production), or the deterministic
+/// simulator's clock and network.
+#[derive(Clone, Default)]
+pub struct Environment {
+    pub clock: crate::clock::Clock,
+    pub transport: crate::outbound::Transport,
 }
 
 /// Submits to the engine and waits without blocking the runtime.
@@ -612,6 +622,16 @@ impl Switch {
         node: Node,
         config: SwitchConfig,
         data_dir: &Path,
+    ) -> Result<Arc<Switch>, ApiError> {
+        Self::start_in(node, config, data_dir, Environment::default()).await
+    }
+
+    /// [`Switch::start`] in a given environment (the simulator's clock and network).
+    pub async fn start_in(
+        node: Node,
+        config: SwitchConfig,
+        data_dir: &Path,
+        environment: Environment,
     ) -> Result<Arc<Switch>, ApiError> {
         let operator = OperatorKey::load_or_create(data_dir)
             .map_err(|e| ApiError::new(500, "operator_key", e.to_string()))?;
@@ -649,7 +669,12 @@ impl Switch {
             .await?,
         );
         let registry: crate::outbound::Registry = Arc::new(RwLock::new(Arc::new(BTreeMap::new())));
-        let outbound = Outbound::new(&config, registry.clone());
+        let outbound = Outbound::new(
+            &config,
+            registry.clone(),
+            environment.transport,
+            environment.clock.clone(),
+        );
         let switch = Arc::new(Switch {
             node,
             operator,
@@ -666,6 +691,7 @@ impl Switch {
             returns: tokio::sync::Mutex::new(()),
             clearing,
             lsm: lsm::Queue::default(),
+            clock: environment.clock,
             config,
         });
         switch.install_participants(participants);
@@ -1397,7 +1423,7 @@ impl Switch {
             }
             .to_string(),
             amount,
-            at_ns: now_ns(),
+            at_ns: self.clock.now_ns(),
         };
         let record = RecordPut {
             key: transfer.id,
@@ -1794,7 +1820,7 @@ impl Switch {
             )
         })?;
         let amount = positive_amount_in(&r.amount, c)?;
-        let now = now_ns();
+        let now = self.clock.now_ns();
         Ok(PaymentRecord {
             key: payment_key(now, &r.debtor_agent, &r.instruction_id),
             instruction_id: r.instruction_id,
@@ -1873,7 +1899,7 @@ impl Switch {
     ) -> Result<(bool, PaymentView), ApiError> {
         record.state = PaymentState::Rejected;
         record.reason = Some(reason.to_string());
-        record.finished_at_ns = Some(now_ns());
+        record.finished_at_ns = Some(self.clock.now_ns());
         let put = RecordPut {
             key: record.id(),
             value: encode(&Stored::Payment(Box::new(record.clone()))),
@@ -2126,7 +2152,8 @@ impl Switch {
         let record = &entry.record;
         let (decision_sender, decision_receiver) = oneshot::channel();
         *entry.decision.lock().expect("decision") = Some(decision_sender);
-        let remaining = Duration::from_nanos(record.deadline_ns.saturating_sub(now_ns()));
+        let remaining =
+            Duration::from_nanos(record.deadline_ns.saturating_sub(self.clock.now_ns()));
         let deadline = tokio::time::Instant::now() + remaining;
         let creditor = self.participants().get(&record.creditor_agent).cloned();
         let forwarding = std::time::Instant::now();
@@ -2134,16 +2161,23 @@ impl Switch {
             None => Decision::Reject("CNOR".into()),
             Some(creditor) => {
                 let view = PaymentView::of(record);
-                let forward = self.outbound.forward(&creditor, &view, deadline);
+                let forward = self
+                    .outbound
+                    .forward(&creditor, &view, deadline, record.deadline_ns);
                 tokio::pin!(forward);
                 let mut decision_receiver = decision_receiver;
                 tokio::select! {
+                    biased;
                     result = &mut forward => match result {
                         Ok(Some(decision)) => decision,
                         Ok(None) => {
                             // 202: the creditor agent decides later, until the deadline.
-                            match tokio::time::timeout_at(deadline, &mut decision_receiver).await {
-                                Ok(Ok(decision)) => decision,
+                            match self
+                                .clock
+                                .timeout_at_ns(record.deadline_ns, &mut decision_receiver)
+                                .await
+                            {
+                                Some(Ok(decision)) => decision,
                                 _ => Decision::Reject("AB05".into()),
                             }
                         }
@@ -2191,7 +2225,7 @@ impl Switch {
         };
         record.state = state;
         record.reason = reason;
-        record.finished_at_ns = Some(now_ns());
+        record.finished_at_ns = Some(self.clock.now_ns());
         let put = |record: &PaymentRecord, condition| RecordPut {
             key: id,
             value: encode(&Stored::Payment(Box::new(record.clone()))),
@@ -2274,7 +2308,7 @@ impl Switch {
     /// both agents, release its in-flight slot.
     fn complete(&self, entry: &Arc<InFlight>, record: PaymentRecord) {
         self.latency.end_to_end.observe(Duration::from_nanos(
-            now_ns().saturating_sub(record.accepted_at_ns),
+            self.clock.now_ns().saturating_sub(record.accepted_at_ns),
         ));
         self.finished(&record);
         // Notifications carry the final state twice: JSON, and as the pacs.002 an ISO 20022
@@ -2400,7 +2434,7 @@ impl Switch {
             )
             .with_reason("AM09"));
         }
-        let now = now_ns();
+        let now = self.clock.now_ns();
         let record = ReturnRecord {
             key: crate::model::payment_key(now, me, &format!("return {}", request.return_id)),
             return_id: request.return_id.clone(),
@@ -2659,7 +2693,7 @@ impl Switch {
             // Queued for liquidity when the switch stopped: nothing was reserved; rejected on
             // timeout rather than settled without the creditor agent's fresh decision.
             tokio::spawn(async move { switch.reject_unreserved(entry, "AB05").await });
-        } else if reserved && record.deadline_ns > now_ns() {
+        } else if reserved && record.deadline_ns > self.clock.now_ns() {
             tokio::spawn(async move { switch.drive(entry).await });
         } else {
             // Past the deadline (or already expired by the ledger): rejected on timeout.

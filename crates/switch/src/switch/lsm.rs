@@ -87,9 +87,7 @@ impl Switch {
             Decision::Accept => {
                 self.lsm.waiting.lock().expect("queue").push(entry.clone());
                 self.lsm.wake.notify_one();
-                let remaining =
-                    Duration::from_nanos(entry.record.deadline_ns.saturating_sub(now_ns()));
-                tokio::time::sleep(remaining).await;
+                self.clock.sleep_until_ns(entry.record.deadline_ns).await;
                 // Still waiting at the deadline: rejected. (If a resolution pass took it, that
                 // pass finalizes it.)
                 let still_waiting = {
@@ -115,7 +113,7 @@ impl Switch {
         record.queued = true;
         record.state = PaymentState::Rejected;
         record.reason = Some(reason.to_string());
-        record.finished_at_ns = Some(now_ns());
+        record.finished_at_ns = Some(self.clock.now_ns());
         let put = RecordPut {
             key: record.id(),
             value: encode(&Stored::Payment(Box::new(record.clone()))),
@@ -251,7 +249,7 @@ impl Switch {
         let mut transfers = Vec::with_capacity(selected.len() * 2);
         let mut records = Vec::with_capacity(selected.len());
         let mut finals = Vec::with_capacity(selected.len());
-        let now = now_ns();
+        let now = self.clock.now_ns();
         for debit_legs in [false, true] {
             for e in &selected {
                 let r = &e.record;

@@ -173,7 +173,7 @@ impl Switch {
             state: RecallState::Requested,
             rejection_reason: None,
             return_id: None,
-            requested_at_ns: now_ns(),
+            requested_at_ns: self.clock.now_ns(),
             resolved_at_ns: None,
         };
         self.write_recall(&record).await?;
@@ -306,7 +306,7 @@ impl Switch {
             record.rejection_reason = Some(reason);
         }
         record.state = wanted;
-        record.resolved_at_ns = Some(now_ns());
+        record.resolved_at_ns = Some(self.clock.now_ns());
         self.write_recall(&record).await?;
         tracing::info!(recall = %record.recall_id, state = ?record.state, "recall resolved");
         let answer = Camt029 {
