@@ -49,6 +49,9 @@ clock_skew_ms = {skew}
 nonces_max = {nonces}
 recent_payments_max = {recent}
 participants_max = {pmax}
+# Per participant: requests per second (token bucket) and burst; beyond them 429 with Retry-After.
+participant_requests_per_second = {rps}
+participant_requests_burst = {burst}
 
 # The switch's BIC in the ISO 20022 headers it writes.
 scheme_bic = "{bic}"
@@ -92,6 +95,8 @@ scheme_profile = "generic"
         nonces = d.nonces_max,
         recent = d.recent_payments_max,
         pmax = d.participants_max,
+        rps = d.participant_requests_per_second,
+        burst = d.participant_requests_burst,
         bic = d.scheme_bic,
         windows = d.window_close_every_seconds,
         queued = d.queued_payments_max,

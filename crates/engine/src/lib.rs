@@ -44,6 +44,8 @@ pub enum EngineError {
         free_bytes: u64,
         required_bytes: u64,
     },
+    #[error("engine: the data directory {path} is on a read-only filesystem; request refused, nothing changed")]
+    ReadOnly { path: std::path::PathBuf },
     #[error("engine: record {key:#x} refused: {reason}")]
     RecordRefused { key: u128, reason: String },
     #[error("engine: recovery failed: {0}")]

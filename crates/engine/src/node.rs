@@ -296,6 +296,11 @@ impl Node {
                 options.data_dir.display()
             ))
         })?;
+        if free_bytes(&options.data_dir).1 {
+            return Err(EngineError::ReadOnly {
+                path: options.data_dir.clone(),
+            });
+        }
         let index = Arc::new(Index::open(&options.data_dir.join("index.redb"))?);
         let restored = index.restore()?;
         let journal_dir = options.data_dir.join("journal");
@@ -890,7 +895,7 @@ struct Engine {
     chain: VoucherChain,
     vouchers: Vec<Voucher>,
     /// Free bytes on the data directory's filesystem, read at the group's first write.
-    free_bytes_this_group: Option<u64>,
+    free_bytes_this_group: Option<(u64, bool)>,
 }
 
 enum Pending {
@@ -970,6 +975,7 @@ impl Engine {
             None => now_ns(),
         };
         if self.ledger.next_expiry().is_some_and(|at| at <= now)
+            && self.check_disk_space().is_ok()
             && self.journal.reserve(codec::PAYLOAD_HEADER_SIZE).is_ok()
         {
             let expired = self.ledger.pulse(now);
@@ -1183,8 +1189,8 @@ impl Engine {
         })
     }
 
-    /// Refuses a write while the disk is too full. Free space is read (statvfs) once per group,
-    /// not per request: the required margin dwarfs what one group can write.
+    /// Refuses a write while the disk is too full or read-only. Free space is read (statvfs) once
+    /// per group, not per request: the required margin dwarfs what one group can write.
     fn check_disk_space(&mut self) -> Result<(), EngineError> {
         // The index may still have to write every unindexed transfer (one transaction can hold
         // them all, copy-on-write pages included), so that much space must stay free too.
@@ -1193,9 +1199,14 @@ impl Engine {
                 .unindexed_transfers_max
                 .saturating_mul(INDEX_BYTES_PER_TRANSFER_ESTIMATE),
         );
-        let free_bytes = *self
+        let (free_bytes, read_only) = *self
             .free_bytes_this_group
             .get_or_insert_with(|| free_bytes(&self.options.data_dir));
+        if read_only {
+            return Err(EngineError::ReadOnly {
+                path: self.options.data_dir.clone(),
+            });
+        }
         if free_bytes < required_bytes {
             return Err(EngineError::DiskFull {
                 path: self.options.data_dir.clone(),
@@ -1312,18 +1323,23 @@ impl Engine {
     }
 }
 
-/// Bytes available to unprivileged writers on the filesystem holding `path` (u64::MAX if unknown).
-fn free_bytes(path: &Path) -> u64 {
+/// Bytes available to unprivileged writers on the filesystem holding `path` (u64::MAX if unknown),
+/// and whether it is mounted read-only.
+fn free_bytes(path: &Path) -> (u64, bool) {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return u64::MAX;
+        return (u64::MAX, false);
     };
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_path is a valid NUL-terminated string and stat a valid out-pointer.
     if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return u64::MAX;
+        return (u64::MAX, false);
     }
-    (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64)
+    let read_only = stat.f_flag & libc::ST_RDONLY != 0;
+    (
+        (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64),
+        read_only,
+    )
 }
 
 /// The journal directory inside a data directory.

@@ -36,6 +36,11 @@ pub struct SwitchConfig {
     pub recent_payments_max: usize,
     /// Participants the switch accepts.
     pub participants_max: usize,
+    /// Requests per second one participant may make (a token bucket refilled at this rate),
+    /// beyond it 429 with Retry-After; and how many it may make at once after a quiet spell.
+    /// The operator is not limited.
+    pub participant_requests_per_second: u64,
+    pub participant_requests_burst: u64,
     /// The switch's own BIC, in the business application headers it writes.
     pub scheme_bic: String,
     /// TLS: PEM certificate chain and private key; both or neither (plain HTTP, e.g. behind a
@@ -79,6 +84,8 @@ impl Default for SwitchConfig {
             nonces_max: 4_000_000,
             recent_payments_max: 200_000,
             participants_max: 10_000,
+            participant_requests_per_second: 5_000,
+            participant_requests_burst: 10_000,
             scheme_bic: "CLRHXXXX".into(),
             tls_cert_pem: None,
             tls_key_pem: None,
@@ -147,6 +154,8 @@ impl SwitchConfig {
             || self.outbound_per_participant_max == 0
             || self.notification_queue_max == 0
             || self.body_bytes_max < 1024
+            || self.participant_requests_per_second == 0
+            || self.participant_requests_burst == 0
         {
             return invalid("limits must be positive (body_bytes_max at least 1024)");
         }

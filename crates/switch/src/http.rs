@@ -20,10 +20,65 @@ use crate::switch::{ApiError, Caller, StatusQuery, Switch};
 /// Requests being handled at once; beyond it the server answers 503 at once.
 pub const CONCURRENT_REQUESTS_MAX: usize = 8192;
 
+/// Most connections open at once; beyond it new connections wait in the kernel's backlog.
+pub const CONNECTIONS_MAX: usize = 4096;
+/// A request's headers must arrive within this after the connection is ready for one (slow
+/// clients, idle keep-alive connections).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A request's body must arrive within this.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a shutdown waits for open connections to finish their requests.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Clone)]
 struct AppState {
     switch: Arc<Switch>,
     requests: Arc<Semaphore>,
+    rates: Arc<RateLimiter>,
+}
+
+/// Per-participant token buckets: `per_second` tokens a second, at most `burst` saved up.
+/// Integer arithmetic in millitokens; one bucket per authenticated participant (bounded by the
+/// participants the switch accepts).
+pub struct RateLimiter {
+    per_second: u64,
+    burst: u64,
+    buckets: std::sync::Mutex<rustc_hash::FxHashMap<String, (u64, std::time::Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(per_second: u64, burst: u64) -> RateLimiter {
+        RateLimiter {
+            per_second,
+            burst,
+            buckets: std::sync::Mutex::new(rustc_hash::FxHashMap::default()),
+        }
+    }
+
+    /// Takes one token of `participant`'s bucket; false when it is empty.
+    pub fn admit(&self, participant: &str, now: std::time::Instant) -> bool {
+        let full = self.burst.saturating_mul(1000);
+        let mut buckets = self.buckets.lock().expect("rate buckets");
+        let (tokens, last) = buckets
+            .entry(participant.to_string())
+            .or_insert((full, now));
+        let elapsed_us = now.saturating_duration_since(*last).as_micros();
+        // per_second tokens a second = per_second millitokens a millisecond.
+        let refill = elapsed_us
+            .saturating_mul(u128::from(self.per_second))
+            .checked_div(1000)
+            .unwrap_or(0);
+        *tokens = u64::try_from(u128::from(*tokens).saturating_add(refill))
+            .unwrap_or(u64::MAX)
+            .min(full);
+        *last = now;
+        if *tokens >= 1000 {
+            *tokens -= 1000;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -134,6 +189,20 @@ where
         Ok(caller) => caller,
         Err(error) => return error.into_response(),
     };
+    if let Caller::Participant(bic) = &caller {
+        if !state.rates.admit(bic, std::time::Instant::now()) {
+            return ApiError::new(
+                429,
+                "rate_limited",
+                format!(
+                    "more than {} requests per second from {bic}",
+                    state.switch.config.participant_requests_per_second
+                ),
+            )
+            .retry_after(1)
+            .into_response();
+        }
+    }
     match handler(state, caller, body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
@@ -1090,9 +1159,14 @@ async fn fallback() -> Response {
 
 pub fn router(switch: Arc<Switch>) -> Router {
     let body_max = switch.config.body_bytes_max;
+    let rates = Arc::new(RateLimiter::new(
+        switch.config.participant_requests_per_second,
+        switch.config.participant_requests_burst,
+    ));
     let state = AppState {
         switch,
         requests: Arc::new(Semaphore::new(CONCURRENT_REQUESTS_MAX)),
+        rates,
     };
     Router::new()
         .route("/v1/payments", post(submit_payment).get(query_payment))
@@ -1126,7 +1200,63 @@ pub fn router(switch: Arc<Switch>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(body_max))
+        .layer(axum::middleware::from_fn(move |request, next| {
+            body_in_time(request, next, body_max)
+        }))
         .with_state(state)
+}
+
+/// Reads the whole body, bounded in size and in time, before any handler runs: a slow client
+/// gets 408 and its connection back, an oversized body 413, and neither holds a request slot.
+async fn body_in_time(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+    body_max: usize,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        ApiError::new(
+            413,
+            "body_too_large",
+            format!("the body is larger than {body_max} bytes"),
+        )
+        .into_response()
+    };
+    if declared.is_some_and(|length| length > body_max as u64) {
+        return too_large();
+    }
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, body_max)).await {
+        Err(_) => ApiError::new(
+            408,
+            "request_timeout",
+            format!(
+                "the body did not arrive within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        )
+        .into_response(),
+        Ok(Err(error)) => {
+            let limit = std::error::Error::source(&error)
+                .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+            if limit {
+                too_large()
+            } else {
+                ApiError::new(400, "bad_body", format!("reading the body: {error}")).into_response()
+            }
+        }
+        Ok(Ok(bytes)) => {
+            next.run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            ))
+            .await
+        }
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
@@ -1135,13 +1265,11 @@ pub async fn serve(
     switch: Arc<Switch>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(switch))
-        .with_graceful_shutdown(shutdown)
-        .await
+    accept_loop(listener, router(switch), None, shutdown).await
 }
 
-/// Most TLS connections open at once; beyond it new connections wait in the kernel's backlog.
-pub const TLS_CONNECTIONS_MAX: usize = 4096;
+/// Most TLS connections open at once (the same bound as plain connections).
+pub const TLS_CONNECTIONS_MAX: usize = CONNECTIONS_MAX;
 /// A TLS handshake must finish within this.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -1181,16 +1309,28 @@ pub async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let router = router(switch);
-    let connections = Arc::new(Semaphore::new(TLS_CONNECTIONS_MAX));
+    accept_loop(listener, router(switch), Some(acceptor), shutdown).await
+}
+
+/// Accepts connections (at most [`CONNECTIONS_MAX`] open), each served by HTTP/1.1 with a header
+/// read timeout; on shutdown stops accepting, lets open connections finish their requests (idle
+/// ones close), and waits for them up to [`SHUTDOWN_DRAIN`].
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let (stopping, stop) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => break,
             permit = connections.clone().acquire_owned() => permit.expect("never closed"),
         };
         let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -1201,22 +1341,45 @@ pub async fn serve_tls(
             },
         };
         let _ = stream.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let router = router.clone();
+        let (router, tls, stop) = (router.clone(), tls.clone(), stop.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let tls =
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => tls,
-                    _ => {
-                        tracing::debug!(%peer, "TLS handshake failed or timed out");
-                        return;
+            match tls {
+                None => serve_connection(hyper_util::rt::TokioIo::new(stream), router, stop).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls)) => {
+                            serve_connection(hyper_util::rt::TokioIo::new(tls), router, stop).await
+                        }
+                        _ => tracing::debug!(%peer, "TLS handshake failed or timed out"),
                     }
-                };
-            let service = hyper_util::service::TowerToHyperService::new(router);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await;
+                }
+            }
         });
+    }
+    drop(listener);
+    let _ = stopping.send(true);
+    let all = u32::try_from(CONNECTIONS_MAX).expect("fits");
+    let _ = tokio::time::timeout(SHUTDOWN_DRAIN, connections.acquire_many(all)).await;
+    Ok(())
+}
+
+async fn serve_connection<I>(io: I, router: Router, mut stop: tokio::sync::watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(io, service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = stop.changed() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
     }
 }

@@ -96,6 +96,9 @@ impl From<EngineError> for ApiError {
             EngineError::DiskFull { .. } => {
                 ApiError::new(503, "disk_full", error.to_string()).retry_after(60)
             }
+            EngineError::ReadOnly { .. } => {
+                ApiError::new(503, "storage_read_only", error.to_string()).retry_after(60)
+            }
             other => ApiError::new(500, "engine_failed", other.to_string()),
         }
     }
