@@ -114,11 +114,21 @@ class Identity(AuthBase):
 
 
 class StubBank(BaseHTTPRequestHandler):
+    """Accepts every forwarded payment at once (200 ACCP), except those whose instruction id
+    starts with LATER-: 202, the decision comes later (POST /v1/payments/{id}/decision)."""
+
     def do_POST(self):  # noqa: N802 (http.server's naming)
         length = int(self.headers.get("content-length") or 0)
-        self.rfile.read(length)
-        answer = b'{"status":"ACCP"}' if self.path.endswith("/payments") else b"{}"
-        self.send_response(200)
+        body = self.rfile.read(length)
+        status, answer = 200, b"{}"
+        if self.path.endswith("/payments"):
+            answer = b'{"status":"ACCP"}'
+            try:
+                if json.loads(body).get("instruction_id", "").startswith("LATER-"):
+                    status = 202
+            except (ValueError, AttributeError):
+                pass
+        self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(answer)))
         self.end_headers()
@@ -189,14 +199,14 @@ def setup(base: str, operator: Identity, stub: str) -> dict:
             {"request_id": f"fund-{bic}", "currency": "EUR", "amount": "100000.00", "direction": "in"},
         )
     payments = []
-    for n in range(2):
+    for n, prefix in enumerate(["FUZZ-", "FUZZ-", "LATER-", "LATER-"]):
         view = call(
             base,
             participants[BANK_A],
             "POST",
             "/v1/payments",
             {
-                "instruction_id": f"FUZZ-INSTR-{n}",
+                "instruction_id": f"{prefix}INSTR-{n}",
                 "end_to_end_id": f"FUZZ-E2E-{n}",
                 "debtor_agent": BANK_A,
                 "creditor_agent": BANK_B,
@@ -210,6 +220,9 @@ def setup(base: str, operator: Identity, stub: str) -> dict:
         payments.append(view)
     if payments[0].get("status") != "ACSC":
         raise SetupError(f"setup: the first payment did not settle: {payments[0]}")
+    if payments[2].get("status") != "PDNG":
+        print(f"api-fuzz: note: no payment waits for a decision ({payments[2].get('status')}); "
+              "sync_wait_ms shorter than settle_deadline_ms makes one", file=sys.stderr)
     call(base, operator, "POST", "/v1/admin/windows/close", {"settle": True})
     return {"participants": participants, "payments": payments}
 
@@ -239,7 +252,9 @@ AMOUNTS = one_of_known(
 )
 CURRENCIES = one_of_known(["EUR", "USD", "JPY", "XXX", "eur"], 5)
 IDS = st.one_of(st.from_regex(r"[A-Za-z0-9-]{1,35}", fullmatch=True), text(40))
-UETRS = st.one_of(st.uuids().map(str), text(40))
+# Instruction ids starting with LATER- make the stub bank defer its decision (202).
+INSTRUCTION_IDS = st.one_of(IDS, IDS.map(lambda i: "LATER-" + i[:29]))
+UETRS = st.one_of(st.uuids(version=4).map(str), st.uuids(version=4).map(str), text(40))
 REASONS = one_of_known(["AC04", "AM04", "FOCR", "MS03", "DUPL", "CUST", "NARR", "XXXX"], 6)
 
 
@@ -274,7 +289,7 @@ def fin(tag: str, bic) -> str:
 def pacs008(draw, state):
     amount, ccy = draw(AMOUNTS), draw(CURRENCIES)
     tx = (
-        "<CdtTrfTxInf><PmtId>" + xml("InstrId", draw(optional(IDS))) + xml("EndToEndId", draw(IDS))
+        "<CdtTrfTxInf><PmtId>" + xml("InstrId", draw(optional(INSTRUCTION_IDS))) + xml("EndToEndId", draw(IDS))
         + xml("UETR", draw(optional(UETRS))) + "</PmtId>"
         + f'<IntrBkSttlmAmt Ccy="{xml_text(ccy)}">{xml_text(amount)}</IntrBkSttlmAmt>'
         + "<ChrgBr>SLEV</ChrgBr><Dbtr>" + xml("Nm", draw(text(20))) + "</Dbtr>"
@@ -365,7 +380,7 @@ def json_payment():
         lambda *v: drop_none(dict(zip(
             ["instruction_id", "end_to_end_id", "uetr", "debtor_agent", "creditor_agent",
              "amount", "currency", "debtor", "creditor", "remittance_information"], v))),
-        IDS, IDS, optional(UETRS), one_of_known([BANK_A], 12), BICS, AMOUNTS, CURRENCIES,
+        INSTRUCTION_IDS, IDS, optional(UETRS), one_of_known([BANK_A], 12), BICS, AMOUNTS, CURRENCIES,
         PARTY, PARTY, optional(text(140)),
     )
 
@@ -397,8 +412,8 @@ def body_seeds(op, state, stub):
                 {"bic": bic, "name": name, "endpoint": stub, "currencies": currencies,
                  "secret_hex": secret}),
             st.one_of(st.from_regex(r"[A-Z]{6}[A-Z0-9]{2}([A-Z0-9]{3})?", fullmatch=True), BICS),
-            text(30),
-            st.dictionaries(CURRENCIES, terms(), max_size=3),
+            one_of_known(["Fuzz bank"], 30),
+            st.dictionaries(CURRENCIES, terms(), min_size=1, max_size=3),
             optional(st.one_of(st.binary(min_size=16, max_size=32).map(bytes.hex), text(10))),
         )
     if key == ("PATCH", "/v1/admin/participants/{bic}"):
@@ -573,21 +588,27 @@ class Fuzzer:
         }
 
     def fuzz(self, op, who: Identity, mode, examples: int) -> None:
+        """Up to `examples` cases of schemathesis' own generation; in positive mode as many
+        again with known path/query values and with bodies that can pass validation (separate
+        runs, so that each family gets its share)."""
+        fixed = {"headers": {"x-ch-signature": "0"}} if is_signed(op) else {}
+        runs = [(op.as_strategy(generation_mode=mode, **fixed), examples)]
+        if mode == schemathesis.GenerationMode.POSITIVE:
+            seeds = seeds_for(op, self.state)
+            bodies = body_seeds(op, self.state, self.stub)
+            seeded = [op.as_strategy(generation_mode=mode, **fixed, **seed) for seed in seeds]
+            if seeded:
+                runs.append((st.one_of(*seeded), max(2, examples // 2)))
+            if bodies is not None:
+                cases = st.one_of(runs[0][0], *seeded)
+                runs.append((st.builds(with_body, cases, bodies), examples))
+        for strategy, count in runs:
+            self.run_hypothesis(op, who, mode, strategy, count)
+
+    def run_hypothesis(self, op, who, mode, strategy, examples: int) -> None:
         if examples <= 0 or time.monotonic() > self.deadline:
             self.out_of_time = self.out_of_time or examples > 0
             return
-        fixed = {"headers": {"x-ch-signature": "0"}} if is_signed(op) else {}
-        strategies = [op.as_strategy(generation_mode=mode, **fixed)]
-        if mode == schemathesis.GenerationMode.POSITIVE:
-            seeds = seeds_for(op, self.state) or [{}]
-            bodies = body_seeds(op, self.state, self.stub)
-            for seed in seeds:
-                generated = op.as_strategy(generation_mode=mode, **fixed, **seed)
-                if seed:
-                    strategies.append(generated)
-                if bodies is not None:
-                    strategies.append(st.builds(with_body, generated, bodies))
-        strategy = st.one_of(*strategies)
 
         @hypothesis.settings(
             max_examples=examples,

@@ -40,8 +40,10 @@ trap cleanup EXIT INT TERM
 
 "$bin" init --data-dir "$work/data" >/dev/null
 : >"$work/server.log"
-# Short deadlines: a payment whose creditor agent never answers is final in seconds, not 10-20 s.
-CLEARHOUSE_SETTLE_DEADLINE_MS=3000 CLEARHOUSE_HARD_TIMEOUT_MS=6000 CLEARHOUSE_SYNC_WAIT_MS=4000 \
+# A short synchronous wait: a payment whose creditor agent decides later (the fuzzer's stub bank
+# does so for instruction ids LATER-...) is answered 202 PDNG after 1 s, and stays open for a
+# decision for the whole run.
+CLEARHOUSE_SYNC_WAIT_MS=1000 CLEARHOUSE_SETTLE_DEADLINE_MS=120000 CLEARHOUSE_HARD_TIMEOUT_MS=150000 \
     "$bin" serve --data-dir "$work/data" --config "$work/data/switch.toml" --listen 127.0.0.1:0 \
     >"$work/server.log" 2>&1 &
 pid=$!
