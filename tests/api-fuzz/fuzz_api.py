@@ -239,9 +239,9 @@ def text(max_size=40):
     return st.text(max_size=max_size)
 
 
-def one_of_known(known, max_size=40):
-    """Mostly known-good values, sometimes anything."""
-    return st.one_of(st.sampled_from(known), st.sampled_from(known), text(max_size))
+def one_of_known(known, max_size=40, weight=2):
+    """Mostly (weight to 1) known-good values, sometimes anything."""
+    return st.one_of(*[st.sampled_from(known)] * weight, text(max_size))
 
 
 BICS = one_of_known([BANK_A, BANK_B, "NOSUCHXX"], 12)
@@ -251,7 +251,11 @@ AMOUNTS = one_of_known(
     24,
 )
 CURRENCIES = one_of_known(["EUR", "USD", "JPY", "XXX", "eur"], 5)
-IDS = st.one_of(st.from_regex(r"[A-Za-z0-9-]{1,35}", fullmatch=True), text(40))
+# Fresh valid ids (mostly: a reused id is a duplicate), other valid ids, anything.
+UNIQUE_IDS = st.uuids().map(lambda u: "F-" + u.hex[:24])
+IDS = st.one_of(
+    UNIQUE_IDS, UNIQUE_IDS, st.from_regex(r"[A-Za-z0-9-]{1,35}", fullmatch=True), text(40)
+)
 # Instruction ids starting with LATER- make the stub bank defer its decision (202).
 INSTRUCTION_IDS = st.one_of(IDS, IDS.map(lambda i: "LATER-" + i[:29]))
 UETRS = st.one_of(st.uuids(version=4).map(str), st.uuids(version=4).map(str), text(40))
@@ -292,12 +296,13 @@ def pacs008(draw, state):
         "<CdtTrfTxInf><PmtId>" + xml("InstrId", draw(optional(INSTRUCTION_IDS))) + xml("EndToEndId", draw(IDS))
         + xml("UETR", draw(optional(UETRS))) + "</PmtId>"
         + f'<IntrBkSttlmAmt Ccy="{xml_text(ccy)}">{xml_text(amount)}</IntrBkSttlmAmt>'
-        + "<ChrgBr>SLEV</ChrgBr><Dbtr>" + xml("Nm", draw(text(20))) + "</Dbtr>"
+        + "<ChrgBr>SLEV</ChrgBr><Dbtr>" + xml("Nm", draw(one_of_known(["Alice"], 20))) + "</Dbtr>"
         + "<DbtrAcct><Id><IBAN>DE89370400440532013000</IBAN></Id></DbtrAcct>"
-        + fin("DbtrAgt", draw(BICS)) + fin("CdtrAgt", draw(BICS))
-        + "<Cdtr>" + xml("Nm", draw(text(20))) + "</Cdtr></CdtTrfTxInf>"
+        + fin("DbtrAgt", draw(one_of_known([BANK_A], 12, weight=5))) + fin("CdtrAgt", draw(BICS))
+        + "<Cdtr>" + xml("Nm", draw(one_of_known(["Bob"], 20))) + "</Cdtr>"
+        + "<CdtrAcct><Id><IBAN>FR1420041010050500013M02606</IBAN></Id></CdtrAcct></CdtTrfTxInf>"
     )
-    count = draw(st.sampled_from([1, 1, 1, 2, 0]))
+    count = draw(st.sampled_from([1] * 8 + [2, 0]))
     doc = (
         f'<?xml version="1.0" encoding="UTF-8"?><Document xmlns="{ISO_NS}pacs.008.001.08">'
         "<FIToFICstmrCdtTrf><GrpHdr>" + xml("MsgId", draw(IDS))
@@ -380,7 +385,7 @@ def json_payment():
         lambda *v: drop_none(dict(zip(
             ["instruction_id", "end_to_end_id", "uetr", "debtor_agent", "creditor_agent",
              "amount", "currency", "debtor", "creditor", "remittance_information"], v))),
-        INSTRUCTION_IDS, IDS, optional(UETRS), one_of_known([BANK_A], 12), BICS, AMOUNTS, CURRENCIES,
+        INSTRUCTION_IDS, IDS, optional(UETRS), one_of_known([BANK_A], 12, weight=5), BICS, AMOUNTS, CURRENCIES,
         PARTY, PARTY, optional(text(140)),
     )
 
@@ -494,6 +499,11 @@ def describe_request(request: requests.PreparedRequest | None) -> dict:
     }
 
 
+def content_type(response) -> str | None:
+    values = response.headers.get("content-type")
+    return values[0] if isinstance(values, list) and values else values
+
+
 class Fuzzer:
     def __init__(self, schema, state, stub, identities, args):
         self.schema = schema
@@ -549,7 +559,9 @@ class Fuzzer:
                 self.log.write(json.dumps({
                     "operation": op.label, "identity": who.name, "mode": mode.value,
                     "request": describe_request(getattr(response, "request", None)),
-                    "status": response.status_code, "response": response.text[:300],
+                    "status": response.status_code,
+                    "content_type": content_type(response),
+                    "response": response.text[:300],
                 }) + "\n")
             case.validate_response(response, checks=CHECKS)
         except FailureGroup as group:
@@ -582,7 +594,7 @@ class Fuzzer:
             "mode": mode.value,
             "request": describe_request(request),
             "status": status,
-            "response_headers": dict(response.headers) if response is not None else {},
+            "response_content_type": content_type(response) if response is not None else None,
             "response_body": response.text[:1500] if response is not None else "",
             "occurrences": 1,
         }
@@ -751,7 +763,7 @@ def main() -> int:
             if request["body"]:
                 print(f"request body: {request['body'][:500]}")
         print(f"response: {entry['status']} "
-              f"{entry['response_headers'].get('content-type', '')} {entry['response_body'][:500]}")
+              f"{entry['response_content_type'] or '(no content-type)'} {entry['response_body'][:500]}")
     if args.report:
         with open(args.report, "w") as f:
             json.dump(

@@ -308,6 +308,9 @@ struct World {
     closed_unsettled: Vec<u64>,
     interrupted_liquidity: Option<InterruptedLiquidity>,
     liquidity_requests: u64,
+    /// Money that entered or left the participants' positions from outside: liquidity moved
+    /// and fund adjustments. The positions on the ledger must always sum to it.
+    external_total: i128,
     digest: blake3::Hasher,
     tail: VecDeque<String>,
     report: SimReport,
@@ -356,6 +359,7 @@ impl World {
             closed_unsettled: Vec::new(),
             interrupted_liquidity: None,
             liquidity_requests: 0,
+            external_total: 0,
             digest: blake3::Hasher::new(),
             tail: VecDeque::new(),
             report: SimReport {
@@ -1169,10 +1173,12 @@ impl World {
     }
 
     fn apply_liquidity(&mut self, bank: usize, amount: u128, direction: LiquidityDirection) {
-        match direction {
-            LiquidityDirection::In => self.banks[bank].balance += amount as i128,
-            LiquidityDirection::Out => self.banks[bank].balance -= amount as i128,
-        }
+        let signed = match direction {
+            LiquidityDirection::In => amount as i128,
+            LiquidityDirection::Out => -(amount as i128),
+        };
+        self.banks[bank].balance += signed;
+        self.external_total += signed;
     }
 
     fn close_window(&mut self) -> Outcome {
@@ -1256,11 +1262,13 @@ impl World {
                 .unsigned_abs()
                 .checked_sub(carried)
                 .ok_or_else(|| format!("b{bank} carried {carried}, more than its net"))?;
-            if instruction.net < 0 {
-                self.banks[bank].balance += moved as i128;
+            let signed = if instruction.net < 0 {
+                moved as i128
             } else {
-                self.banks[bank].balance -= moved as i128;
-            }
+                -(moved as i128)
+            };
+            self.banks[bank].balance += signed;
+            self.external_total += signed;
         }
         Ok(())
     }
@@ -1441,6 +1449,7 @@ impl World {
                 return Err(format!("p{i} still reserved after its deadline"));
             }
         }
+        let mut ledger_total: i128 = 0;
         for i in 0..BANKS {
             let bic = self.banks[i].bic.clone();
             let positions = self
@@ -1467,6 +1476,22 @@ impl World {
                     "b{i} on the ledger (balance, reserved, incoming, available) = {actual:?}, the model has {expected:?}"
                 ));
             }
+            let balance = position.balance.trim_start_matches('-');
+            let magnitude = clearhouse_switch::money::parse_amount(balance, EXPONENT)
+                .map_err(|e| format!("b{i} balance {}: {e}", position.balance))?;
+            let magnitude = i128::try_from(magnitude).map_err(|e| e.to_string())?;
+            ledger_total += if position.balance.starts_with('-') {
+                -magnitude
+            } else {
+                magnitude
+            };
+        }
+        // Money is conserved: payments only move it between positions.
+        if ledger_total != self.external_total {
+            return Err(format!(
+                "the positions on the ledger sum to {ledger_total}, but {} entered from outside",
+                self.external_total
+            ));
         }
         let reports = self
             .block_on(switch.windows(&Caller::Operator, 1))
