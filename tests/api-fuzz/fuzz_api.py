@@ -8,10 +8,12 @@ Checks: no 5xx (not_a_server_error), and every response conforms to the document
 (status_code_conformance, content_type_conformance, response_headers_conformance,
 response_schema_conformance).
 
-Before fuzzing it onboards two participants whose endpoint is a stub bank on loopback (answers
-forwarded payments with ACCP), funds them, settles a payment and closes a window, so that known
-BICs, payment ids and windows can be mixed into the generated path parameters. Every participant
-endpoint the fuzzer sends is rewritten to that stub, so the switch only ever calls loopback.
+Before fuzzing it onboards two participants whose endpoint is a stub bank on loopback (accepts
+forwarded payments at once, or answers 202 and leaves the decision pending for instruction ids
+LATER-...), funds them, makes payments and closes a window, so that known BICs, payment ids and
+windows can be mixed into the generated cases, with bodies (JSON and ISO 20022 XML) that can
+pass validation. Every participant endpoint the fuzzer sends is rewritten to that stub, so the
+switch only ever calls loopback.
 
 Usage: fuzz_api.py --base-url http://127.0.0.1:PORT --operator-key DATA/operator.key
 Exits 0 when no check failed, 1 on failures, 2 on a setup error.
@@ -28,20 +30,26 @@ import random
 import secrets
 import string
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import hypothesis
-import requests
-import schemathesis
-from hypothesis import HealthCheck, Phase, strategies as st
-from requests.auth import AuthBase
-from schemathesis.checks import not_a_server_error
-from schemathesis.core.failures import Failure, FailureGroup
-from schemathesis.specs.openapi.checks import (
+# Hypothesis keeps a directory of its own (.hypothesis in the working directory): not in the repo.
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "clearhouse-api-fuzz-hypothesis")
+)
+
+import hypothesis  # noqa: E402
+import requests  # noqa: E402
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, Phase, strategies as st  # noqa: E402
+from requests.auth import AuthBase  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.core.failures import Failure, FailureGroup  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
     response_headers_conformance,
     response_schema_conformance,
@@ -499,6 +507,11 @@ def describe_request(request: requests.PreparedRequest | None) -> dict:
     }
 
 
+def shown(text: str) -> str:
+    """Printable ASCII (fuzzed bodies hold control characters and any Unicode)."""
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def content_type(response) -> str | None:
     values = response.headers.get("content-type")
     return values[0] if isinstance(values, list) and values else values
@@ -697,7 +710,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:18080")
     parser.add_argument("--operator-key", required=True, help="the data dir's operator.key")
-    parser.add_argument("--max-examples", type=int, default=40, help="per operation and caller")
+    parser.add_argument(
+        "--schema", help="check against this OpenAPI file instead of the served /openapi.json"
+    )
+    parser.add_argument("--max-examples", type=int, default=50, help="per operation and caller")
     parser.add_argument("--unsigned-examples", type=int, default=5)
     parser.add_argument("--time-budget", type=float, default=150.0, help="seconds, whole run")
     parser.add_argument("--request-timeout", type=float, default=15.0)
@@ -727,7 +743,12 @@ def main() -> int:
         "unsigned": Identity("unsigned", None, None),
     }
 
-    schema = schemathesis.openapi.from_url(base + "/openapi.json", timeout=10)
+    if args.schema:
+        # A document being edited, checked against the running (older) binary.
+        schema = schemathesis.openapi.from_path(args.schema)
+        schema.config.update(base_url=base)
+    else:
+        schema = schemathesis.openapi.from_url(base + "/openapi.json", timeout=10)
     fuzzer = Fuzzer(schema, state, stub, identities, args)
     # Every operation of the document (get_all_operations leaves GET /openapi.json out).
     operations, invalid = [], []
@@ -752,18 +773,19 @@ def main() -> int:
     for text in invalid:
         print(f"invalid operation in the document: {text}")
     for text in fuzzer.errors:
-        print(f"generation error: {text}")
+        print(f"error: {shown(text)}")
     for n, entry in enumerate(fuzzer.failures.values(), 1):
         request = entry["request"]
         print(f"\n--- failure {n}: {entry['operation']}: {entry['check']} "
               f"({entry['occurrences']}x, as {', '.join(sorted(entry['identities']))}, {entry['mode']})")
-        print(entry["message"])
+        if entry["message"]:
+            print(entry["message"])
         if request:
             print(f"request: {request['method']} {request['url']}")
             if request["body"]:
-                print(f"request body: {request['body'][:500]}")
-        print(f"response: {entry['status']} "
-              f"{entry['response_content_type'] or '(no content-type)'} {entry['response_body'][:500]}")
+                print(f"request body: {shown(request['body'][:500])}")
+        print(f"response: {entry['status']} {entry['response_content_type'] or '(no content-type)'} "
+              f"{shown(entry['response_body'][:500])}")
     if args.report:
         with open(args.report, "w") as f:
             json.dump(
@@ -780,7 +802,7 @@ def main() -> int:
     print(
         f"operations tested: {len(fuzzer.statuses)}/{len(operations)}; requests sent: "
         f"{fuzzer.requests_sent}; failures: {fuzzer.failure_count} "
-        f"({len(fuzzer.failures)} distinct); generation errors: {len(fuzzer.errors)}; "
+        f"({len(fuzzer.failures)} distinct); errors: {len(fuzzer.errors)}; "
         f"{elapsed:.1f} s; seed {args.seed}"
     )
     if fuzzer.out_of_time:

@@ -36,7 +36,8 @@ cleanup() {
     fi
     rm -rf "$work"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP PIPE
 
 "$bin" init --data-dir "$work/data" >/dev/null
 : >"$work/server.log"

@@ -19,8 +19,8 @@
 //! its signed checkpoints, and that it holds each settled payment exactly once.
 //!
 //! What it deliberately does not do: HTTP (the simulated network replaces the participant
-//! calls; the HTTP layer has its own tests), the liquidity-saving queue, returns and recalls,
-//! and faults inside the index store (it is rebuilt from the journal).
+//! calls; the HTTP layer has its own tests), the liquidity-saving queue, recalls, and faults
+//! inside the index store (it is rebuilt from the journal).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
@@ -103,6 +103,9 @@ pub struct SimReport {
     pub duplicate_submissions: u64,
     pub status_queries: u64,
     pub liquidity_transfers: u64,
+    /// Returns (pacs.004) that moved money, and refused or replayed return requests.
+    pub returns: u64,
+    pub returns_refused_or_replayed: u64,
     pub windows_closed: u64,
     pub windows_settled: u64,
     pub vouchers_verified: u64,
@@ -209,6 +212,9 @@ struct Payment {
     interrupted: Option<Decision>,
     /// What each agent was told by notifications.
     told: [Option<State>; 2],
+    /// Returned so far (pacs.004), and the returns made (id, amount) for replays.
+    returned: u128,
+    returns: Vec<(String, u128)>,
 }
 
 enum Message {
@@ -308,6 +314,9 @@ struct World {
     closed_unsettled: Vec<u64>,
     interrupted_liquidity: Option<InterruptedLiquidity>,
     liquidity_requests: u64,
+    returns_made: u64,
+    /// Return notifications the switch still owes (two per return).
+    return_notes_due: u32,
     /// Money that entered or left the participants' positions from outside: liquidity moved
     /// and fund adjustments. The positions on the ledger must always sum to it.
     external_total: i128,
@@ -359,6 +368,8 @@ impl World {
             closed_unsettled: Vec::new(),
             interrupted_liquidity: None,
             liquidity_requests: 0,
+            returns_made: 0,
+            return_notes_due: 0,
             external_total: 0,
             digest: blake3::Hasher::new(),
             tail: VecDeque::new(),
@@ -626,11 +637,15 @@ impl World {
         self.payments
             .iter()
             .map(|p| u64::from(p.forwards_due) + u64::from(p.notes_due))
-            .sum()
+            .sum::<u64>()
+            + u64::from(self.return_notes_due)
     }
 
     fn describe_outstanding(&self) -> String {
         let mut due = Vec::new();
+        if self.return_notes_due > 0 {
+            due.push(format!("{} return notification(s)", self.return_notes_due));
+        }
         for (i, p) in self.payments.iter().enumerate() {
             if p.forwards_due > 0 {
                 due.push(format!("forward of p{i}"));
@@ -720,8 +735,18 @@ impl World {
                     Notification::Payment(view) => view,
                     // Alerts come on a real-time timer: not part of the deterministic trace.
                     Notification::LiquidityAlert(_) => return Ok(None),
-                    Notification::Return(_) | Notification::Recall(_) => {
-                        return Err("a return or recall notification nobody asked for".into())
+                    Notification::Return(notice) => {
+                        if self.return_notes_due == 0 {
+                            return Err(format!(
+                                "an unexpected return notification ({})",
+                                notice.return_id
+                            ));
+                        }
+                        self.return_notes_due -= 1;
+                        return Ok(None);
+                    }
+                    Notification::Recall(_) => {
+                        return Err("a recall notification nobody asked for".into())
                     }
                 };
                 let index = self.index_of(&view)?;
@@ -800,7 +825,8 @@ impl World {
                 };
                 self.advance(by)
             }
-            72..=77 => self.duplicate_submission(),
+            72..=74 => self.duplicate_submission(),
+            75..=77 => self.return_payment(),
             78..=83 => self.status_query(),
             84..=89 => {
                 let bank = self.rng.below(PREFUNDED as u64) as usize;
@@ -886,6 +912,8 @@ impl World {
             timeout_reason: "AB05",
             interrupted: None,
             told: [None, None],
+            returned: 0,
+            returns: Vec::new(),
         });
         if view.deadline_ns != self.clock.now_ns() + DEADLINE_MS * 1_000_000 {
             return Err(format!(
@@ -938,6 +966,95 @@ impl World {
             }
         }
         self.pump()
+    }
+
+    /// The creditor agent returns (part of) a settled payment: a new return, a replay of an
+    /// earlier one (answered the same, money moved once), or more than is left (AM09).
+    fn return_payment(&mut self) -> Outcome {
+        let settled: Vec<usize> = (0..self.payments.len())
+            .filter(|&i| self.payments[i].state == State::Settled)
+            .collect();
+        if settled.is_empty() {
+            return self.new_payment();
+        }
+        let index = settled[self.rng.below(settled.len() as u64) as usize];
+        let p = &self.payments[index];
+        let (creditor, debtor, open) = (p.creditor, p.debtor, p.amount - p.returned);
+        let replay = !p.returns.is_empty() && self.rng.chance(25);
+        let (return_id, amount, requested) = if replay {
+            let (id, amount) = p.returns[self.rng.below(p.returns.len() as u64) as usize].clone();
+            (id, amount, Some(format_amount(amount, EXPONENT)))
+        } else {
+            self.returns_made += 1;
+            let id = format!("RET-{}", self.returns_made);
+            match self.rng.below(4) {
+                0 => (id, open, None),
+                1 => (id, open + 1, Some(format_amount(open + 1, EXPONENT))),
+                _ => {
+                    let amount = 1 + u128::from(
+                        self.rng
+                            .below(u64::try_from(open).unwrap_or(u64::MAX).max(1)),
+                    );
+                    (id, amount, Some(format_amount(amount, EXPONENT)))
+                }
+            }
+        };
+        let request = clearhouse_switch::switch::ReturnRequest {
+            return_id: return_id.clone(),
+            amount: requested,
+            reason: "CUST".into(),
+        };
+        let caller = Caller::Participant(self.banks[creditor].bic.clone());
+        let switch = self.live().switch.clone();
+        let answer = self.block_on(switch.return_payment(&caller, p.id, request));
+        self.trace(format!(
+            "return {return_id} of p{index} {amount} (open {open}, replay {replay}) => {}",
+            match &answer {
+                Ok(_) => "done".to_string(),
+                Err(e) => format!("{} {}", e.status, e.code),
+            }
+        ));
+        let expected: Result<(), &str> = if replay {
+            Ok(())
+        } else if amount == 0 || amount > open {
+            Err("AM09")
+        } else if amount as i128 > self.available(creditor) {
+            Err("AM04")
+        } else {
+            Ok(())
+        };
+        match (answer, expected) {
+            (Ok(view), Ok(())) => {
+                if view.amount != format_amount(amount, EXPONENT) {
+                    return Err(format!(
+                        "return {return_id} answered amount {}",
+                        view.amount
+                    ));
+                }
+                if replay {
+                    self.report.returns_refused_or_replayed += 1;
+                    return Ok(());
+                }
+                self.report.returns += 1;
+                let p = &mut self.payments[index];
+                p.returned += amount;
+                p.returns.push((return_id, amount));
+                self.banks[creditor].balance -= amount as i128;
+                self.banks[debtor].balance += amount as i128;
+                self.banks[creditor].window_sent += amount;
+                self.banks[debtor].window_received += amount;
+                self.return_notes_due += 2;
+                self.pump()
+            }
+            (Err(e), Err(reason)) if e.reason == Some(reason) => {
+                self.report.returns_refused_or_replayed += 1;
+                Ok(())
+            }
+            (answer, expected) => Err(format!(
+                "return {return_id} of p{index}: expected {expected:?}, answered {:?}",
+                answer.map(|v| v.amount).map_err(api)
+            )),
+        }
     }
 
     fn status_query(&mut self) -> Outcome {
