@@ -313,6 +313,8 @@ struct World {
     network: VecDeque<Message>,
     closed_unsettled: Vec<u64>,
     interrupted_liquidity: Option<InterruptedLiquidity>,
+    /// A close (false) or settlement (true) of this window a power loss interrupted.
+    interrupted_window: Option<(u64, bool)>,
     liquidity_requests: u64,
     returns_made: u64,
     /// Return notifications the switch still owes (two per return).
@@ -367,6 +369,7 @@ impl World {
             network: VecDeque::new(),
             closed_unsettled: Vec::new(),
             interrupted_liquidity: None,
+            interrupted_window: None,
             liquidity_requests: 0,
             returns_made: 0,
             return_notes_due: 0,
@@ -1404,7 +1407,38 @@ impl World {
                 self.payments[i].state == State::Pending && self.payments[i].notes_due == 0
             })
             .collect();
-        if pending.is_empty() {
+        let target = self.rng.below(10);
+        if target < 2 {
+            // During a window close (not settled with it).
+            let switch = self.live().switch.clone();
+            let open = self
+                .block_on(switch.windows(&Caller::Operator, 1))
+                .map_err(|e| format!("windows: {}", api(e)))?
+                .first()
+                .map(|r| r.window)
+                .ok_or("no open window")?;
+            if self
+                .block_on(switch.close_window(&Caller::Operator, false))
+                .is_ok()
+            {
+                return Err("a window close was acknowledged though its write failed".into());
+            }
+            self.trace(format!("power loss during the close of window {open}"));
+            self.interrupted_window = Some((open, false));
+        } else if target < 4 && !self.closed_unsettled.is_empty() {
+            let window = self.closed_unsettled[0];
+            let switch = self.live().switch.clone();
+            if self
+                .block_on(switch.settle_window(&Caller::Operator, window))
+                .is_ok()
+            {
+                return Err("a settlement was acknowledged though its write failed".into());
+            }
+            self.trace(format!(
+                "power loss during the settlement of window {window}"
+            ));
+            self.interrupted_window = Some((window, true));
+        } else if pending.is_empty() {
             let bank = self.rng.below(PREFUNDED as u64) as usize;
             let amount = 1 + u128::from(self.rng.below(AMOUNT_MAX));
             self.liquidity_requests += 1;
@@ -1488,7 +1522,72 @@ impl World {
             self.trace(format!("liquidity b{} retried => done", interrupted.bank));
             self.pump()?;
         }
+        // An interrupted close or settlement: done whole (the write survived) or not at all.
+        if let Some((window, settling)) = self.interrupted_window.take() {
+            self.resolve_interrupted_window(window, settling)?;
+        }
         self.verify_vouchers()
+    }
+
+    fn resolve_interrupted_window(&mut self, window: u64, settling: bool) -> Outcome {
+        let switch = self.live().switch.clone();
+        let report = self
+            .block_on(switch.window_report(&Caller::Operator, window))
+            .map_err(|e| format!("window {window} after restart: {}", api(e)))?;
+        use clearhouse_clearing::report::WindowState;
+        match (settling, report.state) {
+            (false, WindowState::Open) => {
+                self.trace(format!("window {window} still open after restart"));
+            }
+            (false, WindowState::Closed) => {
+                // The close survived: its plan must be the model's window, and it is signed.
+                if report.checkpoint.is_none() {
+                    return Err(format!(
+                        "window {window} closed without its checkpoint after restart"
+                    ));
+                }
+                let plan = report.plan.clone().ok_or("closed window without a plan")?;
+                for (i, bank) in self.banks.iter().enumerate() {
+                    let (sent, received) = plan
+                        .positions
+                        .iter()
+                        .find(|p| p.participant == bank.bic)
+                        .map_or((0, 0), |p| (p.sent, p.received));
+                    if (sent, received) != (bank.window_sent, bank.window_received) {
+                        return Err(format!(
+                            "interrupted close of window {window}: b{i} sent {sent} received {received}; the model has {} and {}",
+                            bank.window_sent, bank.window_received
+                        ));
+                    }
+                }
+                for bank in &mut self.banks {
+                    bank.window_sent = 0;
+                    bank.window_received = 0;
+                }
+                self.report.windows_closed += 1;
+                self.closed_unsettled.push(window);
+                self.trace(format!("window {window} closed by the surviving write"));
+            }
+            (true, WindowState::Closed) => {
+                self.trace(format!("window {window} still closed after restart"));
+            }
+            (true, WindowState::Settled) => {
+                // The settlement survived; settling again reconciles it (idempotent).
+                let report = self
+                    .block_on(switch.settle_window(&Caller::Operator, window))
+                    .map_err(|e| format!("settling window {window} again: {}", api(e)))?;
+                self.closed_unsettled.retain(|&w| w != window);
+                self.apply_settlement(&report)?;
+                self.trace(format!("window {window} settled by the surviving write"));
+            }
+            (settling, state) => {
+                return Err(format!(
+                    "window {window} is {state:?} after an interrupted {}",
+                    if settling { "settlement" } else { "close" }
+                ))
+            }
+        }
+        self.pump()
     }
 
     /// Ends the run: every deadline passes, every held message is delivered, the window closes

@@ -68,4 +68,8 @@ fn seeds_that_found_bugs_stay_fixed() {
     // Seed 34: a net receiver that had spent everything in the next window made the ledger refuse
     // the settlement batch (a balancing debit that can move nothing); the window stayed closed.
     run_seed(34, 1000);
+    // Seed 10: a power loss after the settlement batch reached the disk but before its
+    // reconciliation was stored; settling again after the restart reported the receiver's carried
+    // amount as a break (the carried amounts were not recomputed).
+    run_seed(10, 1000);
 }

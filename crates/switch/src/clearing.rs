@@ -569,11 +569,58 @@ impl Clearing {
     /// each and the window's `window_settled` voucher, all or nothing; then reconciles.
     /// Idempotent: settling a settled window answers its report.
     pub async fn settle(&self, window: u64) -> Result<WindowReport, ApiError> {
-        let report = self.settle_only(window).await?;
+        let mut report = self.settle_only(window).await?;
         if report.reconciled {
             return Ok(report);
         }
+        if report.carried.is_empty() {
+            // Settled by a batch that a crash separated from its reconciliation: the carried
+            // amounts (computed after the batch) are read again from the ledger.
+            if let Some(plan) = report.plan.clone() {
+                report.carried = self.carried(window, &plan).await?;
+            }
+        }
         self.reconcile(window, report).await
+    }
+
+    /// What each net receiver's fund adjustment could not take back (balancing debit, or no
+    /// transfer at all): participant, currency, amount carried.
+    async fn carried(
+        &self,
+        window: u64,
+        plan: &SettlementPlan,
+    ) -> Result<Vec<(String, String, String)>, ApiError> {
+        let ids: Vec<u128> = plan
+            .instructions
+            .iter()
+            .map(|i| fund_adjustment_id(window, &i.participant, &i.currency))
+            .collect();
+        let moved = if ids.is_empty() {
+            vec![]
+        } else {
+            let node = self.node.clone();
+            blocking(move || node.lookup_transfers(ids)).await?
+        };
+        let moved: BTreeMap<u128, u128> = moved
+            .into_iter()
+            .map(|s| (s.transfer.id, s.transfer.amount))
+            .collect();
+        let mut carried = Vec::new();
+        for instruction in &plan.instructions {
+            let id = fund_adjustment_id(window, &instruction.participant, &instruction.currency);
+            let left = instruction
+                .net
+                .unsigned_abs()
+                .saturating_sub(moved.get(&id).copied().unwrap_or(0));
+            if left > 0 {
+                carried.push((
+                    instruction.participant.clone(),
+                    instruction.currency.clone(),
+                    left.to_string(),
+                ));
+            }
+        }
+        Ok(carried)
     }
 
     /// Position accounts of the plan's net receivers with nothing available: their receipts were
@@ -626,7 +673,7 @@ impl Clearing {
             .clone()
             .ok_or_else(|| internal("closed window without plan"))?;
         let mut attempt = 0;
-        let (ids, _outcome) = loop {
+        loop {
             attempt += 1;
             let empty = self.receivers_with_nothing_left(&plan).await?;
             let mut transfers = Vec::with_capacity(plan.instructions.len());
@@ -718,7 +765,6 @@ impl Clearing {
             }
             report.state = WindowState::Settled;
             report.settled_at_ns = Some(now_ns());
-            let ids: Vec<u128> = transfers.iter().map(|t| t.id).collect();
             let outcome = self
                 .store(&report, self.closed_seq(window).await?, transfers, records)
                 .await?;
@@ -726,7 +772,7 @@ impl Clearing {
                 !matches!(r, CreateTransferResult::Ok | CreateTransferResult::Exists)
             });
             let Some(failed) = failed else {
-                break (ids, outcome);
+                break;
             };
             let cause = outcome
                 .results
@@ -751,33 +797,9 @@ impl Clearing {
                         "the ledger refused fund adjustment {failed} ({cause:?}); nothing was posted and window {window} stays closed"
                     ),
                 ));
-        };
-        self.windows_settled.fetch_add(1, Ordering::Relaxed);
-        // What the ledger moved for each receiver (balancing), to report any carried amount.
-        let moved = if ids.is_empty() {
-            vec![]
-        } else {
-            let node = self.node.clone();
-            blocking(move || node.lookup_transfers(ids)).await?
-        };
-        let moved: BTreeMap<u128, u128> = moved
-            .into_iter()
-            .map(|s| (s.transfer.id, s.transfer.amount))
-            .collect();
-        for instruction in &plan.instructions {
-            let id = fund_adjustment_id(window, &instruction.participant, &instruction.currency);
-            let carried = instruction
-                .net
-                .unsigned_abs()
-                .saturating_sub(moved.get(&id).copied().unwrap_or(0));
-            if carried > 0 {
-                report.carried.push((
-                    instruction.participant.clone(),
-                    instruction.currency.clone(),
-                    carried.to_string(),
-                ));
-            }
         }
+        self.windows_settled.fetch_add(1, Ordering::Relaxed);
+        report.carried = self.carried(window, &plan).await?;
         tracing::info!(
             window,
             adjustments = plan.instructions.len(),

@@ -39,6 +39,10 @@ impl SignedClient {
         SignedClient {
             http: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(1024)
+                // Below the server's 10 s header read timeout, so the client never sends on an
+                // idle connection the server is closing.
+                .pool_idle_timeout(Duration::from_secs(5))
+                .pool_timer(hyper_util::rt::TokioTimer::new())
                 .build(connector),
             base: base.trim_end_matches('/').to_string(),
             key_id: key_id.to_string(),

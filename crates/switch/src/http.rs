@@ -99,6 +99,25 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A window number from the path; anything else is a JSON 400 (FF01) like every other error.
+struct WindowNumber(u64);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for WindowNumber {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let Path(text) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("window: {e}"), "FF01").into_response())?;
+        text.parse().map(WindowNumber).map_err(|_| {
+            ApiError::bad_request("a window is a number from 0 to 2^64 - 1", "FF01").into_response()
+        })
+    }
+}
+
 fn auth_error(error: AuthError) -> ApiError {
     match error {
         AuthError::NonceCacheFull => ApiError::new(503, "replay_cache_full", error.to_string()),
@@ -836,7 +855,7 @@ async fn close_window(
 
 async fn settle_window(
     State(state): State<AppState>,
-    Path(window): Path<u64>,
+    WindowNumber(window): WindowNumber,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -886,7 +905,7 @@ async fn list_windows(
 
 async fn get_window(
     State(state): State<AppState>,
-    Path(window): Path<u64>,
+    WindowNumber(window): WindowNumber,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -922,7 +941,7 @@ async fn get_window(
 
 async fn statements(
     State(state): State<AppState>,
-    Path(window): Path<u64>,
+    WindowNumber(window): WindowNumber,
     method: Method,
     uri: Uri,
     headers: HeaderMap,

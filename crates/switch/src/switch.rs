@@ -79,7 +79,7 @@ impl ApiError {
         self.retry_after_seconds = Some(seconds);
         self
     }
-    fn bad_request(message: impl Into<String>, reason: &'static str) -> ApiError {
+    pub(crate) fn bad_request(message: impl Into<String>, reason: &'static str) -> ApiError {
         ApiError::new(400, "invalid_request", message).with_reason(reason)
     }
     fn not_found(what: &str) -> ApiError {
@@ -1446,7 +1446,7 @@ impl Switch {
                 )
                 .with_reason("AM04"))
             }
-            r if r.as_u32() >= CreateTransferResult::Exists.as_u32() => {
+            r if r.name().starts_with("ExistsWithDifferent") => {
                 return Err(ApiError::new(
                     409,
                     "request_id_reused",

@@ -199,3 +199,35 @@ fn xml_bombs_and_oversized_documents_are_refused_with_a_clear_error() {
     });
     drop(running);
 }
+
+/// Found by schemathesis: a liquidity request id reused with another amount, direction or
+/// currency answered 500; it is a 409 DUPL and nothing moves.
+#[test]
+fn a_reused_liquidity_request_id_is_refused_not_a_server_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_switch(dir.path(), config());
+    running.runtime.block_on(async {
+        let op = operator(dir.path(), &running.url);
+        onboard(&op, A, "http://127.0.0.1:9", terms()).await;
+        let path = format!("/v1/admin/participants/{A}/liquidity");
+        let first =
+            json!({"request_id": "r1", "currency": "EUR", "amount": "10.00", "direction": "in"});
+        let (status, _) = call(&op, "POST", &path, first.clone()).await;
+        assert_eq!(status, 200);
+        for changed in [
+            json!({"request_id": "r1", "currency": "EUR", "amount": "11.00", "direction": "in"}),
+            json!({"request_id": "r1", "currency": "EUR", "amount": "10.00", "direction": "out"}),
+        ] {
+            let (status, body) = call(&op, "POST", &path, changed).await;
+            assert_eq!(
+                (status, body["reason"].as_str()),
+                (409, Some("DUPL")),
+                "{body}"
+            );
+        }
+        let (status, _) = call(&op, "POST", &path, first).await;
+        assert_eq!(status, 200, "the same request again is idempotent");
+        assert_eq!(available(&op, A).await, "10.00");
+    });
+    drop(running);
+}
