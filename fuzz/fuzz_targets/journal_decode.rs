@@ -1,9 +1,10 @@
 //! Bytes from disk: journal payloads (submit batches with records and vouchers, transfer and
 //! account batches) and voucher exports must decode or fail cleanly, never panic; a decoded
-//! submit re-encodes to a payload that decodes to the same batch.
+//! submit re-encodes to a payload that decodes to the same batch. The index's compact values
+//! (stored transfers, account-event chunks) too: decode cleanly or fail, and re-encode the same.
 #![no_main]
 
-use clearhouse_engine::codec;
+use clearhouse_engine::{codec, compact};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -14,5 +15,21 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = codec::decode_batch(data, codec::decode_transfer);
     let _ = codec::decode_batch(data, codec::decode_account);
+    if let Ok(stored) = compact::decode_stored_transfer(data) {
+        let mut again = Vec::new();
+        compact::encode_stored_transfer(&mut again, &stored);
+        assert_eq!(compact::decode_stored_transfer(&again).unwrap(), stored);
+    }
+    let mut events = Vec::new();
+    if compact::decode_account_events(7, 1_000, data, &mut events).is_ok() && !events.is_empty() {
+        let mut again = Vec::new();
+        let mut writer = compact::ChunkWriter::new(1_000);
+        for event in &events {
+            writer.push(&mut again, event);
+        }
+        let mut decoded = Vec::new();
+        compact::decode_account_events(7, 1_000, &again, &mut decoded).unwrap();
+        assert_eq!(decoded, events);
+    }
     let _ = clearhouse_clearing::export::verify_export(data, None, |_| {});
 });

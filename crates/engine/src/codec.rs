@@ -1,14 +1,11 @@
-//! Byte layouts of ledger objects in the journal and the index: fixed-size, little-endian.
-//! Documented in docs/JOURNAL_FORMAT.md ("Payload kinds"); change both together.
+//! Byte layouts of ledger objects in the journal (and of accounts and scalars in the index):
+//! fixed-size, little-endian. Documented in docs/JOURNAL_FORMAT.md ("Payload kinds"); change both
+//! together. The index's transfers and account events use the compact form of [`crate::compact`].
 
-use clearhouse_ledger::{
-    Account, AccountEvent, AccountEventKind, AccountFlags, Balance, LedgerScalars, PendingStatus,
-    StoredTransfer, Transfer, TransferFlags,
-};
+use clearhouse_ledger::{Account, AccountFlags, LedgerScalars, Transfer, TransferFlags};
 
 pub const ACCOUNT_SIZE: usize = 128;
 pub const TRANSFER_SIZE: usize = 128;
-pub const STORED_TRANSFER_SIZE: usize = TRANSFER_SIZE + 1;
 
 /// Journal record kinds.
 pub const KIND_CREATE_ACCOUNTS: u16 = 1;
@@ -168,24 +165,6 @@ pub fn decode_transfer(bytes: &[u8]) -> Result<Transfer, CodecError> {
         code: r.u16(),
         flags: TransferFlags(r.u16()),
         timestamp: r.u64(),
-    })
-}
-
-pub fn encode_stored_transfer(out: &mut Vec<u8>, stored: &StoredTransfer) {
-    encode_transfer(out, &stored.transfer);
-    out.push(stored.status as u8);
-}
-
-pub fn decode_stored_transfer(bytes: &[u8]) -> Result<StoredTransfer, CodecError> {
-    check(bytes, STORED_TRANSFER_SIZE, "stored transfer")?;
-    let status = PendingStatus::from_u8(bytes[TRANSFER_SIZE]).ok_or(CodecError {
-        what: "pending status",
-        expected: 1,
-        found: 0,
-    })?;
-    Ok(StoredTransfer {
-        transfer: decode_transfer(&bytes[..TRANSFER_SIZE])?,
-        status,
     })
 }
 
@@ -358,78 +337,6 @@ pub fn decode_submit(payload: &[u8]) -> Result<(Vec<Transfer>, Vec<RecordPut>), 
 /// One account event inside an account-events chunk of the index: timestamp (8), kind (1),
 /// has_balance (1), the transfer (128), then for accounts with history 64 bytes of balances
 /// (debits_pending, debits_posted, credits_pending, credits_posted).
-pub fn encode_account_event(out: &mut Vec<u8>, event: &AccountEvent) {
-    let mut b = [0u8; 10 + TRANSFER_SIZE + 64];
-    b[0..8].copy_from_slice(&event.timestamp.to_le_bytes());
-    b[8] = event.kind as u8;
-    b[9] = event.balance.is_some() as u8;
-    b[10..10 + TRANSFER_SIZE].copy_from_slice(&transfer_bytes(&event.transfer));
-    let size = match event.balance {
-        Some(balance) => {
-            let at = 10 + TRANSFER_SIZE;
-            b[at..at + 16].copy_from_slice(&balance.debits_pending.to_le_bytes());
-            b[at + 16..at + 32].copy_from_slice(&balance.debits_posted.to_le_bytes());
-            b[at + 32..at + 48].copy_from_slice(&balance.credits_pending.to_le_bytes());
-            b[at + 48..at + 64].copy_from_slice(&balance.credits_posted.to_le_bytes());
-            b.len()
-        }
-        None => 10 + TRANSFER_SIZE,
-    };
-    out.extend_from_slice(&b[..size]);
-}
-
-/// Decodes every event of a chunk, in order.
-pub fn decode_account_events(
-    account_id: u128,
-    mut bytes: &[u8],
-    out: &mut Vec<AccountEvent>,
-) -> Result<(), CodecError> {
-    const HEAD: usize = 10 + TRANSFER_SIZE;
-    while !bytes.is_empty() {
-        if bytes.len() < HEAD {
-            return Err(CodecError {
-                what: "account event",
-                expected: HEAD,
-                found: bytes.len(),
-            });
-        }
-        let timestamp = u64::from_le_bytes(bytes[0..8].try_into().expect("8 bytes"));
-        let kind = AccountEventKind::from_u8(bytes[8]).ok_or(CodecError {
-            what: "account event kind",
-            expected: 1,
-            found: 0,
-        })?;
-        let has_balance = bytes[9] == 1;
-        let transfer = decode_transfer(&bytes[10..HEAD])?;
-        let size = HEAD + if has_balance { 64 } else { 0 };
-        if bytes.len() < size {
-            return Err(CodecError {
-                what: "account event balance",
-                expected: size,
-                found: bytes.len(),
-            });
-        }
-        let balance = has_balance.then(|| {
-            let mut r = Reader(&bytes[HEAD..size]);
-            Balance {
-                debits_pending: r.u128(),
-                debits_posted: r.u128(),
-                credits_pending: r.u128(),
-                credits_posted: r.u128(),
-            }
-        });
-        out.push(AccountEvent {
-            account_id,
-            timestamp,
-            transfer,
-            kind,
-            balance,
-        });
-        bytes = &bytes[size..];
-    }
-    Ok(())
-}
-
 pub fn encode_scalars(scalars: &LedgerScalars) -> Vec<u8> {
     let mut out = Vec::with_capacity(32);
     let mut w = Writer(&mut out);
@@ -532,14 +439,10 @@ mod tests {
             flags: TransferFlags::PENDING,
             timestamp: 12,
         };
-        let stored = StoredTransfer {
-            transfer,
-            status: PendingStatus::Expired,
-        };
         let mut bytes = Vec::new();
-        encode_stored_transfer(&mut bytes, &stored);
-        assert_eq!(bytes.len(), STORED_TRANSFER_SIZE);
-        assert_eq!(decode_stored_transfer(&bytes).unwrap(), stored);
+        encode_transfer(&mut bytes, &transfer);
+        assert_eq!(bytes.len(), TRANSFER_SIZE);
+        assert_eq!(decode_transfer(&bytes).unwrap(), transfer);
         assert!(decode_transfer(&bytes[..100]).is_err());
     }
 }

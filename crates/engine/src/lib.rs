@@ -12,6 +12,7 @@
 //! here, once per batch, and journaled, so replay never reads it).
 
 pub mod codec;
+pub mod compact;
 pub mod index;
 pub mod node;
 pub mod vouchers;

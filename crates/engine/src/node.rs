@@ -815,55 +815,43 @@ fn index_loop(
     jobs_per_transaction_max: usize,
 ) {
     let mut last_commit = std::time::Instant::now();
-    while let Ok(mut job) = jobs.recv() {
+    let mut batch: Vec<IndexUpdate> = Vec::with_capacity(jobs_per_transaction_max);
+    while let Ok(job) = jobs.recv() {
         // Let more groups arrive unless this one is a checkpoint (a clean stop waits for it).
         let since = last_commit.elapsed();
         if !job.durable && since < interval_min {
             std::thread::sleep(interval_min - since);
         }
-        // Merge queued updates into one transaction (fewer copy-on-write page rewrites). Accounts
-        // are appended in order, so the latest version of each is written last.
-        let mut merged = 1;
-        let mut transfers = job.changes.transfers.len() as u64;
-        while merged < jobs_per_transaction_max {
+        // Write queued updates in one transaction (fewer copy-on-write page rewrites), read in
+        // place rather than merged into one copy.
+        batch.clear();
+        batch.push(job);
+        while batch.len() < jobs_per_transaction_max {
             let Ok(next) = jobs.try_recv() else { break };
-            assert!(next.seq >= job.seq, "index updates arrive in order");
-            transfers += next.changes.transfers.len() as u64;
-            job.changes
-                .transfers
-                .extend_from_slice(&next.changes.transfers);
-            job.changes
-                .account_events
-                .extend_from_slice(&next.changes.account_events);
-            job.changes
-                .accounts_created
-                .extend_from_slice(&next.changes.accounts_created);
-            job.accounts.extend_from_slice(&next.accounts);
-            job.records.extend(next.records);
-            job.vouchers.extend(next.vouchers);
-            job.seq = next.seq;
-            job.scalars = next.scalars;
-            job.durable |= next.durable;
-            merged += 1;
+            batch.push(next);
         }
-        // One write per account: the latest version (appended last) wins.
-        job.accounts.reverse();
-        job.accounts.sort_by_key(|account| account.id);
-        job.accounts.dedup_by_key(|account| account.id);
-        let result = index.apply(&job);
+        let transfers: u64 = batch
+            .iter()
+            .map(|job| job.changes.transfers.len() as u64)
+            .sum();
+        let last = batch.last().expect("one job at least");
+        let (seq, durable) = (last.seq, batch.iter().any(|job| job.durable));
+        let result = index.apply_all(&batch);
         last_commit = std::time::Instant::now();
+        // Free the updates' memory before answering, as the merged copy was.
+        batch.clear();
         let mut state = progress.indexed.lock().expect("progress");
         match result {
             Ok(()) => {
-                assert!(job.seq >= state.seq, "index jobs arrive in order");
-                state.seq = job.seq;
+                assert!(seq >= state.seq, "index jobs arrive in order");
+                state.seq = seq;
                 state.transfers_indexed += transfers;
-                if job.durable {
-                    state.checkpoint_seq = job.seq;
+                if durable {
+                    state.checkpoint_seq = seq;
                 }
             }
             Err(error) => {
-                tracing::error!(%error, seq = job.seq, "index write failed; the node stops accepting work");
+                tracing::error!(%error, seq, "index write failed; the node stops accepting work");
                 state.error = Some(format!("index write failed: {error}"));
                 progress.stopped.store(true, Ordering::SeqCst);
                 progress.indexed_changed.notify_all();

@@ -1,0 +1,555 @@
+//! The index's value encoding: transfers and account events in a compact, variable-length form.
+//!
+//! The journal keeps the fixed 128-byte layouts of `codec` (simple to check, cheap to write); the
+//! index stores every transfer three times (by id, and inline in the account events of both
+//! accounts) and is bound by the bytes its copy-on-write B-tree writes, so there each value is
+//! packed: LEB128 varints, fields that are zero left out behind a presence mask, the account an
+//! event belongs to left out of its transfer, timestamps and balances as deltas from the previous
+//! event of the same chunk. Documented byte by byte in docs/JOURNAL_FORMAT.md ("Index format");
+//! change both together and bump [`INDEX_FORMAT`].
+//!
+//! Decoding never panics on hostile bytes: a truncated or overlong value is a [`CodecError`].
+
+use clearhouse_ledger::{
+    AccountEvent, AccountEventKind, Balance, PendingStatus, StoredTransfer, Transfer, TransferFlags,
+};
+
+use crate::codec::CodecError;
+
+/// The version of the index's value encoding, kept in the index's `meta` table.
+pub const INDEX_FORMAT: u32 = 2;
+
+const DEBIT_IS_SELF: u16 = 1 << 0;
+const CREDIT_IS_SELF: u16 = 1 << 1;
+const HAS_PENDING_ID: u16 = 1 << 2;
+const HAS_USER_DATA_128: u16 = 1 << 3;
+const HAS_USER_DATA_64: u16 = 1 << 4;
+const HAS_USER_DATA_32: u16 = 1 << 5;
+const HAS_TIMEOUT: u16 = 1 << 6;
+const HAS_FLAGS: u16 = 1 << 7;
+const MASK_ALL: u16 = (1 << 8) - 1;
+
+/// Bit of an event's kind byte: a balance follows the transfer.
+const EVENT_HAS_BALANCE: u8 = 0x80;
+
+#[inline]
+fn put_u64(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+#[inline]
+fn put_u128(out: &mut Vec<u8>, mut v: u128) {
+    while v > u64::MAX as u128 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    put_u64(out, v as u64);
+}
+
+#[inline]
+fn zigzag_u128(current: u128, previous: u128) -> u128 {
+    let delta = current.wrapping_sub(previous) as i128;
+    ((delta << 1) ^ (delta >> 127)) as u128
+}
+
+#[inline]
+fn unzigzag_u128(z: u128, previous: u128) -> u128 {
+    let delta = ((z >> 1) as i128) ^ -((z & 1) as i128);
+    previous.wrapping_add(delta as u128)
+}
+
+#[inline]
+fn zigzag_u64(current: u64, base: u64) -> u64 {
+    let delta = current.wrapping_sub(base) as i64;
+    ((delta << 1) ^ (delta >> 63)) as u64
+}
+
+#[inline]
+fn unzigzag_u64(z: u64, base: u64) -> u64 {
+    let delta = ((z >> 1) as i64) ^ -((z & 1) as i64);
+    base.wrapping_add(delta as u64)
+}
+
+fn error(what: &'static str, expected: usize, found: usize) -> CodecError {
+    CodecError {
+        what,
+        expected,
+        found,
+    }
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    what: &'static str,
+}
+
+impl Cursor<'_> {
+    fn u8(&mut self) -> Result<u8, CodecError> {
+        let (&first, rest) = self
+            .bytes
+            .split_first()
+            .ok_or_else(|| error(self.what, 1, 0))?;
+        self.bytes = rest;
+        Ok(first)
+    }
+
+    /// A LEB128 varint of at most `bits` bits, in its shortest form or not, but never longer than
+    /// the type allows and never with bits beyond it.
+    fn varint(&mut self, bits: u32) -> Result<u128, CodecError> {
+        let mut value = 0u128;
+        let mut shift = 0u32;
+        loop {
+            let byte = self.u8()?;
+            let payload = (byte & 0x7f) as u128;
+            if shift >= bits || (shift > 0 && bits - shift < 7 && payload >> (bits - shift) != 0) {
+                return Err(error(
+                    self.what,
+                    (bits as usize).div_ceil(7),
+                    shift as usize / 7 + 1,
+                ));
+            }
+            value |= payload << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+            shift += 7;
+        }
+    }
+
+    fn u128(&mut self) -> Result<u128, CodecError> {
+        self.varint(128)
+    }
+    fn u64(&mut self) -> Result<u64, CodecError> {
+        Ok(self.varint(64)? as u64)
+    }
+    fn u32(&mut self) -> Result<u32, CodecError> {
+        Ok(self.varint(32)? as u32)
+    }
+    fn u16(&mut self) -> Result<u16, CodecError> {
+        Ok(self.varint(16)? as u16)
+    }
+}
+
+/// A transfer relative to `own` (the account whose event this is; 0 for none) and to `base` (the
+/// timestamp it is stored near).
+fn put_transfer(out: &mut Vec<u8>, t: &Transfer, own: u128, base: u64) {
+    let mut mask = 0u16;
+    if t.debit_account_id == own {
+        mask |= DEBIT_IS_SELF;
+    }
+    if t.credit_account_id == own {
+        mask |= CREDIT_IS_SELF;
+    }
+    if t.pending_id != 0 {
+        mask |= HAS_PENDING_ID;
+    }
+    if t.user_data_128 != 0 {
+        mask |= HAS_USER_DATA_128;
+    }
+    if t.user_data_64 != 0 {
+        mask |= HAS_USER_DATA_64;
+    }
+    if t.user_data_32 != 0 {
+        mask |= HAS_USER_DATA_32;
+    }
+    if t.timeout != 0 {
+        mask |= HAS_TIMEOUT;
+    }
+    if t.flags.0 != 0 {
+        mask |= HAS_FLAGS;
+    }
+    put_u64(out, mask as u64);
+    put_u128(out, t.id);
+    if mask & DEBIT_IS_SELF == 0 {
+        put_u128(out, t.debit_account_id);
+    }
+    if mask & CREDIT_IS_SELF == 0 {
+        put_u128(out, t.credit_account_id);
+    }
+    put_u128(out, t.amount);
+    put_u64(out, t.ledger as u64);
+    put_u64(out, t.code as u64);
+    if mask & HAS_PENDING_ID != 0 {
+        put_u128(out, t.pending_id);
+    }
+    if mask & HAS_USER_DATA_128 != 0 {
+        put_u128(out, t.user_data_128);
+    }
+    if mask & HAS_USER_DATA_64 != 0 {
+        put_u64(out, t.user_data_64);
+    }
+    if mask & HAS_USER_DATA_32 != 0 {
+        put_u64(out, t.user_data_32 as u64);
+    }
+    if mask & HAS_TIMEOUT != 0 {
+        put_u64(out, t.timeout as u64);
+    }
+    if mask & HAS_FLAGS != 0 {
+        put_u64(out, t.flags.0 as u64);
+    }
+    put_u64(out, zigzag_u64(t.timestamp, base));
+}
+
+fn get_transfer(c: &mut Cursor, own: u128, base: u64) -> Result<Transfer, CodecError> {
+    let mask = c.u16()?;
+    if mask & !MASK_ALL != 0 {
+        return Err(error(
+            "transfer presence mask",
+            MASK_ALL as usize,
+            mask as usize,
+        ));
+    }
+    let id = c.u128()?;
+    let debit_account_id = if mask & DEBIT_IS_SELF != 0 {
+        own
+    } else {
+        c.u128()?
+    };
+    let credit_account_id = if mask & CREDIT_IS_SELF != 0 {
+        own
+    } else {
+        c.u128()?
+    };
+    let amount = c.u128()?;
+    let ledger = c.u32()?;
+    let code = c.u16()?;
+    let mut t = Transfer {
+        id,
+        debit_account_id,
+        credit_account_id,
+        amount,
+        ledger,
+        code,
+        ..Transfer::default()
+    };
+    if mask & HAS_PENDING_ID != 0 {
+        t.pending_id = c.u128()?;
+    }
+    if mask & HAS_USER_DATA_128 != 0 {
+        t.user_data_128 = c.u128()?;
+    }
+    if mask & HAS_USER_DATA_64 != 0 {
+        t.user_data_64 = c.u64()?;
+    }
+    if mask & HAS_USER_DATA_32 != 0 {
+        t.user_data_32 = c.u32()?;
+    }
+    if mask & HAS_TIMEOUT != 0 {
+        t.timeout = c.u32()?;
+    }
+    if mask & HAS_FLAGS != 0 {
+        t.flags = TransferFlags(c.u16()?);
+    }
+    t.timestamp = unzigzag_u64(c.u64()?, base);
+    Ok(t)
+}
+
+/// A transfer with its pending status, as the `transfers` table stores it (the key is its id).
+pub fn encode_stored_transfer(out: &mut Vec<u8>, stored: &StoredTransfer) {
+    out.push(stored.status as u8);
+    put_transfer(out, &stored.transfer, 0, 0);
+}
+
+pub fn decode_stored_transfer(bytes: &[u8]) -> Result<StoredTransfer, CodecError> {
+    let mut c = Cursor {
+        bytes,
+        what: "stored transfer",
+    };
+    let status = c.u8()?;
+    let status = PendingStatus::from_u8(status)
+        .ok_or_else(|| error("pending status", 1, status as usize))?;
+    let transfer = get_transfer(&mut c, 0, 0)?;
+    if !c.bytes.is_empty() {
+        return Err(error("stored transfer trailing bytes", 0, c.bytes.len()));
+    }
+    Ok(StoredTransfer { transfer, status })
+}
+
+/// Appends the events of one chunk (one account, timestamps strictly increasing, the first equal
+/// to the chunk's key); each event is stored relative to the one before it.
+pub struct ChunkWriter {
+    timestamp: u64,
+    balance: Balance,
+}
+
+impl ChunkWriter {
+    pub fn new(first_timestamp: u64) -> ChunkWriter {
+        ChunkWriter {
+            timestamp: first_timestamp,
+            balance: Balance::default(),
+        }
+    }
+
+    pub fn push(&mut self, out: &mut Vec<u8>, event: &AccountEvent) {
+        assert!(
+            event.timestamp >= self.timestamp,
+            "account events of a chunk are in timestamp order"
+        );
+        put_u64(out, event.timestamp - self.timestamp);
+        self.timestamp = event.timestamp;
+        let kind = event.kind as u8;
+        debug_assert_eq!(kind & EVENT_HAS_BALANCE, 0);
+        out.push(
+            kind | if event.balance.is_some() {
+                EVENT_HAS_BALANCE
+            } else {
+                0
+            },
+        );
+        put_transfer(out, &event.transfer, event.account_id, event.timestamp);
+        if let Some(balance) = event.balance {
+            let previous = self.balance;
+            put_u128(
+                out,
+                zigzag_u128(balance.debits_pending, previous.debits_pending),
+            );
+            put_u128(
+                out,
+                zigzag_u128(balance.debits_posted, previous.debits_posted),
+            );
+            put_u128(
+                out,
+                zigzag_u128(balance.credits_pending, previous.credits_pending),
+            );
+            put_u128(
+                out,
+                zigzag_u128(balance.credits_posted, previous.credits_posted),
+            );
+            self.balance = balance;
+        }
+    }
+}
+
+/// Decodes every event of a chunk of `account_id` whose key timestamp is `first_timestamp`.
+pub fn decode_account_events(
+    account_id: u128,
+    first_timestamp: u64,
+    bytes: &[u8],
+    out: &mut Vec<AccountEvent>,
+) -> Result<(), CodecError> {
+    let mut c = Cursor {
+        bytes,
+        what: "account event",
+    };
+    let mut timestamp = first_timestamp;
+    let mut previous = Balance::default();
+    while !c.bytes.is_empty() {
+        timestamp = timestamp
+            .checked_add(c.u64()?)
+            .ok_or_else(|| error("account event timestamp", 8, 9))?;
+        let kind_byte = c.u8()?;
+        let kind = AccountEventKind::from_u8(kind_byte & !EVENT_HAS_BALANCE)
+            .ok_or_else(|| error("account event kind", 1, kind_byte as usize))?;
+        let transfer = get_transfer(&mut c, account_id, timestamp)?;
+        let balance = if kind_byte & EVENT_HAS_BALANCE != 0 {
+            let balance = Balance {
+                debits_pending: unzigzag_u128(c.u128()?, previous.debits_pending),
+                debits_posted: unzigzag_u128(c.u128()?, previous.debits_posted),
+                credits_pending: unzigzag_u128(c.u128()?, previous.credits_pending),
+                credits_posted: unzigzag_u128(c.u128()?, previous.credits_posted),
+            };
+            previous = balance;
+            Some(balance)
+        } else {
+            None
+        };
+        out.push(AccountEvent {
+            account_id,
+            timestamp,
+            transfer,
+            kind,
+            balance,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn transfer() -> impl Strategy<Value = Transfer> {
+        // Each field either zero, small, or anything: the presence mask and varint widths.
+        fn v128() -> impl Strategy<Value = u128> {
+            prop_oneof![Just(0u128), 1u128..300, any::<u128>(), Just(u128::MAX)]
+        }
+        fn v64() -> impl Strategy<Value = u64> {
+            prop_oneof![Just(0u64), 1u64..300, any::<u64>(), Just(u64::MAX)]
+        }
+        (
+            (v128(), v128(), v128(), v128(), v128(), v128()),
+            (
+                v64(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u16>(),
+            ),
+            (any::<u16>(), v64()),
+        )
+            .prop_map(
+                |(
+                    (id, debit, credit, amount, pending_id, ud128),
+                    (ud64, ud32, timeout, ledger, code),
+                    (flags, timestamp),
+                )| Transfer {
+                    id,
+                    debit_account_id: debit,
+                    credit_account_id: credit,
+                    amount,
+                    pending_id,
+                    user_data_128: ud128,
+                    user_data_64: ud64,
+                    user_data_32: ud32,
+                    timeout,
+                    ledger,
+                    code,
+                    flags: TransferFlags(flags),
+                    timestamp,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn stored_transfers_round_trip(t in transfer(), status in 0u8..5) {
+            let stored = StoredTransfer { transfer: t, status: PendingStatus::from_u8(status).unwrap() };
+            let mut out = Vec::new();
+            encode_stored_transfer(&mut out, &stored);
+            prop_assert_eq!(decode_stored_transfer(&out).unwrap(), stored);
+            // Every strict prefix is an error, never a panic or a wrong value.
+            for cut in 0..out.len() {
+                prop_assert!(decode_stored_transfer(&out[..cut]).is_err());
+            }
+        }
+
+        #[test]
+        fn chunks_round_trip(
+            account in 1u128..5,
+            events in proptest::collection::vec(
+                (transfer(), 0u64..1_000_000, 1u8..5, proptest::option::of(any::<[u128; 4]>()), any::<bool>()),
+                1..20,
+            ),
+            first in any::<u32>(),
+        ) {
+            let mut timestamp = first as u64;
+            let mut list = Vec::new();
+            for (mut transfer, gap, kind, balance, own_debit) in events {
+                timestamp += gap;
+                if own_debit { transfer.debit_account_id = account } else { transfer.credit_account_id = account }
+                list.push(AccountEvent {
+                    account_id: account,
+                    timestamp,
+                    transfer,
+                    kind: AccountEventKind::from_u8(kind).unwrap(),
+                    balance: balance.map(|b| Balance {
+                        debits_pending: b[0], debits_posted: b[1], credits_pending: b[2], credits_posted: b[3],
+                    }),
+                });
+            }
+            let mut out = Vec::new();
+            let mut writer = ChunkWriter::new(list[0].timestamp);
+            for event in &list {
+                writer.push(&mut out, event);
+            }
+            let mut decoded = Vec::new();
+            decode_account_events(account, list[0].timestamp, &out, &mut decoded).unwrap();
+            prop_assert_eq!(&decoded, &list);
+            for cut in 1..out.len() {
+                decoded.clear();
+                // A cut inside the last event is an error; a cut at an event boundary is a shorter chunk.
+                if decode_account_events(account, list[0].timestamp, &out[..cut], &mut decoded).is_ok() {
+                    prop_assert!(decoded.len() < list.len());
+                    prop_assert_eq!(&decoded[..], &list[..decoded.len()]);
+                }
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_stored_transfer(&bytes);
+            let mut out = Vec::new();
+            let _ = decode_account_events(7, 1000, &bytes, &mut out);
+        }
+    }
+
+    #[test]
+    fn varints_reject_overlong_and_out_of_range() {
+        // u16 field: 0xFFFF takes three bytes; a fourth continuation or a value above 16 bits fails.
+        let mut c = Cursor {
+            bytes: &[0xff, 0xff, 0x03],
+            what: "t",
+        };
+        assert_eq!(c.u16().unwrap(), u16::MAX);
+        let mut c = Cursor {
+            bytes: &[0xff, 0xff, 0x04],
+            what: "t",
+        };
+        assert!(c.u16().is_err());
+        let mut c = Cursor {
+            bytes: &[0x80, 0x80, 0x80, 0x00],
+            what: "t",
+        };
+        assert!(c.u16().is_err());
+        let mut out = Vec::new();
+        put_u128(&mut out, u128::MAX);
+        assert_eq!(out.len(), 19);
+        let mut c = Cursor {
+            bytes: &out,
+            what: "t",
+        };
+        assert_eq!(c.u128().unwrap(), u128::MAX);
+        out[18] += 1;
+        let mut c = Cursor {
+            bytes: &out,
+            what: "t",
+        };
+        assert!(c.u128().is_err());
+    }
+
+    #[test]
+    fn an_l1_event_is_small() {
+        let event = AccountEvent {
+            account_id: 4_321,
+            timestamp: 1_764_000_000_000_000_000,
+            transfer: Transfer {
+                id: 9_999_999,
+                debit_account_id: 4_321,
+                credit_account_id: 9_876,
+                amount: 12_345,
+                ledger: 2,
+                code: 65_000,
+                timestamp: 1_764_000_000_000_000_000,
+                ..Transfer::default()
+            },
+            kind: AccountEventKind::Debit,
+            balance: Some(Balance {
+                debits_posted: 987_654_321,
+                credits_posted: 876_543_210,
+                ..Balance::default()
+            }),
+        };
+        let mut out = Vec::new();
+        let mut writer = ChunkWriter::new(event.timestamp);
+        writer.push(&mut out, &event);
+        let first = out.len();
+        let mut second = event;
+        second.timestamp += 137;
+        second.transfer.timestamp += 137;
+        second.transfer.id += 1;
+        second.balance.as_mut().unwrap().debits_posted += 12_345;
+        writer.push(&mut out, &second);
+        // The first event of a chunk carries its balances whole; later ones only the change.
+        assert!(first <= 32, "first event {first} bytes");
+        assert!(
+            out.len() - first <= 24,
+            "next event {} bytes",
+            out.len() - first
+        );
+    }
+}
