@@ -281,52 +281,26 @@ impl Index {
             }
             drop(order);
             let mut events = redb_try!(txn.open_table(ACCOUNT_EVENTS), "open account events");
-            // Order events by (account, timestamp) through a permutation (events are ~240 bytes,
-            // read in a scattered order: prefetched a few ahead); each run of one account becomes
-            // one or more chunks.
-            let count: usize = updates.iter().map(|u| u.changes.account_events.len()).sum();
-            let mut order: Vec<(u128, u64, u32, u32)> = Vec::with_capacity(count);
-            for (job, update) in updates.iter().enumerate() {
-                order.extend(update.changes.account_events.iter().enumerate().map(
-                    |(index, event)| (event.account_id, event.timestamp, job as u32, index as u32),
-                ));
-            }
-            order.sort_unstable();
-            let event = |position: usize| {
-                let (_, _, job, index) = order[position];
-                &updates[job as usize].changes.account_events[index as usize]
+            // Chunks in key order; usually built in one sequential pass over the events (journal
+            // order is timestamp order), else by sorting.
+            let chunks = match chunks_in_one_pass(updates) {
+                Some(chunks) => {
+                    #[cfg(debug_assertions)]
+                    assert!(
+                        chunks == chunks_by_sorting(updates),
+                        "the one-pass chunks equal the sorted ones"
+                    );
+                    chunks
+                }
+                None => chunks_by_sorting(updates),
             };
-            let mut start = 0;
-            while start < order.len() {
-                let account_id = order[start].0;
-                let mut end = start;
-                while end < order.len()
-                    && order[end].0 == account_id
-                    && end - start < ACCOUNT_EVENTS_PER_CHUNK_MAX
-                {
-                    end += 1;
-                }
-                buffer.clear();
-                let mut chunk = ChunkWriter::new(order[start].1);
-                for position in start..end {
-                    if position + PREFETCH_DISTANCE < order.len() {
-                        prefetch(event(position + PREFETCH_DISTANCE));
-                    }
-                    if position > start {
-                        assert!(
-                            order[position - 1].1 < order[position].1,
-                            "account events of one account have unique timestamps"
-                        );
-                    }
-                    chunk.push(&mut buffer, event(position));
-                }
+            for (account_id, first, bytes) in &chunks {
                 redb_try!(
-                    events.insert((account_id, order[start].1), buffer.as_slice()),
+                    events.insert((*account_id, *first), bytes.as_slice()),
                     "insert account events"
                 );
-                start = end;
             }
-            drop(order);
+            drop(chunks);
             let mut accounts = redb_try!(txn.open_table(ACCOUNTS), "open accounts");
             // One write per account: its latest version (the last in journal order).
             let mut latest: Vec<&Account> = updates
@@ -586,6 +560,108 @@ impl Index {
             .map(|event| (event.timestamp, event.balance.expect("filtered")))
             .collect())
     }
+}
+
+/// One account's chunk being built by [`chunks_in_one_pass`].
+struct OpenChunk {
+    writer: ChunkWriter,
+    first: u64,
+    last: u64,
+    count: usize,
+    bytes: Vec<u8>,
+}
+
+/// The account-event chunks of `updates`, (account, first timestamp, bytes) in key order, built
+/// in one sequential pass: each event is appended to its account's open chunk as it comes, so
+/// the ~240-byte events are read in memory order instead of gathered in key order. None when an
+/// account's events are not in strictly increasing timestamp order (then sort instead).
+fn chunks_in_one_pass(updates: &[IndexUpdate]) -> Option<Vec<(u128, u64, Vec<u8>)>> {
+    let mut open: rustc_hash::FxHashMap<u128, OpenChunk> = rustc_hash::FxHashMap::default();
+    let mut chunks = Vec::new();
+    for event in updates
+        .iter()
+        .flat_map(|update| &update.changes.account_events)
+    {
+        let chunk = open.entry(event.account_id).or_insert_with(|| OpenChunk {
+            writer: ChunkWriter::new(event.timestamp),
+            first: event.timestamp,
+            last: event.timestamp,
+            count: 0,
+            bytes: Vec::with_capacity(64 * 32),
+        });
+        if chunk.count > 0 && event.timestamp <= chunk.last {
+            return None;
+        }
+        if chunk.count == ACCOUNT_EVENTS_PER_CHUNK_MAX {
+            let bytes = std::mem::replace(&mut chunk.bytes, Vec::with_capacity(64 * 32));
+            chunks.push((event.account_id, chunk.first, bytes));
+            chunk.writer = ChunkWriter::new(event.timestamp);
+            chunk.first = event.timestamp;
+            chunk.count = 0;
+        }
+        chunk.writer.push(&mut chunk.bytes, event);
+        chunk.last = event.timestamp;
+        chunk.count += 1;
+    }
+    chunks.extend(
+        open.into_iter()
+            .map(|(account, chunk)| (account, chunk.first, chunk.bytes)),
+    );
+    chunks.sort_unstable_by_key(|(account, first, _)| (*account, *first));
+    Some(chunks)
+}
+
+/// The account-event chunks of `updates` in key order, by sorting the events by (account,
+/// timestamp) through a permutation and reading them in that order (prefetched a few ahead).
+fn chunks_by_sorting(updates: &[IndexUpdate]) -> Vec<(u128, u64, Vec<u8>)> {
+    let count: usize = updates.iter().map(|u| u.changes.account_events.len()).sum();
+    let mut order: Vec<(u128, u64, u32, u32)> = Vec::with_capacity(count);
+    for (job, update) in updates.iter().enumerate() {
+        order.extend(
+            update
+                .changes
+                .account_events
+                .iter()
+                .enumerate()
+                .map(|(index, event)| {
+                    (event.account_id, event.timestamp, job as u32, index as u32)
+                }),
+        );
+    }
+    order.sort_unstable();
+    let event = |position: usize| {
+        let (_, _, job, index) = order[position];
+        &updates[job as usize].changes.account_events[index as usize]
+    };
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < order.len() {
+        let account_id = order[start].0;
+        let mut end = start;
+        while end < order.len()
+            && order[end].0 == account_id
+            && end - start < ACCOUNT_EVENTS_PER_CHUNK_MAX
+        {
+            end += 1;
+        }
+        let mut bytes = Vec::new();
+        let mut chunk = ChunkWriter::new(order[start].1);
+        for position in start..end {
+            if position + PREFETCH_DISTANCE < order.len() {
+                prefetch(event(position + PREFETCH_DISTANCE));
+            }
+            if position > start {
+                assert!(
+                    order[position - 1].1 < order[position].1,
+                    "account events of one account have unique timestamps"
+                );
+            }
+            chunk.push(&mut bytes, event(position));
+        }
+        chunks.push((account_id, order[start].1, bytes));
+        start = end;
+    }
+    chunks
 }
 
 fn decode_voucher(seq: u64, value: &[u8]) -> Result<Voucher, EngineError> {
