@@ -261,7 +261,10 @@ impl Index {
                         .map(|(index, stored)| (stored.transfer.id, job as u32, index as u32)),
                 );
             }
-            order.sort_by_key(|(id, _, _)| *id);
+            // Journal order is often id order already (then no sort).
+            if !order.is_sorted_by_key(|(id, _, _)| *id) {
+                order.sort_by_key(|(id, _, _)| *id);
+            }
             for (position, &(_, job, index)) in order.iter().enumerate() {
                 if let Some(&(_, job, index)) = order.get(position + PREFETCH_DISTANCE) {
                     prefetch(&updates[job as usize].changes.transfers[index as usize]);
