@@ -747,4 +747,106 @@ mod tests {
         let index = Index::open(&fresh).unwrap();
         assert_eq!(index.restore().unwrap().seq, 0);
     }
+
+    fn event(
+        account: u128,
+        timestamp: u64,
+        id: u128,
+        kind: clearhouse_ledger::AccountEventKind,
+    ) -> AccountEvent {
+        let (debit, credit) = match kind {
+            clearhouse_ledger::AccountEventKind::Debit => (account, 99),
+            _ => (99, account),
+        };
+        AccountEvent {
+            account_id: account,
+            timestamp,
+            transfer: Transfer {
+                id,
+                debit_account_id: debit,
+                credit_account_id: credit,
+                amount: id * 10,
+                ledger: 1,
+                code: 1,
+                timestamp,
+                ..Transfer::default()
+            },
+            kind,
+            balance: Some(Balance {
+                debits_posted: id * 100,
+                ..Balance::default()
+            }),
+        }
+    }
+
+    fn update(seq: u64, account_events: Vec<AccountEvent>) -> IndexUpdate {
+        IndexUpdate {
+            seq,
+            changes: ChangeSet {
+                account_events,
+                ..ChangeSet::default()
+            },
+            accounts: Vec::new(),
+            scalars: LedgerScalars::default(),
+            records: Vec::new(),
+            vouchers: Vec::new(),
+            durable: false,
+        }
+    }
+
+    #[test]
+    fn chunks_are_the_same_in_one_pass_or_sorted_and_out_of_order_events_fall_back() {
+        use clearhouse_ledger::AccountEventKind::{Credit, Debit};
+        // Two updates, three accounts, more events of account 1 than one chunk holds.
+        let mut first = Vec::new();
+        for i in 0..300u64 {
+            first.push(event(1, 1_000 + i * 2, i as u128 + 1, Debit));
+            if i % 3 == 0 {
+                first.push(event(2, 1_000 + i * 2 + 1, 10_000 + i as u128, Credit));
+            }
+        }
+        let second = vec![
+            event(3, 5_000, 20_000, Debit),
+            event(1, 5_001, 20_001, Credit),
+        ];
+        let ordered = [update(1, first), update(2, second)];
+        let one_pass = chunks_in_one_pass(&ordered).expect("in order");
+        assert_eq!(one_pass, chunks_by_sorting(&ordered));
+        assert_eq!(
+            one_pass
+                .iter()
+                .map(|(a, t, _)| (*a, *t))
+                .collect::<Vec<_>>(),
+            vec![(1, 1_000), (1, 1_000 + 256 * 2), (2, 1_001), (3, 5_000)],
+            "account 1 split at 256 events; its later events join its open chunk"
+        );
+        // Out of order within an account: no one-pass result; the index still stores them sorted.
+        let shuffled = [update(
+            1,
+            vec![event(4, 700, 2, Debit), event(4, 600, 1, Credit)],
+        )];
+        assert!(chunks_in_one_pass(&shuffled).is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("index.redb")).unwrap();
+        index.apply_all(&shuffled).unwrap();
+        let filter = AccountFilter {
+            account_id: 4,
+            timestamp_min: 0,
+            timestamp_max: 0,
+            limit: 10,
+            debits: true,
+            credits: true,
+            reversed: false,
+        };
+        let found = index.get_account_transfers(&filter).unwrap();
+        assert_eq!(found.iter().map(|t| t.id).collect::<Vec<_>>(), vec![1, 2]);
+        let balances = index.get_account_balances(&filter).unwrap();
+        assert_eq!(
+            balances
+                .iter()
+                .map(|(t, b)| (*t, b.debits_posted))
+                .collect::<Vec<_>>(),
+            vec![(600, 100), (700, 200)]
+        );
+    }
 }
