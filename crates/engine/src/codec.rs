@@ -128,9 +128,9 @@ pub fn encode_transfer(out: &mut Vec<u8>, t: &Transfer) {
     out.extend_from_slice(&transfer_bytes(t));
 }
 
-/// The 128-byte layout of a transfer, built in place (hot path of the index).
+/// The 128-byte layout of a transfer, built on the stack and appended in one copy.
 #[inline]
-pub fn transfer_bytes(t: &Transfer) -> [u8; TRANSFER_SIZE] {
+fn transfer_bytes(t: &Transfer) -> [u8; TRANSFER_SIZE] {
     let mut b = [0u8; TRANSFER_SIZE];
     b[0..16].copy_from_slice(&t.id.to_le_bytes());
     b[16..32].copy_from_slice(&t.debit_account_id.to_le_bytes());
@@ -334,9 +334,8 @@ pub fn decode_submit(payload: &[u8]) -> Result<(Vec<Transfer>, Vec<RecordPut>), 
     Ok((transfers, puts))
 }
 
-/// One account event inside an account-events chunk of the index: timestamp (8), kind (1),
-/// has_balance (1), the transfer (128), then for accounts with history 64 bytes of balances
-/// (debits_pending, debits_posted, credits_pending, credits_posted).
+/// Ledger scalars, as the index's `meta` table keeps them: last_timestamp (8), transfer_id_max
+/// (16), transfers_count (8).
 pub fn encode_scalars(scalars: &LedgerScalars) -> Vec<u8> {
     let mut out = Vec::with_capacity(32);
     let mut w = Writer(&mut out);

@@ -284,6 +284,11 @@ impl ChunkWriter {
         }
     }
 
+    /// The timestamp of the last event pushed (of the chunk's key before the first).
+    pub fn last_timestamp(&self) -> u64 {
+        self.timestamp
+    }
+
     pub fn push(&mut self, out: &mut Vec<u8>, event: &AccountEvent) {
         assert!(
             event.timestamp >= self.timestamp,

@@ -569,7 +569,6 @@ impl Index {
 struct OpenChunk {
     writer: ChunkWriter,
     first: u64,
-    last: u64,
     count: usize,
     bytes: Vec<u8>,
 }
@@ -588,11 +587,10 @@ fn chunks_in_one_pass(updates: &[IndexUpdate]) -> Option<Vec<(u128, u64, Vec<u8>
         let chunk = open.entry(event.account_id).or_insert_with(|| OpenChunk {
             writer: ChunkWriter::new(event.timestamp),
             first: event.timestamp,
-            last: event.timestamp,
             count: 0,
             bytes: Vec::with_capacity(64 * 32),
         });
-        if chunk.count > 0 && event.timestamp <= chunk.last {
+        if chunk.count > 0 && event.timestamp <= chunk.writer.last_timestamp() {
             return None;
         }
         if chunk.count == ACCOUNT_EVENTS_PER_CHUNK_MAX {
@@ -603,7 +601,6 @@ fn chunks_in_one_pass(updates: &[IndexUpdate]) -> Option<Vec<(u128, u64, Vec<u8>
             chunk.count = 0;
         }
         chunk.writer.push(&mut chunk.bytes, event);
-        chunk.last = event.timestamp;
         chunk.count += 1;
     }
     chunks.extend(
