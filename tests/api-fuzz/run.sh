@@ -55,13 +55,13 @@ for _ in $(seq 1 600); do
         echo "api-fuzz: the switch exited at start:" >&2; cat "$work/server.log" >&2; exit 2
     fi
     url="$(sed -n 's/^listening on \(http:\/\/[^ ]*\).*$/\1/p' "$work/server.log" | head -n1 || true)"
-    if [ -n "$url" ] && "$py" -c "import sys, urllib.request; sys.exit(urllib.request.urlopen(sys.argv[1] + '/health', timeout=2).status != 200)" "$url" 2>/dev/null; then
+    if [ -n "$url" ] && "$py" -c "import sys, urllib.request; sys.exit(urllib.request.urlopen(sys.argv[1] + '/ready', timeout=2).status != 200)" "$url" 2>/dev/null; then
         break
     fi
     url=""
     sleep 0.1
 done
-[ -n "$url" ] || { echo "api-fuzz: the switch did not answer /health within 60 s" >&2; cat "$work/server.log" >&2; exit 2; }
+[ -n "$url" ] || { echo "api-fuzz: the switch was not ready (/ready) within 60 s" >&2; cat "$work/server.log" >&2; exit 2; }
 echo "== api-fuzz: switch at $url ($bin)"
 
 status=0

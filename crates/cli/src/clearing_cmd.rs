@@ -137,8 +137,20 @@ fn verify_inner(args: VerifyArgs) -> anyhow::Result<()> {
                 eprintln!("clearhouse verify: {} has no ledger", dir.display());
                 std::process::exit(2);
             }
-            let node = Node::start(crate::payments::switch_node_options(dir))
-                .context("opening the data directory")?;
+            let node = match Node::start(crate::payments::switch_node_options(dir)) {
+                Ok(node) => node,
+                // A record whose checksum fails in the middle of the journal was altered (or
+                // damaged) after it was written: that is a failed verification, not "unreadable".
+                Err(clearhouse_engine::EngineError::Journal(
+                    error @ clearhouse_journal::JournalError::Corrupt { .. },
+                )) => {
+                    eprintln!(
+                        "clearhouse verify: FAILED: the journal was altered or damaged after it was written: {error}; the vouchers of that record cannot be trusted"
+                    );
+                    std::process::exit(1);
+                }
+                Err(error) => return Err(error).context("opening the data directory"),
+            };
             let mut progress = Progress::new("verify", 0, "vouchers");
             let key = trusted.expect("a data directory has its key");
             let result = clearhouse_switch::clearing::verify_data_dir(&node, &key, |done| {

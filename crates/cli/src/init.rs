@@ -44,8 +44,12 @@ outbound_per_participant_max = {opp}
 outbound_call_timeout_ms = {oct}
 notification_queue_max = {nqm}
 notification_attempts_max = {nam}
-# Allowed clock skew of signed requests, and the replay window.
+# Allowed clock skew of signed requests (how far a timestamp may lag), and the replay window.
 clock_skew_ms = {skew}
+# How far a signature's timestamp may lead the switch's clock; after a (re)start, requests signed
+# before start + this are refused (401 signed_before_start: sign again), so captured requests of an
+# earlier process cannot be replayed.
+clock_lead_ms = {lead}
 nonces_max = {nonces}
 recent_payments_max = {recent}
 participants_max = {pmax}
@@ -92,6 +96,7 @@ scheme_profile = "generic"
         nqm = d.notification_queue_max,
         nam = d.notification_attempts_max,
         skew = d.clock_skew_ms,
+        lead = d.clock_lead_ms,
         nonces = d.nonces_max,
         recent = d.recent_payments_max,
         pmax = d.participants_max,

@@ -3,7 +3,10 @@
 //! restarted on the same data directory. Then: every payment a debtor agent was told is settled
 //! is still settled, every rejection keeps its reason, every payment the switch ever accepted
 //! reaches a final state, nothing stays reserved, the books balance, a window closes and
-//! reconciles clean, and `clearhouse verify` accepts the voucher chain.
+//! reconciles clean, and `clearhouse verify` accepts the voucher chain. And a signed request
+//! captured just before each kill and sent again byte for byte after the restart (inside the
+//! timestamp skew, its nonce unknown to the new process) is refused with 401
+//! `signed_before_start`, while a request signed after the restart is accepted.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -25,7 +28,23 @@ const DEADLINES: &[(&str, &str)] = &[
     ("CLEARHOUSE_SETTLE_DEADLINE_MS", "1500"),
     ("CLEARHOUSE_HARD_TIMEOUT_MS", "3000"),
     ("CLEARHOUSE_SYNC_WAIT_MS", "4000"),
+    // Signatures may lead the switch's clock by 300 ms: a restarted switch refuses what was
+    // signed before its start + 300 ms (short, so the load resumes quickly after each restart).
+    ("CLEARHOUSE_CLOCK_LEAD_MS", "300"),
 ];
+
+/// Waits (bounded: 10 s) until the switch at `url` answers `/ready` with 200: it accepts
+/// signatures made now.
+async fn wait_ready(url: &str) {
+    let plain = SignedClient::new(url, "none", vec![]);
+    for _ in 0..200 {
+        if let Ok((200, _)) = plain.send("GET", "/ready", b"", &[]).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} was not ready within 10 s");
+}
 
 fn client(url: &str, bic: &str) -> SignedClient {
     SignedClient::new(url, &format!("{bic}-1"), hex::decode(secret(bic)).unwrap())
@@ -151,6 +170,20 @@ fn the_switch_survives_sigkill_under_load_and_loses_nothing() {
             })
             .collect();
         std::thread::sleep(Duration::from_millis(150 + next() % 350));
+        // A signed read captured (and answered) just before the kill.
+        let bic = BANKS[round as usize % 3];
+        let path = format!("/v1/participants/{bic}/positions");
+        let captured = clearhouse_switch::auth::sign_request(
+            &format!("{bic}-1"),
+            &hex::decode(secret(bic)).unwrap(),
+            "GET",
+            &path,
+            b"",
+        );
+        let (status, _) = runtime
+            .block_on(client(&url, bic).send("GET", &path, b"", &captured))
+            .unwrap();
+        assert_eq!(status, 200, "round {round}: the capture is a good request");
         drop(server.take()); // SIGKILL
         for task in load {
             task.abort();
@@ -162,6 +195,29 @@ fn the_switch_survives_sigkill_under_load_and_loses_nothing() {
         );
         server = Some(restarted);
         url = new_url;
+        runtime.block_on(async {
+            // Replayed byte for byte on the new process, right away and once it is ready: refused.
+            for moment in ["at once", "once ready"] {
+                if moment == "once ready" {
+                    wait_ready(&url).await;
+                }
+                let (status, answer) = client(&url, bic)
+                    .send("GET", &path, b"", &captured)
+                    .await
+                    .unwrap();
+                let answer: Value = serde_json::from_slice(&answer).unwrap();
+                assert_eq!(
+                    (status, answer["code"].as_str()),
+                    (401, Some("signed_before_start")),
+                    "round {round}: a capture replayed after the restart ({moment}): {answer}"
+                );
+            }
+            // Signed after the restart: accepted.
+            let (status, body) = call(&client(&url, bic), "GET", &path, Value::Null)
+                .await
+                .unwrap();
+            assert_eq!(status, 200, "round {round}: a fresh request: {body}");
+        });
     }
     // Past the hard timeout: every payment caught by a kill has ended.
     std::thread::sleep(Duration::from_millis(3_500));

@@ -1,6 +1,6 @@
 //! `clearhouse bench clearing` leaves a settled window in a data directory; `export-vouchers` and
 //! `verify` check it, with exit codes scripts can rely on: 0 verified, 1 tampered (the message
-//! names the voucher), 2 unreadable.
+//! names the voucher, or the journal record that was altered), 2 unreadable.
 
 use std::process::Command;
 
@@ -105,4 +105,26 @@ fn verify_passes_a_good_chain_and_names_a_tampered_voucher() {
         dir.path().join("nothing").to_str().unwrap(),
     ]);
     assert_eq!(missing.status.code(), Some(2));
+
+    // Alter one byte in the middle of the journal (issue 17.5: this exited 2, "cannot read the
+    // input"): a failed verification (1) naming the record, not an unreadable input.
+    let journal = data.join("ledger").join("journal");
+    let segment = std::fs::read_dir(&journal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .min()
+        .unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let used = bytes.iter().rposition(|b| *b != 0).unwrap();
+    bytes[used / 2] ^= 0x5a;
+    std::fs::write(&segment, &bytes).unwrap();
+    let altered = clearhouse(&["verify", "--data-dir", data_text]);
+    let message = String::from_utf8_lossy(&altered.stderr);
+    assert_eq!(altered.status.code(), Some(1), "{message}");
+    assert!(
+        message.contains("FAILED: the journal was altered"),
+        "{message}"
+    );
+    assert!(message.contains("record "), "{message}");
 }

@@ -982,18 +982,7 @@ impl Engine {
             Some(clock) => clock.load(Ordering::SeqCst),
             None => now_ns(),
         };
-        if self.ledger.next_expiry().is_some_and(|at| at <= now)
-            && self.check_disk_space().is_ok()
-            && self.journal.reserve(codec::PAYLOAD_HEADER_SIZE).is_ok()
-        {
-            let expired = self.ledger.pulse(now);
-            let mut payload = [0u8; codec::PAYLOAD_HEADER_SIZE];
-            codec::seal_results(
-                &mut payload,
-                codec::results_digest(std::iter::once(expired as u32)),
-            );
-            self.journal.append(KIND_PULSE, now, &payload)?;
-        }
+        self.pulse_due(now)?;
         for request in group.drain(..) {
             match request {
                 Request::CreateAccounts(accounts, reply) => {
@@ -1037,6 +1026,17 @@ impl Engine {
                 other => answered.push(Pending::Lookup(other)),
             }
         }
+        // The group's events were stamped up to the ledger's last timestamp, which may run ahead
+        // of the clock. A post or void in it that found its pending transfer due by that
+        // timestamp was answered PendingTransferExpired without releasing the reservation (the
+        // ledger leaves that to a pulse, as TigerBeetle does); expire such transfers now, in the
+        // same group and the same fsync, so no answer says "expired" while the reservation is
+        // still held (found by simulation seed 100774: a payment rejected AB05 after a restart
+        // kept its pending credit until the clock moved on).
+        let stamped = self.ledger.scalars().last_timestamp;
+        if stamped > now {
+            self.pulse_due(stamped)?;
+        }
         // One write for the whole group; the sync thread fdatasyncs it and only then answers and
         // indexes it, while this thread builds the next group (pipelined group commit).
         let file = self.journal.write_group()?;
@@ -1067,6 +1067,25 @@ impl Engine {
             .wait_until(|state| sent - state.transfers_indexed <= limit)?;
         self.evict_indexed();
         self.remove_covered_segments()?;
+        Ok(())
+    }
+
+    /// Expires (one journaled pulse record, at most `expiries_per_pulse_max` transfers) the
+    /// pending transfers due at `cutoff`, when there are any and the disk can take the record;
+    /// replay runs the same pulse from the record's timestamp.
+    fn pulse_due(&mut self, cutoff: u64) -> Result<(), EngineError> {
+        if self.ledger.next_expiry().is_some_and(|at| at <= cutoff)
+            && self.check_disk_space().is_ok()
+            && self.journal.reserve(codec::PAYLOAD_HEADER_SIZE).is_ok()
+        {
+            let expired = self.ledger.pulse(cutoff);
+            let mut payload = [0u8; codec::PAYLOAD_HEADER_SIZE];
+            codec::seal_results(
+                &mut payload,
+                codec::results_digest(std::iter::once(expired as u32)),
+            );
+            self.journal.append(KIND_PULSE, cutoff, &payload)?;
+        }
         Ok(())
     }
 

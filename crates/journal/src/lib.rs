@@ -377,7 +377,10 @@ pub fn read_records(
                     return Err(JournalError::Corrupt {
                         path: segment.path.clone(),
                         offset: offset as u64,
-                        reason,
+                        reason: match expected {
+                            Some(seq) => format!("record {seq}: {reason}"),
+                            None => reason,
+                        },
                     })
                 }
             }
@@ -464,7 +467,7 @@ impl Journal {
                             return Err(JournalError::Corrupt {
                                 path: segment.path.clone(),
                                 offset: offset as u64,
-                                reason,
+                                reason: format!("record {next_expected}: {reason}"),
                             });
                         }
                         // A torn tail: the last write was cut by a crash before it was acknowledged.

@@ -430,6 +430,13 @@ impl World {
         let mut options = NodeOptions::new(&self.data_dir);
         options.clock = Some(self.clock.shared());
         options.journal.faults = Some(self.storage.clone());
+        // Small segments: every restart reads its segment whole, and a seed restarts ~20 times
+        // (64 MiB each made the sweep spend most of its time in the kernel); rolling over to a
+        // new segment is exercised more often too.
+        options.journal.segment_size = 4 * 1024 * 1024;
+        // The simulated clock drives expiry; the interval only bounds how long a stopping engine
+        // takes to notice (each of a seed's restarts waits for it).
+        options.pulse_interval = std::time::Duration::from_millis(5);
         options.disk_free_min_bytes = 16 * 1024 * 1024;
         options.unindexed_transfers_max = 100_000;
         let node = Node::start(options).map_err(|e| format!("engine start: {e}"))?;
@@ -875,6 +882,7 @@ impl World {
             },
             remittance_information: Some(format!("simulated payment {n}")),
             message_id: None,
+            transaction_id: None,
         };
         let fits = amount as i128 <= self.available(debtor);
         let switch = self.live().switch.clone();
@@ -1006,6 +1014,7 @@ impl World {
             return_id: return_id.clone(),
             amount: requested,
             reason: "CUST".into(),
+            currency: None,
         };
         let caller = Caller::Participant(self.banks[creditor].bic.clone());
         let switch = self.live().switch.clone();

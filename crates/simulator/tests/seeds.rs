@@ -72,4 +72,10 @@ fn seeds_that_found_bugs_stay_fixed() {
     // reconciliation was stored; settling again after the restart reported the receiver's carried
     // amount as a break (the carried amounts were not recomputed).
     run_seed(10, 1000);
+    // Seed 100774 (step 41): after a power loss, a payment past its deadline was voided at a
+    // ledger timestamp just past its reservation's hard timeout while the clock had not reached
+    // it; the ledger answered "expired" without releasing the reservation (that waits for a
+    // pulse), the switch recorded AB05, and the creditor still showed the payment as incoming.
+    // The engine now pulses at the end of such a group.
+    run_seed(100774, 200);
 }

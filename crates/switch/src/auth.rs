@@ -3,10 +3,18 @@
 //! Each request carries four headers: key id, timestamp (Unix milliseconds), nonce (16-64
 //! characters), and an HMAC-SHA256 signature (hex) over
 //! `METHOD \n PATH?QUERY \n TIMESTAMP \n NONCE \n hex(SHA-256(body))`.
-//! The receiver refuses unknown keys, bad signatures, timestamps outside the allowed skew and any
-//! nonce already seen within that window (replays).
+//! The receiver refuses unknown keys, bad signatures, timestamps outside the allowed skew (lagging
+//! by at most `window_ms`, leading by at most `lead_ms`) and any nonce already seen within that
+//! window (replays).
+//!
+//! Replays across restarts: the nonces live in memory only (no fsync on the request path), so a
+//! cache also refuses every timestamp earlier than the moment its process started serving plus
+//! the allowed lead (`not_before_ms`). Any request an earlier process accepted was signed before
+//! that process died plus the lead, hence before `not_before_ms`: it cannot be accepted again. A
+//! client refused this way (`AuthError::SignedBeforeStart`) signs again with a fresh timestamp.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Mutex;
 
 use hmac::{Hmac, Mac};
@@ -30,6 +38,11 @@ pub enum AuthError {
     BadSignature,
     #[error("nonce already used within the replay window")]
     Replayed,
+    #[error("signed at {timestamp_ms}, before this node started serving at {not_before_ms} (Unix ms): sign the request again with a fresh timestamp")]
+    SignedBeforeStart {
+        timestamp_ms: u64,
+        not_before_ms: u64,
+    },
     #[error("too many recent nonces; retry shortly")]
     NonceCacheFull,
 }
@@ -128,10 +141,15 @@ pub fn verify(
         .map_err(|_| AuthError::MissingHeader(HEADER_TIMESTAMP))?;
     // In i128: any u64 timestamp minus any u64 now fits (found by fuzzing: 2^63 overflowed i64).
     let skew_ms = i128::from(timestamp) - i128::from(now_ms);
-    if skew_ms.unsigned_abs() > u128::from(nonces.window_ms) {
+    let allowed_ms = if skew_ms > 0 {
+        nonces.lead_ms
+    } else {
+        nonces.window_ms
+    };
+    if skew_ms.unsigned_abs() > u128::from(allowed_ms) {
         return Err(AuthError::Stale {
             skew_ms: skew_ms.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64,
-            allowed_ms: nonces.window_ms,
+            allowed_ms,
         });
     }
     if !(16..=64).contains(&headers.nonce.len()) {
@@ -141,13 +159,25 @@ pub fn verify(
     mac(secret, method, path, headers.timestamp, headers.nonce, body)
         .verify_slice(&expected)
         .map_err(|_| AuthError::BadSignature)?;
+    // After the signature: only a genuine request learns when this node started.
+    let not_before_ms = nonces.not_before_ms();
+    if timestamp < not_before_ms {
+        return Err(AuthError::SignedBeforeStart {
+            timestamp_ms: timestamp,
+            not_before_ms,
+        });
+    }
     nonces.check_and_insert(headers.key_id, headers.nonce, timestamp, now_ms)
 }
 
-/// Nonces seen within the replay window (± the allowed clock skew), bounded.
+/// Nonces seen within the replay window (± the allowed clock skew), bounded; and the earliest
+/// timestamp this process accepts (see the module's comment on replays across restarts).
 pub struct NonceCache {
     pub window_ms: u64,
+    /// How far a timestamp may lead the receiver's clock.
+    pub lead_ms: u64,
     max: usize,
+    not_before_ms: AtomicU64,
     inner: Mutex<NonceState>,
 }
 
@@ -160,12 +190,41 @@ struct NonceState {
 }
 
 impl NonceCache {
+    /// A cache that accepts timestamps `window_ms` either side of the clock and has no start
+    /// moment (a receiver whose replays across restarts do not matter, or a test).
     pub fn new(window_ms: u64, max: usize) -> NonceCache {
         NonceCache {
             window_ms,
+            lead_ms: window_ms,
             max,
+            not_before_ms: AtomicU64::new(0),
             inner: Mutex::new(NonceState::default()),
         }
+    }
+
+    /// A cache for a node that starts serving at `started_ms`: timestamps may lag by `window_ms`
+    /// and lead by `lead_ms`, and none earlier than `started_ms + lead_ms` is accepted.
+    pub fn serving_from(window_ms: u64, lead_ms: u64, max: usize, started_ms: u64) -> NonceCache {
+        let cache = NonceCache::new(window_ms, max);
+        NonceCache {
+            lead_ms,
+            not_before_ms: AtomicU64::new(started_ms.saturating_add(lead_ms)),
+            ..cache
+        }
+    }
+
+    /// The earliest signature timestamp accepted.
+    pub fn not_before_ms(&self) -> u64 {
+        self.not_before_ms.load(AtomicOrdering::SeqCst)
+    }
+
+    /// The node (again) starts serving at `started_ms` (for instance as a new leader): from now
+    /// on nothing signed before `started_ms + lead_ms` is accepted. Never moves backwards.
+    pub fn serve_from(&self, started_ms: u64) {
+        self.not_before_ms.fetch_max(
+            started_ms.saturating_add(self.lead_ms),
+            AtomicOrdering::SeqCst,
+        );
     }
 
     fn check_and_insert(
@@ -218,6 +277,66 @@ mod tests {
                 Err(AuthError::Stale { .. })
             ));
         }
+    }
+
+    /// A request signed before the node started serving (captured from an earlier process) is
+    /// refused even though its nonce is unknown to this process; one signed after is accepted;
+    /// the lead is bounded separately from the lag.
+    #[test]
+    fn nothing_signed_before_the_start_is_accepted() {
+        let started = 5_000_000;
+        let cache = NonceCache::serving_from(30_000, 2_000, 100, started);
+        let secret = b"secret";
+        let check = |ts: u64, nonce: &str, now: u64| {
+            let text = ts.to_string();
+            let sig = signature(secret, "GET", "/", &text, nonce, b"");
+            let headers = SignedHeaders {
+                key_id: "k",
+                timestamp: &text,
+                nonce,
+                signature: &sig,
+            };
+            verify(&headers, secret, "GET", "/", b"", now, &cache)
+        };
+        // Captured just before a kill at `started - 1`, replayed right after the restart: inside
+        // the skew, unknown nonce, yet refused.
+        assert_eq!(
+            check(started - 1, "captured-before-kill", started + 10),
+            Err(AuthError::SignedBeforeStart {
+                timestamp_ms: started - 1,
+                not_before_ms: started + 2_000
+            })
+        );
+        // A clock leading by up to the lead could have signed `started + 1_999` before the kill.
+        assert!(matches!(
+            check(started + 1_999, "leading-clock-nonce", started + 10),
+            Err(AuthError::SignedBeforeStart { .. })
+        ));
+        // Leading by more than the lead: stale, whatever the start.
+        assert!(matches!(
+            check(started + 20_000, "too-far-ahead-nonce", started + 10),
+            Err(AuthError::Stale {
+                allowed_ms: 2_000,
+                ..
+            })
+        ));
+        // Signed again after the start: accepted once, then a replay.
+        let now = started + 2_500;
+        assert_eq!(check(now, "signed-after-start", now), Ok(()));
+        assert_eq!(
+            check(now, "signed-after-start", now),
+            Err(AuthError::Replayed)
+        );
+        // Lagging by up to the window is still fine.
+        assert_eq!(check(now, "lagging-clock-nonce", now + 29_000), Ok(()));
+        // Becoming leader again moves the start forward, never back.
+        cache.serve_from(started + 10_000);
+        assert!(matches!(
+            check(now + 1, "before-new-start", now + 2),
+            Err(AuthError::SignedBeforeStart { .. })
+        ));
+        cache.serve_from(0);
+        assert_eq!(cache.not_before_ms(), started + 12_000);
     }
 
     #[test]

@@ -60,15 +60,28 @@ impl SignedClient {
         }
     }
 
-    /// A signed request; returns the status and the body.
+    /// A signed request; returns the status and the body. A switch that (re)started moments ago
+    /// refuses signatures older than its start plus the allowed clock lead (401
+    /// `signed_before_start`): the request is signed again and resent, every 100 ms for at most
+    /// [`RESIGN_ATTEMPTS_MAX`] attempts. Nothing was done by a refused request, so resending it
+    /// is safe.
     pub async fn request(
         &self,
         method: &str,
         path: &str,
         body: &[u8],
     ) -> Result<(u16, Bytes), ClientError> {
-        let headers = auth::sign_request(&self.key_id, &self.secret, method, path, body);
-        self.send(method, path, body, &headers).await
+        let mut attempt = 1;
+        loop {
+            let headers = auth::sign_request(&self.key_id, &self.secret, method, path, body);
+            let (status, answer) = self.send(method, path, body, &headers).await?;
+            if status == 401 && attempt < RESIGN_ATTEMPTS_MAX && signed_before_start(&answer) {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            return Ok((status, answer));
+        }
     }
 
     /// A request with the given headers (tests forge and replay signatures with it).
@@ -112,4 +125,15 @@ impl SignedClient {
             .await
             .map_err(|_| ClientError::Timeout { url: url.clone() })?
     }
+}
+
+/// Times [`SignedClient::request`] signs a request again after a `signed_before_start` refusal
+/// (100 ms apart: 10 s, well past the default 2 s lead).
+pub const RESIGN_ATTEMPTS_MAX: u32 = 100;
+
+/// The answer is the switch's "signed before I started serving: sign again".
+pub fn signed_before_start(answer: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(answer)
+        .ok()
+        .is_some_and(|v| v["code"] == "signed_before_start")
 }

@@ -28,8 +28,13 @@ pub struct SwitchConfig {
     /// Delivery attempts of one batch of notifications before it is dropped (logged; the
     /// participant can still ask for the status).
     pub notification_attempts_max: u32,
-    /// Allowed clock skew of signed requests (and the replay window).
+    /// Allowed clock skew of signed requests (and the replay window): how far a signature's
+    /// timestamp may lag the switch's clock.
     pub clock_skew_ms: u64,
+    /// How far a signature's timestamp may lead the switch's clock. A (re)started switch refuses
+    /// timestamps earlier than its start plus this, so no request signed for an earlier process
+    /// is accepted twice (docs/SECURITY.md, "Replays across restarts").
+    pub clock_lead_ms: u64,
     /// Nonces remembered (replay protection); beyond it requests are refused with 503.
     pub nonces_max: usize,
     /// Finished payments kept in memory for fast status answers and duplicate checks.
@@ -81,6 +86,7 @@ impl Default for SwitchConfig {
             notification_queue_max: 10_000,
             notification_attempts_max: 8,
             clock_skew_ms: 30_000,
+            clock_lead_ms: 2_000,
             nonces_max: 4_000_000,
             recent_payments_max: 200_000,
             participants_max: 10_000,

@@ -121,6 +121,11 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for WindowNumber {
 fn auth_error(error: AuthError) -> ApiError {
     match error {
         AuthError::NonceCacheFull => ApiError::new(503, "replay_cache_full", error.to_string()),
+        // A request signed for an earlier process (or just before this one's start): the client
+        // signs again; `code` tells it so without parsing the message.
+        AuthError::SignedBeforeStart { .. } => {
+            ApiError::new(401, "signed_before_start", error.to_string()).retry_after(1)
+        }
         _ => ApiError::new(401, "unauthorized", error.to_string()),
     }
 }
@@ -733,6 +738,7 @@ async fn return_pacs004(
                     .unwrap_or_else(|| request.message_id.clone()),
                 amount: Some(request.returned_amount.clone()),
                 reason: request.reason.clone().unwrap_or_default(),
+                currency: Some(request.currency.clone()),
             };
             match state
                 .switch
@@ -1172,6 +1178,33 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// GET /v1/admin/metrics: the operator's Prometheus text, signed like every API call: the
+/// aggregates of `/metrics` plus per-participant liquidity (confidential, so not on `/metrics`).
+async fn operator_metrics(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        |state, caller, _| async move {
+            operator_only(&caller)?;
+            Ok((
+                [("content-type", "text/plain; version=0.0.4")],
+                state.switch.render_operator_metrics().await,
+            )
+                .into_response())
+        },
+    )
+    .await
+}
+
 async fn fallback() -> Response {
     ApiError::new(404, "no_route", "no such endpoint; see /openapi.json").into_response()
 }
@@ -1202,6 +1235,7 @@ pub fn router(switch: Arc<Switch>) -> Router {
         .route("/v1/admin/participants/{bic}", patch(change))
         .route("/v1/admin/participants/{bic}/liquidity", post(liquidity))
         .route("/v1/stats", get(stats))
+        .route("/v1/admin/metrics", get(operator_metrics))
         .route("/v1/admin/windows/close", post(close_window))
         .route("/v1/admin/windows/{window}/settle", post(settle_window))
         .route("/v1/windows", get(list_windows))

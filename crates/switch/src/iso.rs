@@ -158,6 +158,7 @@ pub fn read_pacs008(
         remittance_information: (!tx.remittance_unstructured.is_empty())
             .then(|| tx.remittance_unstructured.join(" ")),
         message_id: Some(message.message_id.clone()),
+        transaction_id: tx.transaction_id.clone(),
     };
     Ok(Submission {
         header,
@@ -176,7 +177,7 @@ pub fn pacs002_of(view: &PaymentView, original_message_id: &str) -> Pacs002 {
         original_message_name: PACS_008_NAME.into(),
         original_instruction_id: Some(view.instruction_id.clone()),
         original_end_to_end_id: Some(view.end_to_end_id.clone()),
-        original_transaction_id: None,
+        original_transaction_id: view.transaction_id.clone(),
         original_uetr: Some(view.uetr.clone()),
         status: view.status.clone(),
         reason: view.reason.clone(),

@@ -242,6 +242,9 @@ pub struct PaymentRecord {
     /// The message that carried the payment (pacs.008 GrpHdr/MsgId), when there was one.
     #[serde(default)]
     pub message_id: Option<String>,
+    /// The instruction's PmtId/TxId (pacs.008), echoed as OrgnlTxId.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_id: Option<String>,
     pub state: PaymentState,
     pub reason: Option<String>,
     /// Wall-clock nanoseconds: accepted by the switch, the settlement deadline, the end.

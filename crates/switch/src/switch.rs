@@ -130,6 +130,10 @@ pub struct PaymentRequest {
     /// The message that carried it (pacs.008 GrpHdr/MsgId), for status reports.
     #[serde(default)]
     pub message_id: Option<String>,
+    /// The transaction identification the instruction carried (pacs.008 PmtId/TxId), echoed in
+    /// every pacs.002 about it (OrgnlTxId).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_id: Option<String>,
 }
 
 /// A payment as the API shows it.
@@ -155,6 +159,9 @@ pub struct PaymentView {
     pub finished_at_ns: Option<u64>,
     /// Returned so far with pacs.004 (0 when none).
     pub returned_amount: String,
+    /// The instruction's PmtId/TxId, when it carried one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_id: Option<String>,
     /// In notifications of a final state: the same state as a pacs.002.001.10 document.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pacs_002: Option<String>,
@@ -182,6 +189,7 @@ impl PaymentView {
             deadline_ns: record.deadline_ns,
             finished_at_ns: record.finished_at_ns,
             returned_amount: money::format_amount(record.returned, exponent),
+            transaction_id: record.transaction_id.clone(),
             pacs_002: None,
         }
     }
@@ -262,6 +270,10 @@ pub struct ReturnRequest {
     pub amount: Option<String>,
     /// ExternalReturnReason1Code, e.g. AC04, MS03, FOCR.
     pub reason: String,
+    /// The returned amount's currency (ISO 4217); when given it must be the payment's, else the
+    /// return is refused with AM03. A pacs.004 always gives it (RtrdIntrBkSttlmAmt/@Ccy).
+    #[serde(default)]
+    pub currency: Option<String>,
 }
 
 /// What the engine stores for the switch (the JSON value of each record).
@@ -681,7 +693,13 @@ impl Switch {
         let switch = Arc::new(Switch {
             node,
             operator,
-            nonces: NonceCache::new(config.clock_skew_ms, config.nonces_max),
+            // Serving starts now: nothing signed for an earlier process is accepted.
+            nonces: NonceCache::serving_from(
+                config.clock_skew_ms,
+                config.clock_lead_ms,
+                config.nonces_max,
+                auth::now_ms(),
+            ),
             participants: registry,
             keys: RwLock::new(Arc::new(FxHashMap::default())),
             admin: tokio::sync::Mutex::new(()),
@@ -760,13 +778,27 @@ impl Switch {
         }
     }
 
-    /// Prometheus text: payments by final state and reason, in flight, stage latencies, and the
-    /// engine's journal, group and index figures.
-    /// [`Switch::render_metrics`] plus what needs the ledger: each participant's position and
-    /// net debit cap use (the first 1,000 participants), and the open window's figures.
+    /// The unauthenticated `/metrics`: [`Switch::render_metrics`] plus the open window's figures
+    /// per currency. Aggregates only: nothing per participant (liquidity positions are
+    /// confidential between a participant and the operator; they are in
+    /// [`Switch::render_participant_metrics`], served signed to the operator only).
     pub async fn render_metrics_full(&self) -> String {
-        use crate::metrics::metric;
         let mut out = self.render_metrics();
+        self.render_window_metrics(&mut out);
+        out
+    }
+
+    /// The operator's metrics (`GET /v1/admin/metrics`, signed): the aggregates of `/metrics`
+    /// plus each participant's available liquidity and net debit cap use (the first 1,000
+    /// participants).
+    pub async fn render_operator_metrics(&self) -> String {
+        let mut out = self.render_metrics_full().await;
+        self.render_participant_metrics(&mut out).await;
+        out
+    }
+
+    async fn render_participant_metrics(&self, out: &mut String) {
+        use crate::metrics::metric;
         let participants = self.participants();
         let mut keys = Vec::new();
         for p in participants.values().take(1_000) {
@@ -804,7 +836,7 @@ impl Switch {
                 .map(|(l, v)| (l.as_str(), v.as_str()))
                 .collect();
             metric(
-                &mut out,
+                out,
                 "clearhouse_participant_available_minor_units",
                 "gauge",
                 "Liquidity a participant can send now (minor units): funds plus net debit cap, minus reservations.",
@@ -815,13 +847,18 @@ impl Switch {
                 .map(|(l, v)| (l.as_str(), v.as_str()))
                 .collect();
             metric(
-                &mut out,
+                out,
                 "clearhouse_participant_net_debit_cap_used_ratio",
                 "gauge",
                 "Share of a deferred-net participant's net debit cap in use (0 to 1).",
                 &used_refs,
             );
         }
+    }
+
+    fn render_window_metrics(&self, out: &mut String) {
+        use crate::metrics::metric;
+        let participants = self.participants();
         let models = crate::clearing::settlement_models(&participants);
         if let Ok(preview) = self.clearing.preview(&models) {
             let figures = preview.plan.map(|p| p.figures).unwrap_or_default();
@@ -852,10 +889,9 @@ impl Switch {
                     .iter()
                     .map(|(l, v)| (l.as_str(), v.as_str()))
                     .collect();
-                metric(&mut out, name, "gauge", help, &refs);
+                metric(out, name, "gauge", help, &refs);
             }
         }
-        out
     }
 
     pub fn render_metrics(&self) -> String {
@@ -995,8 +1031,10 @@ impl Switch {
     }
 
     /// Whether the switch can take work (the engine has not stopped).
+    /// Ready to serve: the engine runs and signatures made now are accepted (a (re)started node
+    /// refuses timestamps earlier than its start plus the allowed clock lead).
     pub fn ready(&self) -> bool {
-        !self.node.metrics().stopped
+        !self.node.metrics().stopped && auth::now_ms() >= self.nonces.not_before_ms()
     }
 
     // ---------------------------------------------------------------- authentication
@@ -1837,6 +1875,7 @@ impl Switch {
             creditor: r.creditor,
             remittance_information: r.remittance_information,
             message_id: r.message_id,
+            transaction_id: r.transaction_id,
             state: PaymentState::Reserved,
             reason: None,
             accepted_at_ns: now,
@@ -2419,6 +2458,17 @@ impl Switch {
                 "not_settled",
                 "only a settled payment can be returned",
             ));
+        }
+        if let Some(code) = &request.currency {
+            if *code != original.currency {
+                return Err(ApiError::bad_request(
+                    format!(
+                        "the return is in {code:?} but the payment was in {}",
+                        original.currency
+                    ),
+                    "AM03",
+                ));
+            }
         }
         let c = currency(&original.currency).expect("stored currencies are known");
         let open = original.amount - original.returned;

@@ -123,17 +123,37 @@ fn windows_net_settle_sign_and_survive_restarts() {
 
         // Window 2 is open and counts new payments.
         pay(&url, A, B, "W2-1", "5.00").await;
-        let (_, metrics) = op.request("GET", "/metrics", b"").await.unwrap();
+        // /metrics (unauthenticated) carries aggregates only: no participant, no BIC (issue 17.2:
+        // it exposed every participant's liquidity to anyone reaching the port).
+        let plain = clearhouse_switch::client::SignedClient::new(&url, "none", vec![]);
+        let (status, metrics) = plain.send("GET", "/metrics", b"", &[]).await.unwrap();
+        assert_eq!(status, 200);
         let metrics = String::from_utf8_lossy(&metrics).into_owned();
         for line in [
             "clearhouse_window_gross_minor_units{currency=\"EUR\"} 500",
             "clearhouse_window_open 2",
             "clearhouse_reconciliation_breaks_total 0",
-            "clearhouse_participant_available_minor_units{participant=\"BBBBDEFF\",currency=\"EUR\"} 100500",
-            "clearhouse_participant_net_debit_cap_used_ratio{participant=\"AAAADEFF\",currency=\"EUR\"} 0.0050",
         ] {
             assert!(metrics.contains(line), "{line} not in {metrics}");
         }
+        for secret in ["participant=", A, B, C, P, "available_minor_units", "net_debit_cap"] {
+            assert!(!metrics.contains(secret), "{secret} in /metrics: {metrics}");
+        }
+        // The operator's signed metrics carry the positions; a participant may not read them.
+        let (status, operator_metrics) = op.request("GET", "/v1/admin/metrics", b"").await.unwrap();
+        assert_eq!(status, 200);
+        let operator_metrics = String::from_utf8_lossy(&operator_metrics).into_owned();
+        for line in [
+            "clearhouse_window_open 2",
+            "clearhouse_participant_available_minor_units{participant=\"BBBBDEFF\",currency=\"EUR\"} 100500",
+            "clearhouse_participant_net_debit_cap_used_ratio{participant=\"AAAADEFF\",currency=\"EUR\"} 0.0050",
+        ] {
+            assert!(operator_metrics.contains(line), "{line} not in {operator_metrics}");
+        }
+        let (status, _) = client_of(&url, B).request("GET", "/v1/admin/metrics", b"").await.unwrap();
+        assert_eq!(status, 403);
+        let (status, _) = plain.send("GET", "/v1/admin/metrics", b"", &[]).await.unwrap();
+        assert_eq!(status, 401);
 
         // A participant sees only its own positions...
         let (status, mine) = call(&client_of(&url, B), "GET", "/v1/windows/1", Value::Null).await;

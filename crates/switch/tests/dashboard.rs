@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 mod common;
 use common::*;
@@ -70,7 +70,16 @@ fn the_dashboard_shows_live_figures_in_a_real_browser() {
         BANKS.iter().map(|b| bank(b)).collect(),
         accepting(),
     ));
-    let running = start_switch(dir.path(), config());
+    // Chromium's virtual time (--virtual-time-budget) runs the page's clock ahead of the
+    // switch's by up to the budget: allow signatures to lead by 5 s (the switch then refuses
+    // signatures for its first 5 s; the signed client waits that out).
+    let running = start_switch(
+        dir.path(),
+        clearhouse_switch::SwitchConfig {
+            clock_lead_ms: 5_000,
+            ..config()
+        },
+    );
     let url = running.url.clone();
     let stop = Arc::new(AtomicBool::new(false));
     banks_runtime.block_on(async {
@@ -147,6 +156,60 @@ fn the_dashboard_shows_live_figures_in_a_real_browser() {
         !own.contains(&format!("data-bic=\"{}\"", BANKS[0])),
         "another bank's row shown"
     );
+    assert!(
+        !own.contains(&format!("data-bic=\"{}\"", BANKS[1])),
+        "another bank's row shown"
+    );
+    // Every recent payment the page lists is the participant's own (it is debtor or creditor
+    // agent): payments between the two other banks (every third one) never show.
+    let recent = own
+        .split("<tbody id=\"recent\">")
+        .nth(1)
+        .and_then(|rest| rest.split("</tbody>").next())
+        .expect("the recent payments table");
+    let rows: Vec<&str> = recent.split("<tr>").skip(1).collect();
+    assert!(
+        !rows.is_empty(),
+        "the participant's own payments are listed: {recent}"
+    );
+    for row in rows {
+        assert!(row.contains(BANKS[2]), "a payment of others shown: {row}");
+    }
+    // The snapshot the page reads holds nothing of other participants: positions, payments,
+    // the open and closed windows' positions and instructions.
+    banks_runtime.block_on(async {
+        let (status, view) = call(
+            &client_of(&url, BANKS[2]),
+            "GET",
+            "/v1/dashboard",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, 200, "{view}");
+        let text = view.to_string();
+        for p in view["participants"].as_array().unwrap() {
+            assert_eq!(p["bic"], BANKS[2], "{p}");
+        }
+        for r in view["recent"].as_array().unwrap() {
+            assert!(
+                r["debtor_agent"] == BANKS[2] || r["creditor_agent"] == BANKS[2],
+                "{r}"
+            );
+        }
+        let mut windows = vec![view["window"].clone()];
+        windows.extend(view["windows"].as_array().unwrap().iter().cloned());
+        for w in windows {
+            if let Some(plan) = w["plan"].as_object() {
+                for key in ["positions", "instructions"] {
+                    for entry in plan[key].as_array().unwrap() {
+                        assert_eq!(entry["participant"], BANKS[2], "{key}: {entry}");
+                    }
+                }
+            }
+            assert!(w["breaks"].as_array().is_none_or(|b| b.is_empty()), "{w}");
+        }
+        assert!(text.contains(BANKS[2]));
+    });
 
     // Wrong credentials: no data, an error shown.
     let wrong = chromium(

@@ -189,6 +189,7 @@ fn payments_end_to_end_over_http() {
         let tx = clearhouse_iso20022::CreditTransfer {
             instruction_id: Some("X-1".into()),
             end_to_end_id: "E2E-X-1".into(),
+            transaction_id: Some("TX-X-1".into()),
             amount: "12.50".into(),
             currency: "EUR".into(),
             charge_bearer: "SLEV".into(),
@@ -213,6 +214,9 @@ fn payments_end_to_end_over_http() {
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
         let clearhouse_iso20022::Message::Pacs002(report) = clearhouse_iso20022::Message::parse(&answer, &limits).unwrap() else { panic!("a pacs.002") };
         assert_eq!((report.status.as_str(), report.original_message_id.as_str(), report.original_end_to_end_id.as_deref()), ("ACSC", "MSG-X-1", Some("E2E-X-1")));
+        // Every original identification the instruction carried is echoed, TxId too (issue 17.4:
+        // accepted payments left OrgnlTxId out).
+        assert_eq!((report.original_instruction_id.as_deref(), report.original_transaction_id.as_deref()), (Some("X-1"), Some("TX-X-1")));
         let report_path = dir.path().join("pacs002.xml");
         std::fs::write(&report_path, &answer).unwrap();
         let lint = std::process::Command::new("xmllint").arg("--noout").arg("--schema")
@@ -278,6 +282,7 @@ fn payments_end_to_end_over_http() {
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
         let clearhouse_iso20022::Message::Pacs002(report) = clearhouse_iso20022::Message::parse(&answer, &limits).unwrap() else { panic!() };
         assert_eq!((report.status.as_str(), report.original_end_to_end_id.as_deref()), ("ACSC", Some("E2E-X-1")));
+        assert_eq!(report.original_transaction_id.as_deref(), Some("TX-X-1"), "the status report echoes TxId too");
         let (status, _) = client_of(&url, POOR).request("POST", "/v1/iso20022/pacs.028", status_request.to_xml().as_bytes()).await.unwrap();
         assert_eq!(status, 404);
         // Returns: the creditor agent sends (part of) a settled payment back, JSON or pacs.004.
@@ -307,6 +312,17 @@ fn payments_end_to_end_over_http() {
             reason: Some("MS03".into()),
             ..Default::default()
         };
+        // A return in another currency than the payment's is refused (AM03) and moves nothing,
+        // as pacs.004 and as JSON (issue 17.1: it was settled as if in EUR).
+        let mut in_usd = pacs004.clone();
+        in_usd.return_id = Some("RT-USD".into());
+        in_usd.currency = "USD".into();
+        let (status, answer) = creditor.request("POST", "/v1/iso20022/pacs.004", in_usd.to_xml().as_bytes()).await.unwrap();
+        let clearhouse_iso20022::Message::Pacs002(report) = clearhouse_iso20022::Message::parse(&answer, &limits).unwrap() else { panic!() };
+        assert_eq!((status, report.status.as_str(), report.reason.as_deref()), (400, "RJCT", Some("AM03")));
+        let (status, body) = call(&creditor, "POST", &return_path, json!({"return_id": "RT-USD-2", "amount": "1.00", "currency": "GBP", "reason": "AC04"})).await;
+        assert_eq!((status, body["reason"].as_str()), (400, Some("AM03")), "{body}");
+        assert_eq!(available(&debtor, DEBTOR).await, "4889.75", "a refused return moves nothing");
         let (status, answer) = creditor.request("POST", "/v1/iso20022/pacs.004", pacs004.to_xml().as_bytes()).await.unwrap();
         let clearhouse_iso20022::Message::Pacs002(report) = clearhouse_iso20022::Message::parse(&answer, &limits).unwrap() else { panic!() };
         assert_eq!((status, report.status.as_str(), report.original_message_name.as_str()), (200, "ACSC", "pacs.004.001.09"));

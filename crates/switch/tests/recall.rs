@@ -115,6 +115,21 @@ fn recalls_return_the_money_when_accepted_and_nothing_when_rejected() {
         assert_eq!(status, 403, "the assigner must be the caller");
         let (status, _) = post_xml(&a, "/v1/iso20022/camt.056", "<Document/>").await;
         assert_eq!(status, 400);
+        // The original amount, when stated, must be the payment's: currency (AM03), amount.
+        for (amount, currency, reason) in [("30.00", "USD", "AM03"), ("29.99", "EUR", "FF01")] {
+            let mut request = clearhouse_iso20022::recall::Camt056::parse(
+                camt056("C-0", &uetr, "DUPL", A).as_bytes(),
+                &clearhouse_iso20022::Limits::default(),
+            )
+            .unwrap();
+            request.original_amount = Some((amount.into(), currency.into()));
+            let (status, body) = post_xml(&a, "/v1/iso20022/camt.056", &request.to_xml()).await;
+            assert_eq!(
+                (status, body["reason"].as_str()),
+                (400, Some(reason)),
+                "{amount} {currency}: {body}"
+            );
+        }
 
         // The request, and its replay.
         let (status, recall) = post_xml(

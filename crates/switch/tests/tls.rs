@@ -31,6 +31,8 @@ fn the_api_is_served_over_tls_when_configured() {
         let config = SwitchConfig {
             tls_cert_pem: Some(cert_path.clone()),
             tls_key_pem: Some(key_path.clone()),
+            // Same machine, same clock: accept signatures at once.
+            clock_lead_ms: 0,
             ..SwitchConfig::default()
         };
         let switch = Switch::start(node, config, dir.path()).await.unwrap();

@@ -147,6 +147,29 @@ impl Switch {
                 "only a settled payment can be recalled",
             ));
         }
+        // The original amount, when the recall states it, must be the payment's: same currency
+        // (AM03), same amount (AM02 would be misleading for a smaller figure: FF01 names it).
+        if let Some((amount, code)) = &request.original_amount {
+            if *code != original.currency {
+                return Err(ApiError::bad_request(
+                    format!(
+                        "OrgnlIntrBkSttlmAmt is in {code:?} but the payment was in {}",
+                        original.currency
+                    ),
+                    "AM03",
+                ));
+            }
+            let c = currency(&original.currency).expect("stored currencies are known");
+            if money::parse_amount(amount, c.exponent).ok() != Some(original.amount) {
+                return Err(ApiError::bad_request(
+                    format!(
+                        "OrgnlIntrBkSttlmAmt {amount} is not the payment's amount {}",
+                        money::format_amount(original.amount, c.exponent)
+                    ),
+                    "FF01",
+                ));
+            }
+        }
         let key = recall_key(me, &case_id);
         if let Some(existing) = self.read_recall(key).await? {
             return if existing.payment_id == format!("{:032x}", original.id()) {
@@ -290,6 +313,7 @@ impl Switch {
                         return_id: return_id.clone(),
                         amount: None,
                         reason: "FOCR".into(),
+                        currency: None,
                     },
                 )
                 .await?;

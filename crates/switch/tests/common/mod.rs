@@ -16,6 +16,9 @@ pub fn config() -> SwitchConfig {
         settle_deadline_ms: 1_500,
         hard_timeout_ms: 3_000,
         sync_wait_ms: 4_000,
+        // Clients and switch share this machine's clock: no lead to allow, so a fresh switch
+        // accepts signatures at once (tests of the lead set their own).
+        clock_lead_ms: 0,
         ..SwitchConfig::default()
     }
 }
