@@ -1,6 +1,13 @@
 //! Per-participant statements of a window: every entry that moved the participant's position
-//! (payments settled, returns, liquidity), with totals, built in one pass over the window's
-//! vouchers and written as CSV (camt.053 rendering belongs to the ISO 20022 crate).
+//! (payments settled, returns, liquidity, settlement fund adjustments), with totals and the
+//! position's booked balance at the window's opening and closing, built in one pass over the
+//! window's vouchers and written as CSV (camt.053 rendering belongs to the ISO 20022 crate).
+//!
+//! The booked balance is what the participant holds at the switch: liquidity in minus out,
+//! payments received minus sent, returns, fund adjustments. A deferred-net participant's net
+//! debit cap is a credit line, not a balance, and is not part of it (the positions API reports it
+//! separately). Each window's closing balance is the next window's opening balance: the caller
+//! passes the previous window's closing balances ([`Statements::with_openings`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -34,6 +41,13 @@ pub struct Statement {
     pub total_credits: u128,
     #[serde(with = "crate::report::u128_string")]
     pub total_debits: u128,
+    /// Booked balance when the window opened (the previous window's closing balance), signed
+    /// minor units (negative: the participant owes the scheme).
+    #[serde(with = "crate::report::i128_string")]
+    pub opening_balance: i128,
+    /// Booked balance when the window closed: opening + credits - debits.
+    #[serde(with = "crate::report::i128_string")]
+    pub closing_balance: i128,
 }
 
 impl Statement {
@@ -47,15 +61,17 @@ impl Statement {
             .ok_or(ClearingError::Overflow("net"))
     }
 
+    /// One row per entry; every row repeats the window's opening and closing booked balances
+    /// (signed minor units), so a statement with entries carries both. Amounts in minor units.
     pub fn write_csv(&self, out: &mut impl Write) -> std::io::Result<()> {
         writeln!(
             out,
-            "window,participant,currency,voucher,kind,reference,counterparty,direction,amount,at_ns"
+            "window,participant,currency,voucher,kind,reference,counterparty,direction,amount,at_ns,opening_balance,closing_balance"
         )?;
         for e in &self.entries {
             writeln!(
                 out,
-                "{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{}",
                 self.window,
                 self.participant,
                 self.currency,
@@ -65,7 +81,9 @@ impl Statement {
                 e.counterparty,
                 if e.credit { "credit" } else { "debit" },
                 e.amount,
-                e.at_ns
+                e.at_ns,
+                self.opening_balance,
+                self.closing_balance
             )?;
         }
         Ok(())
@@ -79,12 +97,66 @@ pub struct Statements {
     statements: BTreeMap<(String, String), Statement>,
 }
 
+/// Booked balances by (participant, currency), signed minor units.
+pub type Balances = BTreeMap<(String, String), i128>;
+
 impl Statements {
+    /// Statements of `window` for a scheme that starts with nothing (window 1).
     pub fn new(window: u64) -> Statements {
-        Statements {
-            window,
-            statements: BTreeMap::new(),
+        Statements::with_openings(window, &Balances::new())
+    }
+
+    /// Statements of `window` whose positions opened at `openings` (the previous window's
+    /// closing balances): every position with a balance gets a statement, moved or not, so the
+    /// chain of balances never breaks.
+    pub fn with_openings(window: u64, openings: &Balances) -> Statements {
+        let statements = openings
+            .iter()
+            .map(|((participant, currency), balance)| {
+                (
+                    (participant.clone(), currency.clone()),
+                    Statement {
+                        participant: participant.clone(),
+                        currency: currency.clone(),
+                        window,
+                        opening_balance: *balance,
+                        closing_balance: *balance,
+                        ..Statement::default()
+                    },
+                )
+            })
+            .collect();
+        Statements { window, statements }
+    }
+
+    /// A settlement fund adjustment as it moved the position on the ledger: `moved` signed minor
+    /// units (positive: credited, a net payer paid in; negative: debited, a net receiver paid
+    /// out; 0 when the whole amount was carried). The voucher holds the window's net; what moved
+    /// can be less (a net receiver that already spent its receipts), so the caller reads it from
+    /// the ledger. A zero movement is not an entry.
+    pub fn adjustment(
+        &mut self,
+        voucher: u64,
+        participant: &str,
+        currency: &str,
+        adjusted_window: u64,
+        moved: i128,
+        at_ns: u64,
+    ) -> Result<(), ClearingError> {
+        if moved == 0 {
+            return Ok(());
         }
+        self.entry(
+            participant,
+            currency,
+            voucher,
+            "fund_adjustment",
+            &format!("window-{adjusted_window}"),
+            "settlement-bank",
+            moved > 0,
+            moved.unsigned_abs(),
+            at_ns,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -218,7 +290,19 @@ impl Statements {
         }
     }
 
-    pub fn finish(self) -> Vec<Statement> {
-        self.statements.into_values().collect()
+    /// The statements, each with its closing balance; and those closing balances (the next
+    /// window's openings).
+    pub fn finish(self) -> Result<(Vec<Statement>, Balances), ClearingError> {
+        let mut closings = Balances::new();
+        let mut out = Vec::with_capacity(self.statements.len());
+        for (key, mut statement) in self.statements {
+            statement.closing_balance = statement
+                .opening_balance
+                .checked_add(statement.net()?)
+                .ok_or(ClearingError::Overflow("closing balance"))?;
+            closings.insert(key, statement.closing_balance);
+            out.push(statement);
+        }
+        Ok((out, closings))
     }
 }

@@ -615,6 +615,8 @@ async fn our_lines(
     };
     let mut progress = Progress::new("vouchers", end + 1 - start, "read");
     let mut lines = Vec::new();
+    // Carried amounts per adjusted window: (participant, currency) -> minor units.
+    let mut carried: BTreeMap<u64, BTreeMap<(String, String), u128>> = BTreeMap::new();
     let mut from = start;
     while from <= end {
         let page = get(format!("/v1/vouchers?from={from}&limit=4096")).await?;
@@ -716,6 +718,48 @@ async fn our_lines(
                         credit: direction == "in",
                         status: "settled".into(),
                     });
+                }
+                VoucherEvent::FundAdjustment {
+                    window: adjusted,
+                    participant: p,
+                    currency,
+                    net,
+                } if p == participant => {
+                    // As the ledger moved it: a net receiver's adjustment is its net less what
+                    // was carried (the adjusted window's report says how much).
+                    if !carried.contains_key(adjusted) {
+                        let report = get(format!("/v1/windows/{adjusted}")).await?;
+                        let mut amounts = BTreeMap::new();
+                        for entry in report["carried"].as_array().cloned().unwrap_or_default() {
+                            if let (Some(who), Some(code), Some(amount)) =
+                                (entry[0].as_str(), entry[1].as_str(), entry[2].as_str())
+                            {
+                                let amount: u128 = amount.parse().with_context(|| {
+                                    format!("window {adjusted}: carried amount {amount:?}")
+                                })?;
+                                amounts.insert((who.to_string(), code.to_string()), amount);
+                            }
+                        }
+                        carried.insert(*adjusted, amounts);
+                    }
+                    let left = carried[adjusted]
+                        .get(&(p.clone(), currency.clone()))
+                        .copied()
+                        .unwrap_or(0);
+                    let moved = net
+                        .unsigned_abs()
+                        .saturating_sub(if *net > 0 { left } else { 0 });
+                    if moved > 0 {
+                        lines.push(OurLine {
+                            voucher: seq,
+                            uetr: None,
+                            end_to_end_id: None,
+                            amount: moved,
+                            currency: currency.clone(),
+                            credit: *net < 0,
+                            status: "settled".into(),
+                        });
+                    }
                 }
                 _ => {}
             }

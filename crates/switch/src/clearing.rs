@@ -47,6 +47,9 @@ fn window_key(window: u64) -> u128 {
 fn plan_chunk_key(window: u64, chunk: u32) -> u128 {
     id128(&[b"window-plan", &window.to_le_bytes(), &chunk.to_le_bytes()])
 }
+/// Windows whose closing booked balances are kept in memory for statements.
+const CLOSING_BALANCES_CACHED_MAX: usize = 64;
+
 pub fn fund_adjustment_id(window: u64, bic: &str, currency: &str) -> u128 {
     id128(&[
         b"fund-adjustment",
@@ -89,6 +92,9 @@ pub struct Clearing {
     admin: tokio::sync::Mutex<()>,
     /// Recent windows as stored (with their plans), so close and settle never wait for the index.
     cache: Mutex<BTreeMap<u64, WindowRecord>>,
+    /// Closing booked balances of recent windows (statements chain them: a window's opening is
+    /// the previous closing); at most [`CLOSING_BALANCES_CACHED_MAX`] windows.
+    closings: Mutex<BTreeMap<u64, Arc<clearhouse_clearing::statement::Balances>>>,
     /// Reconciliation breaks found since start (alarm), and accumulation failures.
     pub breaks_total: AtomicU64,
     pub windows_closed: AtomicU64,
@@ -252,6 +258,7 @@ impl Clearing {
             })),
             admin: tokio::sync::Mutex::new(()),
             cache: Mutex::new(BTreeMap::new()),
+            closings: Mutex::new(BTreeMap::new()),
             breaks_total: AtomicU64::new(0),
             windows_closed: AtomicU64::new(0),
             windows_settled: AtomicU64::new(0),
@@ -993,16 +1000,114 @@ impl Clearing {
         Ok(events)
     }
 
-    /// Every participant's statement of a closed window (one pass over its vouchers).
+    /// Every participant's statement of a closed window (one pass over its vouchers), with the
+    /// booked balances at its opening (the previous window's closing) and closing.
     pub async fn statements(
         &self,
         window: u64,
     ) -> Result<Vec<clearhouse_clearing::statement::Statement>, ApiError> {
-        let mut statements = clearhouse_clearing::statement::Statements::new(window);
-        for (seq, event) in self.window_events(window).await? {
-            statements.add(seq, &event).map_err(internal)?;
+        let openings = self.closing_balances(window.saturating_sub(1)).await?;
+        let (statements, closings) = self.window_statements(window, &openings).await?;
+        self.remember_closings(window, closings);
+        Ok(statements)
+    }
+
+    fn remember_closings(&self, window: u64, closings: clearhouse_clearing::statement::Balances) {
+        let mut cached = self.closings.lock().expect("closings");
+        cached.insert(window, Arc::new(closings));
+        while cached.len() > CLOSING_BALANCES_CACHED_MAX {
+            cached.pop_first();
         }
-        Ok(statements.finish())
+    }
+
+    /// The booked balances at the close of `window` (none before window 1): from the nearest
+    /// cached earlier window, every window after it is walked once (its vouchers, and its fund
+    /// adjustments as the ledger moved them).
+    async fn closing_balances(
+        &self,
+        window: u64,
+    ) -> Result<Arc<clearhouse_clearing::statement::Balances>, ApiError> {
+        let (mut at, mut balances) = {
+            let cached = self.closings.lock().expect("closings");
+            match cached.range(..=window).next_back() {
+                Some((w, b)) => (*w, b.clone()),
+                None => (0, Arc::new(clearhouse_clearing::statement::Balances::new())),
+            }
+        };
+        while at < window {
+            at += 1;
+            let (_, closings) = self.window_statements(at, &balances).await?;
+            self.remember_closings(at, closings);
+            balances = self
+                .closings
+                .lock()
+                .expect("closings")
+                .get(&at)
+                .cloned()
+                .ok_or_else(|| internal("closing balances just computed"))?;
+        }
+        Ok(balances)
+    }
+
+    async fn window_statements(
+        &self,
+        window: u64,
+        openings: &clearhouse_clearing::statement::Balances,
+    ) -> Result<
+        (
+            Vec<clearhouse_clearing::statement::Statement>,
+            clearhouse_clearing::statement::Balances,
+        ),
+        ApiError,
+    > {
+        let mut statements =
+            clearhouse_clearing::statement::Statements::with_openings(window, openings);
+        let events = self.window_events(window).await?;
+        // Fund adjustments as the ledger moved them (a net receiver's may have moved less than
+        // its net, or nothing: the rest was carried).
+        let adjustment_ids: Vec<u128> = events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                VoucherEvent::FundAdjustment {
+                    window,
+                    participant,
+                    currency,
+                    ..
+                } => Some(fund_adjustment_id(*window, participant, currency)),
+                _ => None,
+            })
+            .collect();
+        let moved: BTreeMap<u128, (u128, u64)> = if adjustment_ids.is_empty() {
+            BTreeMap::new()
+        } else {
+            let node = self.node.clone();
+            blocking(move || node.lookup_transfers(adjustment_ids))
+                .await?
+                .into_iter()
+                .map(|s| (s.transfer.id, (s.transfer.amount, s.transfer.timestamp)))
+                .collect()
+        };
+        for (seq, event) in &events {
+            if let VoucherEvent::FundAdjustment {
+                window: adjusted,
+                participant,
+                currency,
+                net,
+            } = event
+            {
+                let id = fund_adjustment_id(*adjusted, participant, currency);
+                let (amount, at_ns) = moved.get(&id).copied().unwrap_or((0, 0));
+                let amount = i128::try_from(amount).map_err(internal)?;
+                // A net payer (net < 0) was credited; a net receiver debited.
+                let signed = if *net < 0 { amount } else { -amount };
+                statements
+                    .adjustment(*seq, participant, currency, *adjusted, signed, at_ns)
+                    .map_err(internal)?;
+            } else {
+                statements.add(*seq, event).map_err(internal)?;
+            }
+        }
+        statements.finish().map_err(internal)
     }
 }
 
@@ -1248,7 +1353,6 @@ fn statement_camt(
         let c = currency(&statement.currency)
             .ok_or_else(|| internal(format!("unknown currency {}", statement.currency)))?;
         let money = |minor: u128| crate::money::format_amount(minor, c.exponent);
-        let net = statement.net().map_err(internal)?;
         let balance = |code: &str, amount: i128| camt::Balance {
             code: code.to_string(),
             amount: money(amount.unsigned_abs()),
@@ -1273,7 +1377,7 @@ fn statement_camt(
                 )),
                 instruction_id: None,
                 end_to_end_id: None,
-                uetr: (e.kind != "liquidity").then(|| e.reference.clone()),
+                uetr: (e.kind == "payment" || e.kind == "return").then(|| e.reference.clone()),
                 debtor_agent: None,
                 creditor_agent: None,
                 additional_info: Some(format!("{} with {}", e.kind, e.counterparty)),
@@ -1285,7 +1389,12 @@ fn statement_camt(
             account_iban: None,
             account_other: Some(format!("{}-{}", statement.participant, c.code)),
             account_currency: Some(c.code.to_string()),
-            balances: vec![balance("OPBD", 0), balance("CLBD", net)],
+            // Booked balances of the position (the net debit cap is a credit line, not part of
+            // them): the opening one is the previous window's closing one.
+            balances: vec![
+                balance("OPBD", statement.opening_balance),
+                balance("CLBD", statement.closing_balance),
+            ],
             entries,
         });
     }

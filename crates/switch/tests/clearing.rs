@@ -248,6 +248,117 @@ fn windows_net_settle_sign_and_survive_restarts() {
         assert_eq!(list[0]["window"], 3);
         assert_eq!(list[0]["state"], "open");
         assert_eq!(list.as_array().unwrap().len(), 3);
+
+        // Statements carry booked balances (issue 17.3: OPBD was always 0 and CLBD the window's
+        // net): each window opens at the previous one's close, the settlement fund adjustments
+        // are entries (in the window they were posted in), and the last closing balance is the
+        // position's balance on the ledger. Window 3 holds only window 2's adjustments.
+        let (status, report) = call(&op, "POST", "/v1/admin/windows/close", Value::Null).await;
+        assert_eq!(
+            (status, &report["state"]),
+            (200, &json!("settled")),
+            "{report}"
+        );
+        for bic in [A, B, C, P] {
+            let mut closing = "0".to_string();
+            let mut adjustments = 0;
+            for window in 1..=3 {
+                let (status, statement) = call(
+                    &op,
+                    "GET",
+                    &format!("/v1/windows/{window}/statement?participant={bic}"),
+                    Value::Null,
+                )
+                .await;
+                assert_eq!(status, 200, "{bic} window {window}: {statement}");
+                let statement = &statement[0];
+                assert_eq!(
+                    statement["opening_balance"].as_str(),
+                    Some(closing.as_str()),
+                    "{bic} window {window}: {statement}"
+                );
+                let entries = statement["entries"].as_array().unwrap();
+                adjustments += entries
+                    .iter()
+                    .filter(|e| e["kind"] == "fund_adjustment")
+                    .count();
+                let moved: i128 = entries
+                    .iter()
+                    .map(|e| {
+                        let amount: i128 = e["amount"].as_str().unwrap().parse().unwrap();
+                        if e["credit"] == true {
+                            amount
+                        } else {
+                            -amount
+                        }
+                    })
+                    .sum();
+                let opening: i128 = closing.parse().unwrap();
+                closing = statement["closing_balance"].as_str().unwrap().to_string();
+                assert_eq!(
+                    closing.parse::<i128>().unwrap(),
+                    opening + moved,
+                    "{bic} window {window}"
+                );
+            }
+            let (_, positions) = call(
+                &op,
+                "GET",
+                &format!("/v1/participants/{bic}/positions"),
+                Value::Null,
+            )
+            .await;
+            let balance: i128 = positions[0]["balance"]
+                .as_str()
+                .unwrap()
+                .replace('.', "")
+                .parse()
+                .unwrap();
+            assert_eq!(
+                closing.parse::<i128>().unwrap(),
+                balance,
+                "{bic}: the closing balance is the ledger's"
+            );
+            if bic != P {
+                assert!(
+                    adjustments > 0,
+                    "{bic}: deferred net, its fund adjustments are entries"
+                );
+            }
+        }
+        // The camt.053 says the same: OPBD of window 2 = CLBD of window 1.
+        let camt = |window: u64| {
+            let op = op.clone();
+            async move {
+                let (status, xml) = op
+                    .request(
+                        "GET",
+                        &format!("/v1/windows/{window}/statement?participant={B}&format=camt053"),
+                        b"",
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(status, 200);
+                let report = clearhouse_iso20022::camt::CashReport::parse(
+                    &xml,
+                    &clearhouse_iso20022::Limits::default(),
+                )
+                .unwrap();
+                let balance = |code: &str| {
+                    let b = report.reports[0]
+                        .balances
+                        .iter()
+                        .find(|b| b.code == code)
+                        .unwrap()
+                        .clone();
+                    (b.amount, b.credit)
+                };
+                (balance("OPBD"), balance("CLBD"))
+            }
+        };
+        let (_, closing_1) = camt(1).await;
+        let (opening_2, _) = camt(2).await;
+        assert_eq!(opening_2, closing_1);
     });
     drop(running);
 
@@ -258,10 +369,10 @@ fn windows_net_settle_sign_and_survive_restarts() {
     let public = ed25519_dalek::VerifyingKey::from_bytes(&public).unwrap();
     let (bytes, vouchers, checkpoints) =
         clearhouse_switch::clearing::export_vouchers(&node, &public, Vec::new(), |_| {}).unwrap();
-    assert_eq!(checkpoints, 2);
+    assert_eq!(checkpoints, 3);
     let report = verify_export(&bytes[..], Some(&public), |_| {}).unwrap();
     assert_eq!(report.vouchers, vouchers);
-    assert_eq!(report.checkpoints, 2);
+    assert_eq!(report.checkpoints, 3);
 }
 
 /// Liquidity-saving mode: three banks with no liquidity pay each other in a cycle. No payment fits
