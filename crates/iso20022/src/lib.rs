@@ -5,7 +5,8 @@
 //! path); select the message by the Document's namespace; read and write typed pacs.008.001.08
 //! (customer credit transfer), pacs.002.001.10 (payment status report), pacs.004.001.09
 //! (payment return), pacs.028.001.03 (payment status request), camt.053.001.08 (statement),
-//! camt.054.001.08 (debit/credit notification) and the head.001.001.02 business
+//! camt.054.001.08 (debit/credit notification), camt.056.001.08 / camt.029.001.09 (recalls),
+//! admi.002.001.01 (message reject) and the head.001.001.02 business
 //! application header, writing the right
 //! namespace, only the elements present, in schema order; format ISO dates and times.
 //!
@@ -13,6 +14,7 @@
 //! make business decisions (the switch checks amounts, codes, BICs, UETRs); make scheme decisions; keep elements it does not model
 //! (postal addresses, structured remittance): they are read past, not re-emitted.
 
+pub mod admi;
 pub mod camt;
 pub mod messages;
 pub mod recall;

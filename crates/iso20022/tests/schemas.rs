@@ -369,6 +369,7 @@ fn emitted_messages_validate_against_the_official_schemas_and_round_trip() {
     // Headers: each validates alone against head.001; in an envelope with its document, both
     // come back as they went.
     let mut files = Vec::new();
+    let mut envelopes = Vec::new();
     let documents = generate(pacs008(), 100);
     for (i, (header, document)) in generate(app_header(), 100)
         .into_iter()
@@ -384,8 +385,54 @@ fn emitted_messages_validate_against_the_official_schemas_and_round_trip() {
         let path = dir.path().join(format!("apphdr-{i}.xml"));
         std::fs::write(&path, clearhouse_iso20022::xml::emit(&header.to_element())).unwrap();
         files.push(path);
+        let path = dir.path().join(format!("envelope-{i}.xml"));
+        std::fs::write(&path, &xml).unwrap();
+        envelopes.push(path);
     }
     xmllint("head.001.001.02.xsd", &files);
+    // The envelope has a published schema (crates/iso20022/xsd/clearhouse.envelope.1.xsd, issue
+    // 17.7): placed beside the official schemas, it validates header and document together.
+    let schemas = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(shared().join("xsd")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, schemas.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let envelope_xsd = schemas.path().join("clearhouse.envelope.1.xsd");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("xsd/clearhouse.envelope.1.xsd"),
+        &envelope_xsd,
+    )
+    .unwrap();
+    let lint = |files: &[PathBuf]| {
+        Command::new("xmllint")
+            .arg("--noout")
+            .arg("--schema")
+            .arg(&envelope_xsd)
+            .args(files)
+            .output()
+            .expect("xmllint")
+    };
+    let output = lint(&envelopes);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // And it checks: a document with an invalid amount inside a good envelope fails.
+    let mut bad = generate(pacs008(), 1).remove(0);
+    bad.transactions[0].amount = "1.123456".into();
+    let header = generate(app_header(), 1).remove(0);
+    let path = dir.path().join("envelope-bad.xml");
+    std::fs::write(
+        &path,
+        clearhouse_iso20022::envelope_xml(&header, bad.to_document()),
+    )
+    .unwrap();
+    let output = lint(&[path]);
+    assert!(
+        !output.status.success(),
+        "an invalid document in an envelope"
+    );
 }
 
 fn camt_entry() -> impl Strategy<Value = camt::Entry> {

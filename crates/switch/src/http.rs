@@ -606,55 +606,64 @@ async fn status_pacs028(
         headers,
         body,
         |state, caller, body| async move {
-            let request = match clearhouse_iso20022::Message::parse(&body, &crate::iso::limits()) {
-                Ok(clearhouse_iso20022::Message::Pacs028(request)) => request,
-                Ok(_) => {
-                    return Err(
-                        ApiError::new(400, "unsupported_message", "send a pacs.028.001.03")
-                            .with_reason("FF01"),
-                    )
-                }
-                Err(error) => {
-                    return Err(ApiError::new(400, "invalid_message", error.to_string())
+            // Every refusal is ISO 20022 too: a pacs.002 RJCT where the handler writes one, an
+            // admi.002 message reject for the rest (authentication errors stay JSON).
+            let handled = async move {
+                let request =
+                    match clearhouse_iso20022::Message::parse(&body, &crate::iso::limits()) {
+                        Ok(clearhouse_iso20022::Message::Pacs028(request)) => request,
+                        Ok(_) => {
+                            return Err(ApiError::new(
+                                400,
+                                "unsupported_message",
+                                "send a pacs.028.001.03",
+                            )
+                            .with_reason("FF01"))
+                        }
+                        Err(error) => {
+                            return Err(ApiError::new(400, "invalid_message", error.to_string())
+                                .with_reason("FF01"))
+                        }
+                    };
+                let query = match (
+                    &request.original_uetr,
+                    &request.original_instruction_id,
+                    &request.original_end_to_end_id,
+                ) {
+                    (Some(uetr), _, _) => StatusQuery {
+                        uetr: Some(uetr.clone()),
+                        ..StatusQuery::default()
+                    },
+                    (None, Some(instruction), _) => StatusQuery {
+                        instruction_id: Some(instruction.clone()),
+                        ..StatusQuery::default()
+                    },
+                    (None, None, Some(e2e)) => StatusQuery {
+                        end_to_end_id: Some(e2e.clone()),
+                        ..StatusQuery::default()
+                    },
+                    _ => {
+                        return Err(ApiError::new(
+                            400,
+                            "no_reference",
+                            "a pacs.028 needs OrgnlUETR, OrgnlInstrId or OrgnlEndToEndId",
+                        )
                         .with_reason("FF01"))
-                }
-            };
-            let query = match (
-                &request.original_uetr,
-                &request.original_instruction_id,
-                &request.original_end_to_end_id,
-            ) {
-                (Some(uetr), _, _) => StatusQuery {
-                    uetr: Some(uetr.clone()),
-                    ..StatusQuery::default()
-                },
-                (None, Some(instruction), _) => StatusQuery {
-                    instruction_id: Some(instruction.clone()),
-                    ..StatusQuery::default()
-                },
-                (None, None, Some(e2e)) => StatusQuery {
-                    end_to_end_id: Some(e2e.clone()),
-                    ..StatusQuery::default()
-                },
-                _ => {
-                    return Err(ApiError::new(
-                        400,
-                        "no_reference",
-                        "a pacs.028 needs OrgnlUETR, OrgnlInstrId or OrgnlEndToEndId",
-                    )
-                    .with_reason("FF01"))
-                }
-            };
-            let view = state.switch.status(&caller, query).await?;
-            let original = request
-                .original_message_id
-                .clone()
-                .or_else(|| view.message_id.clone())
-                .unwrap_or_else(|| view.instruction_id.clone());
-            Ok(xml_response(
-                StatusCode::OK,
-                crate::iso::pacs002_of(&view, &original).to_xml(),
-            ))
+                    }
+                };
+                let view = state.switch.status(&caller, query).await?;
+                let original = request
+                    .original_message_id
+                    .clone()
+                    .or_else(|| view.message_id.clone())
+                    .unwrap_or_else(|| view.instruction_id.clone());
+                Ok(xml_response(
+                    StatusCode::OK,
+                    crate::iso::pacs002_of(&view, &original).to_xml(),
+                ))
+            }
+            .await;
+            handled.or_else(|error| iso_refusal(error, "NONREF"))
         },
     )
     .await
@@ -705,60 +714,69 @@ async fn return_pacs004(
         headers,
         body,
         |state, caller, body| async move {
-            let request = match clearhouse_iso20022::Message::parse(&body, &crate::iso::limits()) {
-                Ok(clearhouse_iso20022::Message::Pacs004(request)) => request,
-                Ok(_) => {
-                    return Err(
-                        ApiError::new(400, "unsupported_message", "send a pacs.004.001.09")
-                            .with_reason("FF01"),
+            // Every refusal is ISO 20022 too: a pacs.002 RJCT where the handler writes one, an
+            // admi.002 message reject for the rest (authentication errors stay JSON).
+            let handled = async move {
+                let request =
+                    match clearhouse_iso20022::Message::parse(&body, &crate::iso::limits()) {
+                        Ok(clearhouse_iso20022::Message::Pacs004(request)) => request,
+                        Ok(_) => {
+                            return Err(ApiError::new(
+                                400,
+                                "unsupported_message",
+                                "send a pacs.004.001.09",
+                            )
+                            .with_reason("FF01"))
+                        }
+                        Err(error) => {
+                            return Err(ApiError::new(400, "invalid_message", error.to_string())
+                                .with_reason("FF01"))
+                        }
+                    };
+                let uetr = request.original_uetr.clone().ok_or_else(|| {
+                    ApiError::new(
+                        400,
+                        "no_reference",
+                        "this scheme finds the original payment by OrgnlUETR",
                     )
-                }
-                Err(error) => {
-                    return Err(ApiError::new(400, "invalid_message", error.to_string())
-                        .with_reason("FF01"))
-                }
-            };
-            let uetr = request.original_uetr.clone().ok_or_else(|| {
-                ApiError::new(
-                    400,
-                    "no_reference",
-                    "this scheme finds the original payment by OrgnlUETR",
-                )
-                .with_reason("FF01")
-            })?;
-            let key = state
-                .switch
-                .payment_by_uetr(&uetr)
-                .await?
-                .ok_or_else(|| ApiError::new(404, "not_found", "payment not found"))?;
-            let return_request = crate::switch::ReturnRequest {
-                return_id: request
-                    .return_id
-                    .clone()
-                    .unwrap_or_else(|| request.message_id.clone()),
-                amount: Some(request.returned_amount.clone()),
-                reason: request.reason.clone().unwrap_or_default(),
-                currency: Some(request.currency.clone()),
-            };
-            match state
-                .switch
-                .return_payment(&caller, key, return_request)
-                .await
-            {
-                Ok(_) => Ok(xml_response(
-                    StatusCode::OK,
-                    crate::iso::pacs002_of_return(&request, "ACSC", None).to_xml(),
-                )),
-                Err(error)
-                    if error.reason.is_some() && error.status != 401 && error.status != 403 =>
+                    .with_reason("FF01")
+                })?;
+                let key = state
+                    .switch
+                    .payment_by_uetr(&uetr)
+                    .await?
+                    .ok_or_else(|| ApiError::new(404, "not_found", "payment not found"))?;
+                let return_request = crate::switch::ReturnRequest {
+                    return_id: request
+                        .return_id
+                        .clone()
+                        .unwrap_or_else(|| request.message_id.clone()),
+                    amount: Some(request.returned_amount.clone()),
+                    reason: request.reason.clone().unwrap_or_default(),
+                    currency: Some(request.currency.clone()),
+                };
+                match state
+                    .switch
+                    .return_payment(&caller, key, return_request)
+                    .await
                 {
-                    Ok(xml_response(
-                        StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_REQUEST),
-                        crate::iso::pacs002_of_return(&request, "RJCT", error.reason).to_xml(),
-                    ))
+                    Ok(_) => Ok(xml_response(
+                        StatusCode::OK,
+                        crate::iso::pacs002_of_return(&request, "ACSC", None).to_xml(),
+                    )),
+                    Err(error)
+                        if error.reason.is_some() && error.status != 401 && error.status != 403 =>
+                    {
+                        Ok(xml_response(
+                            StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_REQUEST),
+                            crate::iso::pacs002_of_return(&request, "RJCT", error.reason).to_xml(),
+                        ))
+                    }
+                    Err(error) => Err(error),
                 }
-                Err(error) => Err(error),
             }
+            .await;
+            handled.or_else(|error| iso_refusal(error, "NONREF"))
         },
     )
     .await
@@ -1085,15 +1103,65 @@ async fn recall_camt056(
         headers,
         body,
         |state, caller, body| async move {
-            let request = clearhouse_iso20022::recall::Camt056::parse(&body, &crate::iso::limits())
-                .map_err(|e| {
-                    ApiError::new(400, "invalid_message", e.to_string()).with_reason("FF01")
-                })?;
-            let recall = state.switch.recall_request(&caller, request).await?;
-            Ok(ok(StatusCode::ACCEPTED, &recall))
+            let request =
+                match clearhouse_iso20022::recall::Camt056::parse(&body, &crate::iso::limits()) {
+                    Ok(request) => request,
+                    Err(e) => {
+                        return iso_refusal(
+                            ApiError::new(400, "invalid_message", e.to_string())
+                                .with_reason("FF01"),
+                            "NONREF",
+                        )
+                    }
+                };
+            let reference = request.assignment.id.clone();
+            match state.switch.recall_request(&caller, request).await {
+                // Accepted for the creditor agent's decision: a camt.029 PDCR naming the recall.
+                Ok(recall) => Ok(xml_response(
+                    StatusCode::ACCEPTED,
+                    state
+                        .switch
+                        .recall_status_camt029(&recall, &caller_bic(&caller))
+                        .to_xml(),
+                )),
+                Err(error) => iso_refusal(error, &reference),
+            }
         },
     )
     .await
+}
+
+fn caller_bic(caller: &Caller) -> String {
+    match caller {
+        Caller::Operator => "operator".into(),
+        Caller::Participant(bic) => bic.clone(),
+    }
+}
+
+/// A refused ISO 20022 message that no business message answers: an admi.002 message reject
+/// with the same HTTP status, its reason the ISO reason code (FF01, AM03...) or, where none
+/// applies, the error's code (`not_found`, `not_settled`, `recall_resolved`...).
+/// Authentication and authorization errors (401, 403) and server errors stay JSON like on
+/// every endpoint.
+fn iso_refusal(error: ApiError, reference: &str) -> Result<Response, ApiError> {
+    match error.reason.unwrap_or(error.code) {
+        reason
+            if (400..500).contains(&error.status) && error.status != 401 && error.status != 403 =>
+        {
+            let reject = clearhouse_iso20022::admi::Admi002 {
+                related_reference: reference.to_string(),
+                reason: reason.to_string(),
+                rejected_at: Some(clearhouse_iso20022::time::date_time(crate::switch::now_ns())),
+                error_location: None,
+                description: Some(error.message.clone()),
+            };
+            Ok(xml_response(
+                StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_REQUEST),
+                reject.to_xml(),
+            ))
+        }
+        _ => Err(error),
+    }
 }
 
 async fn recall_camt029(
@@ -1111,14 +1179,28 @@ async fn recall_camt029(
         body,
         |state, caller, body| async move {
             let resolution =
-                clearhouse_iso20022::recall::Camt029::parse(&body, &crate::iso::limits()).map_err(
-                    |e| ApiError::new(400, "invalid_message", e.to_string()).with_reason("FF01"),
-                )?;
-            let (recall, returned) = state.switch.recall_resolution(&caller, resolution).await?;
-            Ok(ok(
-                StatusCode::OK,
-                &serde_json::json!({"recall": recall, "return": returned}),
-            ))
+                match clearhouse_iso20022::recall::Camt029::parse(&body, &crate::iso::limits()) {
+                    Ok(resolution) => resolution,
+                    Err(e) => {
+                        return iso_refusal(
+                            ApiError::new(400, "invalid_message", e.to_string())
+                                .with_reason("FF01"),
+                            "NONREF",
+                        )
+                    }
+                };
+            let reference = resolution.assignment.id.clone();
+            match state.switch.recall_resolution(&caller, resolution).await {
+                // The recall as it now stands (CNCL / ACCR or RJCR), naming the return.
+                Ok((recall, _)) => Ok(xml_response(
+                    StatusCode::OK,
+                    state
+                        .switch
+                        .recall_status_camt029(&recall, &caller_bic(&caller))
+                        .to_xml(),
+                )),
+                Err(error) => iso_refusal(error, &reference),
+            }
         },
     )
     .await

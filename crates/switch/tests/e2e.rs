@@ -283,8 +283,11 @@ fn payments_end_to_end_over_http() {
         let clearhouse_iso20022::Message::Pacs002(report) = clearhouse_iso20022::Message::parse(&answer, &limits).unwrap() else { panic!() };
         assert_eq!((report.status.as_str(), report.original_end_to_end_id.as_deref()), ("ACSC", Some("E2E-X-1")));
         assert_eq!(report.original_transaction_id.as_deref(), Some("TX-X-1"), "the status report echoes TxId too");
-        let (status, _) = client_of(&url, POOR).request("POST", "/v1/iso20022/pacs.028", status_request.to_xml().as_bytes()).await.unwrap();
+        let (status, answer) = client_of(&url, POOR).request("POST", "/v1/iso20022/pacs.028", status_request.to_xml().as_bytes()).await.unwrap();
         assert_eq!(status, 404);
+        // ISO in, ISO out: the refusal is an admi.002 message reject (issue 17.7), not JSON.
+        let reject = clearhouse_iso20022::admi::Admi002::parse(&answer, &limits).unwrap();
+        assert_eq!(reject.reason, "not_found");
         // Returns: the creditor agent sends (part of) a settled payment back, JSON or pacs.004.
         let payment_id = json_view["payment_id"].as_str().unwrap().to_string();
         let creditor = client_of(&url, ACCEPTS);

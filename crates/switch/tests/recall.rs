@@ -50,12 +50,51 @@ fn camt029(case: &str, accept: bool, reason: Option<&str>) -> String {
     .to_xml()
 }
 
+/// Posts an ISO 20022 message; the answer is ISO 20022 too (issue 17.7): a camt.029 with the
+/// recall's state (checked against the XSD), an admi.002 message reject, or JSON for
+/// authentication and authorization errors. Returned as JSON for the assertions.
 async fn post_xml(
     client: &clearhouse_switch::client::SignedClient,
     path: &str,
     xml: &str,
 ) -> (u16, Value) {
     let (status, body) = client.request("POST", path, xml.as_bytes()).await.unwrap();
+    let limits = clearhouse_iso20022::Limits::default();
+    if let Ok(answer) = Camt029::parse(&body, &limits) {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &body).unwrap();
+        let lint = std::process::Command::new("xmllint")
+            .args(["--noout", "--schema"])
+            .arg(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../../shared/iso20022/xsd/camt.029.001.09.xsd"),
+            )
+            .arg(file.path())
+            .output()
+            .expect("xmllint");
+        assert!(
+            lint.status.success(),
+            "{}",
+            String::from_utf8_lossy(&lint.stderr)
+        );
+        let state = match answer.status.as_deref() {
+            Some("PDCR") => "requested",
+            Some("ACCR") => "accepted",
+            Some("RJCR") => "rejected",
+            other => panic!("camt.029 status {other:?}"),
+        };
+        return (
+            status,
+            json!({"camt": "029", "state": state, "recall_id": answer.cancellation_status_id,
+                   "rejection_reason": answer.reason, "to": answer.assignment.assignee_bic}),
+        );
+    }
+    if let Ok(reject) = clearhouse_iso20022::admi::Admi002::parse(&body, &limits) {
+        return (
+            status,
+            json!({"admi": "002", "reason": reject.reason, "message": reject.description}),
+        );
+    }
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
@@ -143,7 +182,15 @@ fn recalls_return_the_money_when_accepted_and_nothing_when_rejected() {
             (202, Some("requested")),
             "{recall}"
         );
-        assert_eq!(recall["assignee"], B);
+        assert_eq!(recall["to"], A, "the answer is addressed to the requester");
+        let (_, shown) = call(
+            &a,
+            "GET",
+            &format!("/v1/recalls/{}", recall["recall_id"].as_str().unwrap()),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(shown["assignee"], B);
         let (status, again) = post_xml(
             &a,
             "/v1/iso20022/camt.056",
@@ -156,11 +203,23 @@ fn recalls_return_the_money_when_accepted_and_nothing_when_rejected() {
         let (status, resolved) =
             post_xml(&b, "/v1/iso20022/camt.029", &camt029("C-1", true, None)).await;
         assert_eq!(status, 200, "{resolved}");
-        assert_eq!(resolved["recall"]["state"], "accepted");
-        assert_eq!(resolved["return"]["amount"], "30.00");
+        assert_eq!(resolved["state"], "accepted");
+        // The return it made (RCL-<case>), asked again by its id: answered the same.
+        let (status, returned) = call(
+            &b,
+            "POST",
+            &format!(
+                "/v1/payments/{}/return",
+                paid["payment_id"].as_str().unwrap()
+            ),
+            json!({"return_id": "RCL-C-1", "reason": "FOCR"}),
+        )
+        .await;
+        assert_eq!(status, 200, "{returned}");
+        assert_eq!(returned["amount"], "30.00");
         // What the agents are notified with: the return as a pacs.004, valid per the XSD.
         let view: clearhouse_switch::switch::ReturnView =
-            serde_json::from_value(resolved["return"].clone()).unwrap();
+            serde_json::from_value(returned.clone()).unwrap();
         let pacs004 = dir.path().join("return.pacs004.xml");
         std::fs::write(&pacs004, view.pacs004().to_xml()).unwrap();
         let lint = std::process::Command::new("xmllint")
@@ -217,8 +276,8 @@ fn recalls_return_the_money_when_accepted_and_nothing_when_rejected() {
         )
         .await;
         assert_eq!(status, 200, "{resolved}");
-        assert_eq!(resolved["recall"]["state"], "rejected");
-        assert_eq!(resolved["recall"]["rejection_reason"], "NOAS");
+        assert_eq!(resolved["state"], "rejected");
+        assert_eq!(resolved["rejection_reason"], "NOAS");
         assert_eq!(available(&a, A).await, "80.00");
         // Accepting after rejecting: refused.
         let (status, _) = post_xml(&b, "/v1/iso20022/camt.029", &camt029("C-2", true, None)).await;

@@ -354,6 +354,42 @@ impl Switch {
         Ok((record, returned))
     }
 
+    /// The state of a recall as a camt.029.001.09 from the switch to `to`: PDCR while the
+    /// creditor agent has not decided, CNCL / ACCR once the money went back, RJCR with the
+    /// rejection reason; CxlStsId carries the recall id (`GET /v1/recalls/{id}`).
+    pub fn recall_status_camt029(&self, record: &RecallRecord, to: &str) -> Camt029 {
+        let now = now_ns();
+        let (confirmation, status) = match record.state {
+            RecallState::Requested => ("PDCR", "PDCR"),
+            RecallState::Accepted => ("CNCL", "ACCR"),
+            RecallState::Rejected => ("RJCR", "RJCR"),
+        };
+        Camt029 {
+            assignment: Assignment {
+                id: format!("CH{now:x}"),
+                assigner_bic: self.config.scheme_bic.clone(),
+                assignee_bic: to.to_string(),
+                created: clearhouse_iso20022::time::date_time(now),
+                case_id: Some(record.case_id.clone()),
+                case_creator_bic: Some(record.requested_by.clone()),
+            },
+            confirmation: confirmation.into(),
+            cancellation_status_id: Some(record.recall_id.clone()),
+            original: Original {
+                end_to_end_id: Some(record.original_end_to_end_id.clone()),
+                uetr: Some(record.original_uetr.clone()),
+                ..Original::default()
+            },
+            status: Some(status.into()),
+            reason: record.rejection_reason.clone(),
+            additional_info: record
+                .return_id
+                .iter()
+                .map(|id| format!("returned as {id}"))
+                .collect(),
+        }
+    }
+
     /// A recall, for the two agents it concerns.
     pub async fn recall_status(
         &self,
