@@ -102,16 +102,32 @@ pub struct NetPosition {
     pub currency: String,
     /// Settled by deferred net settlement (else prefunded: already settled gross).
     pub deferred: bool,
-    #[serde(with = "crate::report::u128_string")]
+    #[serde(
+        rename = "sent_minor_units",
+        alias = "sent",
+        with = "crate::report::u128_string"
+    )]
     pub sent: u128,
-    #[serde(with = "crate::report::u128_string")]
+    #[serde(
+        rename = "received_minor_units",
+        alias = "received",
+        with = "crate::report::u128_string"
+    )]
     pub received: u128,
     pub sent_count: u64,
     pub received_count: u64,
     /// received - sent: > 0 the participant is owed, < 0 it owes.
-    #[serde(with = "crate::report::i128_string")]
+    #[serde(
+        rename = "net_minor_units",
+        alias = "net",
+        with = "crate::report::i128_string"
+    )]
     pub net: i128,
-    #[serde(with = "crate::report::u128_string")]
+    #[serde(
+        rename = "peak_exposure_minor_units",
+        alias = "peak_exposure",
+        with = "crate::report::u128_string"
+    )]
     pub peak_exposure: u128,
 }
 
@@ -121,7 +137,11 @@ pub struct NetPosition {
 pub struct Instruction {
     pub participant: String,
     pub currency: String,
-    #[serde(with = "crate::report::i128_string")]
+    #[serde(
+        rename = "net_minor_units",
+        alias = "net",
+        with = "crate::report::i128_string"
+    )]
     pub net: i128,
 }
 
@@ -131,13 +151,25 @@ pub struct CurrencyFigures {
     pub currency: String,
     pub transfers: u64,
     /// Sum of all amounts moved (what gross settlement would have moved).
-    #[serde(with = "crate::report::u128_string")]
+    #[serde(
+        rename = "gross_minor_units",
+        alias = "gross",
+        with = "crate::report::u128_string"
+    )]
     pub gross: u128,
     /// Sum of the net debit positions (what netting moves).
-    #[serde(with = "crate::report::u128_string")]
+    #[serde(
+        rename = "net_minor_units",
+        alias = "net",
+        with = "crate::report::u128_string"
+    )]
     pub net: u128,
     /// gross - net.
-    #[serde(with = "crate::report::u128_string")]
+    #[serde(
+        rename = "liquidity_saved_minor_units",
+        alias = "liquidity_saved",
+        with = "crate::report::u128_string"
+    )]
     pub liquidity_saved: u128,
     /// (gross - net) / gross in basis points (10,000 = everything offset), 0 when gross is 0.
     pub netting_efficiency_bp: u32,
@@ -270,6 +302,30 @@ pub fn accumulators_from_vouchers<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Amounts in minor units are named so in JSON (`*_minor_units`); records stored before the
+    /// rename (plain names) still read.
+    #[test]
+    fn minor_unit_fields_are_named_so_and_old_names_still_read() {
+        let position = NetPosition {
+            participant: "A".into(),
+            currency: "EUR".into(),
+            deferred: true,
+            sent: 100,
+            received: 30,
+            sent_count: 1,
+            received_count: 1,
+            net: -70,
+            peak_exposure: 100,
+        };
+        let json = serde_json::to_value(&position).unwrap();
+        for name in ["sent", "received", "net", "peak_exposure"] {
+            assert!(json.get(name).is_none(), "{json}");
+            assert!(json.get(format!("{name}_minor_units")).is_some(), "{json}");
+        }
+        let old = r#"{"participant":"A","currency":"EUR","deferred":true,"sent":"100","received":"30","sent_count":1,"received_count":1,"net":"-70","peak_exposure":"100"}"#;
+        assert_eq!(serde_json::from_str::<NetPosition>(old).unwrap(), position);
+    }
 
     #[test]
     fn a_simple_window_nets_to_instructions_and_figures() {

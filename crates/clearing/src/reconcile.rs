@@ -16,7 +16,11 @@ pub struct OurLine {
     pub voucher: u64,
     pub uetr: Option<String>,
     pub end_to_end_id: Option<String>,
-    #[serde(with = "crate::report::u128_string")]
+    #[serde(
+        rename = "amount_minor_units",
+        alias = "amount",
+        with = "crate::report::u128_string"
+    )]
     pub amount: u128,
     pub currency: String,
     pub credit: bool,
@@ -31,7 +35,11 @@ pub struct TheirLine {
     pub position: u64,
     pub uetr: Option<String>,
     pub end_to_end_id: Option<String>,
-    #[serde(with = "crate::report::u128_string")]
+    #[serde(
+        rename = "amount_minor_units",
+        alias = "amount",
+        with = "crate::report::u128_string"
+    )]
     pub amount: u128,
     pub currency: String,
     pub credit: bool,

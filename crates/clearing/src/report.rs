@@ -60,8 +60,9 @@ pub struct WindowReport {
     pub checkpoint: Option<Checkpoint>,
     pub plan: Option<SettlementPlan>,
     /// Net receivers whose position could not give back all of their net at settlement (they had
-    /// spent the receipts in the next window): participant, currency, amount carried.
-    #[serde(default)]
+    /// spent the receipts in the next window): participant, currency, amount carried in minor
+    /// units.
+    #[serde(default, rename = "carried_minor_units", alias = "carried")]
     pub carried: Vec<(String, String, String)>,
     /// Internal reconciliation at settlement: empty when everything agreed.
     #[serde(default)]

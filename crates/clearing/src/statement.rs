@@ -26,7 +26,11 @@ pub struct Entry {
     pub reference: String,
     pub counterparty: String,
     pub credit: bool,
-    #[serde(with = "crate::report::u128_string")]
+    #[serde(
+        rename = "amount_minor_units",
+        alias = "amount",
+        with = "crate::report::u128_string"
+    )]
     pub amount: u128,
     pub at_ns: u64,
 }
@@ -37,16 +41,32 @@ pub struct Statement {
     pub currency: String,
     pub window: u64,
     pub entries: Vec<Entry>,
-    #[serde(with = "crate::report::u128_string")]
+    #[serde(
+        rename = "total_credits_minor_units",
+        alias = "total_credits",
+        with = "crate::report::u128_string"
+    )]
     pub total_credits: u128,
-    #[serde(with = "crate::report::u128_string")]
+    #[serde(
+        rename = "total_debits_minor_units",
+        alias = "total_debits",
+        with = "crate::report::u128_string"
+    )]
     pub total_debits: u128,
     /// Booked balance when the window opened (the previous window's closing balance), signed
     /// minor units (negative: the participant owes the scheme).
-    #[serde(with = "crate::report::i128_string")]
+    #[serde(
+        rename = "opening_balance_minor_units",
+        alias = "opening_balance",
+        with = "crate::report::i128_string"
+    )]
     pub opening_balance: i128,
     /// Booked balance when the window closed: opening + credits - debits.
-    #[serde(with = "crate::report::i128_string")]
+    #[serde(
+        rename = "closing_balance_minor_units",
+        alias = "closing_balance",
+        with = "crate::report::i128_string"
+    )]
     pub closing_balance: i128,
 }
 

@@ -473,8 +473,8 @@ pub fn bench(args: ClearingBenchArgs) -> anyhow::Result<()> {
                 "statement_entries": entries,
                 "statements_ms": statements_ms,
                 "instructions": reconciled.plan.as_ref().map_or(0, |p| p.instructions.len()),
-                "gross": figures.gross.to_string(),
-                "net": figures.net.to_string(),
+                "gross_minor_units": figures.gross.to_string(),
+                "net_minor_units": figures.net.to_string(),
                 "netting_efficiency_bp": figures.netting_efficiency_bp,
             }),
         ))
@@ -730,7 +730,11 @@ async fn our_lines(
                     if !carried.contains_key(adjusted) {
                         let report = get(format!("/v1/windows/{adjusted}")).await?;
                         let mut amounts = BTreeMap::new();
-                        for entry in report["carried"].as_array().cloned().unwrap_or_default() {
+                        for entry in report["carried_minor_units"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default()
+                        {
                             if let (Some(who), Some(code), Some(amount)) =
                                 (entry[0].as_str(), entry[1].as_str(), entry[2].as_str())
                             {

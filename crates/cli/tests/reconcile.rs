@@ -187,7 +187,7 @@ fn statements_reconcile_clean_and_differences_are_reported() {
         csv.push_str(&format!(
             "{},{},EUR,credit\n",
             entry["reference"].as_str().unwrap(),
-            entry["amount"].as_str().unwrap()
+            entry["amount_minor_units"].as_str().unwrap()
         ));
     }
     csv.push_str("aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee,999,EUR,credit\n");

@@ -35,7 +35,7 @@ fn instruction_of(report: &Value, bic: &str) -> Option<String> {
         .unwrap()
         .iter()
         .find(|i| i["participant"] == bic)
-        .map(|i| i["net"].as_str().unwrap().to_string())
+        .map(|i| i["net_minor_units"].as_str().unwrap().to_string())
 }
 
 #[test]
@@ -104,8 +104,8 @@ fn windows_net_settle_sign_and_survive_restarts() {
         assert_eq!(instruction_of(&report, C).as_deref(), Some("2000"));
         assert_eq!(instruction_of(&report, P), None);
         let figures = &report["plan"]["figures"][0];
-        assert_eq!(figures["gross"], "26000");
-        assert_eq!(figures["net"], "5000");
+        assert_eq!(figures["gross_minor_units"], "26000");
+        assert_eq!(figures["net_minor_units"], "5000");
         assert_eq!(figures["netting_efficiency_bp"], 8076);
         assert!(report["checkpoint"]["signature"].is_string());
         // Settlement reset the deferred-net positions to their caps.
@@ -193,8 +193,8 @@ fn windows_net_settle_sign_and_survive_restarts() {
         )
         .await;
         assert_eq!(status, 200, "{statement}");
-        assert_eq!(statement[0]["total_credits"], "10000");
-        assert_eq!(statement[0]["total_debits"], "7000");
+        assert_eq!(statement[0]["total_credits_minor_units"], "10000");
+        assert_eq!(statement[0]["total_debits_minor_units"], "7000");
         assert_eq!(statement[0]["entries"].as_array().unwrap().len(), 2);
         let (status, _) = call(
             &client_of(&url, B),
@@ -273,7 +273,7 @@ fn windows_net_settle_sign_and_survive_restarts() {
                 assert_eq!(status, 200, "{bic} window {window}: {statement}");
                 let statement = &statement[0];
                 assert_eq!(
-                    statement["opening_balance"].as_str(),
+                    statement["opening_balance_minor_units"].as_str(),
                     Some(closing.as_str()),
                     "{bic} window {window}: {statement}"
                 );
@@ -285,7 +285,8 @@ fn windows_net_settle_sign_and_survive_restarts() {
                 let moved: i128 = entries
                     .iter()
                     .map(|e| {
-                        let amount: i128 = e["amount"].as_str().unwrap().parse().unwrap();
+                        let amount: i128 =
+                            e["amount_minor_units"].as_str().unwrap().parse().unwrap();
                         if e["credit"] == true {
                             amount
                         } else {
@@ -294,7 +295,10 @@ fn windows_net_settle_sign_and_survive_restarts() {
                     })
                     .sum();
                 let opening: i128 = closing.parse().unwrap();
-                closing = statement["closing_balance"].as_str().unwrap().to_string();
+                closing = statement["closing_balance_minor_units"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
                 assert_eq!(
                     closing.parse::<i128>().unwrap(),
                     opening + moved,
@@ -453,8 +457,8 @@ fn a_gridlock_only_multilateral_offsetting_resolves_is_settled() {
         assert_eq!(status, 200, "{report}");
         assert_eq!(report["breaks"], json!([]));
         let figures = &report["plan"]["figures"][0];
-        assert_eq!(figures["gross"], "30000");
-        assert_eq!(figures["net"], "0");
+        assert_eq!(figures["gross_minor_units"], "30000");
+        assert_eq!(figures["net_minor_units"], "0");
         assert_eq!(figures["netting_efficiency_bp"], 10000);
     });
     drop(running);

@@ -293,7 +293,7 @@ fn recalls_return_the_money_when_accepted_and_nothing_when_rejected() {
                 .unwrap()
                 .iter()
                 .find(|p| p["participant"] == bic)
-                .map(|p| p["net"].as_str().unwrap().to_string())
+                .map(|p| p["net_minor_units"].as_str().unwrap().to_string())
         };
         assert_eq!(net_of(A).as_deref(), Some("-2000"));
         assert_eq!(net_of(B).as_deref(), Some("2000"));
