@@ -358,7 +358,7 @@ pub fn bench(args: ClearingBenchArgs) -> anyhow::Result<()> {
                     creditor_agent: payee.clone(),
                     currency: "EUR".into(),
                     amount,
-                    at_ns: clearhouse_switch::switch::now_ns(),
+                    at_ns: clearhouse_switch::clock::now_ns(),
                 };
                 let body = event.to_bytes();
                 records.push(RecordPut {
@@ -371,7 +371,7 @@ pub fn bench(args: ClearingBenchArgs) -> anyhow::Result<()> {
                 moves.push((payer, payee, amount));
             }
             let counter = switch.clearing.counter();
-            let outcome = clearhouse_switch::clearing::submit_then(
+            let outcome = clearhouse_switch::engine_io::submit_then(
                 &node,
                 transfers,
                 records,

@@ -55,7 +55,7 @@ impl SimClock {
 impl Clock {
     pub fn now_ns(&self) -> u64 {
         match self {
-            Clock::System => crate::switch::now_ns(),
+            Clock::System => now_ns(),
             Clock::Simulated(clock) => clock.now_ns(),
         }
     }
@@ -64,7 +64,7 @@ impl Clock {
     pub async fn sleep_until_ns(&self, at_ns: u64) {
         match self {
             Clock::System => {
-                let now = crate::switch::now_ns();
+                let now = now_ns();
                 tokio::time::sleep(Duration::from_nanos(at_ns.saturating_sub(now))).await
             }
             Clock::Simulated(clock) => {
@@ -83,4 +83,12 @@ impl Clock {
             () = self.sleep_until_ns(at_ns) => None,
         }
     }
+}
+
+/// The system clock in nanoseconds since the Unix epoch (0 before it).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }

@@ -6,8 +6,10 @@ use clearhouse_iso20022::messages::{Account, Agent};
 use clearhouse_iso20022::{envelope_xml, AppHeader, Element};
 use clearhouse_iso20022::{time, CreditTransfer, Limits, Message, Pacs002, Pacs004, Pacs008};
 
+use crate::api::{PaymentRequest, PaymentView};
+use crate::clock::now_ns;
+use crate::error::ApiError;
 use crate::model::Party;
-use crate::switch::{now_ns, ApiError, PaymentRequest, PaymentView};
 
 pub const PACS_008_NAME: &str = "pacs.008.001.08";
 

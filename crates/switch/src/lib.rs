@@ -13,11 +13,14 @@
 //! and payments are engine records, journaled with the transfers they explain), parse XML itself (clearhouse-iso20022 does; `iso.rs` converts a pacs.008 into
 //! the same [`switch::PaymentRequest`] as JSON and answers with pacs.002).
 
+pub mod api;
 pub mod auth;
 pub mod clearing;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod engine_io;
+pub mod error;
 pub mod http;
 pub mod iso;
 pub mod metrics;

@@ -337,3 +337,36 @@ mod tests {
         assert_ne!(post_id(key), void_id(key));
     }
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecallState {
+    Requested,
+    Accepted,
+    Rejected,
+}
+
+/// A recall as stored (engine record) and shown.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecallRecord {
+    /// 32 hex digits: derived from the requesting agent and its case id.
+    pub recall_id: String,
+    pub case_id: String,
+    pub payment_id: String,
+    pub original_uetr: String,
+    pub original_end_to_end_id: String,
+    /// The debtor agent, who asks.
+    pub requested_by: String,
+    /// The creditor agent, who decides.
+    pub assignee: String,
+    /// ExternalCancellationReason1Code.
+    pub reason: String,
+    pub additional_info: Vec<String>,
+    pub state: RecallState,
+    /// ExternalPaymentCancellationRejection1Code when rejected.
+    pub rejection_reason: Option<String>,
+    /// The return that carried the money back, when accepted.
+    pub return_id: Option<String>,
+    pub requested_at_ns: u64,
+    pub resolved_at_ns: Option<u64>,
+}

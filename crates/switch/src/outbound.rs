@@ -14,10 +14,10 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::api::{PaymentView, PositionView, RecallNotice, ReturnView};
 use crate::auth;
 use crate::config::SwitchConfig;
 use crate::model::{is_status_reason_code, Participant};
-use crate::switch::{PaymentView, PositionView};
 
 /// The key id the switch signs its own requests with (the secret is the participant's).
 pub const SWITCH_KEY_ID: &str = "switch";
@@ -68,9 +68,9 @@ pub enum ForwardError {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Notification {
     Payment(Box<PaymentView>),
-    Return(Box<crate::switch::ReturnView>),
+    Return(Box<ReturnView>),
     LiquidityAlert(PositionView),
-    Recall(Box<crate::switch::RecallNotice>),
+    Recall(Box<RecallNotice>),
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::switch::PaymentRequest;
+use crate::api::PaymentRequest;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -8,6 +8,8 @@
 use clearhouse_iso20022::recall::{Assignment, Camt029, Camt056, Original};
 
 use super::*;
+use crate::api::RecallNotice;
+use crate::model::{RecallRecord, RecallState};
 
 const CANCELLATION_REASON_CODES: &str = include_str!("../cancellation_reason_codes.txt");
 const CANCELLATION_REJECTION_CODES: &str = include_str!("../cancellation_rejection_codes.txt");
@@ -16,48 +18,8 @@ fn is_code_in(list: &str, code: &str) -> bool {
     code.len() == 4 && list.lines().any(|line| line == code)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RecallState {
-    Requested,
-    Accepted,
-    Rejected,
-}
-
-/// A recall as stored (engine record) and shown.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecallRecord {
-    /// 32 hex digits: derived from the requesting agent and its case id.
-    pub recall_id: String,
-    pub case_id: String,
-    pub payment_id: String,
-    pub original_uetr: String,
-    pub original_end_to_end_id: String,
-    /// The debtor agent, who asks.
-    pub requested_by: String,
-    /// The creditor agent, who decides.
-    pub assignee: String,
-    /// ExternalCancellationReason1Code.
-    pub reason: String,
-    pub additional_info: Vec<String>,
-    pub state: RecallState,
-    /// ExternalPaymentCancellationRejection1Code when rejected.
-    pub rejection_reason: Option<String>,
-    /// The return that carried the money back, when accepted.
-    pub return_id: Option<String>,
-    pub requested_at_ns: u64,
-    pub resolved_at_ns: Option<u64>,
-}
-
 pub fn recall_key(requested_by: &str, case_id: &str) -> u128 {
     id128(&[b"recall", requested_by.as_bytes(), case_id.as_bytes()])
-}
-
-/// A recall as notified: the record, and the ISO 20022 message that moved it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RecallNotice {
-    pub recall: RecallRecord,
-    pub xml: String,
 }
 
 impl Switch {

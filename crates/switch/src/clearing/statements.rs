@@ -1,0 +1,257 @@
+//! Statements of closed windows: every participant's entries, with the booked balances that
+//! chain window to window (closing balances cached for recent windows), in JSON, CSV, camt.053
+//! and camt.054.
+
+use super::*;
+
+/// Windows whose closing booked balances are kept in memory for statements.
+const CLOSING_BALANCES_CACHED_MAX: usize = 64;
+
+impl Clearing {
+    /// The vouchers of a closed window, its closing voucher last.
+    pub async fn window_events(&self, window: u64) -> Result<Vec<(u64, VoucherEvent)>, ApiError> {
+        let end = self.closed_seq(window).await?.ok_or_else(|| {
+            ApiError::new(409, "window_open", format!("window {window} is not closed"))
+        })?;
+        let start = if window == 1 {
+            1
+        } else {
+            self.closed_seq(window - 1)
+                .await?
+                .ok_or_else(|| internal("previous window without closing voucher"))?
+                + 1
+        };
+        let mut events = Vec::with_capacity((end + 1).saturating_sub(start).min(1 << 20) as usize);
+        let mut from = start;
+        while from <= end {
+            let page = {
+                let node = self.node.clone();
+                let limit = VOUCHER_PAGE.min((end - from + 1) as usize);
+                blocking(move || node.vouchers(from, limit)).await?
+            };
+            let Some(last) = page.last() else { break };
+            from = last.seq + 1;
+            for voucher in page {
+                events.push((
+                    voucher.seq,
+                    VoucherEvent::parse(&voucher.body).map_err(internal)?,
+                ));
+            }
+        }
+        Ok(events)
+    }
+
+    /// Every participant's statement of a closed window (one pass over its vouchers), with the
+    /// booked balances at its opening (the previous window's closing) and closing.
+    pub async fn statements(
+        &self,
+        window: u64,
+    ) -> Result<Vec<clearhouse_clearing::statement::Statement>, ApiError> {
+        let openings = self.closing_balances(window.saturating_sub(1)).await?;
+        let (statements, closings) = self.window_statements(window, &openings).await?;
+        self.remember_closings(window, closings);
+        Ok(statements)
+    }
+
+    pub(super) fn remember_closings(
+        &self,
+        window: u64,
+        closings: clearhouse_clearing::statement::Balances,
+    ) {
+        let mut cached = self.closings.lock().expect("closings");
+        cached.insert(window, Arc::new(closings));
+        while cached.len() > CLOSING_BALANCES_CACHED_MAX {
+            cached.pop_first();
+        }
+    }
+
+    /// The booked balances at the close of `window` (none before window 1): from the nearest
+    /// cached earlier window, every window after it is walked once (its vouchers, and its fund
+    /// adjustments as the ledger moved them).
+    pub(super) async fn closing_balances(
+        &self,
+        window: u64,
+    ) -> Result<Arc<clearhouse_clearing::statement::Balances>, ApiError> {
+        let (mut at, mut balances) = {
+            let cached = self.closings.lock().expect("closings");
+            match cached.range(..=window).next_back() {
+                Some((w, b)) => (*w, b.clone()),
+                None => (0, Arc::new(clearhouse_clearing::statement::Balances::new())),
+            }
+        };
+        while at < window {
+            at += 1;
+            let (_, closings) = self.window_statements(at, &balances).await?;
+            self.remember_closings(at, closings);
+            balances = self
+                .closings
+                .lock()
+                .expect("closings")
+                .get(&at)
+                .cloned()
+                .ok_or_else(|| internal("closing balances just computed"))?;
+        }
+        Ok(balances)
+    }
+
+    pub(super) async fn window_statements(
+        &self,
+        window: u64,
+        openings: &clearhouse_clearing::statement::Balances,
+    ) -> Result<
+        (
+            Vec<clearhouse_clearing::statement::Statement>,
+            clearhouse_clearing::statement::Balances,
+        ),
+        ApiError,
+    > {
+        let mut statements =
+            clearhouse_clearing::statement::Statements::with_openings(window, openings);
+        let events = self.window_events(window).await?;
+        // Fund adjustments as the ledger moved them (a net receiver's may have moved less than
+        // its net, or nothing: the rest was carried).
+        let adjustment_ids: Vec<u128> = events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                VoucherEvent::FundAdjustment {
+                    window,
+                    participant,
+                    currency,
+                    ..
+                } => Some(fund_adjustment_id(*window, participant, currency)),
+                _ => None,
+            })
+            .collect();
+        let moved: BTreeMap<u128, (u128, u64)> = if adjustment_ids.is_empty() {
+            BTreeMap::new()
+        } else {
+            let node = self.node.clone();
+            blocking(move || node.lookup_transfers(adjustment_ids))
+                .await?
+                .into_iter()
+                .map(|s| (s.transfer.id, (s.transfer.amount, s.transfer.timestamp)))
+                .collect()
+        };
+        for (seq, event) in &events {
+            if let VoucherEvent::FundAdjustment {
+                window: adjusted,
+                participant,
+                currency,
+                net,
+            } = event
+            {
+                let id = fund_adjustment_id(*adjusted, participant, currency);
+                let (amount, at_ns) = moved.get(&id).copied().unwrap_or((0, 0));
+                let amount = i128::try_from(amount).map_err(internal)?;
+                // A net payer (net < 0) was credited; a net receiver debited.
+                let signed = if *net < 0 { amount } else { -amount };
+                statements
+                    .adjustment(*seq, participant, currency, *adjusted, signed, at_ns)
+                    .map_err(internal)?;
+            } else {
+                statements.add(*seq, event).map_err(internal)?;
+            }
+        }
+        statements.finish().map_err(internal)
+    }
+}
+
+/// A participant's window statement as a camt.053.001.08: one account report per currency, every
+/// entry with its UETR and end-to-end reference, booked; the balances are the window's opening
+/// (zero) and closing net movement, as proprietary balance types (the position's absolute balance
+/// lives on the ledger, not in the window).
+pub fn statement_camt053(
+    statements: &[clearhouse_clearing::statement::Statement],
+    message_id: &str,
+) -> Result<String, ApiError> {
+    statement_camt(
+        statements,
+        message_id,
+        clearhouse_iso20022::camt::ReportKind::Statement,
+    )
+}
+
+/// The same entries as a camt.054.001.08 debit/credit notification (no balances).
+pub fn statement_camt054(
+    statements: &[clearhouse_clearing::statement::Statement],
+    message_id: &str,
+) -> Result<String, ApiError> {
+    statement_camt(
+        statements,
+        message_id,
+        clearhouse_iso20022::camt::ReportKind::Notification,
+    )
+}
+
+fn statement_camt(
+    statements: &[clearhouse_clearing::statement::Statement],
+    message_id: &str,
+    kind: clearhouse_iso20022::camt::ReportKind,
+) -> Result<String, ApiError> {
+    use clearhouse_iso20022::camt;
+    let now = now_ns();
+    let mut reports = Vec::new();
+    for statement in statements {
+        let c = currency(&statement.currency)
+            .ok_or_else(|| internal(format!("unknown currency {}", statement.currency)))?;
+        let money = |minor: u128| crate::money::format_amount(minor, c.exponent);
+        let balance = |code: &str, amount: i128| camt::Balance {
+            code: code.to_string(),
+            amount: money(amount.unsigned_abs()),
+            currency: c.code.to_string(),
+            credit: amount >= 0,
+            date: clearhouse_iso20022::time::date(now),
+        };
+        let entries = statement
+            .entries
+            .iter()
+            .map(|e| camt::Entry {
+                amount: money(e.amount),
+                currency: c.code.to_string(),
+                credit: e.credit,
+                status: "BOOK".into(),
+                booking_date: Some(clearhouse_iso20022::time::date(e.at_ns)),
+                account_servicer_reference: Some(format!("voucher-{}", e.voucher)),
+                bank_transaction_code: Some((
+                    "PMNT".into(),
+                    if e.credit { "RCDT" } else { "ICDT" }.into(),
+                    if e.kind == "return" { "RRTN" } else { "DMCT" }.into(),
+                )),
+                instruction_id: None,
+                end_to_end_id: None,
+                uetr: (e.kind == "payment" || e.kind == "return").then(|| e.reference.clone()),
+                debtor_agent: None,
+                creditor_agent: None,
+                additional_info: Some(format!("{} with {}", e.kind, e.counterparty)),
+            })
+            .collect();
+        reports.push(camt::AccountReport {
+            id: format!("W{}-{}-{}", statement.window, statement.participant, c.code),
+            created: Some(clearhouse_iso20022::time::date_time(now)),
+            account_iban: None,
+            account_other: Some(format!("{}-{}", statement.participant, c.code)),
+            account_currency: Some(c.code.to_string()),
+            // Booked balances of the position (the net debit cap is a credit line, not part of
+            // them): the opening one is the previous window's closing one.
+            balances: vec![
+                balance("OPBD", statement.opening_balance),
+                balance("CLBD", statement.closing_balance),
+            ],
+            entries,
+        });
+    }
+    if reports.is_empty() {
+        return Err(ApiError::new(
+            404,
+            "not_found",
+            "no movements in this window",
+        ));
+    }
+    Ok(camt::CashReport {
+        kind,
+        message_id: message_id.chars().take(35).collect(),
+        created: clearhouse_iso20022::time::date_time(now),
+        reports,
+    }
+    .to_xml())
+}

@@ -1,0 +1,183 @@
+//! The voucher chain as callers see it: pages (a participant gets its own bodies and everyone
+//! else's leaf digests), participant views of reports, and the whole chain walked for export and
+//! verification of a data directory.
+
+use super::*;
+
+/// A page of the voucher chain as one caller may see it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VoucherPage {
+    /// The chain hash before the first entry (hex; zeros before voucher 1).
+    pub previous_hash: String,
+    pub entries: Vec<clearhouse_clearing::export::ViewEntry>,
+    /// Signed checkpoints of windows whose closing voucher is in this page.
+    pub checkpoints: Vec<clearhouse_clearing::export::Checkpoint>,
+    /// The operator's Ed25519 public key (hex) that signs checkpoints.
+    pub public_key: String,
+    /// Where the next page starts, when there may be one.
+    pub next_from: Option<u64>,
+}
+
+/// Most vouchers in one page.
+pub const VOUCHER_PAGE_MAX: usize = 4_096;
+
+impl Clearing {
+    /// Vouchers `from..from+limit`: every entry's leaf digest, and bodies only of the events
+    /// `participant` is party to (all of them for the operator, `participant = None`).
+    pub async fn voucher_page(
+        &self,
+        participant: Option<&str>,
+        from: u64,
+        limit: usize,
+    ) -> Result<VoucherPage, ApiError> {
+        let from = from.max(1);
+        let limit = limit.clamp(1, VOUCHER_PAGE_MAX);
+        let vouchers = {
+            let node = self.node.clone();
+            blocking(move || node.vouchers(from - 1, limit + 1)).await?
+        };
+        let mut previous_hash = clearhouse_engine::vouchers::GENESIS_HASH;
+        let mut entries = Vec::with_capacity(limit);
+        let mut checkpoints = Vec::new();
+        for voucher in vouchers {
+            if voucher.seq < from {
+                previous_hash = voucher.hash;
+                continue;
+            }
+            let event = VoucherEvent::parse(&voucher.body).map_err(internal)?;
+            let visible = participant.is_none_or(|bic| event.involves(bic));
+            if let VoucherEvent::WindowClosed { window, .. } = event {
+                if let Some(record) =
+                    read_json::<WindowRecord>(&self.node, window_key(window)).await?
+                {
+                    if let Some(checkpoint) = record.report.checkpoint {
+                        checkpoints.push(checkpoint);
+                    }
+                }
+            }
+            entries.push(clearhouse_clearing::export::ViewEntry {
+                seq: voucher.seq,
+                leaf: clearhouse_engine::vouchers::leaf_digest(&voucher.body),
+                body: visible.then(|| String::from_utf8_lossy(&voucher.body).into_owned()),
+            });
+        }
+        let next_from = (entries.len() == limit).then(|| from + limit as u64);
+        Ok(VoucherPage {
+            previous_hash: hex::encode(previous_hash),
+            entries,
+            checkpoints,
+            public_key: hex::encode(self.public_key().as_bytes()),
+            next_from,
+        })
+    }
+}
+
+/// What a participant may see of a window: its own positions and instructions, and the
+/// scheme-wide figures.
+pub fn participant_view(mut report: WindowReport, bic: &str) -> WindowReport {
+    if let Some(plan) = &mut report.plan {
+        plan.positions.retain(|p| p.participant == bic);
+        plan.instructions.retain(|i| i.participant == bic);
+    }
+    report.carried.retain(|(p, _, _)| p == bic);
+    report.breaks.clear();
+    report
+}
+
+/// Walks the whole voucher chain in order, with each window's signed checkpoint right after its
+/// closing voucher; `progress` gets the vouchers seen so far. Blocking: for the CLI, on a data
+/// directory no server is using.
+pub fn walk_vouchers(
+    node: &Node,
+    mut on_voucher: impl FnMut(&clearhouse_engine::Voucher) -> Result<(), ApiError>,
+    mut on_checkpoint: impl FnMut(&Checkpoint) -> Result<(), ApiError>,
+    mut progress: impl FnMut(u64),
+) -> Result<(u64, u64), ApiError> {
+    let (mut vouchers, mut checkpoints) = (0u64, 0u64);
+    let mut from = 1;
+    loop {
+        let page = node.vouchers(from, VOUCHER_PAGE)?;
+        let Some(last) = page.last() else { break };
+        from = last.seq + 1;
+        for voucher in page {
+            on_voucher(&voucher)?;
+            vouchers += 1;
+            if let Ok(VoucherEvent::WindowClosed { window, .. }) =
+                VoucherEvent::parse(&voucher.body)
+            {
+                let stored = node.get_records(&[window_key(window)])?.pop().flatten();
+                let record: Option<WindowRecord> = stored
+                    .map(|bytes| serde_json::from_slice(&bytes))
+                    .transpose()
+                    .map_err(internal)?;
+                if let Some(checkpoint) = record.and_then(|r| r.report.checkpoint) {
+                    on_checkpoint(&checkpoint)?;
+                    checkpoints += 1;
+                }
+            }
+        }
+        progress(vouchers);
+    }
+    Ok((vouchers, checkpoints))
+}
+
+/// Writes the whole chain with its checkpoints as an export (see
+/// [`clearhouse_clearing::export`]).
+pub fn export_vouchers<W: std::io::Write>(
+    node: &Node,
+    public_key: &VerifyingKey,
+    out: W,
+    progress: impl FnMut(u64),
+) -> Result<(W, u64, u64), ApiError> {
+    let writer = std::cell::RefCell::new(
+        clearhouse_clearing::export::ExportWriter::new(out, public_key).map_err(internal)?,
+    );
+    let (vouchers, checkpoints) = walk_vouchers(
+        node,
+        |v| {
+            writer
+                .borrow_mut()
+                .voucher(v.seq, &v.hash, &v.body)
+                .map_err(internal)
+        },
+        |c| writer.borrow_mut().checkpoint(c).map_err(internal),
+        progress,
+    )?;
+    Ok((
+        writer.into_inner().finish().map_err(internal)?,
+        vouchers,
+        checkpoints,
+    ))
+}
+
+/// Verifies the chain and checkpoints of a data directory in place: every hash recomputed from
+/// its body, every checkpoint's hash and signature. The error names the first voucher or
+/// checkpoint that does not hold.
+pub fn verify_data_dir(
+    node: &Node,
+    public_key: &VerifyingKey,
+    progress: impl FnMut(u64),
+) -> Result<clearhouse_clearing::export::VerifyReport, clearhouse_clearing::ClearingError> {
+    let verifier =
+        std::cell::RefCell::new(clearhouse_clearing::export::ChainVerifier::new(*public_key));
+    let failure: std::cell::RefCell<Option<clearhouse_clearing::ClearingError>> =
+        std::cell::RefCell::new(None);
+    let keep = |result: Result<(), clearhouse_clearing::ClearingError>| {
+        result.map_err(|error| {
+            let message = error.to_string();
+            *failure.borrow_mut() = Some(error);
+            internal(message)
+        })
+    };
+    let walked = walk_vouchers(
+        node,
+        |v| keep(verifier.borrow_mut().voucher(v.seq, &v.hash, &v.body)),
+        |c| keep(verifier.borrow_mut().checkpoint(c)),
+        progress,
+    );
+    if let Some(error) = failure.into_inner() {
+        return Err(error);
+    }
+    walked.map_err(|error| clearhouse_clearing::ClearingError::Io(error.to_string()))?;
+    Ok(verifier.into_inner().report())
+}
