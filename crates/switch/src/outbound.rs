@@ -1,7 +1,12 @@
 //! Calls from the switch to participants: forwarding payments to creditor agents and delivering
-//! notifications, signed, bounded (concurrent calls per participant, queued notifications per
-//! participant, attempts), in order per participant.
+//! notifications. One trait, [`ParticipantTransport`], is all the payment lifecycle knows; signed
+//! HTTP ([`HttpTransport`]: bounded concurrent calls per participant, queued notifications per
+//! participant, bounded attempts, in order per participant) is its first implementation, the
+//! deterministic simulator's network the second, and a message-queue transport (AMQP) slots in
+//! beside them as `Transport::Custom`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -75,13 +80,35 @@ pub enum Notification {
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
-/// How calls reach participants: signed HTTP, or (the deterministic simulator) a bounded
-/// channel to simulated participants that decides what is lost, late, duplicated or reordered.
+/// How the switch reaches participants. The payment lifecycle talks only to this trait: it
+/// forwards a payment and waits for the creditor agent's answer until the deadline, and queues
+/// notifications; how they travel (signed HTTP, the simulator's network, a message queue) is
+/// the implementation's business. Implementations bound their own concurrency, queues and
+/// retries, and never block the caller of `notify`.
+pub trait ParticipantTransport: Send + Sync + 'static {
+    /// Forwards `payment` to its creditor agent, retrying until `deadline` (`deadline_ns` on the
+    /// switch's clock). `Ok(None)`: the creditor agent will decide later (the decision call).
+    fn forward<'a>(
+        &'a self,
+        creditor: &'a Participant,
+        payment: &'a PaymentView,
+        deadline: tokio::time::Instant,
+        deadline_ns: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Decision>, ForwardError>> + Send + 'a>>;
+
+    /// Queues a notification for a participant; delivered in order, bounded, never blocking.
+    fn notify(&self, participant: &Participant, notification: Notification);
+}
+
+/// Which transport to participants the switch starts with: signed HTTP (production), the
+/// deterministic simulator's bounded channel to simulated participants (which decides what is
+/// lost, late, duplicated or reordered), or any other [`ParticipantTransport`].
 #[derive(Clone, Default)]
 pub enum Transport {
     #[default]
     Http,
     Simulated(mpsc::Sender<SimCall>),
+    Custom(Arc<dyn ParticipantTransport>),
 }
 
 /// A call to a simulated participant.
@@ -109,10 +136,106 @@ pub enum SimAnswer {
     Unreachable,
 }
 
+/// The switch's side of the transport: forwards and notifications go through whichever
+/// [`ParticipantTransport`] it was started with.
 pub struct Outbound {
-    client: HttpClient,
-    transport: Transport,
+    transport: Arc<dyn ParticipantTransport>,
+}
+
+impl Outbound {
+    pub fn new(
+        config: &SwitchConfig,
+        registry: Registry,
+        transport: Transport,
+        clock: crate::clock::Clock,
+    ) -> Outbound {
+        let transport: Arc<dyn ParticipantTransport> = match transport {
+            Transport::Http => Arc::new(HttpTransport::new(config, registry)),
+            Transport::Simulated(sender) => Arc::new(SimulatedTransport { sender, clock }),
+            Transport::Custom(transport) => transport,
+        };
+        Outbound { transport }
+    }
+
+    /// See [`ParticipantTransport::forward`].
+    pub async fn forward(
+        &self,
+        creditor: &Participant,
+        payment: &PaymentView,
+        deadline: tokio::time::Instant,
+        deadline_ns: u64,
+    ) -> Result<Option<Decision>, ForwardError> {
+        self.transport
+            .forward(creditor, payment, deadline, deadline_ns)
+            .await
+    }
+
+    /// See [`ParticipantTransport::notify`].
+    pub fn notify(&self, participant: &Participant, notification: Notification) {
+        self.transport.notify(participant, notification)
+    }
+}
+
+/// The simulator's network: every call is a message on a bounded channel; the simulator decides
+/// what arrives, when, and what comes back.
+struct SimulatedTransport {
+    sender: mpsc::Sender<SimCall>,
     clock: crate::clock::Clock,
+}
+
+impl ParticipantTransport for SimulatedTransport {
+    fn forward<'a>(
+        &'a self,
+        _creditor: &'a Participant,
+        payment: &'a PaymentView,
+        _deadline: tokio::time::Instant,
+        deadline_ns: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Decision>, ForwardError>> + Send + 'a>> {
+        Box::pin(async move {
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            let call = SimCall::Forward {
+                payment: Box::new(payment.clone()),
+                answer,
+            };
+            if self.sender.try_send(call).is_err() {
+                // The simulated network is full: as a refused connection, until the deadline.
+                self.clock.sleep_until_ns(deadline_ns).await;
+                return Err(ForwardError::Unreachable);
+            }
+            match self.clock.timeout_at_ns(deadline_ns, answered).await {
+                Some(Ok(SimAnswer::Decided(decision))) => Ok(Some(decision)),
+                Some(Ok(SimAnswer::Later)) => Ok(None),
+                Some(Ok(SimAnswer::Unreachable)) => {
+                    self.clock.sleep_until_ns(deadline_ns).await;
+                    Err(ForwardError::Unreachable)
+                }
+                // Lost on the way (or its answer was): nothing more until the deadline.
+                Some(Err(_)) => {
+                    self.clock.sleep_until_ns(deadline_ns).await;
+                    Err(ForwardError::NoAnswer)
+                }
+                None => Err(ForwardError::NoAnswer),
+            }
+        })
+    }
+
+    fn notify(&self, participant: &Participant, notification: Notification) {
+        let call = SimCall::Notify {
+            participant: participant.bic.clone(),
+            notification,
+        };
+        if self.sender.try_send(call).is_err() {
+            tracing::warn!(bic = %participant.bic, "simulated network full; notification dropped");
+        }
+    }
+}
+
+/// Signed HTTP to `{endpoint}/payments` and `{endpoint}/notifications`: bounded concurrent
+/// calls per participant, one ordered, bounded notification queue and worker per participant,
+/// retries with backoff until the deadline (forwards) or for a bounded number of attempts
+/// (notifications).
+pub struct HttpTransport {
+    client: HttpClient,
     registry: Registry,
     permits: Mutex<FxHashMap<String, Arc<Semaphore>>>,
     notifiers: Mutex<FxHashMap<String, mpsc::Sender<Notification>>>,
@@ -127,13 +250,8 @@ enum CallError {
     Other,
 }
 
-impl Outbound {
-    pub fn new(
-        config: &SwitchConfig,
-        registry: Registry,
-        transport: Transport,
-        clock: crate::clock::Clock,
-    ) -> Outbound {
+impl HttpTransport {
+    pub fn new(config: &SwitchConfig, registry: Registry) -> HttpTransport {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -141,10 +259,8 @@ impl Outbound {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(config.outbound_per_participant_max * 4)
             .build(connector);
-        Outbound {
+        HttpTransport {
             client,
-            transport,
-            clock,
             registry,
             permits: Mutex::new(FxHashMap::default()),
             notifiers: Mutex::new(FxHashMap::default()),
@@ -198,41 +314,12 @@ impl Outbound {
         Ok((status, bytes))
     }
 
-    /// Forwards a payment to its creditor agent, retrying until `deadline` (`deadline_ns` on the
-    /// switch's clock). `Ok(None)`: the creditor agent answered 202 and will decide later.
-    pub async fn forward(
+    async fn forward_http(
         &self,
         creditor: &Participant,
         payment: &PaymentView,
         deadline: tokio::time::Instant,
-        deadline_ns: u64,
     ) -> Result<Option<Decision>, ForwardError> {
-        if let Transport::Simulated(sender) = &self.transport {
-            let (answer, answered) = tokio::sync::oneshot::channel();
-            let call = SimCall::Forward {
-                payment: Box::new(payment.clone()),
-                answer,
-            };
-            if sender.try_send(call).is_err() {
-                // The simulated network is full: as a refused connection, until the deadline.
-                self.clock.sleep_until_ns(deadline_ns).await;
-                return Err(ForwardError::Unreachable);
-            }
-            return match self.clock.timeout_at_ns(deadline_ns, answered).await {
-                Some(Ok(SimAnswer::Decided(decision))) => Ok(Some(decision)),
-                Some(Ok(SimAnswer::Later)) => Ok(None),
-                Some(Ok(SimAnswer::Unreachable)) => {
-                    self.clock.sleep_until_ns(deadline_ns).await;
-                    Err(ForwardError::Unreachable)
-                }
-                // Lost on the way (or its answer was): nothing more until the deadline.
-                Some(Err(_)) => {
-                    self.clock.sleep_until_ns(deadline_ns).await;
-                    Err(ForwardError::NoAnswer)
-                }
-                None => Err(ForwardError::NoAnswer),
-            };
-        }
         let body = serde_json::to_vec(payment).expect("payment serializes");
         let permits = self.permits(&creditor.bic);
         let mut reached = false;
@@ -256,7 +343,8 @@ impl Outbound {
                 .call_timeout
                 .min(deadline - tokio::time::Instant::now());
             let result =
-                Self::call(&self.client, creditor, "/payments", body.clone(), timeout).await;
+                HttpTransport::call(&self.client, creditor, "/payments", body.clone(), timeout)
+                    .await;
             drop(permit);
             match result {
                 Ok((200, bytes)) => {
@@ -286,17 +374,7 @@ impl Outbound {
     }
 
     /// Queues a notification for a participant; delivered in order by one worker per participant.
-    pub fn notify(&self, participant: &Participant, notification: Notification) {
-        if let Transport::Simulated(sender) = &self.transport {
-            let call = SimCall::Notify {
-                participant: participant.bic.clone(),
-                notification,
-            };
-            if sender.try_send(call).is_err() {
-                tracing::warn!(bic = %participant.bic, "simulated network full; notification dropped");
-            }
-            return;
-        }
+    fn notify_http(&self, participant: &Participant, notification: Notification) {
         let mut notifiers = self.notifiers.lock().expect("notifiers");
         let sender = notifiers.entry(participant.bic.clone()).or_insert_with(|| {
             let (sender, receiver) = mpsc::channel(self.queue_max);
@@ -313,6 +391,22 @@ impl Outbound {
         if sender.try_send(notification).is_err() {
             tracing::warn!(bic = %participant.bic, limit = self.queue_max, "notification queue full; notification dropped (status queries still answer)");
         }
+    }
+}
+
+impl ParticipantTransport for HttpTransport {
+    fn forward<'a>(
+        &'a self,
+        creditor: &'a Participant,
+        payment: &'a PaymentView,
+        deadline: tokio::time::Instant,
+        _deadline_ns: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Decision>, ForwardError>> + Send + 'a>> {
+        Box::pin(self.forward_http(creditor, payment, deadline))
+    }
+
+    fn notify(&self, participant: &Participant, notification: Notification) {
+        self.notify_http(participant, notification)
     }
 }
 
@@ -351,7 +445,7 @@ impl NotificationWorker {
                     .get(&self.participant.bic)
                     .cloned()
                     .unwrap_or_else(|| self.participant.clone());
-                match Outbound::call(
+                match HttpTransport::call(
                     &self.client,
                     &current,
                     "/notifications",
