@@ -11,6 +11,7 @@ use clearhouse_ledger::{
 };
 use serde_json::json;
 
+use crate::common::{data_dir, machine, percentile_ms};
 use crate::workload::{l1_accounts, l1_transfer, L1Shape, Rng};
 
 #[derive(clap::Args, Clone)]
@@ -77,15 +78,6 @@ pub struct RecoveryArgs {
     crash_after_load: bool,
 }
 
-/// p-th percentile (0..=100) of sorted durations, in milliseconds (3 decimals).
-pub(crate) fn percentile_ms(sorted: &[Duration], p: u64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((sorted.len() as u64 - 1) * p).div_ceil(100) as usize;
-    (sorted[rank].as_micros() as f64 / 1000.0 * 1000.0).round() / 1000.0
-}
-
 fn percentiles(mut samples: Vec<Duration>) -> serde_json::Value {
     samples.sort_unstable();
     json!({
@@ -109,45 +101,6 @@ fn peak_rss_bytes() -> u64 {
 /// Bytes this process caused to be written to storage (all files: journal and index).
 fn storage_bytes_written() -> u64 {
     proc_field("/proc/self/io", "write_bytes:").unwrap_or(0)
-}
-
-pub(crate) fn data_dir(
-    given: &Option<PathBuf>,
-) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
-    match given {
-        Some(dir) => {
-            if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-                bail!(
-                    "data directory {} is not empty; the benchmark needs a fresh one",
-                    dir.display()
-                );
-            }
-            Ok((dir.clone(), None))
-        }
-        None => {
-            let temp = tempfile::Builder::new()
-                .prefix("clearhouse-bench-")
-                .tempdir_in(std::env::current_dir()?)
-                .context("creating a temporary data directory")?;
-            Ok((temp.path().to_path_buf(), Some(temp)))
-        }
-    }
-}
-
-pub(crate) fn machine() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split(':').nth(1))
-                .map(|name| name.trim().to_string())
-        })
-        .unwrap_or_default();
-    format!("{cpus} cpus, {model}")
 }
 
 pub fn ledger(args: LedgerArgs) -> anyhow::Result<()> {
@@ -391,7 +344,7 @@ pub fn recovery(args: RecoveryArgs) -> anyhow::Result<()> {
     let load_seconds = load_started.elapsed().as_secs_f64();
     let started = Instant::now();
     let mut options = NodeOptions::new(&dir);
-    options.recovery_progress = Some(crate::clearing_cmd::recovery_progress);
+    options.recovery_progress = Some(crate::common::recovery_progress);
     let node = Node::start(options)?;
     let elapsed = started.elapsed();
     let report = node.recovery_report().clone();

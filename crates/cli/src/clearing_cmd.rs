@@ -1,9 +1,9 @@
 //! `verify`, `export-vouchers` and `bench clearing` (workload C1 of shared/bench/WORKLOAD.md).
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clearhouse_clearing::event::VoucherEvent;
@@ -16,69 +16,8 @@ use clearhouse_switch::{Caller, Switch, SwitchConfig};
 use ed25519_dalek::VerifyingKey;
 use serde_json::json;
 
-use crate::bench::{data_dir, machine};
+use crate::common::{data_dir, machine, percent_of_bp, switch_node_options, Progress};
 use crate::workload::Rng;
-
-/// Progress on stderr when it is a terminal: one line, rewritten.
-struct Progress {
-    label: &'static str,
-    total: u64,
-    unit: &'static str,
-    shown: bool,
-    last: Instant,
-}
-
-impl Progress {
-    fn new(label: &'static str, total: u64, unit: &'static str) -> Progress {
-        Progress {
-            label,
-            total,
-            unit,
-            shown: std::io::stderr().is_terminal(),
-            last: Instant::now() - Duration::from_secs(1),
-        }
-    }
-
-    fn update(&mut self, done: u64) {
-        if !self.shown || self.last.elapsed() < Duration::from_millis(100) {
-            return;
-        }
-        self.last = Instant::now();
-        draw_bar(self.label, done, self.total, self.unit);
-    }
-
-    fn finish(&mut self) {
-        if self.shown {
-            self.last = Instant::now() - Duration::from_secs(1);
-            self.update(self.total);
-            eprintln!();
-        }
-    }
-}
-
-/// One line of a progress bar on stderr, rewritten in place.
-fn draw_bar(label: &str, done: u64, total: u64, unit: &str) {
-    let width = 30u64;
-    let done = done.min(total);
-    let filled = ((done * width).checked_div(total).unwrap_or(0)) as usize;
-    let percent = (done * 100).checked_div(total).unwrap_or(0);
-    eprint!(
-        "\r{label} [{}{}] {percent:>3}% {done} / {total} {unit}",
-        "#".repeat(filled),
-        " ".repeat(width as usize - filled),
-    );
-}
-
-/// A progress bar for the engine's recovery (journal replay), on stderr when it is a terminal.
-pub fn recovery_progress(done: u64, total: u64) {
-    if !std::io::stderr().is_terminal() || total == 0 {
-        return;
-    }
-    draw_bar("recovery", done, total, "journal records");
-    if done >= total {
-        eprintln!();
-    }
-}
 
 #[derive(clap::Args)]
 pub struct VerifyArgs {
@@ -137,7 +76,7 @@ fn verify_inner(args: VerifyArgs) -> anyhow::Result<()> {
                 eprintln!("clearhouse verify: {} has no ledger", dir.display());
                 std::process::exit(2);
             }
-            let node = match Node::start(crate::payments::switch_node_options(dir)) {
+            let node = match Node::start(switch_node_options(dir)) {
                 Ok(node) => node,
                 // A record whose checksum fails in the middle of the journal was altered (or
                 // damaged) after it was written: that is a failed verification, not "unreadable".
@@ -216,8 +155,8 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
         &std::fs::read_to_string(&key_path)
             .with_context(|| format!("reading {}", key_path.display()))?,
     )?;
-    let node = Node::start(crate::payments::switch_node_options(&args.data_dir))
-        .context("opening the data directory")?;
+    let node =
+        Node::start(switch_node_options(&args.data_dir)).context("opening the data directory")?;
     let file = std::fs::File::create(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut progress = Progress::new("export", 0, "vouchers");
@@ -292,8 +231,7 @@ pub fn bench(args: ClearingBenchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let report = runtime.block_on(async {
-        let node =
-            Node::start(crate::payments::switch_node_options(&dir)).context("starting the node")?;
+        let node = Node::start(switch_node_options(&dir)).context("starting the node")?;
         let switch = Switch::start(node.clone(), SwitchConfig::default(), &dir)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -515,7 +453,7 @@ pub fn bench(args: ClearingBenchArgs) -> anyhow::Result<()> {
             report["payments"], report["participants"], report["load_seconds"].as_f64().unwrap_or(0.0),
             report["close_ms"].as_f64().unwrap_or(0.0), report["settle_ms"].as_f64().unwrap_or(0.0),
             report["close_and_settle_ms"].as_f64().unwrap_or(0.0), report["instructions"],
-            crate::payments::percent_of_bp(report["netting_efficiency_bp"].as_u64().unwrap_or(0)),
+            percent_of_bp(report["netting_efficiency_bp"].as_u64().unwrap_or(0)),
             report["index_catch_up_ms"].as_f64().unwrap_or(0.0),
             report["reconcile_ms"].as_f64().unwrap_or(0.0), report["breaks"],
             report["statements_ms"].as_f64().unwrap_or(0.0), report["statements"], report["statement_entries"],

@@ -47,7 +47,7 @@ pub fn run(args: IsoArgs) -> anyhow::Result<()> {
         "emits_per_second": (args.messages as f64 / emit_seconds).round(),
         "emitted_bytes_per_message": written / args.messages.max(1) as usize,
         "checksum": fields,
-        "machine": crate::bench::machine(),
+        "machine": crate::common::machine(),
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -9,6 +9,7 @@
 mod admin;
 mod bench;
 mod clearing_cmd;
+mod common;
 mod init;
 mod iso_bench;
 mod node_protocol;

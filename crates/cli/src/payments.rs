@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clearhouse_engine::{Node, NodeOptions};
+use clearhouse_engine::Node;
 use clearhouse_switch::client::SignedClient;
 use clearhouse_switch::sim::{self, SimBank, SimCounters, SimOptions};
 use clearhouse_switch::{Switch, SwitchConfig};
 use serde_json::{json, Value};
 
-use crate::bench::{data_dir, machine, percentile_ms};
+use crate::common::{data_dir, machine, percent_of_bp, percentile_ms, switch_node_options};
 use crate::workload::Rng;
 
 #[derive(clap::Args)]
@@ -30,19 +30,6 @@ pub struct ServeArgs {
     /// Listen address (overrides the config file).
     #[arg(long)]
     listen: Option<String>,
-}
-
-/// The node under the switch (serve, and the CLI commands that open a switch's data directory):
-/// payments arrive as many small groups, so the index takes them in fewer, larger transactions.
-pub(crate) fn switch_node_options(data_dir: &Path) -> NodeOptions {
-    let mut options = NodeOptions::new(data_dir.join("ledger"));
-    options.recovery_progress = Some(crate::clearing_cmd::recovery_progress);
-    options.group_requests_max = 256;
-    options.request_queue_max = 8192;
-    options.index_transaction_interval_min = Duration::from_millis(50);
-    options.index_jobs_per_transaction_max = 256;
-    options.index_queue_max = 256;
-    options
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -268,11 +255,6 @@ fn print_report(r: &Value) {
         w["checkpoint_voucher"],
         w["reconciliation_breaks"]
     );
-}
-
-/// Basis points as a percentage with two decimals, in integers: 9940 -> "99.40 %".
-pub(crate) fn percent_of_bp(bp: u64) -> String {
-    format!("{}.{:02} %", bp / 100, bp % 100)
 }
 
 /// A child process that prints `listening on URL` first.
