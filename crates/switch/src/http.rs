@@ -199,45 +199,60 @@ fn ok<T: Serialize>(status: StatusCode, value: &T) -> Response {
     (status, axum::Json(value)).into_response()
 }
 
-/// One signed request: the admission permit, authentication, then the handler.
-async fn handle<F, Fut>(
+/// A signed request, admitted: a slot among the concurrent requests (503 when none is free), a
+/// verified signature (401), and the caller within its rate (429). Handlers take it as their
+/// last argument and get the state, the caller and the body; the slot is held until the handler
+/// answers.
+struct Signed {
     state: AppState,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
-    handler: F,
-) -> Response
-where
-    F: FnOnce(AppState, Caller, Bytes) -> Fut,
-    Fut: std::future::Future<Output = Result<Response, ApiError>>,
-{
-    let Ok(_permit) = state.requests.clone().try_acquire_owned() else {
-        return ApiError::new(503, "server_busy", "too many requests in progress")
-            .retry_after(1)
-            .into_response();
-    };
-    let caller = match authenticate(&state, &method, &uri, &headers, &body) {
-        Ok(caller) => caller,
-        Err(error) => return error.into_response(),
-    };
-    if let Caller::Participant(bic) = &caller {
-        if !state.rates.admit(bic, std::time::Instant::now()) {
-            return ApiError::new(
-                429,
-                "rate_limited",
-                format!(
-                    "more than {} requests per second from {bic}",
-                    state.switch.config.participant_requests_per_second
-                ),
-            )
-            .retry_after(1)
-            .into_response();
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl axum::extract::FromRequest<AppState> for Signed {
+    type Rejection = Response;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &AppState,
+    ) -> Result<Signed, Response> {
+        let (parts, body) = request.into_parts();
+        let body = Bytes::from_request(
+            axum::extract::Request::from_parts(parts.clone(), body),
+            state,
+        )
+        .await
+        .map_err(IntoResponse::into_response)?;
+        let Ok(permit) = state.requests.clone().try_acquire_owned() else {
+            return Err(
+                ApiError::new(503, "server_busy", "too many requests in progress")
+                    .retry_after(1)
+                    .into_response(),
+            );
+        };
+        let caller = authenticate(state, &parts.method, &parts.uri, &parts.headers, &body)
+            .map_err(IntoResponse::into_response)?;
+        if let Caller::Participant(bic) = &caller {
+            if !state.rates.admit(bic, std::time::Instant::now()) {
+                return Err(ApiError::new(
+                    429,
+                    "rate_limited",
+                    format!(
+                        "more than {} requests per second from {bic}",
+                        state.switch.config.participant_requests_per_second
+                    ),
+                )
+                .retry_after(1)
+                .into_response());
+            }
         }
-    }
-    match handler(state, caller, body).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
+        Ok(Signed {
+            state: state.clone(),
+            caller,
+            body,
+            _permit: permit,
+        })
     }
 }
 

@@ -4,143 +4,89 @@
 use super::*;
 
 pub(super) async fn onboard(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
+        caller,
         body,
-        |state, caller, body| async move {
-            operator_only(&caller)?;
-            let (view, secret) = state.switch.onboard(json_body(&body)?).await?;
-            Ok(ok(
-                StatusCode::CREATED,
-                &serde_json::json!({"participant": view, "secret_hex": secret}),
-            ))
-        },
-    )
-    .await
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    operator_only(&caller)?;
+    let (view, secret) = state.switch.onboard(json_body(&body)?).await?;
+    Ok(ok(
+        StatusCode::CREATED,
+        &serde_json::json!({"participant": view, "secret_hex": secret}),
+    ))
 }
 
 pub(super) async fn change(
-    State(state): State<AppState>,
     Path(bic): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
+        caller,
         body,
-        |state, caller, body| async move {
-            operator_only(&caller)?;
-            Ok(ok(
-                StatusCode::OK,
-                &state.switch.change(&bic, json_body(&body)?).await?,
-            ))
-        },
-    )
-    .await
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    operator_only(&caller)?;
+    Ok(ok(
+        StatusCode::OK,
+        &state.switch.change(&bic, json_body(&body)?).await?,
+    ))
 }
 
 pub(super) async fn liquidity(
-    State(state): State<AppState>,
     Path(bic): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
+        caller,
         body,
-        |state, caller, body| async move {
-            operator_only(&caller)?;
-            Ok(ok(
-                StatusCode::OK,
-                &state.switch.liquidity(&bic, json_body(&body)?).await?,
-            ))
-        },
-    )
-    .await
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    operator_only(&caller)?;
+    Ok(ok(
+        StatusCode::OK,
+        &state.switch.liquidity(&bic, json_body(&body)?).await?,
+    ))
 }
 
 pub(super) async fn participant(
-    State(state): State<AppState>,
     Path(bic): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
-        body,
-        |state, caller, _| async move {
-            self_or_operator(&caller, &bic)?;
-            Ok(ok(StatusCode::OK, &state.switch.participant_view(&bic)?))
-        },
-    )
-    .await
+        caller,
+        body: _,
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    self_or_operator(&caller, &bic)?;
+    Ok(ok(StatusCode::OK, &state.switch.participant_view(&bic)?))
 }
 
 pub(super) async fn positions(
-    State(state): State<AppState>,
     Path(bic): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
-        body,
-        |state, caller, _| async move {
-            self_or_operator(&caller, &bic)?;
-            Ok(ok(StatusCode::OK, &state.switch.positions(&bic).await?))
-        },
-    )
-    .await
+        caller,
+        body: _,
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    self_or_operator(&caller, &bic)?;
+    Ok(ok(StatusCode::OK, &state.switch.positions(&bic).await?))
 }
 
 pub(super) async fn stats(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
-        body,
-        |state, caller, _| async move {
-            operator_only(&caller)?;
-            Ok(ok(StatusCode::OK, &state.switch.stats_view()))
-        },
-    )
-    .await
+        caller,
+        body: _,
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    operator_only(&caller)?;
+    Ok(ok(StatusCode::OK, &state.switch.stats_view()))
 }
 
 /// The number in `name=<digits>` of a query, if present.
@@ -179,206 +125,146 @@ pub(super) fn yes() -> bool {
 }
 
 pub(super) async fn close_window(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
+        caller,
         body,
-        |state, caller, body| async move {
-            let request: CloseBody = if body.is_empty() {
-                CloseBody { settle: true }
-            } else {
-                json_body(&body)?
-            };
-            let report = state.switch.close_window(&caller, request.settle).await?;
-            Ok(ok(StatusCode::OK, &report))
-        },
-    )
-    .await
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    let request: CloseBody = if body.is_empty() {
+        CloseBody { settle: true }
+    } else {
+        json_body(&body)?
+    };
+    let report = state.switch.close_window(&caller, request.settle).await?;
+    Ok(ok(StatusCode::OK, &report))
 }
 
 pub(super) async fn settle_window(
-    State(state): State<AppState>,
     WindowNumber(window): WindowNumber,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
-        body,
-        |state, caller, _| async move {
-            Ok(ok(
-                StatusCode::OK,
-                &state.switch.settle_window(&caller, window).await?,
-            ))
-        },
-    )
-    .await
+        caller,
+        body: _,
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    Ok(ok(
+        StatusCode::OK,
+        &state.switch.settle_window(&caller, window).await?,
+    ))
 }
 
 pub(super) async fn list_windows(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
-        body,
-        |state, caller, _| async move {
-            Ok(ok(
-                StatusCode::OK,
-                &state
-                    .switch
-                    .windows(&caller, crate::clearing::WINDOWS_LISTED_MAX)
-                    .await?,
-            ))
-        },
-    )
-    .await
+        caller,
+        body: _,
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    Ok(ok(
+        StatusCode::OK,
+        &state
+            .switch
+            .windows(&caller, crate::clearing::WINDOWS_LISTED_MAX)
+            .await?,
+    ))
 }
 
 pub(super) async fn get_window(
-    State(state): State<AppState>,
     WindowNumber(window): WindowNumber,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
-        body,
-        |state, caller, _| async move {
-            let report = state.switch.window_report(&caller, window).await?;
-            let typed = |content_type: &'static str, text: String| {
-                ([(axum::http::header::CONTENT_TYPE, content_type)], text).into_response()
-            };
-            match query_text(query.as_deref(), "format").unwrap_or("json") {
-                "json" => Ok(ok(StatusCode::OK, &report)),
-                "csv" => Ok(typed("text/csv", report.to_csv())),
-                "svg" => Ok(typed("image/svg+xml", report.to_svg())),
-                other => Err(ApiError::new(
-                    400,
-                    "invalid_query",
-                    format!("format {other:?} is not one of json, csv, svg"),
-                )
-                .with_reason("FF01")),
-            }
-        },
-    )
-    .await
+        caller,
+        body: _,
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    let report = state.switch.window_report(&caller, window).await?;
+    let typed = |content_type: &'static str, text: String| {
+        ([(axum::http::header::CONTENT_TYPE, content_type)], text).into_response()
+    };
+    match query_text(query.as_deref(), "format").unwrap_or("json") {
+        "json" => Ok(ok(StatusCode::OK, &report)),
+        "csv" => Ok(typed("text/csv", report.to_csv())),
+        "svg" => Ok(typed("image/svg+xml", report.to_svg())),
+        other => Err(ApiError::new(
+            400,
+            "invalid_query",
+            format!("format {other:?} is not one of json, csv, svg"),
+        )
+        .with_reason("FF01")),
+    }
 }
 
 pub(super) async fn statements(
-    State(state): State<AppState>,
     WindowNumber(window): WindowNumber,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
-        body,
-        |state, caller, _| async move {
-            let participant = query_text(query.as_deref(), "participant");
-            let statements = state
-                .switch
-                .statements(&caller, window, participant)
-                .await?;
-            match query_text(query.as_deref(), "format").unwrap_or("json") {
-                "json" => Ok(ok(StatusCode::OK, &statements)),
-                "csv" => {
-                    let mut out = Vec::new();
-                    for statement in &statements {
-                        statement
-                            .write_csv(&mut out)
-                            .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
-                    }
-                    Ok(([(axum::http::header::CONTENT_TYPE, "text/csv")], out).into_response())
-                }
-                "camt054" => {
-                    let xml = crate::clearing::statement_camt054(
-                        &statements,
-                        &format!("NTFC-W{window}-{}", participant.unwrap_or("own")),
-                    )?;
-                    Ok(
-                        ([(axum::http::header::CONTENT_TYPE, "application/xml")], xml)
-                            .into_response(),
-                    )
-                }
-                "camt053" => {
-                    let xml = crate::clearing::statement_camt053(
-                        &statements,
-                        &format!("STMT-W{window}-{}", participant.unwrap_or("own")),
-                    )?;
-                    Ok(
-                        ([(axum::http::header::CONTENT_TYPE, "application/xml")], xml)
-                            .into_response(),
-                    )
-                }
-                other => Err(ApiError::new(
-                    400,
-                    "invalid_query",
-                    format!("format {other:?} is not one of json, csv, camt053, camt054"),
-                )
-                .with_reason("FF01")),
+        caller,
+        body: _,
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    let participant = query_text(query.as_deref(), "participant");
+    let statements = state
+        .switch
+        .statements(&caller, window, participant)
+        .await?;
+    match query_text(query.as_deref(), "format").unwrap_or("json") {
+        "json" => Ok(ok(StatusCode::OK, &statements)),
+        "csv" => {
+            let mut out = Vec::new();
+            for statement in &statements {
+                statement
+                    .write_csv(&mut out)
+                    .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
             }
-        },
-    )
-    .await
+            Ok(([(axum::http::header::CONTENT_TYPE, "text/csv")], out).into_response())
+        }
+        "camt054" => {
+            let xml = crate::clearing::statement_camt054(
+                &statements,
+                &format!("NTFC-W{window}-{}", participant.unwrap_or("own")),
+            )?;
+            Ok(([(axum::http::header::CONTENT_TYPE, "application/xml")], xml).into_response())
+        }
+        "camt053" => {
+            let xml = crate::clearing::statement_camt053(
+                &statements,
+                &format!("STMT-W{window}-{}", participant.unwrap_or("own")),
+            )?;
+            Ok(([(axum::http::header::CONTENT_TYPE, "application/xml")], xml).into_response())
+        }
+        other => Err(ApiError::new(
+            400,
+            "invalid_query",
+            format!("format {other:?} is not one of json, csv, camt053, camt054"),
+        )
+        .with_reason("FF01")),
+    }
 }
 
 pub(super) async fn vouchers(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
-        body,
-        |state, caller, _| async move {
-            let from = query_number(query.as_deref(), "from")?.unwrap_or(1);
-            let limit = query_number(query.as_deref(), "limit")?.unwrap_or(1_000);
-            let page = state
-                .switch
-                .vouchers(&caller, from, limit.min(usize::MAX as u64) as usize)
-                .await?;
-            Ok(ok(StatusCode::OK, &page))
-        },
-    )
-    .await
+        caller,
+        body: _,
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    let from = query_number(query.as_deref(), "from")?.unwrap_or(1);
+    let limit = query_number(query.as_deref(), "limit")?.unwrap_or(1_000);
+    let page = state
+        .switch
+        .vouchers(&caller, from, limit.min(usize::MAX as u64) as usize)
+        .await?;
+    Ok(ok(StatusCode::OK, &page))
 }
 
 /// The live dashboard: one self-contained page (no external assets); it signs its own API calls.
@@ -397,48 +283,30 @@ pub(super) async fn dashboard_page() -> Response {
 }
 
 pub(super) async fn dashboard_data(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
-        body,
-        |state, caller, _| async move {
-            Ok(ok(StatusCode::OK, &state.switch.dashboard(&caller).await?))
-        },
-    )
-    .await
+        caller,
+        body: _,
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    Ok(ok(StatusCode::OK, &state.switch.dashboard(&caller).await?))
 }
 
 /// GET /v1/admin/metrics: the operator's Prometheus text, signed like every API call: the
 /// aggregates of `/metrics` plus per-participant liquidity (confidential, so not on `/metrics`).
 pub(super) async fn operator_metrics(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
-        body,
-        |state, caller, _| async move {
-            operator_only(&caller)?;
-            Ok((
-                [("content-type", "text/plain; version=0.0.4")],
-                state.switch.render_operator_metrics().await,
-            )
-                .into_response())
-        },
+        caller,
+        body: _,
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    operator_only(&caller)?;
+    Ok((
+        [("content-type", "text/plain; version=0.0.4")],
+        state.switch.render_operator_metrics().await,
     )
-    .await
+        .into_response())
 }

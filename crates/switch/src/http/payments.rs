@@ -3,55 +3,37 @@
 use super::*;
 
 pub(super) async fn submit_payment(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
+        caller,
         body,
-        |state, caller, body| async move {
-            let request = json_body(&body)?;
-            let (done, view) = state.switch.submit(&caller, request).await?;
-            Ok(ok(
-                if done {
-                    StatusCode::OK
-                } else {
-                    StatusCode::ACCEPTED
-                },
-                &view,
-            ))
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    let request = json_body(&body)?;
+    let (done, view) = state.switch.submit(&caller, request).await?;
+    Ok(ok(
+        if done {
+            StatusCode::OK
+        } else {
+            StatusCode::ACCEPTED
         },
-    )
-    .await
+        &view,
+    ))
 }
 
 pub(super) async fn query_payment(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
-        body,
-        |state, caller, _| async move {
-            let query: StatusQuery = serde_urlencoded_like(query.as_deref().unwrap_or(""))?;
-            let view = state.switch.status(&caller, query).await?;
-            Ok(ok(StatusCode::OK, &view))
-        },
-    )
-    .await
+        caller,
+        body: _,
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    let query: StatusQuery = serde_urlencoded_like(query.as_deref().unwrap_or(""))?;
+    let view = state.switch.status(&caller, query).await?;
+    Ok(ok(StatusCode::OK, &view))
 }
 
 /// Parses `a=b&c=d` (no percent-decoding needed: every field is an id of safe characters).
@@ -80,95 +62,68 @@ pub(super) fn serde_urlencoded_like(query: &str) -> Result<StatusQuery, ApiError
 }
 
 pub(super) async fn get_payment(
-    State(state): State<AppState>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
-        body,
-        |state, caller, _| async move {
-            let query = StatusQuery {
-                payment_id: Some(id),
-                ..StatusQuery::default()
-            };
-            Ok(ok(
-                StatusCode::OK,
-                &state.switch.status(&caller, query).await?,
-            ))
-        },
-    )
-    .await
+        caller,
+        body: _,
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    let query = StatusQuery {
+        payment_id: Some(id),
+        ..StatusQuery::default()
+    };
+    Ok(ok(
+        StatusCode::OK,
+        &state.switch.status(&caller, query).await?,
+    ))
 }
 
 pub(super) async fn decide(
-    State(state): State<AppState>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
+        caller,
         body,
-        |state, caller, body| async move {
-            let id = u128::from_str_radix(&id, 16).map_err(|_| {
-                ApiError::new(400, "invalid_id", "payment id is 32 hex digits").with_reason("FF01")
-            })?;
-            let decision: DecisionBody = json_body(&body)?;
-            let decision = decision.decision().ok_or_else(|| {
-                ApiError::new(
-                    400,
-                    "invalid_decision",
-                    "status ACCP without reason, or RJCT with an ISO 20022 status reason code",
-                )
-                .with_reason("FF01")
-            })?;
-            state.switch.decide(&caller, id, decision)?;
-            Ok(ok(
-                StatusCode::ACCEPTED,
-                &serde_json::json!({"accepted": true}),
-            ))
-        },
-    )
-    .await
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    let id = u128::from_str_radix(&id, 16).map_err(|_| {
+        ApiError::new(400, "invalid_id", "payment id is 32 hex digits").with_reason("FF01")
+    })?;
+    let decision: DecisionBody = json_body(&body)?;
+    let decision = decision.decision().ok_or_else(|| {
+        ApiError::new(
+            400,
+            "invalid_decision",
+            "status ACCP without reason, or RJCT with an ISO 20022 status reason code",
+        )
+        .with_reason("FF01")
+    })?;
+    state.switch.decide(&caller, id, decision)?;
+    Ok(ok(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({"accepted": true}),
+    ))
 }
 
 /// POST /v1/payments/{id}/return: the creditor agent returns (part of) a settled payment.
 pub(super) async fn return_payment(
-    State(state): State<AppState>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
+    Signed {
         state,
-        method,
-        uri,
-        headers,
+        caller,
         body,
-        |state, caller, body| async move {
-            let key = u128::from_str_radix(&id, 16).map_err(|_| {
-                ApiError::new(400, "invalid_id", "payment id is 32 hex digits").with_reason("FF01")
-            })?;
-            let view = state
-                .switch
-                .return_payment(&caller, key, json_body(&body)?)
-                .await?;
-            Ok(ok(StatusCode::OK, &view))
-        },
-    )
-    .await
+        _permit,
+    }: Signed,
+) -> Result<Response, ApiError> {
+    let key = u128::from_str_radix(&id, 16).map_err(|_| {
+        ApiError::new(400, "invalid_id", "payment id is 32 hex digits").with_reason("FF01")
+    })?;
+    let view = state
+        .switch
+        .return_payment(&caller, key, json_body(&body)?)
+        .await?;
+    Ok(ok(StatusCode::OK, &view))
 }
