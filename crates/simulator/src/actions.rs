@@ -364,19 +364,7 @@ impl World {
             .map_err(|e| format!("close window: {}", api(e)))?;
         self.report.windows_closed += 1;
         let plan = report.plan.clone().ok_or("closed window without a plan")?;
-        for (i, bank) in self.banks.iter().enumerate() {
-            let (sent, received) = plan
-                .positions
-                .iter()
-                .find(|p| p.participant == bank.bic)
-                .map_or((0, 0), |p| (p.sent, p.received));
-            if (sent, received) != (bank.window_sent, bank.window_received) {
-                return Err(format!(
-                    "window {} closed with b{i} sent {sent} received {received}; the model has {} and {}",
-                    report.window, bank.window_sent, bank.window_received
-                ));
-            }
-        }
+        self.window_positions_match(&plan, &format!("window {} closed", report.window))?;
         for bank in &mut self.banks {
             bank.window_sent = 0;
             bank.window_received = 0;

@@ -127,19 +127,7 @@ impl World {
             .map_err(|e| format!("windows: {}", api(e)))?;
         let open = reports.first().ok_or("no open window")?;
         let plan = open.plan.as_ref().ok_or("open window without figures")?;
-        for (i, bank) in self.banks.iter().enumerate() {
-            let (sent, received) = plan
-                .positions
-                .iter()
-                .find(|p| p.participant == bank.bic)
-                .map_or((0, 0), |p| (p.sent, p.received));
-            if (sent, received) != (bank.window_sent, bank.window_received) {
-                return Err(format!(
-                    "open window {}: b{i} sent {sent} received {received}; the model has {} and {}",
-                    open.window, bank.window_sent, bank.window_received
-                ));
-            }
-        }
+        self.window_positions_match(plan, &format!("open window {}", open.window))?;
         self.report.checks += 1;
         Ok(())
     }

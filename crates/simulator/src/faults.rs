@@ -182,19 +182,10 @@ impl World {
                     ));
                 }
                 let plan = report.plan.clone().ok_or("closed window without a plan")?;
-                for (i, bank) in self.banks.iter().enumerate() {
-                    let (sent, received) = plan
-                        .positions
-                        .iter()
-                        .find(|p| p.participant == bank.bic)
-                        .map_or((0, 0), |p| (p.sent, p.received));
-                    if (sent, received) != (bank.window_sent, bank.window_received) {
-                        return Err(format!(
-                            "interrupted close of window {window}: b{i} sent {sent} received {received}; the model has {} and {}",
-                            bank.window_sent, bank.window_received
-                        ));
-                    }
-                }
+                self.window_positions_match(
+                    &plan,
+                    &format!("interrupted close of window {window}"),
+                )?;
                 for bank in &mut self.banks {
                     bank.window_sent = 0;
                     bank.window_received = 0;

@@ -146,4 +146,26 @@ impl World {
         }
         Ok(())
     }
+
+    /// The window's positions as the switch computed them equal the model's, bank by bank.
+    pub(crate) fn window_positions_match(
+        &self,
+        plan: &clearhouse_clearing::netting::SettlementPlan,
+        what: &str,
+    ) -> Outcome {
+        for (i, bank) in self.banks.iter().enumerate() {
+            let (sent, received) = plan
+                .positions
+                .iter()
+                .find(|p| p.participant == bank.bic)
+                .map_or((0, 0), |p| (p.sent, p.received));
+            if (sent, received) != (bank.window_sent, bank.window_received) {
+                return Err(format!(
+                    "{what}: b{i} sent {sent} received {received}; the model has {} and {}",
+                    bank.window_sent, bank.window_received
+                ));
+            }
+        }
+        Ok(())
+    }
 }

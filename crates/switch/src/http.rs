@@ -201,14 +201,15 @@ fn ok<T: Serialize>(status: StatusCode, value: &T) -> Response {
 
 /// A signed request, admitted: a slot among the concurrent requests (503 when none is free), a
 /// verified signature (401), and the caller within its rate (429). Handlers take it as their
-/// last argument and get the state, the caller and the body; the slot is held until the handler
+/// last argument, `Signed(state, caller, body, _permit)`; the slot is held until the handler
 /// answers.
-struct Signed {
-    state: AppState,
-    caller: Caller,
-    body: Bytes,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
+struct Signed(
+    AppState,
+    Caller,
+    Bytes,
+    /// Held until the handler answers.
+    tokio::sync::OwnedSemaphorePermit,
+);
 
 impl axum::extract::FromRequest<AppState> for Signed {
     type Rejection = Response;
@@ -247,12 +248,7 @@ impl axum::extract::FromRequest<AppState> for Signed {
                 .into_response());
             }
         }
-        Ok(Signed {
-            state: state.clone(),
-            caller,
-            body,
-            _permit: permit,
-        })
+        Ok(Signed(state.clone(), caller, body, permit))
     }
 }
 

@@ -4,12 +4,7 @@
 use super::*;
 
 pub(super) async fn onboard(
-    Signed {
-        state,
-        caller,
-        body,
-        _permit,
-    }: Signed,
+    Signed(state, caller, body, _permit): Signed,
 ) -> Result<Response, ApiError> {
     operator_only(&caller)?;
     let (view, secret) = state.switch.onboard(json_body(&body)?).await?;
@@ -21,12 +16,7 @@ pub(super) async fn onboard(
 
 pub(super) async fn change(
     Path(bic): Path<String>,
-    Signed {
-        state,
-        caller,
-        body,
-        _permit,
-    }: Signed,
+    Signed(state, caller, body, _permit): Signed,
 ) -> Result<Response, ApiError> {
     operator_only(&caller)?;
     Ok(ok(
@@ -37,12 +27,7 @@ pub(super) async fn change(
 
 pub(super) async fn liquidity(
     Path(bic): Path<String>,
-    Signed {
-        state,
-        caller,
-        body,
-        _permit,
-    }: Signed,
+    Signed(state, caller, body, _permit): Signed,
 ) -> Result<Response, ApiError> {
     operator_only(&caller)?;
     Ok(ok(
@@ -53,12 +38,7 @@ pub(super) async fn liquidity(
 
 pub(super) async fn participant(
     Path(bic): Path<String>,
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
+    Signed(state, caller, _, _permit): Signed,
 ) -> Result<Response, ApiError> {
     self_or_operator(&caller, &bic)?;
     Ok(ok(StatusCode::OK, &state.switch.participant_view(&bic)?))
@@ -66,25 +46,13 @@ pub(super) async fn participant(
 
 pub(super) async fn positions(
     Path(bic): Path<String>,
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
+    Signed(state, caller, _, _permit): Signed,
 ) -> Result<Response, ApiError> {
     self_or_operator(&caller, &bic)?;
     Ok(ok(StatusCode::OK, &state.switch.positions(&bic).await?))
 }
 
-pub(super) async fn stats(
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
-) -> Result<Response, ApiError> {
+pub(super) async fn stats(Signed(state, caller, _, _permit): Signed) -> Result<Response, ApiError> {
     operator_only(&caller)?;
     Ok(ok(StatusCode::OK, &state.switch.stats_view()))
 }
@@ -125,12 +93,7 @@ pub(super) fn yes() -> bool {
 }
 
 pub(super) async fn close_window(
-    Signed {
-        state,
-        caller,
-        body,
-        _permit,
-    }: Signed,
+    Signed(state, caller, body, _permit): Signed,
 ) -> Result<Response, ApiError> {
     let request: CloseBody = if body.is_empty() {
         CloseBody { settle: true }
@@ -143,12 +106,7 @@ pub(super) async fn close_window(
 
 pub(super) async fn settle_window(
     WindowNumber(window): WindowNumber,
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
+    Signed(state, caller, _, _permit): Signed,
 ) -> Result<Response, ApiError> {
     Ok(ok(
         StatusCode::OK,
@@ -157,12 +115,7 @@ pub(super) async fn settle_window(
 }
 
 pub(super) async fn list_windows(
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
+    Signed(state, caller, _, _permit): Signed,
 ) -> Result<Response, ApiError> {
     Ok(ok(
         StatusCode::OK,
@@ -176,12 +129,7 @@ pub(super) async fn list_windows(
 pub(super) async fn get_window(
     WindowNumber(window): WindowNumber,
     RawQuery(query): RawQuery,
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
+    Signed(state, caller, _, _permit): Signed,
 ) -> Result<Response, ApiError> {
     let report = state.switch.window_report(&caller, window).await?;
     let typed = |content_type: &'static str, text: String| {
@@ -203,12 +151,7 @@ pub(super) async fn get_window(
 pub(super) async fn statements(
     WindowNumber(window): WindowNumber,
     RawQuery(query): RawQuery,
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
+    Signed(state, caller, _, _permit): Signed,
 ) -> Result<Response, ApiError> {
     let participant = query_text(query.as_deref(), "participant");
     let statements = state
@@ -251,12 +194,7 @@ pub(super) async fn statements(
 
 pub(super) async fn vouchers(
     RawQuery(query): RawQuery,
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
+    Signed(state, caller, _, _permit): Signed,
 ) -> Result<Response, ApiError> {
     let from = query_number(query.as_deref(), "from")?.unwrap_or(1);
     let limit = query_number(query.as_deref(), "limit")?.unwrap_or(1_000);
@@ -283,12 +221,7 @@ pub(super) async fn dashboard_page() -> Response {
 }
 
 pub(super) async fn dashboard_data(
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
+    Signed(state, caller, _, _permit): Signed,
 ) -> Result<Response, ApiError> {
     Ok(ok(StatusCode::OK, &state.switch.dashboard(&caller).await?))
 }
@@ -296,12 +229,7 @@ pub(super) async fn dashboard_data(
 /// GET /v1/admin/metrics: the operator's Prometheus text, signed like every API call: the
 /// aggregates of `/metrics` plus per-participant liquidity (confidential, so not on `/metrics`).
 pub(super) async fn operator_metrics(
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
+    Signed(state, caller, _, _permit): Signed,
 ) -> Result<Response, ApiError> {
     operator_only(&caller)?;
     Ok((

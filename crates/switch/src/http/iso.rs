@@ -11,12 +11,7 @@ pub(super) fn xml_response(status: StatusCode, xml: String) -> Response {
 /// POST /v1/iso20022/pacs.008: a pacs.008 in, a pacs.002 out (ACSC, RJCT with reason, or PDNG
 /// with 202 when not final in time). An unreadable message is a JSON 400 (FF01, element path).
 pub(super) async fn submit_pacs008(
-    Signed {
-        state,
-        caller,
-        body,
-        _permit,
-    }: Signed,
+    Signed(state, caller, body, _permit): Signed,
 ) -> Result<Response, ApiError> {
     let resolve = |rtn: &str| state.switch.bic_of_routing_number(rtn);
     let submission = crate::iso::read_pacs008(&body, &resolve)?;
@@ -68,12 +63,7 @@ pub(super) async fn submit_pacs008(
 /// POST /v1/iso20022/pacs.028: a status request (by OrgnlUETR, OrgnlInstrId or OrgnlEndToEndId)
 /// answered with a pacs.002 of the payment's state; only the debtor or creditor agent may ask.
 pub(super) async fn status_pacs028(
-    Signed {
-        state,
-        caller,
-        body,
-        _permit,
-    }: Signed,
+    Signed(state, caller, body, _permit): Signed,
 ) -> Result<Response, ApiError> {
     // Every refusal is ISO 20022 too: a pacs.002 RJCT where the handler writes one, an
     // admi.002 message reject for the rest (authentication errors stay JSON).
@@ -136,12 +126,7 @@ pub(super) async fn status_pacs028(
 /// POST /v1/iso20022/pacs.004: a return of a settled payment (found by OrgnlUETR), answered with
 /// a pacs.002 (ACSC, or RJCT with a reason).
 pub(super) async fn return_pacs004(
-    Signed {
-        state,
-        caller,
-        body,
-        _permit,
-    }: Signed,
+    Signed(state, caller, body, _permit): Signed,
 ) -> Result<Response, ApiError> {
     // Every refusal is ISO 20022 too: a pacs.002 RJCT where the handler writes one, an
     // admi.002 message reject for the rest (authentication errors stay JSON).
@@ -207,12 +192,7 @@ pub(super) async fn return_pacs004(
 /// GET /v1/payments/{id}/pacs.002: the payment's state as a pacs.002.
 pub(super) async fn get_payment_pacs002(
     Path(id): Path<String>,
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
+    Signed(state, caller, _, _permit): Signed,
 ) -> Result<Response, ApiError> {
     let query = StatusQuery {
         payment_id: Some(id),
@@ -230,12 +210,7 @@ pub(super) async fn get_payment_pacs002(
 }
 
 pub(super) async fn recall_camt056(
-    Signed {
-        state,
-        caller,
-        body,
-        _permit,
-    }: Signed,
+    Signed(state, caller, body, _permit): Signed,
 ) -> Result<Response, ApiError> {
     let request = match clearhouse_iso20022::recall::Camt056::parse(&body, &crate::iso::limits()) {
         Ok(request) => request,
@@ -294,12 +269,7 @@ pub(super) fn iso_refusal(error: ApiError, reference: &str) -> Result<Response, 
 }
 
 pub(super) async fn recall_camt029(
-    Signed {
-        state,
-        caller,
-        body,
-        _permit,
-    }: Signed,
+    Signed(state, caller, body, _permit): Signed,
 ) -> Result<Response, ApiError> {
     let resolution = match clearhouse_iso20022::recall::Camt029::parse(&body, &crate::iso::limits())
     {
@@ -327,12 +297,7 @@ pub(super) async fn recall_camt029(
 
 pub(super) async fn get_recall(
     Path(id): Path<String>,
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
+    Signed(state, caller, _, _permit): Signed,
 ) -> Result<Response, ApiError> {
     Ok(ok(
         StatusCode::OK,

@@ -3,12 +3,7 @@
 use super::*;
 
 pub(super) async fn submit_payment(
-    Signed {
-        state,
-        caller,
-        body,
-        _permit,
-    }: Signed,
+    Signed(state, caller, body, _permit): Signed,
 ) -> Result<Response, ApiError> {
     let request = json_body(&body)?;
     let (done, view) = state.switch.submit(&caller, request).await?;
@@ -24,12 +19,7 @@ pub(super) async fn submit_payment(
 
 pub(super) async fn query_payment(
     RawQuery(query): RawQuery,
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
+    Signed(state, caller, _, _permit): Signed,
 ) -> Result<Response, ApiError> {
     let query: StatusQuery = serde_urlencoded_like(query.as_deref().unwrap_or(""))?;
     let view = state.switch.status(&caller, query).await?;
@@ -63,12 +53,7 @@ pub(super) fn serde_urlencoded_like(query: &str) -> Result<StatusQuery, ApiError
 
 pub(super) async fn get_payment(
     Path(id): Path<String>,
-    Signed {
-        state,
-        caller,
-        body: _,
-        _permit,
-    }: Signed,
+    Signed(state, caller, _, _permit): Signed,
 ) -> Result<Response, ApiError> {
     let query = StatusQuery {
         payment_id: Some(id),
@@ -82,12 +67,7 @@ pub(super) async fn get_payment(
 
 pub(super) async fn decide(
     Path(id): Path<String>,
-    Signed {
-        state,
-        caller,
-        body,
-        _permit,
-    }: Signed,
+    Signed(state, caller, body, _permit): Signed,
 ) -> Result<Response, ApiError> {
     let id = u128::from_str_radix(&id, 16).map_err(|_| {
         ApiError::new(400, "invalid_id", "payment id is 32 hex digits").with_reason("FF01")
@@ -111,12 +91,7 @@ pub(super) async fn decide(
 /// POST /v1/payments/{id}/return: the creditor agent returns (part of) a settled payment.
 pub(super) async fn return_payment(
     Path(id): Path<String>,
-    Signed {
-        state,
-        caller,
-        body,
-        _permit,
-    }: Signed,
+    Signed(state, caller, body, _permit): Signed,
 ) -> Result<Response, ApiError> {
     let key = u128::from_str_radix(&id, 16).map_err(|_| {
         ApiError::new(400, "invalid_id", "payment id is 32 hex digits").with_reason("FF01")
