@@ -135,3 +135,24 @@ pub(crate) fn machine() -> String {
         .unwrap_or_default();
     format!("{cpus} cpus, {model}")
 }
+
+/// Bytes allocated on disk under `dir` (st_blocks, so preallocated journal segments count at their
+/// reserved size), recursively; files that vanish while walking are skipped.
+pub(crate) fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut total = 0;
+    for entry in entries.flatten() {
+        let Ok(metadata) = entry.metadata() else {
+            continue;
+        };
+        if metadata.is_dir() {
+            total += disk_bytes(&entry.path());
+        } else {
+            total += metadata.blocks() * 512;
+        }
+    }
+    total
+}

@@ -16,7 +16,9 @@ use clearhouse_switch::sim::{self, SimBank, SimCounters, SimOptions};
 use clearhouse_switch::{Switch, SwitchConfig};
 use serde_json::{json, Value};
 
-use crate::common::{data_dir, machine, percent_of_bp, percentile_ms, switch_node_options};
+use crate::common::{
+    data_dir, disk_bytes, machine, percent_of_bp, percentile_ms, switch_node_options,
+};
 use crate::workload::Rng;
 
 #[derive(clap::Args)]
@@ -233,9 +235,14 @@ fn print_report(r: &Value) {
         r["latency_ms"]["p999"],
         r["latency_ms"]["max"]
     );
+    let by = &r["cpu_seconds_per_1000_by_process"];
     println!(
-        "  CPU seconds per 1,000 payments (switch + banks + load): {}",
-        r["cpu_seconds_per_1000"]
+        "  CPU seconds per 1,000 payments: {} (switch {}, banks {}, load generator {})",
+        r["cpu_seconds_per_1000"], by["switch"], by["banks"], by["load_generator"]
+    );
+    println!(
+        "  disk: {} bytes per settled payment (journal + index, after the window closed)",
+        r["disk_bytes_per_payment"]
     );
     println!(
         "  books balance (sum of positions = liquidity funded): {}",
@@ -498,7 +505,16 @@ async fn drive(
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let stop_at = (args.seconds > 0).then(|| started + Duration::from_secs(args.seconds));
-    let cpu_before = switch.cpu_seconds() + sim.cpu_seconds() + cpu_seconds_of("/proc/self/stat");
+    let cpu_of = || {
+        [
+            switch.cpu_seconds(),
+            sim.cpu_seconds(),
+            cpu_seconds_of("/proc/self/stat"),
+        ]
+    };
+    let cpu_before = cpu_of();
+    let ledger_dir = switch_dir.join("ledger");
+    let disk_before = disk_bytes(&ledger_dir);
     let mut tasks = Vec::new();
     for worker in 0..args.clients {
         let clients = clients.clone();
@@ -629,7 +645,7 @@ async fn drive(
     }
     reporter.abort();
     let elapsed = started.elapsed();
-    let cpu_after = switch.cpu_seconds() + sim.cpu_seconds() + cpu_seconds_of("/proc/self/stat");
+    let cpu_after = cpu_of();
     let tally = std::mem::take(&mut *tally.lock().expect("tally"));
     let total = tally.settled + tally.rejected.values().sum::<u64>();
     // Books: payments only move money between positions, so they still sum to what was funded.
@@ -663,6 +679,17 @@ async fn drive(
         bail!("closing the window: {status} {window}");
     }
     let close_ms = closing.elapsed().as_secs_f64() * 1000.0;
+    // Disk: what the load added under the ledger (journal + index), after the window close (which
+    // waits for the index to catch up).
+    let disk_after = disk_bytes(&ledger_dir);
+    let per_1000 = |before: f64, after: f64| {
+        if total > 0 {
+            ((after - before) * 1000.0 / total as f64 * 1000.0).round() / 1000.0
+        } else {
+            0.0
+        }
+    };
+    let cpu_total = |cpu: [f64; 3]| cpu.iter().sum::<f64>();
     let figures = &window["plan"]["figures"][0];
     let mut latencies = tally.latencies;
     latencies.sort_unstable();
@@ -684,7 +711,14 @@ async fn drive(
             "p999": percentile_p1000(&latencies, 999),
             "max": percentile_ms(&latencies, 100),
         },
-        "cpu_seconds_per_1000": if total > 0 { ((cpu_after - cpu_before) * 1000.0 / total as f64 * 1000.0).round() / 1000.0 } else { 0.0 },
+        "cpu_seconds_per_1000": per_1000(cpu_total(cpu_before), cpu_total(cpu_after)),
+        "cpu_seconds_per_1000_by_process": {
+            "switch": per_1000(cpu_before[0], cpu_after[0]),
+            "banks": per_1000(cpu_before[1], cpu_after[1]),
+            "load_generator": per_1000(cpu_before[2], cpu_after[2]),
+        },
+        "disk_bytes_per_payment": if tally.settled > 0 { disk_after.saturating_sub(disk_before) / tally.settled } else { 0 },
+        "ledger_disk_bytes": disk_after,
         "books_balance": sum == funded,
         "switch_stats": stats,
         "window": {

@@ -54,6 +54,22 @@ fn bench_payments_reports_every_figure_and_the_books_balance() {
         assert!(report["latency_ms"][key].as_f64().unwrap() > 0.0, "{key}");
     }
     assert!(report["cpu_seconds_per_1000"].as_f64().unwrap() > 0.0);
+    // Per process (issue 14): the three shares are measured and add up to the total.
+    let by = &report["cpu_seconds_per_1000_by_process"];
+    let parts: f64 = ["switch", "banks", "load_generator"]
+        .iter()
+        .map(|p| by[p].as_f64().unwrap())
+        .sum();
+    assert!(by["switch"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        (parts - report["cpu_seconds_per_1000"].as_f64().unwrap()).abs() < 0.01,
+        "{report}"
+    );
+    // Disk per settled payment (issue 21): the index grew with the payments.
+    assert!(
+        report["disk_bytes_per_payment"].as_u64().unwrap() > 0,
+        "{report}"
+    );
     assert_eq!(report["books_balance"], true);
     assert_eq!(report["switch_stats"]["settled"].as_u64(), Some(settled));
     assert_eq!(report["http_errors_by_status"], serde_json::json!({}));
