@@ -717,7 +717,7 @@ async fn drive(
             "banks": per_1000(cpu_before[1], cpu_after[1]),
             "load_generator": per_1000(cpu_before[2], cpu_after[2]),
         },
-        "disk_bytes_per_payment": if tally.settled > 0 { disk_after.saturating_sub(disk_before) / tally.settled } else { 0 },
+        "disk_bytes_per_payment": disk_after.saturating_sub(disk_before).checked_div(tally.settled).unwrap_or(0),
         "ledger_disk_bytes": disk_after,
         "books_balance": sum == funded,
         "switch_stats": stats,
