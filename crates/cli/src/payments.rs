@@ -2,6 +2,7 @@
 //! another, and a load generator (workload P1 of shared/bench/WORKLOAD.md) driving both over
 //! signed HTTP on loopback.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -240,6 +241,16 @@ fn print_report(r: &Value) {
         "  CPU seconds per 1,000 payments: {} (switch {}, banks {}, load generator {})",
         r["cpu_seconds_per_1000"], by["switch"], by["banks"], by["load_generator"]
     );
+    if let Some(threads) = r["switch_cpu_seconds_per_1000_by_thread"].as_object() {
+        let mut busiest: Vec<(&String, f64)> = threads
+            .iter()
+            .map(|(name, v)| (name, v.as_f64().unwrap_or(0.0)))
+            .filter(|(_, v)| *v > 0.0)
+            .collect();
+        busiest.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let shown: Vec<String> = busiest.iter().map(|(n, v)| format!("{n} {v}")).collect();
+        println!("  switch threads (CPU s per 1,000): {}", shown.join(", "));
+    }
     println!(
         "  disk: {} bytes per settled payment (journal + index, after the window closed)",
         r["disk_bytes_per_payment"]
@@ -293,6 +304,25 @@ impl Service {
     /// User + system CPU seconds so far (Linux /proc).
     fn cpu_seconds(&self) -> f64 {
         cpu_seconds_of(&format!("/proc/{}/stat", self.child.id()))
+    }
+
+    /// CPU seconds so far per thread name (threads of one name, such as the async runtime's
+    /// workers, added up); threads that ended are not counted.
+    fn cpu_seconds_by_thread(&self) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        let dir = format!("/proc/{}/task", self.child.id());
+        let Ok(tasks) = std::fs::read_dir(&dir) else {
+            return out;
+        };
+        for task in tasks.flatten() {
+            let path = task.path();
+            let name = std::fs::read_to_string(path.join("comm"))
+                .map(|n| n.trim().to_string())
+                .unwrap_or_default();
+            let seconds = cpu_seconds_of(&path.join("stat").to_string_lossy());
+            *out.entry(name).or_insert(0.0) += seconds;
+        }
+        out
     }
 
     fn stop(mut self) {
@@ -513,6 +543,7 @@ async fn drive(
         ]
     };
     let cpu_before = cpu_of();
+    let threads_before = switch.cpu_seconds_by_thread();
     let ledger_dir = switch_dir.join("ledger");
     let disk_before = disk_bytes(&ledger_dir);
     let mut tasks = Vec::new();
@@ -646,6 +677,7 @@ async fn drive(
     reporter.abort();
     let elapsed = started.elapsed();
     let cpu_after = cpu_of();
+    let threads_after = switch.cpu_seconds_by_thread();
     let tally = std::mem::take(&mut *tally.lock().expect("tally"));
     let total = tally.settled + tally.rejected.values().sum::<u64>();
     // Books: payments only move money between positions, so they still sum to what was funded.
@@ -717,6 +749,13 @@ async fn drive(
             "banks": per_1000(cpu_before[1], cpu_after[1]),
             "load_generator": per_1000(cpu_before[2], cpu_after[2]),
         },
+        "switch_cpu_seconds_per_1000_by_thread": threads_after
+            .iter()
+            .map(|(name, after)| {
+                let before = threads_before.get(name).copied().unwrap_or(0.0);
+                (name.clone(), json!(per_1000(before, *after)))
+            })
+            .collect::<serde_json::Map<String, Value>>(),
         "disk_bytes_per_payment": disk_after.saturating_sub(disk_before).checked_div(tally.settled).unwrap_or(0),
         "ledger_disk_bytes": disk_after,
         "books_balance": sum == funded,

@@ -65,9 +65,20 @@ fn bench_payments_reports_every_figure_and_the_books_balance() {
         (parts - report["cpu_seconds_per_1000"].as_f64().unwrap()).abs() < 0.01,
         "{report}"
     );
-    // Disk per settled payment (issue 21): the index grew with the payments.
+    // The switch's CPU by thread: the engine's own threads are there by name.
+    let threads = report["switch_cpu_seconds_per_1000_by_thread"]
+        .as_object()
+        .unwrap();
+    for name in ["clearhouse-engi", "clearhouse-sync", "clearhouse-inde"] {
+        assert!(threads.contains_key(name), "{name}: {report}");
+    }
+    // Disk per settled payment (issue 21) is reported, beside what the ledger holds in all.
     assert!(
-        report["disk_bytes_per_payment"].as_u64().unwrap() > 0,
+        report["disk_bytes_per_payment"].as_u64().is_some(),
+        "{report}"
+    );
+    assert!(
+        report["ledger_disk_bytes"].as_u64().unwrap() > 0,
         "{report}"
     );
     assert_eq!(report["books_balance"], true);
