@@ -514,6 +514,14 @@ fn payments_end_to_end_over_http() {
             403,
             "participant on the operator API"
         );
+        // An https endpoint is refused at onboarding (the switch has no TLS client for calls to
+        // participants): before, it was accepted and every forward to it ended AB08.
+        let (status, body) = call(&op, "POST", "/v1/admin/participants", json!({
+            "bic": "TLSXDEFF", "name": "TLS bank", "endpoint": "https://bank.example/api",
+            "currencies": {"EUR": {"model": "prefunded"}},
+        })).await;
+        assert_eq!((status, body["reason"].as_str()), (400, Some("FF01")), "{body}");
+        assert!(body["message"].as_str().unwrap().contains("https"), "{body}");
         assert_eq!(
             call(
                 &debtor,
