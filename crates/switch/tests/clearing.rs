@@ -488,3 +488,38 @@ fn windows_close_on_schedule() {
     });
     drop(running);
 }
+
+/// Statements of old windows still answer when the cache of closing balances (64 windows) is
+/// full of newer ones: the balances are carried forward while walking, not re-read from a cache
+/// that evicts the oldest window as soon as it is inserted.
+#[test]
+fn statements_of_old_windows_survive_a_full_balance_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_switch(dir.path(), config());
+    running.runtime.block_on(async {
+        let op = operator(dir.path(), &running.url);
+        onboard(&op, P, "http://127.0.0.1:9", json!({"model": "prefunded"})).await;
+        fund(&op, P, "500.00").await;
+        for _ in 0..70 {
+            let (status, report) = call(&op, "POST", "/v1/admin/windows/close", Value::Null).await;
+            assert_eq!(status, 200, "{report}");
+        }
+        // Window 70's statement walks windows 1..=69 and fills the cache with 7..=70.
+        for window in [70, 2, 1, 69] {
+            let (status, statement) = call(
+                &op,
+                "GET",
+                &format!("/v1/windows/{window}/statement?participant={P}"),
+                Value::Null,
+            )
+            .await;
+            assert_eq!(status, 200, "window {window}: {statement}");
+            let expected = if window == 1 { "0" } else { "50000" };
+            assert_eq!(
+                statement[0]["opening_balance_minor_units"], expected,
+                "window {window}: {statement}"
+            );
+            assert_eq!(statement[0]["closing_balance_minor_units"], "50000");
+        }
+    });
+}

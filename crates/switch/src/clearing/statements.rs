@@ -49,17 +49,18 @@ impl Clearing {
     ) -> Result<Vec<clearhouse_clearing::statement::Statement>, ApiError> {
         let openings = self.closing_balances(window.saturating_sub(1)).await?;
         let (statements, closings) = self.window_statements(window, &openings).await?;
-        self.remember_closings(window, closings);
+        self.remember_closings(window, Arc::new(closings));
         Ok(statements)
     }
 
+    /// Keeps `window`'s closing balances (the oldest window goes when the cache is full).
     pub(super) fn remember_closings(
         &self,
         window: u64,
-        closings: clearhouse_clearing::statement::Balances,
+        closings: Arc<clearhouse_clearing::statement::Balances>,
     ) {
         let mut cached = self.closings.lock().expect("closings");
-        cached.insert(window, Arc::new(closings));
+        cached.insert(window, closings);
         while cached.len() > CLOSING_BALANCES_CACHED_MAX {
             cached.pop_first();
         }
@@ -82,14 +83,10 @@ impl Clearing {
         while at < window {
             at += 1;
             let (_, closings) = self.window_statements(at, &balances).await?;
-            self.remember_closings(at, closings);
-            balances = self
-                .closings
-                .lock()
-                .expect("closings")
-                .get(&at)
-                .cloned()
-                .ok_or_else(|| internal("closing balances just computed"))?;
+            // Carried forward from here, not re-read from the cache: a full cache of newer
+            // windows evicts an old one as soon as it is inserted.
+            balances = Arc::new(closings);
+            self.remember_closings(at, balances.clone());
         }
         Ok(balances)
     }
