@@ -205,12 +205,10 @@ impl NonceCache {
     /// A cache for a node that starts serving at `started_ms`: timestamps may lag by `window_ms`
     /// and lead by `lead_ms`, and none earlier than `started_ms + lead_ms` is accepted.
     pub fn serving_from(window_ms: u64, lead_ms: u64, max: usize, started_ms: u64) -> NonceCache {
-        let cache = NonceCache::new(window_ms, max);
-        NonceCache {
-            lead_ms,
-            not_before_ms: AtomicU64::new(started_ms.saturating_add(lead_ms)),
-            ..cache
-        }
+        let mut cache = NonceCache::new(window_ms, max);
+        cache.lead_ms = lead_ms;
+        cache.serve_from(started_ms);
+        cache
     }
 
     /// The earliest signature timestamp accepted.

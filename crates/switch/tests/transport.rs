@@ -8,13 +8,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use clearhouse_engine::Node;
 use clearhouse_switch::model::Participant;
 use clearhouse_switch::outbound::{
     Decision, ForwardError, Notification, ParticipantTransport, Transport,
 };
 use clearhouse_switch::switch::{Environment, PaymentView};
-use clearhouse_switch::Switch;
 use serde_json::json;
 
 mod common;
@@ -68,27 +66,16 @@ impl ParticipantTransport for InProcess {
 fn the_lifecycle_runs_over_any_transport() {
     let dir = tempfile::tempdir().unwrap();
     let transport = Arc::new(InProcess::default());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let node = Node::start(node_options(dir.path())).unwrap();
-        let environment = Environment {
+    let running = start_switch_in(
+        dir.path(),
+        config(),
+        Environment {
             transport: Transport::Custom(transport.clone()),
             ..Environment::default()
-        };
-        let switch = Switch::start_in(node, config(), dir.path(), environment)
-            .await
-            .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(clearhouse_switch::http::serve(
-            listener,
-            switch,
-            std::future::pending(),
-        ));
+        },
+    );
+    let url = running.url.clone();
+    running.runtime.block_on(async {
         let op = operator(dir.path(), &url);
         for bic in [A, B] {
             // The endpoint is never called: the transport delivers.

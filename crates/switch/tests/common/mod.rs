@@ -8,6 +8,7 @@ use std::time::Duration;
 use clearhouse_engine::{Node, NodeOptions};
 use clearhouse_switch::client::SignedClient;
 use clearhouse_switch::sim::{self, SimBank, SimCounters, SimOptions};
+use clearhouse_switch::switch::Environment;
 use clearhouse_switch::{Switch, SwitchConfig};
 use serde_json::{json, Value};
 
@@ -37,6 +38,15 @@ pub struct Running {
 }
 
 pub fn start_switch(dir: &std::path::Path, config: SwitchConfig) -> Running {
+    start_switch_in(dir, config, Environment::default())
+}
+
+/// Like [`start_switch`], in another environment (a transport of the test's own).
+pub fn start_switch_in(
+    dir: &std::path::Path,
+    config: SwitchConfig,
+    environment: Environment,
+) -> Running {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -44,7 +54,9 @@ pub fn start_switch(dir: &std::path::Path, config: SwitchConfig) -> Running {
         .unwrap();
     let url = runtime.block_on(async {
         let node = Node::start(node_options(dir)).unwrap();
-        let switch = Switch::start(node, config, dir).await.unwrap();
+        let switch = Switch::start_in(node, config, dir, environment)
+            .await
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(clearhouse_switch::http::serve(
