@@ -94,9 +94,6 @@ impl World {
         // (64 MiB each made the sweep spend most of its time in the kernel); rolling over to a
         // new segment is exercised more often too.
         options.journal.segment_size = 4 * 1024 * 1024;
-        // The simulated clock drives expiry; the interval only bounds how long a stopping engine
-        // takes to notice (each of a seed's restarts waits for it).
-        options.pulse_interval = std::time::Duration::from_millis(5);
         options.disk_free_min_bytes = 16 * 1024 * 1024;
         options.unindexed_transfers_max = 100_000;
         let node = Node::start(options).map_err(|e| format!("engine start: {e}"))?;
