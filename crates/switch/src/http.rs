@@ -218,13 +218,14 @@ impl axum::extract::FromRequest<AppState> for Signed {
         request: axum::extract::Request,
         state: &AppState,
     ) -> Result<Signed, Response> {
-        let (parts, body) = request.into_parts();
-        let body = Bytes::from_request(
-            axum::extract::Request::from_parts(parts.clone(), body),
-            state,
-        )
-        .await
-        .map_err(IntoResponse::into_response)?;
+        // The headers are taken out (not copied) for the signature check; the body extractor
+        // does not read them.
+        let (mut parts, body) = request.into_parts();
+        let headers = std::mem::take(&mut parts.headers);
+        let (method, uri) = (parts.method.clone(), parts.uri.clone());
+        let body = Bytes::from_request(axum::extract::Request::from_parts(parts, body), state)
+            .await
+            .map_err(IntoResponse::into_response)?;
         let Ok(permit) = state.requests.clone().try_acquire_owned() else {
             return Err(
                 ApiError::new(503, "server_busy", "too many requests in progress")
@@ -232,7 +233,7 @@ impl axum::extract::FromRequest<AppState> for Signed {
                     .into_response(),
             );
         };
-        let caller = authenticate(state, &parts.method, &parts.uri, &parts.headers, &body)
+        let caller = authenticate(state, &method, &uri, &headers, &body)
             .map_err(IntoResponse::into_response)?;
         if let Caller::Participant(bic) = &caller {
             if !state.rates.admit(bic, std::time::Instant::now()) {
