@@ -10,6 +10,7 @@ mod admin;
 mod bench;
 mod clearing_cmd;
 mod common;
+mod ha;
 mod init;
 mod iso_bench;
 mod node_protocol;

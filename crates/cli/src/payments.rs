@@ -43,9 +43,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => String::new(),
     };
+    let (text, replication) = crate::ha::split_config(&text)?;
     let mut config = SwitchConfig::from_toml_and_env(&text, std::env::vars())?;
     if let Some(listen) = args.listen {
         config.listen = listen;
+    }
+    if let Some(replication) = replication {
+        return crate::ha::serve_replicated(args.data_dir, config, replication);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

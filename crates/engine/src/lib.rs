@@ -15,6 +15,7 @@ pub mod codec;
 pub mod compact;
 pub mod index;
 pub mod node;
+pub mod replica;
 pub mod vouchers;
 
 pub use codec::RecordPut;
@@ -51,4 +52,12 @@ pub enum EngineError {
     RecordRefused { key: u128, reason: String },
     #[error("engine: recovery failed: {0}")]
     Recovery(String),
+    #[error("engine: this node is a standby; writes go to the leader")]
+    NotLeader,
+    #[error("engine: records from the leader sent to a node that is not a follower")]
+    NotFollower,
+    #[error("engine: the replicated log cannot take writes now (no quorum or publishing paused); request refused, nothing changed")]
+    ReplicationUnavailable,
+    #[error("engine: this node's history diverges from the leader's: {0}")]
+    Diverged(String),
 }

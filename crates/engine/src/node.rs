@@ -27,6 +27,7 @@ use crate::codec::{
     RECORD_ALIASES_MAX, RECORD_PUTS_MAX, RECORD_VALUE_MAX,
 };
 use crate::index::{Index, IndexUpdate};
+use crate::replica::{ReplicaTicket, ReplicatedGroup, Replication, TailCheckHandle, TICKET_WAIT_MAX};
 use crate::vouchers::{Voucher, VoucherChain, VoucherStamp, VOUCHER_BODY_MAX};
 use crate::EngineError;
 
@@ -65,6 +66,11 @@ pub struct NodeOptions {
     /// A simulated clock (ns since the Unix epoch) the engine reads instead of the system clock:
     /// the deterministic simulator moves it. `None` in production.
     pub clock: Option<Arc<AtomicU64>>,
+    /// Single node (default), replicated leader, or follower (crate::replica).
+    pub replication: Replication,
+    /// Checks the journal's tail against the replicated log at start and cuts what it never
+    /// stored (crate::replica::TailCheck); `None`: no check (single node).
+    pub tail_check: Option<TailCheckHandle>,
 }
 
 impl NodeOptions {
@@ -84,6 +90,8 @@ impl NodeOptions {
             disk_free_min_bytes: 256 * 1024 * 1024,
             recovery_progress: None,
             clock: None,
+            replication: Replication::None,
+            tail_check: None,
         }
     }
 }
@@ -96,6 +104,8 @@ pub struct RecoveryReport {
     pub accounts: usize,
     pub pending_transfers: usize,
     pub torn_tail_bytes_cut: u64,
+    /// Records cut because the replicated log never stored them (never acknowledged).
+    pub unreplicated_records_cut: u64,
     pub duration: Duration,
 }
 
@@ -106,6 +116,9 @@ pub struct NodeStats {
     pub indexed_seq: u64,
     pub checkpoint_seq: u64,
     pub cached_transfers: usize,
+    /// The voucher chain's head: vouchers so far and the last one's hash.
+    pub chain_seq: u64,
+    pub chain_hash: [u8; 32],
 }
 
 /// Journal records replayed per index transaction during recovery.
@@ -121,6 +134,8 @@ struct SyncJob {
     last_seq: u64,
     deliveries: Vec<Delivery>,
     update: Option<IndexUpdate>,
+    /// A leader's group: answered only once the replicated log stored it too.
+    ticket: Option<ReplicaTicket>,
 }
 
 /// Groups written and waiting for their fdatasync: the engine runs at most this far ahead of the
@@ -149,6 +164,21 @@ fn sync_loop(progress: &Progress, jobs: Receiver<SyncJob>, index_sender: SyncSen
                 state
                     .error
                     .get_or_insert_with(|| format!("journal fdatasync failed: {error}"));
+                progress.stopped.store(true, Ordering::SeqCst);
+                progress.indexed_changed.notify_all();
+                failed = true;
+                continue;
+            }
+        }
+        if let Some(ticket) = job.ticket {
+            if let Err(error) = ticket.wait(TICKET_WAIT_MAX) {
+                // Outcome unknown: the group may or may not be in the log. Answer nothing more;
+                // the node stops, and the next leader's state decides (clients retry by key).
+                tracing::error!(%error, last_seq = job.last_seq, "replication failed; the node stops accepting work");
+                let mut state = progress.indexed.lock().expect("progress");
+                state
+                    .error
+                    .get_or_insert_with(|| format!("replication failed: {error}"));
                 progress.stopped.store(true, Ordering::SeqCst);
                 progress.indexed_changed.notify_all();
                 failed = true;
@@ -190,6 +220,8 @@ enum Request {
     LookupAccounts(Vec<u128>, Reply<Vec<Account>>),
     LookupTransfers(Vec<u128>, Reply<Vec<StoredTransfer>>),
     Stats(Reply<NodeStats>),
+    /// A follower's: the leader's records, and the voucher chain head expected after them.
+    Apply(Vec<Record>, Option<(u64, [u8; 32])>, Reply<u64>),
 }
 
 /// Progress shared between the threads and query callers.
@@ -304,7 +336,40 @@ impl Node {
         let index = Arc::new(Index::open(&options.data_dir.join("index.redb"))?);
         let restored = index.restore()?;
         let journal_dir = options.data_dir.join("journal");
-        let (mut journal, open_report) = Journal::open(&journal_dir, options.journal.clone())?;
+        let (mut journal, mut open_report) = Journal::open(&journal_dir, options.journal.clone())?;
+        let mut unreplicated_records_cut = 0;
+        if let Some(check) = &options.tail_check {
+            let mut tail = Vec::new();
+            clearhouse_journal::read_records(&journal_dir, restored.seq, |record| {
+                tail.push(record);
+                Ok(())
+            })?;
+            let keep = check
+                .0
+                .keep_through(restored.seq, &tail)
+                .map_err(EngineError::Recovery)?;
+            if keep < restored.seq {
+                return Err(EngineError::Recovery(format!(
+                    "the replicated log lacks journal records up to {} that the index's checkpoint holds: this node's history diverges from the log; reseed it",
+                    restored.seq
+                )));
+            }
+            if tail.last().is_some_and(|last| last.seq > keep) {
+                drop(journal);
+                unreplicated_records_cut = clearhouse_journal::truncate_after(&journal_dir, keep)?;
+                tracing::warn!(
+                    from_seq = keep + 1,
+                    records = unreplicated_records_cut,
+                    "journal: cut records the replicated log never stored (written as leader, never acknowledged)"
+                );
+                let reopened = Journal::open(&journal_dir, options.journal.clone())?;
+                journal = reopened.0;
+                open_report = reopened.1;
+            }
+        }
+        if matches!(options.replication, Replication::Leader(_)) {
+            journal.capture();
+        }
         if open_report.records == 0 && restored.seq > 0 && journal.next_seq() <= restored.seq {
             return Err(EngineError::Recovery(format!(
                 "the index has a checkpoint at journal sequence {} but the journal in {} is empty",
@@ -333,6 +398,7 @@ impl Node {
             accounts: restored.accounts.len(),
             pending_transfers: restored.pending.len(),
             torn_tail_bytes_cut: open_report.torn_tail_bytes_cut,
+            unreplicated_records_cut,
             ..RecoveryReport::default()
         };
 
@@ -375,7 +441,9 @@ impl Node {
             }
             Ok(())
         };
+        let mut prefetched = Vec::new();
         clearhouse_journal::read_records(&journal_dir, restored.seq, |record| {
+            prefetched.clear();
             replay(
                 &index,
                 &mut ledger,
@@ -383,6 +451,7 @@ impl Node {
                 &mut app_records,
                 &mut chain,
                 &mut app_vouchers,
+                &mut prefetched,
             )
             .map_err(|error| corrupt(record.seq, "replay", error))?;
             replayed += 1;
@@ -531,6 +600,27 @@ impl Node {
                 recovery,
             }),
         })
+    }
+
+    /// A follower's: appends the leader's records (those after this node's last; earlier ones are
+    /// skipped) verbatim and replays them, checking each record's sealed results and, after
+    /// them, the voucher chain head. Answers the last journal sequence once durable. Any
+    /// mismatch stops the node: its history diverges from the leader's.
+    pub fn apply(
+        &self,
+        records: Vec<Record>,
+        chain: Option<(u64, [u8; 32])>,
+    ) -> Result<u64, EngineError> {
+        self.call(|reply| Request::Apply(records, chain, reply))
+    }
+
+    /// The error that stopped the node, if it stopped.
+    pub fn stop_reason(&self) -> Option<String> {
+        if !self.inner.progress.stopped.load(Ordering::SeqCst) {
+            return None;
+        }
+        let state = self.inner.progress.indexed.lock().expect("progress");
+        Some(state.error.clone().unwrap_or_else(|| "stopped".into()))
     }
 
     pub fn recovery_report(&self) -> &RecoveryReport {
@@ -715,11 +805,12 @@ fn replay(
     records_out: &mut Vec<RecordPut>,
     chain: &mut VoucherChain,
     vouchers_out: &mut Vec<Voucher>,
+    prefetched: &mut Vec<u128>,
 ) -> Result<(), EngineError> {
     let digest = match record.kind {
         KIND_SUBMIT => {
             let (transfers, records) = codec::decode_submit(&record.payload)?;
-            prefetch(index, ledger, &transfers)?;
+            prefetched.extend(prefetch(index, ledger, &transfers)?);
             let mut results = Vec::new();
             ledger.create_transfers(record.timestamp, &transfers, &mut results)?;
             let written = records_written(&records, &results);
@@ -741,7 +832,7 @@ fn replay(
         }
         KIND_CREATE_TRANSFERS => {
             let transfers = codec::decode_batch(&record.payload, codec::decode_transfer)?;
-            prefetch(index, ledger, &transfers)?;
+            prefetched.extend(prefetch(index, ledger, &transfers)?);
             let mut results = Vec::new();
             ledger.create_transfers(record.timestamp, &transfers, &mut results)?;
             codec::results_digest(results.iter().map(|r| r.as_u32()))
@@ -916,6 +1007,7 @@ enum Pending {
         Result<Vec<CreateTransferResult>, EngineError>,
     ),
     Submit(Reply<SubmitOutcome>, Result<SubmitOutcome, EngineError>),
+    Applied(Reply<u64>, u64),
     Lookup(Request),
 }
 
@@ -955,6 +1047,7 @@ impl Engine {
             file: None,
             last_seq: seq,
             deliveries: Vec::new(),
+            ticket: None,
             update: Some(IndexUpdate {
                 seq,
                 records: std::mem::take(&mut self.records),
@@ -982,8 +1075,43 @@ impl Engine {
             Some(clock) => clock.load(Ordering::SeqCst),
             None => now_ns(),
         };
-        self.pulse_due(now)?;
+        // A follower writes only the leader's records; a leader whose log cannot take groups
+        // refuses writes before executing them (nothing changes).
+        let follower = matches!(self.options.replication, Replication::Follower);
+        let refuse_writes = match &self.options.replication {
+            Replication::None => None,
+            Replication::Follower => Some(EngineError::NotLeader),
+            Replication::Leader(log) => (!log.available()).then_some(EngineError::ReplicationUnavailable),
+        };
+        if refuse_writes.is_none() {
+            self.pulse_due(now)?;
+        }
         for request in group.drain(..) {
+            let request = match (&refuse_writes, request) {
+                (Some(_), Request::CreateAccounts(_, reply)) => {
+                    answered.push(Pending::Accounts(reply, Err(self.refusal(follower))));
+                    continue;
+                }
+                (Some(_), Request::CreateTransfers(_, reply)) => {
+                    answered.push(Pending::Transfers(reply, Err(self.refusal(follower))));
+                    continue;
+                }
+                (Some(_), Request::Submit(_, _, reply)) => {
+                    answered.push(Pending::Submit(reply, Err(self.refusal(follower))));
+                    continue;
+                }
+                (_, Request::Apply(records, chain, reply)) => {
+                    if !follower {
+                        reply(Err(EngineError::NotFollower));
+                        continue;
+                    }
+                    // A mismatch is fatal: the node's history diverges from the leader's.
+                    let last = self.apply_records(records, chain)?;
+                    answered.push(Pending::Applied(reply, last));
+                    continue;
+                }
+                (_, request) => request,
+            };
             match request {
                 Request::CreateAccounts(accounts, reply) => {
                     let result = self.execute(
@@ -1034,7 +1162,7 @@ impl Engine {
         // still held (found by simulation seed 100774: a payment rejected AB05 after a restart
         // kept its pending credit until the clock moved on).
         let stamped = self.ledger.scalars().last_timestamp;
-        if stamped > now {
+        if stamped > now && refuse_writes.is_none() {
             self.pulse_due(stamped)?;
         }
         // One write for the whole group; the sync thread fdatasyncs it and only then answers and
@@ -1042,12 +1170,25 @@ impl Engine {
         let file = self.journal.write_group()?;
         let last_seq = self.journal.next_seq() - 1;
         let update = (last_seq >= seq_before).then(|| self.index_update(last_seq));
+        // A leader's group goes to the replicated log now, in parallel with its fdatasync.
+        let ticket = match &self.options.replication {
+            Replication::Leader(log) if last_seq >= seq_before => {
+                let records = self.journal.take_captured();
+                Some(log.submit(ReplicatedGroup {
+                    records,
+                    chain_seq: self.chain.seq,
+                    chain_hash: self.chain.hash,
+                }))
+            }
+            _ => None,
+        };
         let mut deliveries: Vec<Delivery> = Vec::with_capacity(answered.len());
         for pending in answered {
             deliveries.push(match pending {
                 Pending::Accounts(reply, result) => Box::new(move || reply(result)),
                 Pending::Transfers(reply, result) => Box::new(move || reply(result)),
                 Pending::Submit(reply, result) => Box::new(move || reply(result)),
+                Pending::Applied(reply, last) => Box::new(move || reply(Ok(last))),
                 Pending::Lookup(request) => self.answer_lookup(request),
             });
         }
@@ -1057,6 +1198,7 @@ impl Engine {
                 last_seq,
                 deliveries,
                 update,
+                ticket,
             })
             .map_err(|_| EngineError::Stopped {
                 reason: "the sync thread has exited".into(),
@@ -1068,6 +1210,70 @@ impl Engine {
         self.evict_indexed();
         self.remove_covered_segments()?;
         Ok(())
+    }
+
+    fn refusal(&self, follower: bool) -> EngineError {
+        if follower {
+            EngineError::NotLeader
+        } else {
+            EngineError::ReplicationUnavailable
+        }
+    }
+
+    /// A follower's write path: the leader's records, appended verbatim and replayed (the same
+    /// code as recovery, which checks each record's sealed results), then the chain head checked.
+    fn apply_records(
+        &mut self,
+        records: Vec<Record>,
+        chain: Option<(u64, [u8; 32])>,
+    ) -> Result<u64, EngineError> {
+        let mut prefetched = Vec::new();
+        for record in records {
+            let next = self.journal.next_seq();
+            if record.seq < next {
+                continue; // already applied (a restart in the middle of a message)
+            }
+            if record.seq > next {
+                return Err(EngineError::Diverged(format!(
+                    "record {} arrived but {next} was expected: records are missing",
+                    record.seq
+                )));
+            }
+            self.check_disk_space()?;
+            self.journal.reserve(record.payload.len())?;
+            prefetched.clear();
+            replay(
+                &self.index,
+                &mut self.ledger,
+                &record,
+                &mut self.records,
+                &mut self.chain,
+                &mut self.vouchers,
+                &mut prefetched,
+            )
+            .map_err(|error| {
+                EngineError::Diverged(format!("replaying record {}: {error}", record.seq))
+            })?;
+            for id in prefetched.drain(..) {
+                self.touch(record.seq, id);
+            }
+            let seq = self
+                .journal
+                .append(record.kind, record.timestamp, &record.payload)?;
+            assert_eq!(seq, record.seq, "a follower's journal keeps the leader's sequence");
+        }
+        if let Some((seq, hash)) = chain {
+            if (self.chain.seq, self.chain.hash) != (seq, hash) {
+                return Err(EngineError::Diverged(format!(
+                    "voucher chain after journal record {}: local {}:{} but the leader's is {seq}:{}",
+                    self.journal.next_seq() - 1,
+                    self.chain.seq,
+                    hex_short(&self.chain.hash),
+                    hex_short(&hash)
+                )));
+            }
+        }
+        Ok(self.journal.next_seq() - 1)
     }
 
     /// Expires (one journaled pulse record, at most `expiries_per_pulse_max` transfers) the
@@ -1341,10 +1547,15 @@ impl Engine {
                     indexed_seq: state.seq,
                     checkpoint_seq: state.checkpoint_seq,
                     cached_transfers: self.ledger.cached_transfers_count(),
+                    chain_seq: self.chain.seq,
+                    chain_hash: self.chain.hash,
                 };
                 Box::new(move || reply(Ok(stats)))
             }
-            Request::CreateAccounts(..) | Request::CreateTransfers(..) | Request::Submit(..) => {
+            Request::CreateAccounts(..)
+            | Request::CreateTransfers(..)
+            | Request::Submit(..)
+            | Request::Apply(..) => {
                 unreachable!("writes are executed, not looked up")
             }
         }
@@ -1368,6 +1579,10 @@ fn free_bytes(path: &Path) -> (u64, bool) {
         (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64),
         read_only,
     )
+}
+
+fn hex_short(hash: &[u8; 32]) -> String {
+    hash[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The journal directory inside a data directory.

@@ -402,6 +402,8 @@ pub struct Journal {
     buffered_records: u64,
     bytes_written: u64,
     poisoned: bool,
+    /// When set, a copy of every appended record, for replication (taken per group).
+    captured: Option<Vec<Record>>,
 }
 
 impl Journal {
@@ -432,6 +434,7 @@ impl Journal {
             buffered_records: 0,
             bytes_written: 0,
             poisoned: false,
+            captured: None,
         };
         let mut expected: Option<u64> = None;
         for (index, segment) in segments.iter().enumerate() {
@@ -642,6 +645,14 @@ impl Journal {
         );
         let seq = self.next_seq;
         encode_record(&mut self.buffer, seq, kind, timestamp, payload);
+        if let Some(captured) = &mut self.captured {
+            captured.push(Record {
+                seq,
+                kind,
+                timestamp,
+                payload: payload.to_vec(),
+            });
+        }
         self.next_seq += 1;
         self.buffered_records += 1;
         Ok(seq)
@@ -740,12 +751,91 @@ impl Journal {
         Ok(removed)
     }
 
+    /// Keeps a copy of every record appended from now on, for [`Journal::take_captured`]
+    /// (replication publishes each group's records).
+    pub fn capture(&mut self) {
+        self.captured.get_or_insert_with(Vec::new);
+    }
+
+    /// The records appended since the last call (empty unless [`Journal::capture`] was called).
+    pub fn take_captured(&mut self) -> Vec<Record> {
+        self.captured.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
     /// The first sequence number still on disk.
     pub fn first_seq_on_disk(&self) -> Result<u64, JournalError> {
         Ok(list_segments(&self.dir)?
             .first()
             .map_or(self.next_seq, |segment| segment.first_seq))
     }
+}
+
+/// Cuts every record with a sequence above `keep_through` from a closed journal: zeroes them
+/// from the first such record's offset to the end of its segment, fdatasyncs, and removes the
+/// segments after it. Idempotent (a crash in the middle leaves either the old tail or a zeroed
+/// one, which [`Journal::open`] reads as the end). Used by a replicated node to drop records it
+/// wrote as leader that the replicated log never stored (they were never acknowledged).
+/// Returns the number of records cut.
+pub fn truncate_after(dir: &Path, keep_through: u64) -> Result<u64, JournalError> {
+    let segments = list_segments(dir)?;
+    let mut cut = 0u64;
+    let mut removed = false;
+    for (index, segment) in segments.iter().enumerate() {
+        let next_first = segments.get(index + 1).map(|next| next.first_seq);
+        if next_first.is_some_and(|first| first <= keep_through + 1) {
+            continue; // every record of this segment is kept
+        }
+        if segment.first_seq > keep_through + 1 {
+            // Wholly after the cut: count its records, then remove it.
+            cut += count_records(&segment.path)?;
+            fs::remove_file(&segment.path).map_err(io_error("remove", &segment.path))?;
+            removed = true;
+            continue;
+        }
+        let data = read_segment(&segment.path, 0)?;
+        let mut offset = SEGMENT_HEADER_SIZE as usize;
+        let mut expected = segment.first_seq;
+        let mut cut_at = None;
+        loop {
+            match decode_at(&data, offset, Some(expected)) {
+                Decoded::Record(record, next) => {
+                    if record.seq > keep_through {
+                        cut_at.get_or_insert(offset);
+                        cut += 1;
+                    }
+                    expected = record.seq + 1;
+                    offset = next as usize;
+                }
+                Decoded::End | Decoded::Invalid(_) => break,
+            }
+        }
+        if let Some(at) = cut_at {
+            let end = data[at..].iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&segment.path)
+                .map_err(io_error("open", &segment.path))?;
+            file.write_all_at(&vec![0u8; end], at as u64)
+                .map_err(io_error("write", &segment.path))?;
+            file.sync_data()
+                .map_err(io_error("fdatasync", &segment.path))?;
+        }
+    }
+    if removed {
+        sync_dir(dir)?;
+    }
+    Ok(cut)
+}
+
+fn count_records(path: &Path) -> Result<u64, JournalError> {
+    let data = read_segment(path, 0)?;
+    let mut offset = SEGMENT_HEADER_SIZE as usize;
+    let mut count = 0;
+    while let Decoded::Record(_, next) = decode_at(&data, offset, None) {
+        count += 1;
+        offset = next as usize;
+    }
+    Ok(count)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), JournalError> {
@@ -802,6 +892,58 @@ mod tests {
         let (journal, report) = Journal::open(dir.path(), options()).unwrap();
         assert_eq!(report.last_seq, 40);
         assert_eq!(journal.next_seq(), 41);
+    }
+
+    #[test]
+    fn truncate_after_cuts_mid_segment_and_across_segments_and_appending_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let payloads: Vec<Vec<u8>> = (0..40u32)
+            .map(|i| vec![i as u8; (i as usize * 37_001) % 300_000 + 1])
+            .collect();
+        write(dir.path(), &payloads);
+        let segments_before = list_segments(dir.path()).unwrap().len();
+        assert!(segments_before > 2);
+        // Nothing above the last record: nothing cut.
+        assert_eq!(truncate_after(dir.path(), 40).unwrap(), 0);
+        // Cut in an early segment: later segments go, the rest of that one is zeroed.
+        assert_eq!(truncate_after(dir.path(), 7).unwrap(), 33);
+        assert_eq!(truncate_after(dir.path(), 7).unwrap(), 0, "idempotent");
+        assert!(list_segments(dir.path()).unwrap().len() < segments_before);
+        let records = read_all(dir.path());
+        assert_eq!(records.len(), 7);
+        assert_eq!(records[6].payload, payloads[6]);
+        let (mut journal, report) = Journal::open(dir.path(), options()).unwrap();
+        assert_eq!((report.last_seq, report.torn_tail_bytes_cut), (7, 0));
+        assert_eq!(journal.next_seq(), 8);
+        journal.reserve(3).unwrap();
+        assert_eq!(journal.append(9, 5, b"new").unwrap(), 8);
+        journal.commit().unwrap();
+        drop(journal);
+        let records = read_all(dir.path());
+        assert_eq!(records.len(), 8);
+        assert_eq!(records[7].payload, b"new");
+        // Cut everything.
+        assert_eq!(truncate_after(dir.path(), 0).unwrap(), 8);
+        assert!(read_all(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn capture_copies_each_appended_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _) = Journal::open(dir.path(), options()).unwrap();
+        journal.reserve(2).unwrap();
+        journal.append(1, 10, b"no").unwrap();
+        assert!(journal.take_captured().is_empty(), "off by default");
+        journal.capture();
+        journal.reserve(3).unwrap();
+        journal.append(2, 20, b"yes").unwrap();
+        journal.reserve(1).unwrap();
+        journal.append(3, 30, b"!").unwrap();
+        let captured = journal.take_captured();
+        assert_eq!(captured.len(), 2);
+        assert_eq!((captured[0].seq, captured[0].kind, captured[0].timestamp), (2, 2, 20));
+        assert_eq!(captured[1].payload, b"!");
+        assert!(journal.take_captured().is_empty());
     }
 
     #[test]

@@ -52,6 +52,15 @@ impl From<EngineError> for ApiError {
             EngineError::ReadOnly { .. } => {
                 ApiError::new(503, "storage_read_only", error.to_string()).retry_after(60)
             }
+            EngineError::ReplicationUnavailable => {
+                ApiError::new(503, "replication_unavailable", error.to_string()).retry_after(1)
+            }
+            EngineError::NotLeader => {
+                ApiError::new(503, "not_leader", error.to_string()).retry_after(1)
+            }
+            EngineError::Stopped { .. } => {
+                ApiError::new(503, "engine_stopped", error.to_string()).retry_after(1)
+            }
             other => ApiError::new(500, "engine_failed", other.to_string()),
         }
     }

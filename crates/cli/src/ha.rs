@@ -1,0 +1,455 @@
+//! `serve` with a `[replication]` section: the node's roles in a replicated cluster.
+//!
+//! Standby: reconcile the journal's tail with the stream, follow the stream, answer participants
+//! 503 `not_leader` with the leader's address, poll the lease. Promotion (the lease taken):
+//! renew it, apply the stream to its end, publish the term's barrier (fencing the old leader),
+//! restart the node as leader with the publisher, start the switch (open payments resume as after
+//! a restart), serve the API. A leader that loses the lease, its validity or the stream exits
+//! with code 75 (EX_TEMPFAIL): its supervisor restarts it, as a standby.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use clearhouse_engine::replica::{Replication, TailCheckHandle};
+use clearhouse_engine::Node;
+use clearhouse_replication::follower::{self, FollowerStatus, StreamTail};
+use clearhouse_replication::lease::{Held, Holder, Lease};
+use clearhouse_replication::publisher::{self, Publisher, Term};
+use clearhouse_replication::ReplicationConfig;
+use clearhouse_switch::{Switch, SwitchConfig};
+use serde_json::json;
+
+use crate::common::switch_node_options;
+
+/// Exit code of a node that stopped leading (deposed, lease lost, stream unreachable): restart it.
+pub const EXIT_STEPPED_DOWN: i32 = 75;
+
+/// Splits a configuration file into the switch's part and the `[replication]` section.
+pub fn split_config(text: &str) -> anyhow::Result<(String, Option<ReplicationConfig>)> {
+    let table: toml::Table = toml::from_str(text).context("parsing the configuration")?;
+    let Some(section) = table.get("replication") else {
+        return Ok((text.to_string(), None));
+    };
+    let config: ReplicationConfig = section
+        .clone()
+        .try_into()
+        .context("the [replication] section")?;
+    // The switch's own parser refuses unknown sections: hand it the text without this one.
+    let mut rest = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            inside = trimmed.starts_with("[replication]");
+        }
+        if !inside {
+            rest.push_str(line);
+            rest.push('\n');
+        }
+    }
+    Ok((rest, Some(config)))
+}
+
+struct StandbyState {
+    node_id: String,
+    status: Arc<FollowerStatus>,
+    leader: Mutex<Option<Holder>>,
+    stream_last: std::sync::atomic::AtomicU64,
+}
+
+fn standby_answer(state: &StandbyState, status: StatusCode, code: &str) -> Response {
+    let leader = state.leader.lock().expect("leader").clone();
+    let applied = state.status.applied_stream_seq.load(Ordering::SeqCst);
+    let lag = state.stream_last.load(Ordering::SeqCst).saturating_sub(applied);
+    let published = state.status.applied_published_ns.load(Ordering::SeqCst);
+    let lag_ms = if lag == 0 || published == 0 {
+        0
+    } else {
+        (now_ns().saturating_sub(published as u128) / 1_000_000) as u64
+    };
+    let diverged = state.status.diverged.lock().expect("diverged").clone();
+    let body = json!({
+        "code": code,
+        "message": match &diverged {
+            Some(reason) => format!("this node diverges from the replicated stream and serves nothing: {reason}"),
+            None => "this node is a standby; send requests to the leader".into(),
+        },
+        "role": "standby",
+        "node_id": state.node_id,
+        "leader": leader.as_ref().map(|l| l.advertise.clone()),
+        "leader_node_id": leader.as_ref().map(|l| l.node_id.clone()),
+        "applied_stream_seq": applied,
+        "lag_messages": lag,
+        "lag_ms": lag_ms,
+        "state": if diverged.is_some() { "diverged" } else if lag > 256 { "lagging" } else { "following" },
+    });
+    let mut response = (status, axum::Json(body)).into_response();
+    let headers = response.headers_mut();
+    headers.insert("retry-after", "1".parse().expect("header"));
+    if let Some(leader) = leader.and_then(|l| l.advertise.parse().ok()) {
+        headers.insert("clearhouse-leader", leader);
+    }
+    response
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// A standby answers participants 503 `not_leader` with the leader's address (no proxy: a proxy
+/// would add a hop and a queue to the hot path and forward to a dead leader exactly when it
+/// matters; load balancers follow `/ready`, 200 on the leader only).
+fn standby_router(state: Arc<StandbyState>) -> Router {
+    let health = {
+        let state = state.clone();
+        move || {
+            let state = state.clone();
+            async move { standby_answer(&state, StatusCode::OK, "standby") }
+        }
+    };
+    let ready = {
+        let state = state.clone();
+        move || {
+            let state = state.clone();
+            async move { standby_answer(&state, StatusCode::SERVICE_UNAVAILABLE, "not_leader") }
+        }
+    };
+    let metrics = {
+        let state = state.clone();
+        move || {
+            let state = state.clone();
+            async move {
+                let applied = state.status.applied_stream_seq.load(Ordering::SeqCst);
+                let last = state.stream_last.load(Ordering::SeqCst);
+                let diverged = state.status.diverged.lock().expect("d").is_some() as u8;
+                format!(
+                    "# TYPE clearhouse_replication_role gauge\nclearhouse_replication_role{{role=\"standby\"}} 1\n# TYPE clearhouse_replication_applied_stream_seq gauge\nclearhouse_replication_applied_stream_seq {applied}\n# TYPE clearhouse_replication_lag_messages gauge\nclearhouse_replication_lag_messages {}\n# TYPE clearhouse_replication_diverged gauge\nclearhouse_replication_diverged {diverged}\n",
+                    last.saturating_sub(applied)
+                )
+            }
+        }
+    };
+    let fallback = move || {
+        let state = state.clone();
+        async move { standby_answer(&state, StatusCode::SERVICE_UNAVAILABLE, "not_leader") }
+    };
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(fallback)
+}
+
+fn step_down(reason: &str) -> ! {
+    tracing::error!(reason, "stepping down: this process exits so its supervisor restarts it as a standby");
+    eprintln!("clearhouse: stepping down: {reason}");
+    std::process::exit(EXIT_STEPPED_DOWN)
+}
+
+pub fn serve_replicated(
+    data_dir: PathBuf,
+    config: SwitchConfig,
+    replication: ReplicationConfig,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    runtime.block_on(run(data_dir, config, replication, handle))
+}
+
+async fn run(
+    data_dir: PathBuf,
+    config: SwitchConfig,
+    replication: ReplicationConfig,
+    handle: tokio::runtime::Handle,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&data_dir)?;
+    for key in ["operator.key", "operator-ed25519.key"] {
+        if !data_dir.join(key).exists() {
+            bail!(
+                "{} is missing: every node of a replicated cluster needs the same operator keys (run `clearhouse init` once and copy operator.key, operator-ed25519.key and operator-ed25519.pub into each node's data directory)",
+                data_dir.join(key).display()
+            );
+        }
+    }
+    let js = clearhouse_replication::connect(&replication).await?;
+    let mut objects = None;
+    for _ in 0..120 {
+        match clearhouse_replication::ensure_objects(&js, &replication).await {
+            Ok(found) => {
+                objects = Some(found);
+                break;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "waiting for JetStream");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    let Some((stream, kv)) = objects else {
+        bail!("JetStream did not become available within 60 s");
+    };
+    let lease = Lease::new(kv, replication.lease_ttl());
+    let me = Holder {
+        node_id: replication.node_id.clone(),
+        advertise: replication.advertise.clone(),
+    };
+
+    // Standby: reconcile the tail, recover, follow.
+    let node = {
+        let (dir, stream, handle) = (data_dir.clone(), stream.clone(), handle.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut options = switch_node_options(&dir);
+            options.replication = Replication::Follower;
+            options.tail_check = Some(TailCheckHandle(Arc::new(StreamTail {
+                stream,
+                runtime: handle,
+            })));
+            Node::start(options)
+        })
+        .await?
+        .context("starting the ledger node as a standby")?
+    };
+    let cut = node.recovery_report().unreplicated_records_cut;
+    if cut > 0 {
+        eprintln!("clearhouse: cut {cut} journal records the stream never stored (never acknowledged)");
+    }
+    let status = Arc::new(FollowerStatus::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut follow_task = Some(tokio::spawn(follower::follow(
+        stream.clone(),
+        node.clone(),
+        status.clone(),
+        stop.clone(),
+    )));
+    let state = Arc::new(StandbyState {
+        node_id: replication.node_id.clone(),
+        status: status.clone(),
+        leader: Mutex::new(None),
+        stream_last: Default::default(),
+    });
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let address = listener.local_addr()?;
+    println!("listening on http://{address}");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    eprintln!(
+        "clearhouse node {}: standby on http://{address}, following stream {}",
+        replication.node_id, replication.stream
+    );
+    let (standby_stop, standby_stopped) = tokio::sync::oneshot::channel::<()>();
+    let standby = axum::serve(listener, standby_router(state.clone())).with_graceful_shutdown(
+        async move {
+            let _ = standby_stopped.await;
+        },
+    );
+    let standby_server = tokio::spawn(async move { standby.await });
+    let mut term_signal =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut diverged = false;
+    let held = loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = term_signal.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        if let Ok(info) = stream.get_info().await {
+            state
+                .stream_last
+                .store(info.state.last_sequence, Ordering::SeqCst);
+        }
+        if follow_task.as_ref().is_some_and(|task| task.is_finished()) {
+            let result = follow_task.take().expect("task").await?;
+            if let Err(error) = result {
+                tracing::error!(%error, "following the stream stopped; this node serves nothing and never leads");
+                *status.diverged.lock().expect("d") = Some(error.to_string());
+                diverged = true;
+            }
+        }
+        let holder = match lease.holder().await {
+            Ok(holder) => holder,
+            Err(error) => {
+                tracing::warn!(%error, "reading the lease");
+                continue;
+            }
+        };
+        let free = holder.is_none();
+        *state.leader.lock().expect("leader") = holder;
+        if free && !replication.standby_only && !diverged {
+            match lease.try_acquire(&me).await {
+                Ok(Some(held)) => break held,
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "taking the lease"),
+            }
+        }
+    };
+    let takeover_started = Instant::now();
+    eprintln!(
+        "clearhouse node {}: took the lease (term {}); catching up",
+        replication.node_id, held.term
+    );
+    let held = Arc::new(Mutex::new(held));
+    spawn_renewal(lease, me.clone(), held.clone(), replication.lease_renew_ms);
+
+    // Apply the stream to its end, then stop following.
+    let last = stream.get_info().await.map_err(anyhow::Error::msg)?.state.last_sequence;
+    loop {
+        if status.applied_stream_seq.load(Ordering::SeqCst) >= last {
+            break;
+        }
+        if follow_task.as_ref().is_none_or(|task| task.is_finished()) {
+            step_down("the follower stopped before catching up");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    if let Some(task) = follow_task.take() {
+        if let Err(error) = task.await? {
+            step_down(&format!("the follower failed: {error}"));
+        }
+    }
+    let stats = {
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || node.stats()).await??
+    };
+    // The follower node stops cleanly (a checkpoint): the leader node starts from it.
+    tokio::task::spawn_blocking(move || drop(node)).await?;
+    let term = Term {
+        term: held.lock().expect("held").term,
+        node_id: replication.node_id.clone(),
+    };
+    let barrier = match publisher::publish_barrier(
+        &js,
+        &replication.subject(),
+        &term,
+        last,
+        stats.committed_seq,
+        (stats.chain_seq, stats.chain_hash),
+    )
+    .await
+    {
+        Ok(seq) => seq,
+        Err(reason) => step_down(&format!("publishing the term's barrier: {reason}")),
+    };
+    let publisher = Publisher::start(
+        &handle,
+        js.clone(),
+        replication.subject(),
+        term.clone(),
+        barrier,
+        Duration::from_millis(replication.publish_retry_ms),
+    );
+    let node = {
+        let (dir, publisher) = (data_dir.clone(), publisher.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut options = switch_node_options(&dir);
+            options.replication = Replication::Leader(publisher);
+            Node::start(options)
+        })
+        .await?
+        .context("starting the ledger node as leader")?
+    };
+    let switch = Switch::start(node.clone(), config.clone(), &data_dir)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let _ = standby_stop.send(());
+    let _ = standby_server.await;
+    let listener = bind_again(&address).await?;
+    eprintln!(
+        "clearhouse node {}: leader (term {}, barrier at stream sequence {barrier}) on http://{address}, {} ms after taking the lease",
+        replication.node_id,
+        term.term,
+        takeover_started.elapsed().as_millis()
+    );
+    // Anything that stops the node (a failed publish: deposed or no quorum past the retry time)
+    // ends this process: nothing more is answered.
+    {
+        let node = node.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Some(reason) = node.stop_reason() {
+                    step_down(&reason);
+                }
+            }
+        });
+    }
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    clearhouse_switch::http::serve(listener, switch, shutdown).await?;
+    release(&data_dir, &replication, held).await;
+    Ok(())
+}
+
+/// Renews the lease; exits the process once its validity passed without a renewal, or at once
+/// when another node wrote the lease.
+fn spawn_renewal(lease: Lease, me: Holder, held: Arc<Mutex<Held>>, every_ms: u64) {
+    let lease = Arc::new(lease);
+    RELEASE.get_or_init(|| lease.clone());
+    tokio::spawn(async move {
+        loop {
+            let mut current = held.lock().expect("held").clone();
+            let renewed = tokio::time::timeout(
+                current.valid_until.saturating_duration_since(Instant::now()),
+                lease.renew(&me, &mut current),
+            )
+            .await;
+            match renewed {
+                Ok(Ok(())) => *held.lock().expect("held") = current,
+                Ok(Err(clearhouse_replication::ReplicationError::Deposed(reason))) => {
+                    step_down(&reason)
+                }
+                Ok(Err(error)) => tracing::warn!(%error, "renewing the lease"),
+                Err(_) => {}
+            }
+            if Instant::now() >= held.lock().expect("held").valid_until {
+                step_down("the lease's validity passed without a renewal");
+            }
+            tokio::time::sleep(Duration::from_millis(every_ms)).await;
+        }
+    });
+}
+
+static RELEASE: std::sync::OnceLock<Arc<Lease>> = std::sync::OnceLock::new();
+
+async fn release(_data_dir: &Path, replication: &ReplicationConfig, held: Arc<Mutex<Held>>) {
+    let held = held.lock().expect("held").clone();
+    if let Some(lease) = RELEASE.get() {
+        match lease.release(&held).await {
+            Ok(()) => eprintln!(
+                "clearhouse node {}: stopped; lease released",
+                replication.node_id
+            ),
+            Err(error) => tracing::warn!(%error, "releasing the lease"),
+        }
+    }
+}
+
+async fn bind_again(address: &std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    for _ in 0..100 {
+        if let Ok(listener) = tokio::net::TcpListener::bind(address).await {
+            return Ok(listener);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("could not bind {address} again after the standby listener closed")
+}
