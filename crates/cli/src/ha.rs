@@ -67,7 +67,10 @@ struct StandbyState {
 fn standby_answer(state: &StandbyState, status: StatusCode, code: &str) -> Response {
     let leader = state.leader.lock().expect("leader").clone();
     let applied = state.status.applied_stream_seq.load(Ordering::SeqCst);
-    let lag = state.stream_last.load(Ordering::SeqCst).saturating_sub(applied);
+    let lag = state
+        .stream_last
+        .load(Ordering::SeqCst)
+        .saturating_sub(applied);
     let published = state.status.applied_published_ns.load(Ordering::SeqCst);
     let lag_ms = if lag == 0 || published == 0 {
         0
@@ -151,7 +154,10 @@ fn standby_router(state: Arc<StandbyState>) -> Router {
 }
 
 fn step_down(reason: &str) -> ! {
-    tracing::error!(reason, "stepping down: this process exits so its supervisor restarts it as a standby");
+    tracing::error!(
+        reason,
+        "stepping down: this process exits so its supervisor restarts it as a standby"
+    );
     eprintln!("clearhouse: stepping down: {reason}");
     std::process::exit(EXIT_STEPPED_DOWN)
 }
@@ -223,7 +229,9 @@ async fn run(
     };
     let cut = node.recovery_report().unreplicated_records_cut;
     if cut > 0 {
-        eprintln!("clearhouse: cut {cut} journal records the stream never stored (never acknowledged)");
+        eprintln!(
+            "clearhouse: cut {cut} journal records the stream never stored (never acknowledged)"
+        );
     }
     let status = Arc::new(FollowerStatus::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -251,11 +259,10 @@ async fn run(
         replication.node_id, replication.stream
     );
     let (standby_stop, standby_stopped) = tokio::sync::oneshot::channel::<()>();
-    let standby = axum::serve(listener, standby_router(state.clone())).with_graceful_shutdown(
-        async move {
+    let standby =
+        axum::serve(listener, standby_router(state.clone())).with_graceful_shutdown(async move {
             let _ = standby_stopped.await;
-        },
-    );
+        });
     let standby_server = tokio::spawn(async move { standby.await });
     let mut term_signal =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -305,7 +312,12 @@ async fn run(
     spawn_renewal(lease, me.clone(), held.clone(), replication.lease_renew_ms);
 
     // Apply the stream to its end, then stop following.
-    let last = stream.get_info().await.map_err(anyhow::Error::msg)?.state.last_sequence;
+    let last = stream
+        .get_info()
+        .await
+        .map_err(anyhow::Error::msg)?
+        .state
+        .last_sequence;
     loop {
         if status.applied_stream_seq.load(Ordering::SeqCst) >= last {
             break;
@@ -409,7 +421,9 @@ fn spawn_renewal(lease: Lease, me: Holder, held: Arc<Mutex<Held>>, every_ms: u64
         loop {
             let mut current = held.lock().expect("held").clone();
             let renewed = tokio::time::timeout(
-                current.valid_until.saturating_duration_since(Instant::now()),
+                current
+                    .valid_until
+                    .saturating_duration_since(Instant::now()),
                 lease.renew(&me, &mut current),
             )
             .await;

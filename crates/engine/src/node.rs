@@ -27,7 +27,9 @@ use crate::codec::{
     RECORD_ALIASES_MAX, RECORD_PUTS_MAX, RECORD_VALUE_MAX,
 };
 use crate::index::{Index, IndexUpdate};
-use crate::replica::{ReplicaTicket, ReplicatedGroup, Replication, TailCheckHandle, TICKET_WAIT_MAX};
+use crate::replica::{
+    ReplicaTicket, ReplicatedGroup, Replication, TailCheckHandle, TICKET_WAIT_MAX,
+};
 use crate::vouchers::{Voucher, VoucherChain, VoucherStamp, VOUCHER_BODY_MAX};
 use crate::EngineError;
 
@@ -1081,7 +1083,9 @@ impl Engine {
         let refuse_writes = match &self.options.replication {
             Replication::None => None,
             Replication::Follower => Some(EngineError::NotLeader),
-            Replication::Leader(log) => (!log.available()).then_some(EngineError::ReplicationUnavailable),
+            Replication::Leader(log) => {
+                (!log.available()).then_some(EngineError::ReplicationUnavailable)
+            }
         };
         if refuse_writes.is_none() {
             self.pulse_due(now)?;
@@ -1260,7 +1264,10 @@ impl Engine {
             let seq = self
                 .journal
                 .append(record.kind, record.timestamp, &record.payload)?;
-            assert_eq!(seq, record.seq, "a follower's journal keeps the leader's sequence");
+            assert_eq!(
+                seq, record.seq,
+                "a follower's journal keeps the leader's sequence"
+            );
         }
         if let Some((seq, hash)) = chain {
             if (self.chain.seq, self.chain.hash) != (seq, hash) {

@@ -759,7 +759,10 @@ impl Journal {
 
     /// The records appended since the last call (empty unless [`Journal::capture`] was called).
     pub fn take_captured(&mut self) -> Vec<Record> {
-        self.captured.as_mut().map(std::mem::take).unwrap_or_default()
+        self.captured
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// The first sequence number still on disk.
@@ -810,7 +813,10 @@ pub fn truncate_after(dir: &Path, keep_through: u64) -> Result<u64, JournalError
             }
         }
         if let Some(at) = cut_at {
-            let end = data[at..].iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
+            let end = data[at..]
+                .iter()
+                .rposition(|b| *b != 0)
+                .map_or(0, |p| p + 1);
             let file = OpenOptions::new()
                 .write(true)
                 .open(&segment.path)
@@ -941,7 +947,10 @@ mod tests {
         journal.append(3, 30, b"!").unwrap();
         let captured = journal.take_captured();
         assert_eq!(captured.len(), 2);
-        assert_eq!((captured[0].seq, captured[0].kind, captured[0].timestamp), (2, 2, 20));
+        assert_eq!(
+            (captured[0].seq, captured[0].kind, captured[0].timestamp),
+            (2, 2, 20)
+        );
         assert_eq!(captured[1].payload, b"!");
         assert!(journal.take_captured().is_empty());
     }

@@ -203,11 +203,13 @@ pub async fn follow(
             }
             last_applied = Some((seq, pending, published));
         }
-        flush(&node, &mut records, &mut chain).await.inspect_err(|error| {
-            if let ReplicationError::Diverged(reason) = error {
-                *status.diverged.lock().expect("status") = Some(reason.clone());
-            }
-        })?;
+        flush(&node, &mut records, &mut chain)
+            .await
+            .inspect_err(|error| {
+                if let ReplicationError::Diverged(reason) = error {
+                    *status.diverged.lock().expect("status") = Some(reason.clone());
+                }
+            })?;
         if let Some((seq, pending, published)) = last_applied {
             status.applied_stream_seq.store(seq, Ordering::SeqCst);
             status.lag_messages.store(pending, Ordering::SeqCst);

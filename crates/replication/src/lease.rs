@@ -79,9 +79,11 @@ impl Lease {
                 held.valid_until = sent + self.ttl.saturating_sub(GUARD);
                 Ok(())
             }
-            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(
-                ReplicationError::Deposed(format!("the lease was written by another node: {error}")),
-            ),
+            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(ReplicationError::Deposed(format!(
+                    "the lease was written by another node: {error}"
+                )))
+            }
             Err(error) => Err(nats(error)),
         }
     }

@@ -63,7 +63,7 @@ fn default_replicas() -> usize {
     3
 }
 fn default_stream_max_bytes() -> i64 {
-    8 << 30
+    2 << 30
 }
 fn default_lease_ttl_ms() -> u64 {
     2_000

@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use async_nats::HeaderMap;
-use clearhouse_engine::replica::{
-    GroupLog, ReplicaTicket, ReplicatedGroup, TicketSender,
-};
+use clearhouse_engine::replica::{GroupLog, ReplicaTicket, ReplicatedGroup, TicketSender};
 
 use crate::wire;
 

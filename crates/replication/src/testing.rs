@@ -72,7 +72,7 @@ impl NatsCluster {
             std::fs::write(
                 &config,
                 format!(
-                    "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\nmax_payload: 8388608\njetstream {{ store_dir: \"{}\", max_file_store: 4294967296, max_memory_store: 268435456 }}\n{cluster}\n",
+                    "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\nmax_payload: 8388608\njetstream {{ store_dir: \"{}\", max_file_store: 8589934592, max_memory_store: 268435456 }}\n{cluster}\n",
                     store.display()
                 ),
             )?;

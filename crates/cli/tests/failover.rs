@@ -1,0 +1,369 @@
+//! High availability under load: a 3-server NATS JetStream cluster and two `clearhouse serve`
+//! nodes with `[replication]` on loopback. Signed payment load from 8 clients goes to the leader;
+//! the leader is killed with SIGKILL at random moments, 20 times, and restarted (as a standby:
+//! it cuts what the stream never stored). After each kill the other node must take over. At the
+//! end: every payment a debtor agent was told is settled or rejected is still so on the final
+//! leader, every payment the switch accepted is final, nothing stays reserved, the books balance,
+//! a window close nets every settled payment exactly once, and `clearhouse verify` accepts both
+//! nodes' voucher chains, which end at the same head.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clearhouse_replication::testing::{nats_server_binary, NatsCluster};
+use clearhouse_switch::client::SignedClient;
+use serde_json::{json, Value};
+
+mod common;
+use common::*;
+
+const ROUNDS: u32 = 20;
+const CLIENTS: u32 = 8;
+const BANKS: [&str; 3] = ["HAAADEFF", "HABBDEFF", "HACCDEFF"];
+const FUNDING: &str = "1000000.00";
+const DEADLINES: &[(&str, &str)] = &[
+    ("CLEARHOUSE_SETTLE_DEADLINE_MS", "1500"),
+    ("CLEARHOUSE_HARD_TIMEOUT_MS", "3000"),
+    ("CLEARHOUSE_SYNC_WAIT_MS", "4000"),
+    ("CLEARHOUSE_CLOCK_LEAD_MS", "300"),
+];
+
+fn client(url: &str, bic: &str) -> SignedClient {
+    SignedClient::new(url, &format!("{bic}-1"), hex::decode(secret(bic)).unwrap())
+}
+
+async fn call(
+    client: &SignedClient,
+    method: &str,
+    path: &str,
+    body: Value,
+) -> Option<(u16, Value)> {
+    let bytes = if body.is_null() {
+        vec![]
+    } else {
+        body.to_string().into_bytes()
+    };
+    let (status, answer) = client.request(method, path, &bytes).await.ok()?;
+    Some((
+        status,
+        serde_json::from_slice(&answer).unwrap_or(Value::Null),
+    ))
+}
+
+/// The node whose `/ready` answers 200 (bounded: 20 s).
+async fn wait_leader(urls: &[String]) -> String {
+    for _ in 0..400 {
+        for url in urls {
+            let plain = SignedClient::new(url, "none", vec![]);
+            if let Ok((200, _)) = plain.send("GET", "/ready", b"", &[]).await {
+                return url.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no leader among {urls:?} within 20 s");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn node_config(dir: &Path, name: &str, port: u16, nats: &[String]) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let urls: Vec<String> = nats.iter().map(|u| format!("\"{u}\"")).collect();
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n\n[replication]\nnode_id = \"{name}\"\nnats_urls = [{}]\nadvertise = \"http://127.0.0.1:{port}\"\n",
+            urls.join(", ")
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn start_node(data: &Path, config: &Path) -> Killed {
+    spawn(
+        &["serve", "--config", config.to_str().unwrap()],
+        Some(data),
+        DEADLINES,
+    )
+    .0
+}
+
+type Told = Arc<Mutex<BTreeMap<String, (String, Option<(String, Option<String>)>)>>>;
+
+#[test]
+fn the_leader_killed_20_times_under_load_loses_nothing() {
+    if nats_server_binary().is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "nats-server is required in CI (.ci/run installs it)"
+        );
+        eprintln!("skipped: nats-server is not installed (apt-get install nats-server)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::start(3, &dir.path().join("nats")).unwrap();
+    let nats = cluster.urls();
+    let data = [dir.path().join("a"), dir.path().join("b")];
+    let init = Command::new(env!("CARGO_BIN_EXE_clearhouse"))
+        .args(["init", "--data-dir"])
+        .arg(&data[0])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    std::fs::create_dir_all(&data[1]).unwrap();
+    for key in [
+        "operator.key",
+        "operator-ed25519.key",
+        "operator-ed25519.pub",
+    ] {
+        std::fs::copy(data[0].join(key), data[1].join(key)).unwrap();
+    }
+    let ports = [free_port(), free_port()];
+    let configs = [
+        node_config(dir.path(), "a", ports[0], &nats),
+        node_config(dir.path(), "b", ports[1], &nats),
+    ];
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let banks_file = dir.path().join("banks.json");
+    std::fs::write(
+        &banks_file,
+        json!(BANKS
+            .iter()
+            .map(|b| json!({"bic": b, "secret_hex": secret(b)}))
+            .collect::<Vec<_>>())
+        .to_string(),
+    )
+    .unwrap();
+    let (_banks, banks_url) = spawn(
+        &[
+            "sim-banks",
+            "--reject-per-10k",
+            "100",
+            "--banks",
+            banks_file.to_str().unwrap(),
+        ],
+        None,
+        DEADLINES,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let operator = |url: &str| {
+        let text = std::fs::read_to_string(data[0].join("operator.key")).unwrap();
+        let mut parts = text.split_whitespace();
+        SignedClient::new(
+            url,
+            parts.next().unwrap(),
+            hex::decode(parts.next().unwrap()).unwrap(),
+        )
+    };
+    let mut nodes: [Option<Killed>; 2] = [Some(start_node(&data[0], &configs[0])), None];
+    let mut url = runtime.block_on(wait_leader(&urls));
+    assert_eq!(url, urls[0]);
+    nodes[1] = Some(start_node(&data[1], &configs[1]));
+    runtime.block_on(async {
+        // The standby refuses participants and names the leader (once it has read the lease).
+        let mut answer = None;
+        for _ in 0..100 {
+            answer = call(&client(&urls[1], BANKS[0]), "GET", "/v1/participants/HAAADEFF/positions", Value::Null).await;
+            if answer.as_ref().is_some_and(|(_, body)| body["leader"].is_string()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (status, body) = answer.unwrap();
+        assert_eq!((status, body["code"].as_str()), (503, Some("not_leader")), "{body}");
+        assert_eq!(body["leader"].as_str(), Some(urls[0].as_str()), "{body}");
+        let op = operator(&url);
+        for bic in BANKS {
+            let (status, body) = call(&op, "POST", "/v1/admin/participants", json!({
+                "bic": bic, "name": format!("Bank {bic}"), "endpoint": format!("{banks_url}/bank/{bic}"),
+                "currencies": {"EUR": {"model": "prefunded"}}, "secret_hex": secret(bic),
+            })).await.unwrap();
+            assert_eq!(status, 201, "{body}");
+            let (status, _) = call(&op, "POST", &format!("/v1/admin/participants/{bic}/liquidity"), json!({
+                "request_id": "fund", "currency": "EUR", "amount": FUNDING, "direction": "in"})).await.unwrap();
+            assert_eq!(status, 200);
+        }
+    });
+    let told: Told = Arc::new(Mutex::new(BTreeMap::new()));
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut takeovers = Vec::new();
+    for round in 0..ROUNDS {
+        let load: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (url, told) = (url.clone(), told.clone());
+                runtime.spawn(async move {
+                    for n in 0.. {
+                        let debtor = BANKS[((c + n) % 3) as usize];
+                        let creditor = BANKS[((c + n + 1) % 3) as usize];
+                        let instruction = format!("H{round}-{c}-{n}");
+                        told.lock().unwrap().insert(instruction.clone(), (debtor.to_string(), None));
+                        let answer = call(&client(&url, debtor), "POST", "/v1/payments", json!({
+                            "instruction_id": instruction, "end_to_end_id": format!("E2E-{instruction}"),
+                            "debtor_agent": debtor, "creditor_agent": creditor, "amount": "1.00", "currency": "EUR",
+                            "debtor": {"name": "Alice", "account": "DE89370400440532013000"},
+                            "creditor": {"name": "Bob", "account": "FR1420041010050500013M02606"},
+                        })).await;
+                        if let Some((200, body)) = answer {
+                            if body["status"] != "PDNG" {
+                                told.lock().unwrap().insert(instruction, (debtor.to_string(), Some((
+                                    body["status"].as_str().unwrap().to_string(),
+                                    body["reason"].as_str().map(str::to_string),
+                                ))));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300 + next() % 700));
+        let leader = urls.iter().position(|u| *u == url).unwrap();
+        drop(nodes[leader].take()); // SIGKILL
+        let killed_at = Instant::now();
+        for task in load {
+            task.abort();
+        }
+        let other = 1 - leader;
+        let new_url = runtime.block_on(wait_leader(&urls[other..=other]));
+        takeovers.push(killed_at.elapsed());
+        url = new_url;
+        nodes[leader] = Some(start_node(&data[leader], &configs[leader]));
+    }
+    let mut sorted = takeovers.clone();
+    sorted.sort();
+    eprintln!(
+        "takeover (kill -9 to the new leader's /ready 200) over {ROUNDS} rounds: p50 {} ms, max {} ms",
+        sorted[sorted.len() / 2].as_millis(),
+        sorted.last().unwrap().as_millis()
+    );
+    // Past the hard timeout: every payment caught by a kill has ended.
+    std::thread::sleep(Duration::from_millis(3_500));
+    let told = told.lock().unwrap().clone();
+    let answered = told.values().filter(|(_, t)| t.is_some()).count();
+    assert!(answered > 200, "the load got only {answered} final answers");
+    runtime.block_on(async {
+        let op = operator(&url);
+        let mut settled_now = 0usize;
+        for (instruction, (debtor, was_told)) in &told {
+            let (status, now) = call(
+                &client(&url, debtor),
+                "GET",
+                &format!("/v1/payments?instruction_id={instruction}"),
+                Value::Null,
+            )
+            .await
+            .unwrap();
+            if now["status"] == "ACSC" {
+                settled_now += 1;
+            }
+            match was_told {
+                Some((state, reason)) => {
+                    assert_eq!(
+                        status, 200,
+                        "{instruction} was answered {state} but is now {now}"
+                    );
+                    assert_eq!(
+                        now["status"].as_str(),
+                        Some(state.as_str()),
+                        "{instruction}: {now}"
+                    );
+                    assert_eq!(
+                        now["reason"].as_str(),
+                        reason.as_deref(),
+                        "{instruction}: {now}"
+                    );
+                }
+                None => assert!(
+                    status == 404 || (status == 200 && now["status"] != "PDNG"),
+                    "{instruction}: {status} {now}"
+                ),
+            }
+        }
+        let mut total: i128 = 0;
+        for bic in BANKS {
+            let (_, positions) = call(
+                &op,
+                "GET",
+                &format!("/v1/participants/{bic}/positions"),
+                Value::Null,
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                positions[0]["reserved_outgoing"], "0.00",
+                "{bic}: {positions}"
+            );
+            total += positions[0]["balance"]
+                .as_str()
+                .unwrap()
+                .replace('.', "")
+                .parse::<i128>()
+                .unwrap();
+        }
+        assert_eq!(total, 3 * 100_000_000, "positions sum to what was funded");
+        let (status, window) = call(&op, "POST", "/v1/admin/windows/close", Value::Null)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{window}");
+        assert_eq!(window["breaks"], json!([]), "{window}");
+        assert_eq!(
+            window["plan"]["figures"][0]["transfers"].as_u64().unwrap() as usize,
+            settled_now,
+            "the window holds every settled payment exactly once, across {ROUNDS} failovers"
+        );
+        eprintln!(
+            "{} payments answered final, {settled_now} settled, across {ROUNDS} failovers",
+            answered
+        );
+    });
+    // Let the standby apply the window close, then stop both and verify both chains.
+    std::thread::sleep(Duration::from_millis(1_000));
+    drop(nodes);
+    let mut heads = Vec::new();
+    for data in &data {
+        let verify = Command::new(env!("CARGO_BIN_EXE_clearhouse"))
+            .args(["verify", "--data-dir"])
+            .arg(data)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&verify.stdout).to_string();
+        assert!(
+            verify.status.success(),
+            "{}: {out}{}",
+            data.display(),
+            String::from_utf8_lossy(&verify.stderr)
+        );
+        heads.push(out);
+    }
+    assert_eq!(
+        heads[0], heads[1],
+        "both nodes end at the same voucher chain head"
+    );
+    drop(cluster);
+}
