@@ -153,6 +153,30 @@ fn standby_router(state: Arc<StandbyState>) -> Router {
         .fallback(fallback)
 }
 
+fn lease_lapsed() -> Response {
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(json!({"code": "not_leader", "message": "this node's leader lease lapsed; it steps down"})),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert("retry-after", "1".parse().expect("header"));
+    response
+}
+
+fn lease_lapsed_outcome_unknown() -> Response {
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(json!({"code": "outcome_unknown", "message": "this node's leader lease lapsed while the request ran; ask the leader for the payment's status before resubmitting"})),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert("retry-after", "1".parse().expect("header"));
+    response
+}
+
 fn step_down(reason: &str) -> ! {
     tracing::error!(
         reason,
@@ -407,7 +431,29 @@ async fn run(
             _ = term.recv() => {}
         }
     };
-    clearhouse_switch::http::serve(listener, switch, shutdown).await?;
+    // Every answer is computed and sent only while the lease is valid on this node's monotonic
+    // clock: a leader paused past its lease (SIGSTOP, a long GC-like stall) answers nothing, not
+    // even a read, when it resumes; writes are fenced by the stream anyway.
+    let validity = held.clone();
+    let router = clearhouse_switch::http::router(switch).layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let validity = validity.clone();
+            async move {
+                let valid = || Instant::now() < validity.lock().expect("held").valid_until;
+                if !valid() {
+                    return lease_lapsed();
+                }
+                let response = next.run(request).await;
+                if !valid() {
+                    // Computed, perhaps written, but not to be sent: the outcome is unknown to
+                    // the client, who asks the next leader (by instruction id).
+                    return lease_lapsed_outcome_unknown();
+                }
+                response
+            }
+        },
+    ));
+    clearhouse_switch::http::serve_router(listener, router, shutdown).await?;
     release(&data_dir, &replication, held).await;
     Ok(())
 }

@@ -367,3 +367,390 @@ fn the_leader_killed_20_times_under_load_loses_nothing() {
     );
     drop(cluster);
 }
+
+/// Two nodes and three NATS servers, set up and with the banks onboarded and funded.
+struct Scheme {
+    _dir: tempfile::TempDir,
+    cluster: NatsCluster,
+    data: [std::path::PathBuf; 2],
+    configs: [std::path::PathBuf; 2],
+    urls: Vec<String>,
+    nodes: [Option<Killed>; 2],
+    _banks: Killed,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn scheme() -> Option<Scheme> {
+    if nats_server_binary().is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "nats-server is required in CI (.ci/run installs it)"
+        );
+        eprintln!("skipped: nats-server is not installed (apt-get install nats-server)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::start(3, &dir.path().join("nats")).unwrap();
+    let nats = cluster.urls();
+    let data = [dir.path().join("a"), dir.path().join("b")];
+    let init = Command::new(env!("CARGO_BIN_EXE_clearhouse"))
+        .args(["init", "--data-dir"])
+        .arg(&data[0])
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    std::fs::create_dir_all(&data[1]).unwrap();
+    for key in [
+        "operator.key",
+        "operator-ed25519.key",
+        "operator-ed25519.pub",
+    ] {
+        std::fs::copy(data[0].join(key), data[1].join(key)).unwrap();
+    }
+    let ports = [free_port(), free_port()];
+    let configs = [
+        node_config(dir.path(), "a", ports[0], &nats),
+        node_config(dir.path(), "b", ports[1], &nats),
+    ];
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let banks_file = dir.path().join("banks.json");
+    std::fs::write(
+        &banks_file,
+        json!(BANKS
+            .iter()
+            .map(|b| json!({"bic": b, "secret_hex": secret(b)}))
+            .collect::<Vec<_>>())
+        .to_string(),
+    )
+    .unwrap();
+    let (banks, banks_url) = spawn(
+        &[
+            "sim-banks",
+            "--reject-per-10k",
+            "0",
+            "--banks",
+            banks_file.to_str().unwrap(),
+        ],
+        None,
+        DEADLINES,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = start_node(&data[0], &configs[0]);
+    let leader = runtime.block_on(wait_leader(&urls));
+    assert_eq!(leader, urls[0]);
+    let b = start_node(&data[1], &configs[1]);
+    let scheme = Scheme {
+        _dir: dir,
+        cluster,
+        data,
+        configs,
+        urls,
+        nodes: [Some(a), Some(b)],
+        _banks: banks,
+        runtime,
+    };
+    scheme.runtime.block_on(async {
+        let op = scheme.operator(&scheme.urls[0]);
+        for bic in BANKS {
+            let (status, body) = call(&op, "POST", "/v1/admin/participants", json!({
+                "bic": bic, "name": format!("Bank {bic}"), "endpoint": format!("{banks_url}/bank/{bic}"),
+                "currencies": {"EUR": {"model": "prefunded"}}, "secret_hex": secret(bic),
+            })).await.unwrap();
+            assert_eq!(status, 201, "{body}");
+            let (status, _) = call(&op, "POST", &format!("/v1/admin/participants/{bic}/liquidity"), json!({
+                "request_id": "fund", "currency": "EUR", "amount": FUNDING, "direction": "in"})).await.unwrap();
+            assert_eq!(status, 200);
+        }
+    });
+    Some(scheme)
+}
+
+impl Scheme {
+    fn operator(&self, url: &str) -> SignedClient {
+        let text = std::fs::read_to_string(self.data[0].join("operator.key")).unwrap();
+        let mut parts = text.split_whitespace();
+        SignedClient::new(
+            url,
+            parts.next().unwrap(),
+            hex::decode(parts.next().unwrap()).unwrap(),
+        )
+    }
+
+    /// Restarts nodes that exited (stepped down, code 75), as their supervisor would.
+    fn supervise(&mut self) {
+        for i in 0..2 {
+            let exited = self.nodes[i]
+                .as_mut()
+                .is_none_or(|node| node.0.try_wait().unwrap().is_some());
+            if exited {
+                self.nodes[i] = Some(start_node(&self.data[i], &self.configs[i]));
+            }
+        }
+    }
+}
+
+async fn pay(url: &str, instruction: &str) -> Option<(u16, Value)> {
+    call(&client(url, BANKS[0]), "POST", "/v1/payments", json!({
+        "instruction_id": instruction, "end_to_end_id": format!("E2E-{instruction}"),
+        "debtor_agent": BANKS[0], "creditor_agent": BANKS[1], "amount": "1.00", "currency": "EUR",
+        "debtor": {"name": "Alice", "account": "DE89370400440532013000"},
+        "creditor": {"name": "Bob", "account": "FR1420041010050500013M02606"},
+    })).await
+}
+
+async fn status_of(url: &str, instruction: &str) -> (u16, Value) {
+    call(
+        &client(url, BANKS[0]),
+        "GET",
+        &format!("/v1/payments?instruction_id={instruction}"),
+        Value::Null,
+    )
+    .await
+    .unwrap()
+}
+
+#[test]
+fn a_leader_paused_past_its_lease_acknowledges_nothing_after_the_takeover() {
+    let Some(mut scheme) = scheme() else { return };
+    let urls = scheme.urls.clone();
+    let old = urls[0].clone();
+    let pid = scheme.nodes[0].as_ref().unwrap().0.id() as i32;
+    scheme.runtime.block_on(async {
+        let (status, body) = pay(&old, "BEFORE-PAUSE").await.unwrap();
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("ACSC")),
+            "{body}"
+        );
+    });
+    // SIGSTOP the leader past its lease; the standby takes over.
+    assert_eq!(unsafe { libc_kill(pid, 19) }, 0);
+    let new = scheme.runtime.block_on(wait_leader(&urls[1..]));
+    // Requests are sent to the paused leader now: its kernel queues them; it resumes with them.
+    let attempts: Vec<_> = (0..40)
+        .map(|n| {
+            let old = old.clone();
+            scheme.runtime.spawn(async move {
+                let instruction = format!("TO-DEPOSED-{n}");
+                let write = pay(&old, &instruction).await;
+                let read = call(
+                    &client(&old, BANKS[0]),
+                    "GET",
+                    &format!("/v1/participants/{}/positions", BANKS[0]),
+                    Value::Null,
+                )
+                .await;
+                (instruction, write, read)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(unsafe { libc_kill(pid, 18) }, 0); // SIGCONT
+    scheme.runtime.block_on(async {
+        for attempt in attempts {
+            let (instruction, write, read) = attempt.await.unwrap();
+            for (what, answer) in [("payment", &write), ("read", &read)] {
+                if let Some((status, body)) = answer {
+                    assert!(
+                        *status == 503,
+                        "{what} {instruction} answered {status} by the deposed leader: {body}"
+                    );
+                }
+            }
+            let (status, now) = status_of(&new, &instruction).await;
+            assert_eq!(
+                status, 404,
+                "{instruction} must not exist on the new leader: {now}"
+            );
+        }
+        let (status, body) = status_of(&new, "BEFORE-PAUSE").await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("ACSC")),
+            "{body}"
+        );
+        let (status, body) = pay(&new, "AFTER-TAKEOVER").await.unwrap();
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("ACSC")),
+            "{body}"
+        );
+    });
+    // The old leader stepped down (exit 75) and comes back as a standby that follows the new one.
+    let code = scheme.nodes[0].as_mut().unwrap().0.wait().unwrap().code();
+    assert_eq!(code, Some(75), "the deposed leader exits with EX_TEMPFAIL");
+    scheme.supervise();
+    scheme.runtime.block_on(async {
+        for _ in 0..100 {
+            if let Some((503, body)) =
+                call(&client(&old, BANKS[0]), "GET", "/ready", Value::Null).await
+            {
+                if body["leader"].as_str() == Some(new.as_str()) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the old leader did not come back as a standby of {new}");
+    });
+}
+
+#[test]
+fn nats_one_server_down_service_continues_two_down_work_refused_then_resumes() {
+    let Some(mut scheme) = scheme() else { return };
+    let urls = scheme.urls.clone();
+    let mut leader = urls[0].clone();
+    // One server down (the first: it may lead the stream or the lease bucket; raft re-elects).
+    scheme.cluster.kill(0);
+    let settled_with_one_down = scheme.runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let mut n = 0;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "no payment settled within 40 s with one NATS server down"
+            );
+            n += 1;
+            let instruction = format!("ONE-DOWN-{n}");
+            if let Some((200, body)) = pay(&leader, &instruction).await {
+                if body["status"] == "ACSC" {
+                    return instruction;
+                }
+            }
+            leader = wait_leader(&urls).await;
+        }
+    });
+    scheme.supervise();
+    // Two servers down: no quorum. Nothing may be acknowledged; every payment is refused.
+    scheme.cluster.kill(1);
+    // (instruction, refused cleanly by every node: `not_leader` or `replication_unavailable`,
+    // both "nothing changed")
+    let refused: Vec<(String, bool)> = scheme.runtime.block_on(async {
+        let mut refused = Vec::new();
+        let until = Instant::now() + Duration::from_secs(6);
+        let mut n = 0;
+        while Instant::now() < until {
+            n += 1;
+            let instruction = format!("NO-QUORUM-{n}");
+            let mut clean = true;
+            for url in &urls {
+                match pay(url, &instruction).await {
+                    Some((status, body)) => {
+                        assert_eq!(
+                            status, 503,
+                            "{instruction} answered without a NATS quorum: {body}"
+                        );
+                        clean &= matches!(
+                            body["code"].as_str(),
+                            Some("not_leader" | "replication_unavailable")
+                        );
+                    }
+                    None => clean = false,
+                }
+            }
+            refused.push((instruction, clean));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        refused
+    });
+    // Quorum back: service resumes (a node steps down and is restarted by its supervisor).
+    scheme.cluster.restart(0).unwrap();
+    scheme.cluster.restart(1).unwrap();
+    let resumed_at = Instant::now();
+    let leader = loop {
+        scheme.supervise();
+        let found = scheme.runtime.block_on(async {
+            for url in &urls {
+                let plain = SignedClient::new(url, "none", vec![]);
+                if let Ok((200, _)) = plain.send("GET", "/ready", b"", &[]).await {
+                    if let Some((200, body)) = pay(
+                        url,
+                        &format!("RESUMED-{}", resumed_at.elapsed().as_millis()),
+                    )
+                    .await
+                    {
+                        if body["status"] == "ACSC" {
+                            return Some(url.clone());
+                        }
+                    }
+                }
+            }
+            None
+        });
+        if let Some(url) = found {
+            break url;
+        }
+        assert!(
+            resumed_at.elapsed() < Duration::from_secs(60),
+            "service did not resume within 60 s of the quorum's return"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "service resumed {} ms after the quorum returned",
+        resumed_at.elapsed().as_millis()
+    );
+    // Past the hard timeout: what was acknowledged stands; nothing refused settled.
+    std::thread::sleep(Duration::from_millis(3_500));
+    scheme.runtime.block_on(async {
+        let (status, body) = status_of(&leader, &settled_with_one_down).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("ACSC")),
+            "{body}"
+        );
+        let mut clean_refusals = 0;
+        for (instruction, clean) in &refused {
+            let (status, body) = status_of(&leader, instruction).await;
+            if *clean {
+                clean_refusals += 1;
+                assert_eq!(
+                    status, 404,
+                    "{instruction} was refused (nothing changed) but exists: {body}"
+                );
+            } else {
+                // Outcome unknown to the client (no answer): absent, or final by now.
+                assert!(
+                    status == 404 || body["status"] != "PDNG",
+                    "{instruction}: {status} {body}"
+                );
+            }
+        }
+        eprintln!("{} payments tried without a quorum, none answered 200; {clean_refusals} refused by both nodes with \"nothing changed\" and absent after", refused.len());
+        assert!(refused.len() >= 5, "too few attempts without a quorum: {refused:?}");
+        let mut total: i128 = 0;
+        for bic in BANKS {
+            let (_, positions) = call(
+                &scheme.operator(&leader),
+                "GET",
+                &format!("/v1/participants/{bic}/positions"),
+                Value::Null,
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                positions[0]["reserved_outgoing"], "0.00",
+                "{bic}: {positions}"
+            );
+            total += positions[0]["balance"]
+                .as_str()
+                .unwrap()
+                .replace('.', "")
+                .parse::<i128>()
+                .unwrap();
+        }
+        assert_eq!(total, 3 * 100_000_000, "positions sum to what was funded");
+    });
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}

@@ -799,18 +799,13 @@ pub fn truncate_after(dir: &Path, keep_through: u64) -> Result<u64, JournalError
         let mut offset = SEGMENT_HEADER_SIZE as usize;
         let mut expected = segment.first_seq;
         let mut cut_at = None;
-        loop {
-            match decode_at(&data, offset, Some(expected)) {
-                Decoded::Record(record, next) => {
-                    if record.seq > keep_through {
-                        cut_at.get_or_insert(offset);
-                        cut += 1;
-                    }
-                    expected = record.seq + 1;
-                    offset = next as usize;
-                }
-                Decoded::End | Decoded::Invalid(_) => break,
+        while let Decoded::Record(record, next) = decode_at(&data, offset, Some(expected)) {
+            if record.seq > keep_through {
+                cut_at.get_or_insert(offset);
+                cut += 1;
             }
+            expected = record.seq + 1;
+            offset = next as usize;
         }
         if let Some(at) = cut_at {
             let end = data[at..]

@@ -443,6 +443,16 @@ pub async fn serve_tls(
     accept_loop(listener, router(switch), Some(acceptor), shutdown).await
 }
 
+/// Serves a router built on [`router`] (with layers of the caller's, e.g. a replicated leader's
+/// lease check) on `listener`, plain HTTP, until `shutdown` completes.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    accept_loop(listener, router, None, shutdown).await
+}
+
 /// Accepts connections (at most [`CONNECTIONS_MAX`] open), each served by HTTP/1.1 with a header
 /// read timeout; on shutdown stops accepting, lets open connections finish their requests (idle
 /// ones close), and waits for them up to [`SHUTDOWN_DRAIN`].
