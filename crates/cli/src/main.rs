@@ -11,6 +11,7 @@ mod bench;
 mod clearing_cmd;
 mod common;
 mod ha;
+mod ha_demo;
 mod init;
 mod iso_bench;
 mod node_protocol;

@@ -190,9 +190,17 @@ pub struct DemoArgs {
     /// Offered load (payments/s); 0: as fast as the switch answers.
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// High availability instead: 3 NATS JetStream servers (nats-server must be installed) and
+    /// 3 clearhouse nodes; the leader is killed mid-traffic, and the takeover time and what was
+    /// lost (nothing) are printed.
+    #[arg(long)]
+    ha: bool,
 }
 
 pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    if args.ha {
+        return crate::ha_demo::run(args.seconds, args.clients.min(8));
+    }
     let run = PaymentsArgs {
         participants: args.participants,
         payments: u64::MAX,
