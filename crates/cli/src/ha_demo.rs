@@ -234,8 +234,10 @@ pub fn run(seconds: u64, clients: usize) -> anyhow::Result<()> {
         })
         .collect();
     let half = Duration::from_secs(seconds.max(4) / 2);
+    let load_started = Instant::now();
     std::thread::sleep(half);
     let before = told.lock().expect("told").len();
+    let rate_before = before as f64 / load_started.elapsed().as_secs_f64();
     let leader_index = urls.iter().position(|u| *u == first).expect("leader");
     eprintln!(
         "{before} payments answered final; killing the leader {first} (SIGKILL) mid-traffic ..."
@@ -284,7 +286,7 @@ pub fn run(seconds: u64, clients: usize) -> anyhow::Result<()> {
         takeover.as_millis()
     );
     println!(
-        "  payments answered final: {} ({settled} settled), {before} of them before the kill",
+        "  payments answered final: {} ({settled} settled), {before} of them before the kill ({rate_before:.0}/s with {clients} clients)",
         told.len()
     );
     println!(
