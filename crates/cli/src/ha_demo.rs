@@ -303,3 +303,127 @@ pub fn run(seconds: u64, clients: usize) -> anyhow::Result<()> {
     println!("  0 acknowledged payments lost");
     Ok(())
 }
+
+/// A replicated setup for `bench payments --replicated`: 3 NATS servers, the switch's data
+/// directory initialised, a standby directory with the same operator keys, and both configs.
+pub struct Replicated {
+    pub cluster: NatsCluster,
+    pub configs: [std::path::PathBuf; 2],
+    pub standby_dir: std::path::PathBuf,
+}
+
+impl Replicated {
+    pub fn start(exe: &Path, dir: &Path, switch_dir: &Path) -> anyhow::Result<Replicated> {
+        let cluster = NatsCluster::start(3, &dir.join("nats"))
+            .context("starting nats-server (Debian package nats-server)")?;
+        let status = Command::new(exe)
+            .args(["init", "--data-dir"])
+            .arg(switch_dir)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("clearhouse init failed");
+        }
+        let standby_dir = dir.join("standby");
+        std::fs::create_dir_all(&standby_dir)?;
+        for key in [
+            "operator.key",
+            "operator-ed25519.key",
+            "operator-ed25519.pub",
+        ] {
+            std::fs::copy(switch_dir.join(key), standby_dir.join(key))?;
+        }
+        let nats: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+        let config = |name: &str| -> anyhow::Result<std::path::PathBuf> {
+            let path = dir.join(format!("{name}.toml"));
+            std::fs::write(
+                &path,
+                format!(
+                    "[replication]\nnode_id = \"{name}\"\nnats_urls = [{}]\nadvertise = \"http://{name}.invalid\"\n",
+                    nats.join(", ")
+                ),
+            )?;
+            Ok(path)
+        };
+        Ok(Replicated {
+            configs: [config("bench-leader")?, config("bench-standby")?],
+            cluster,
+            standby_dir,
+        })
+    }
+
+    /// Waits (30 s at most) until the node at `url` leads (`/ready` 200).
+    pub fn wait_ready(&self, url: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if get(url, "/ready").is_some_and(|(status, _)| status == 200) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("{url} did not become leader within 30 s")
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status, body).
+fn get(url: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let address = url.strip_prefix("http://")?;
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let status = answer.split_whitespace().nth(1)?.parse().ok()?;
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// Samples a standby's lag (`/ready`) every 200 ms until finished.
+pub struct LagSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(u64, u64)>>,
+}
+
+impl LagSampler {
+    pub fn start(url: &str) -> LagSampler {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (url, flag) = (url.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) && samples.len() < 100_000 {
+                if let Some((_, body)) = get(&url, "/ready") {
+                    if let Ok(value) = serde_json::from_str::<Value>(&body) {
+                        samples.push((
+                            value["lag_messages"].as_u64().unwrap_or(0),
+                            value["lag_ms"].as_u64().unwrap_or(0),
+                        ));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            samples
+        });
+        LagSampler { stop, thread }
+    }
+
+    pub fn finish(self) -> Value {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let samples = self.thread.join().unwrap_or_default();
+        let stats = |mut values: Vec<u64>| {
+            values.sort_unstable();
+            let at = |p: usize| {
+                values
+                    .get((values.len() * p / 100).min(values.len().saturating_sub(1)))
+                    .copied()
+                    .unwrap_or(0)
+            };
+            json!({"p50": at(50), "p99": at(99), "max": values.last().copied().unwrap_or(0)})
+        };
+        json!({
+            "samples": samples.len(),
+            "messages": stats(samples.iter().map(|s| s.0).collect()),
+            "ms": stats(samples.iter().map(|s| s.1).collect()),
+        })
+    }
+}

@@ -176,6 +176,10 @@ pub struct PaymentsArgs {
     /// Print one JSON object with the figures.
     #[arg(long)]
     json: bool,
+    /// Replicated (R3): 3 NATS JetStream servers on loopback, the switch as leader and a standby
+    /// following it; adds the NATS servers' and the standby's CPU and the standby's lag.
+    #[arg(long)]
+    replicated: bool,
 }
 
 #[derive(clap::Args)]
@@ -213,6 +217,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         data_dir: None,
         xml: false,
         json: false,
+        replicated: false,
     };
     let report = run_p1(&run, true)?;
     println!();
@@ -433,15 +438,56 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
         )?,
     )?;
     let switch_dir = dir.join("switch");
+    let replicated = if args.replicated {
+        Some(crate::ha_demo::Replicated::start(&exe, &dir, &switch_dir)?)
+    } else {
+        None
+    };
     let switch = Service::spawn(
         {
             let mut c = Command::new(&exe);
             c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
                 .arg(&switch_dir);
+            if let Some(replicated) = &replicated {
+                c.arg("--config").arg(&replicated.configs[0]);
+            }
             c
         },
         "the switch",
     )?;
+    let standby = match &replicated {
+        Some(replicated) => {
+            replicated.wait_ready(&switch.url)?;
+            Some(Service::spawn(
+                {
+                    let mut c = Command::new(&exe);
+                    c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+                        .arg(&replicated.standby_dir)
+                        .arg("--config")
+                        .arg(&replicated.configs[1]);
+                    c
+                },
+                "the standby",
+            )?)
+        }
+        None => None,
+    };
+    let extra_pids: Vec<(&str, Vec<u32>)> = match (&replicated, &standby) {
+        (Some(replicated), Some(standby)) => vec![
+            ("nats", replicated.cluster.pids()),
+            ("standby", vec![standby.child.id()]),
+        ],
+        _ => Vec::new(),
+    };
+    let extra_cpu = |pids: &[u32]| -> f64 {
+        pids.iter()
+            .map(|pid| cpu_seconds_of(&format!("/proc/{pid}/stat")))
+            .sum()
+    };
+    let extra_before: Vec<f64> = extra_pids.iter().map(|(_, p)| extra_cpu(p)).collect();
+    let lag_sampler = standby
+        .as_ref()
+        .map(|standby| crate::ha_demo::LagSampler::start(&standby.url));
     let sim = Service::spawn(
         {
             let mut c = Command::new(&exe);
@@ -461,9 +507,28 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
         .enable_all()
         .build()?;
     let report = runtime.block_on(drive(args, &switch, &sim, &switch_dir, &banks, progress));
-    let report = report?;
+    let mut report = report?;
+    if let Some(sampler) = lag_sampler {
+        let payments = report["payments"].as_u64().unwrap_or(0).max(1) as f64;
+        let mut total = report["cpu_seconds_per_1000"].as_f64().unwrap_or(0.0);
+        for ((name, pids), before) in extra_pids.iter().zip(&extra_before) {
+            let per_1000 =
+                ((extra_cpu(pids) - before) * 1000.0 / payments * 1000.0).round() / 1000.0;
+            report["cpu_seconds_per_1000_by_process"][*name] = json!(per_1000);
+            total += per_1000;
+        }
+        report["cpu_seconds_per_1000_with_replication"] = json!((total * 1000.0).round() / 1000.0);
+        report["standby_lag"] = sampler.finish();
+        report["workload"] = json!(format!(
+            "{} replicated (R3 JetStream stream on 3 loopback nats-servers, 1 standby)",
+            report["workload"].as_str().unwrap_or("P1")
+        ));
+    }
     drop(runtime);
     switch.stop();
+    if let Some(standby) = standby {
+        standby.stop();
+    }
     sim.stop();
     Ok(report)
 }

@@ -143,6 +143,9 @@ struct SyncJob {
 /// Groups written and waiting for their fdatasync: the engine runs at most this far ahead of the
 /// disk.
 const SYNC_QUEUE_MAX: usize = 2;
+/// The same for a replicated leader (groups written but not yet both synced and stored by the
+/// stream): memory stays bounded by this many groups' copies.
+const REPLICATED_SYNC_QUEUE_MAX: usize = 4;
 
 /// The sync thread: makes each written group durable, then answers it and hands it to the index.
 /// After a failed sync nothing more is answered (callers see the node stopped).
@@ -538,7 +541,13 @@ impl Node {
         });
         let (request_sender, request_receiver) = mpsc::sync_channel(options.request_queue_max);
         let (index_sender, index_receiver) = mpsc::sync_channel(options.index_queue_max);
-        let (sync_sender, sync_receiver) = mpsc::sync_channel(SYNC_QUEUE_MAX);
+        // A replicated leader waits for the stream's ack as well as the fdatasync: a deeper
+        // pipeline keeps the engine executing while a publish is in flight.
+        let sync_queue_max = match options.replication {
+            Replication::Leader(_) => REPLICATED_SYNC_QUEUE_MAX,
+            _ => SYNC_QUEUE_MAX,
+        };
+        let (sync_sender, sync_receiver) = mpsc::sync_channel(sync_queue_max);
         let (spare_sender, spare_receiver) = mpsc::sync_channel(SPARE_CHANGE_SETS_MAX);
         let sync_thread = {
             let progress = progress.clone();

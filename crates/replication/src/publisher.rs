@@ -20,6 +20,8 @@ use crate::wire;
 /// Groups waiting to be published (the engine keeps at most a few in flight; this is a bound,
 /// not a buffer).
 const QUEUE_MAX: usize = 64;
+/// Most queued groups published as one message (the wire format splits at 4 MiB anyway).
+const COALESCE_GROUPS_MAX: usize = 16;
 
 /// Publishing figures for metrics.
 #[derive(Default)]
@@ -74,9 +76,24 @@ impl Publisher {
         );
         runtime.spawn(async move {
             let mut last = last_stream_seq;
-            while let Some((group, ticket)) = receiver.recv().await {
+            while let Some(first_group) = receiver.recv().await {
+                // Groups that queued up while the previous publish was in flight go out as one
+                // message (fewer raft rounds per payment); each one's ticket resolves with it.
+                let mut tickets = Vec::new();
+                let mut group = first_group.0;
+                tickets.push(first_group.1);
+                while tickets.len() < COALESCE_GROUPS_MAX {
+                    let Ok((next, ticket)) = receiver.try_recv() else {
+                        break;
+                    };
+                    group.records.extend(next.records);
+                    (group.chain_seq, group.chain_hash) = (next.chain_seq, next.chain_hash);
+                    tickets.push(ticket);
+                }
                 if let Some(reason) = failed.lock().expect("failed").clone() {
-                    ticket.resolve(Err(reason));
+                    for ticket in tickets {
+                        ticket.resolve(Err(reason.clone()));
+                    }
                     continue;
                 }
                 let parts = wire::encode(&group.records);
@@ -128,7 +145,9 @@ impl Publisher {
                         }
                     }
                 }
-                ticket.resolve(outcome);
+                for ticket in tickets {
+                    ticket.resolve(outcome.clone());
+                }
             }
         });
         publisher

@@ -101,6 +101,14 @@ impl NatsCluster {
             .collect()
     }
 
+    /// The running servers' process ids (for CPU accounting).
+    pub fn pids(&self) -> Vec<u32> {
+        self.servers
+            .iter()
+            .filter_map(|server| server.child.as_ref().map(|child| child.id()))
+            .collect()
+    }
+
     /// kill -9 one server.
     pub fn kill(&mut self, index: usize) {
         self.servers[index].kill();
