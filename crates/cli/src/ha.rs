@@ -22,7 +22,7 @@ use clearhouse_engine::Node;
 use clearhouse_replication::follower::{self, FollowerStatus, StreamTail};
 use clearhouse_replication::lease::{Held, Holder, Lease};
 use clearhouse_replication::publisher::{self, Publisher, Term};
-use clearhouse_replication::ReplicationConfig;
+use clearhouse_replication::{snapshot, ReplicationConfig};
 use clearhouse_switch::{Switch, SwitchConfig};
 use serde_json::json;
 
@@ -236,20 +236,32 @@ async fn run(
         advertise: replication.advertise.clone(),
     };
 
-    // Standby: reconcile the tail, recover, follow.
-    let node = {
-        let (dir, stream, handle) = (data_dir.clone(), stream.clone(), handle.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut options = switch_node_options(&dir);
-            options.replication = Replication::Follower;
-            options.tail_check = Some(TailCheckHandle(Arc::new(StreamTail {
-                stream,
-                runtime: handle,
-            })));
-            Node::start(options)
-        })
-        .await?
-        .context("starting the ledger node as a standby")?
+    // Standby: reconcile the tail, recover (from a snapshot when the stream was trimmed past
+    // this node), follow.
+    let snapshots = snapshot::store(&js, &replication).await?;
+    let mut node = match start_follower(&data_dir, &stream, &handle, true).await {
+        Ok(node) if !trimmed_past(&stream, &node).await => node,
+        started => {
+            if let Err(error) = &started {
+                if !error.to_string().contains("no longer holds") {
+                    return Err(anyhow::anyhow!("{error:#}"));
+                }
+            }
+            drop(started);
+            let ledger = data_dir.join("ledger");
+            let manifest = snapshot::restore_newest(
+                &snapshots,
+                &ledger,
+                switch_node_options(&data_dir).journal,
+            )
+            .await
+            .context("restoring a snapshot (the stream no longer holds what this node needs)")?;
+            eprintln!(
+                "clearhouse node {}: restored the snapshot taken by {} at stream sequence {} (journal record {})",
+                replication.node_id, manifest.taken_by, manifest.stream_seq, manifest.journal_seq
+            );
+            start_follower(&data_dir, &stream, &handle, false).await?
+        }
     };
     let cut = node.recovery_report().unreplicated_records_cut;
     if cut > 0 {
@@ -291,6 +303,8 @@ async fn run(
     let mut term_signal =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut diverged = false;
+    let mut snapshot_at = status.applied_stream_seq.load(Ordering::SeqCst);
+    let snapshot_running = Arc::new(AtomicBool::new(false));
     let held = loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -304,10 +318,81 @@ async fn run(
         }
         if follow_task.as_ref().is_some_and(|task| task.is_finished()) {
             let result = follow_task.take().expect("task").await?;
+            if let Err(clearhouse_replication::ReplicationError::Trimmed(reason)) = &result {
+                // Fell behind the stream's retention: restart, which restores a snapshot.
+                step_down(&format!(
+                    "the stream was trimmed past this standby: {reason}"
+                ));
+            }
             if let Err(error) = result {
                 tracing::error!(%error, "following the stream stopped; this node serves nothing and never leads");
                 *status.diverged.lock().expect("d") = Some(error.to_string());
                 diverged = true;
+            }
+        }
+        // A snapshot every `snapshot_every_messages`: stop applying at a message boundary, stop
+        // the node cleanly (a checkpoint), copy its index, start following again, upload.
+        let applied = status.applied_stream_seq.load(Ordering::SeqCst);
+        if !diverged
+            && applied >= snapshot_at + replication.snapshot_every_messages
+            && !snapshot_running.load(Ordering::SeqCst)
+        {
+            if let Some(task) = follow_task.take() {
+                let started = Instant::now();
+                stop.store(true, Ordering::SeqCst);
+                let result = task.await?;
+                tracing::info!(
+                    ms = started.elapsed().as_millis() as u64,
+                    "snapshot: follower stopped"
+                );
+                let stats = {
+                    let node = node.clone();
+                    tokio::task::spawn_blocking(move || node.stats()).await??
+                };
+                let applied = status.applied_stream_seq.load(Ordering::SeqCst);
+                tokio::task::spawn_blocking(move || drop(node)).await?;
+                let copy = data_dir.join("snapshot.index.tmp");
+                std::fs::copy(data_dir.join("ledger").join("index.redb"), &copy)
+                    .context("copying the index for a snapshot")?;
+                tracing::info!(
+                    ms = started.elapsed().as_millis() as u64,
+                    "snapshot: index copied"
+                );
+                node = start_follower(&data_dir, &stream, &handle, false).await?;
+                tracing::info!(
+                    ms = started.elapsed().as_millis() as u64,
+                    "snapshot: follower restarted"
+                );
+                stop.store(false, Ordering::SeqCst);
+                follow_task = Some(tokio::spawn(follower::follow(
+                    stream.clone(),
+                    node.clone(),
+                    status.clone(),
+                    stop.clone(),
+                )));
+                if let Err(error) = result {
+                    step_down(&format!("following the stream stopped: {error}"));
+                }
+                snapshot_at = applied;
+                let manifest = snapshot::Manifest {
+                    stream_seq: applied,
+                    journal_seq: stats.committed_seq,
+                    chain_seq: stats.chain_seq,
+                    chain_hash: hex::encode(stats.chain_hash),
+                    index_bytes: 0,
+                    index_blake3: String::new(),
+                    taken_by: replication.node_id.clone(),
+                };
+                let (store, running) = (snapshots.clone(), snapshot_running.clone());
+                running.store(true, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    match snapshot::upload(&store, &copy, manifest).await {
+                        Ok(()) => tracing::info!(stream_seq = applied, "snapshot uploaded"),
+                        Err(error) => tracing::warn!(%error, "snapshot upload failed"),
+                    }
+                    let _ = std::fs::remove_file(&copy);
+                    running.store(false, Ordering::SeqCst);
+                });
             }
         }
         let holder = match lease.holder().await {
@@ -456,6 +541,38 @@ async fn run(
     clearhouse_switch::http::serve_router(listener, router, shutdown).await?;
     release(&data_dir, &replication, held).await;
     Ok(())
+}
+
+/// Starts the ledger node as a follower (with the tail check against the stream at a first
+/// start).
+async fn start_follower(
+    data_dir: &Path,
+    stream: &clearhouse_replication::Stream,
+    handle: &tokio::runtime::Handle,
+    tail_check: bool,
+) -> anyhow::Result<Node> {
+    let (dir, stream, handle) = (data_dir.to_path_buf(), stream.clone(), handle.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut options = switch_node_options(&dir);
+        options.replication = Replication::Follower;
+        if tail_check {
+            options.tail_check = Some(TailCheckHandle(Arc::new(StreamTail {
+                stream,
+                runtime: handle,
+            })));
+        }
+        Node::start(options)
+    })
+    .await?
+    .context("starting the ledger node as a standby")
+}
+
+/// True when the stream no longer holds the records right after this node's journal.
+async fn trimmed_past(stream: &clearhouse_replication::Stream, node: &Node) -> bool {
+    matches!(
+        follower::locate(stream, node.committed_seq() + 1).await,
+        Err(clearhouse_replication::ReplicationError::Trimmed(_))
+    )
 }
 
 /// Renews the lease; exits the process once its validity passed without a renewal, or at once

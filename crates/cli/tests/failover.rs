@@ -76,12 +76,22 @@ fn free_port() -> u16 {
 }
 
 fn node_config(dir: &Path, name: &str, port: u16, nats: &[String]) -> std::path::PathBuf {
+    node_config_with(dir, name, port, nats, "")
+}
+
+fn node_config_with(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    nats: &[String],
+    extra: &str,
+) -> std::path::PathBuf {
     let path = dir.join(format!("{name}.toml"));
     let urls: Vec<String> = nats.iter().map(|u| format!("\"{u}\"")).collect();
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:{port}\"\n\n[replication]\nnode_id = \"{name}\"\nnats_urls = [{}]\nadvertise = \"http://127.0.0.1:{port}\"\n",
+            "listen = \"127.0.0.1:{port}\"\n\n[replication]\nnode_id = \"{name}\"\nnats_urls = [{}]\nadvertise = \"http://127.0.0.1:{port}\"\n{extra}",
             urls.join(", ")
         ),
     )
@@ -370,7 +380,7 @@ fn the_leader_killed_20_times_under_load_loses_nothing() {
 
 /// Two nodes and three NATS servers, set up and with the banks onboarded and funded.
 struct Scheme {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     cluster: NatsCluster,
     data: [std::path::PathBuf; 2],
     configs: [std::path::PathBuf; 2],
@@ -381,6 +391,10 @@ struct Scheme {
 }
 
 fn scheme() -> Option<Scheme> {
+    scheme_with("")
+}
+
+fn scheme_with(extra: &str) -> Option<Scheme> {
     if nats_server_binary().is_none() {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -409,8 +423,8 @@ fn scheme() -> Option<Scheme> {
     }
     let ports = [free_port(), free_port()];
     let configs = [
-        node_config(dir.path(), "a", ports[0], &nats),
-        node_config(dir.path(), "b", ports[1], &nats),
+        node_config_with(dir.path(), "a", ports[0], &nats, extra),
+        node_config_with(dir.path(), "b", ports[1], &nats, extra),
     ];
     let urls: Vec<String> = ports
         .iter()
@@ -447,7 +461,7 @@ fn scheme() -> Option<Scheme> {
     assert_eq!(leader, urls[0]);
     let b = start_node(&data[1], &configs[1]);
     let scheme = Scheme {
-        _dir: dir,
+        dir,
         cluster,
         data,
         configs,
@@ -753,4 +767,120 @@ fn nats_one_server_down_service_continues_two_down_work_refused_then_resumes() {
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, signal: i32) -> i32;
+}
+
+#[test]
+fn a_node_the_stream_was_trimmed_past_restores_a_snapshot_and_can_take_over() {
+    // A stream that keeps 150 messages (more than a loaded standby lags by here, far fewer than
+    // the history); standbys snapshot every 20.
+    let extra = "stream_max_messages = 150\nsnapshot_every_messages = 20\n";
+    let Some(mut scheme) = scheme_with(extra) else {
+        return;
+    };
+    let urls = scheme.urls.clone();
+    let leader = urls[0].clone();
+    let paid: Vec<String> = scheme.runtime.block_on(async {
+        let mut paid = Vec::new();
+        for n in 0..120 {
+            let instruction = format!("BEFORE-C-{n}");
+            let (status, body) = pay(&leader, &instruction).await.unwrap();
+            assert_eq!(
+                (status, body["status"].as_str()),
+                (200, Some("ACSC")),
+                "{body}"
+            );
+            paid.push(instruction);
+        }
+        paid
+    });
+    // Give the standby a moment to upload its latest snapshot.
+    std::thread::sleep(Duration::from_millis(1_500));
+    // A third node with an empty ledger: the stream no longer starts at journal record 1.
+    let c_dir = scheme.dir.path().join("c");
+    std::fs::create_dir_all(&c_dir).unwrap();
+    for key in [
+        "operator.key",
+        "operator-ed25519.key",
+        "operator-ed25519.pub",
+    ] {
+        std::fs::copy(scheme.data[0].join(key), c_dir.join(key)).unwrap();
+    }
+    let c_port = free_port();
+    let c_url = format!("http://127.0.0.1:{c_port}");
+    let c_config = node_config_with(
+        scheme.dir.path(),
+        "c",
+        c_port,
+        &scheme.cluster.urls(),
+        extra,
+    );
+    let mut c = start_node(&c_dir, &c_config);
+    let mut followed = None;
+    for _ in 0..200 {
+        // Supervised: a node that steps down (exit 75) is restarted.
+        if c.0.try_wait().unwrap().is_some() {
+            c = start_node(&c_dir, &c_config);
+        }
+        let answer = scheme.runtime.block_on(call(
+            &client(&c_url, BANKS[0]),
+            "GET",
+            "/ready",
+            Value::Null,
+        ));
+        if let Some((503, body)) = answer {
+            if body["state"] == "following"
+                && body["lag_messages"] == 0
+                && body["applied_stream_seq"].as_u64() > Some(200)
+            {
+                followed = Some(body);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let followed = followed.expect("node c caught up");
+    assert!(
+        c_dir.read_dir().unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("ledger")),
+        "c has a ledger"
+    );
+    eprintln!("node c restored a snapshot and follows: {followed}");
+    // Both other nodes die: c takes over with everything that was settled.
+    drop(scheme.nodes[0].take());
+    drop(scheme.nodes[1].take());
+    let new = scheme
+        .runtime
+        .block_on(wait_leader(std::slice::from_ref(&c_url)));
+    scheme.runtime.block_on(async {
+        for instruction in &paid {
+            let (status, body) = status_of(&new, instruction).await;
+            assert_eq!(
+                (status, body["status"].as_str()),
+                (200, Some("ACSC")),
+                "{instruction}: {body}"
+            );
+        }
+        let (status, body) = pay(&new, "ON-C").await.unwrap();
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("ACSC")),
+            "{body}"
+        );
+    });
+    let _ = c.0.kill();
+    let _ = c.0.wait();
+    let verify = Command::new(env!("CARGO_BIN_EXE_clearhouse"))
+        .args(["verify", "--data-dir"])
+        .arg(&c_dir)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
 }

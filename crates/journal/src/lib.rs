@@ -518,6 +518,39 @@ impl Journal {
         Ok((journal, report))
     }
 
+    /// Creates an empty journal in `dir` (which must hold no segment) whose first record will
+    /// have sequence `first_seq`: for a data directory restored from a snapshot whose index
+    /// covers everything before it.
+    pub fn create_at(
+        dir: &Path,
+        first_seq: u64,
+        options: JournalOptions,
+    ) -> Result<(), JournalError> {
+        fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
+        if !list_segments(dir)?.is_empty() {
+            return Err(JournalError::Corrupt {
+                path: dir.to_path_buf(),
+                offset: 0,
+                reason: "create_at needs a journal directory without segments".into(),
+            });
+        }
+        let mut journal = Journal {
+            dir: dir.to_path_buf(),
+            options,
+            file: None,
+            path: PathBuf::new(),
+            segment_first_seq: first_seq,
+            write_offset: 0,
+            next_seq: first_seq,
+            buffer: Vec::new(),
+            buffered_records: 0,
+            bytes_written: 0,
+            poisoned: false,
+            captured: None,
+        };
+        journal.roll()
+    }
+
     /// True when a whole, valid record with a sequence at or above `seq_min` starts after `offset`.
     fn valid_record_after(data: &[u8], offset: usize, seq_min: u64) -> bool {
         let mut candidate = padded(offset + 1);
@@ -926,6 +959,24 @@ mod tests {
         // Cut everything.
         assert_eq!(truncate_after(dir.path(), 0).unwrap(), 8);
         assert!(read_all(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_journal_created_at_a_sequence_continues_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        Journal::create_at(dir.path(), 501, options()).unwrap();
+        assert!(
+            Journal::create_at(dir.path(), 7, options()).is_err(),
+            "not over segments"
+        );
+        let (mut journal, report) = Journal::open(dir.path(), options()).unwrap();
+        assert_eq!((report.records, journal.next_seq()), (0, 501));
+        journal.reserve(2).unwrap();
+        assert_eq!(journal.append(1, 1, b"ok").unwrap(), 501);
+        journal.commit().unwrap();
+        drop(journal);
+        let records = read_all(dir.path());
+        assert_eq!((records.len(), records[0].seq), (1, 501));
     }
 
     #[test]

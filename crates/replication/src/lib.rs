@@ -12,16 +12,18 @@
 //! It deliberately does not: implement consensus (NATS does), decide what a payment is (the
 //! switch does), or trust the lease for safety: two nodes that both believe they lead can never
 //! both append, because the stream checks the expected last sequence in its own log order.
-//! Not yet: snapshots for nodes the stream was trimmed past (such a node refuses to start and
-//! says so).
+//! Snapshots ([`snapshot`]) bring back a node the stream was trimmed past.
 
 pub mod follower;
 pub mod lease;
 pub mod publisher;
+pub mod snapshot;
 pub mod testing;
 pub mod wire;
 
 use std::time::Duration;
+
+pub use async_nats::jetstream::stream::Stream;
 
 use async_nats::jetstream::{self, stream};
 
@@ -54,6 +56,19 @@ pub struct ReplicationConfig {
     /// it gives up and steps down.
     #[serde(default = "default_publish_retry_ms")]
     pub publish_retry_ms: u64,
+    /// Stream retention in messages (-1: no limit but `stream_max_bytes`).
+    #[serde(default = "default_stream_max_messages")]
+    pub stream_max_messages: i64,
+    /// A standby uploads a snapshot every this many stream messages it applied.
+    #[serde(default = "default_snapshot_every_messages")]
+    pub snapshot_every_messages: u64,
+}
+
+fn default_stream_max_messages() -> i64 {
+    -1
+}
+fn default_snapshot_every_messages() -> u64 {
+    100_000
 }
 
 fn default_stream() -> String {
@@ -135,7 +150,7 @@ pub async fn ensure_objects(
             storage: stream::StorageType::File,
             num_replicas: config.replicas,
             max_bytes: config.stream_max_bytes,
-            max_messages: -1,
+            max_messages: config.stream_max_messages,
             max_message_size: wire::MESSAGE_BYTES_MAX as i32 + 64 * 1024,
             discard: stream::DiscardPolicy::Old,
             duplicate_window: Duration::from_secs(120),

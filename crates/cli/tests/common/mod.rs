@@ -25,7 +25,12 @@ pub fn spawn(args: &[&str], data: Option<&Path>, env: &[(&str, &str)]) -> (Kille
     }
     let mut child = command
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // TEST_CHILD_STDERR=1 shows the children's logs (debugging a failing test).
+        .stderr(if std::env::var_os("TEST_CHILD_STDERR").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .unwrap();
     let mut line = String::new();
