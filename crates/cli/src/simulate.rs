@@ -23,6 +23,10 @@ pub struct SimulateArgs {
     /// One JSON object per seed instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Replicated: a simulated replicated log and lease, a lagging standby, failover on every
+    /// crash (docs/RELIABILITY.md).
+    #[arg(long)]
+    pub replicated: bool,
     /// Where the data directories go (a fresh temporary directory per seed, removed after).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
@@ -45,6 +49,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             steps: args.steps,
             data_dir: dir.path().to_path_buf(),
             verbose: args.verbose,
+            replicated: args.replicated,
         };
         match clearhouse_simulator::run(&options) {
             Ok(report) if args.json => println!("{}", serde_json::to_string(&report)?),
@@ -53,11 +58,13 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
                 println!(
                     "seed {seed}: {} steps, {} payments ({} settled, rejected {:?}), {} windows settled; \
                      faults: {} dropped, {} duplicated, {} reordered, {} late, {} never answered, {} unreachable, \
-                     {} crashes (writes lost {}, torn {}, on disk unacknowledged {}); {} checks, {} vouchers verified; trace {}",
+                     {} crashes (writes lost {}, torn {}, on disk unacknowledged {}; publishes lost {}, acks lost {}; \
+                     {} failovers, {} unreplicated records cut); {} checks, {} vouchers verified; trace {}",
                     r.steps, r.payments, r.settled, r.rejected, r.windows_settled,
                     f.messages_dropped, f.messages_duplicated, f.messages_reordered, f.answers_late,
                     f.answers_never, f.creditors_unreachable, f.crashes, f.writes_lost, f.writes_torn,
-                    f.writes_unacknowledged_on_disk, r.checks, r.vouchers_verified, &r.trace_digest[..16]
+                    f.writes_unacknowledged_on_disk, f.publishes_lost, f.acks_lost, f.failovers,
+                    f.unreplicated_records_cut, r.checks, r.vouchers_verified, &r.trace_digest[..16]
                 );
             }
             Err(violation) => {

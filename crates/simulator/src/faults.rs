@@ -36,7 +36,21 @@ impl World {
             1 => 1 + self.rng.below(700),
             _ => u64::MAX,
         };
-        self.storage.arm_power_loss(keep);
+        // Replicated: half the faults hit the log instead of the disk.
+        let log_fault = match &self.replica {
+            Some(_) if self.rng.chance(50) => Some(if self.rng.chance(50) {
+                replica::LogFault::AckLost
+            } else {
+                replica::LogFault::PublishLost
+            }),
+            _ => None,
+        };
+        if let Some(replica) = &self.replica {
+            replica.log.arm(log_fault);
+        }
+        if log_fault.is_none() {
+            self.storage.arm_power_loss(keep);
+        }
         let pending: Vec<usize> = (0..self.payments.len())
             .filter(|&i| {
                 self.payments[i].state == State::Pending && self.payments[i].notes_due == 0
@@ -115,9 +129,11 @@ impl World {
         }
         // Let the switch run until the write fails.
         let storage = self.storage.clone();
+        let log = self.replica.as_ref().map(|replica| replica.log.clone());
         let tripped = self.block_on(async move {
             for _ in 0..3_000 {
-                if storage.tripped() {
+                let log_tripped = log.as_ref().is_some_and(|log| log.tripped().is_some());
+                if (log_fault.is_none() && storage.tripped()) || log_tripped {
                     return true;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -128,13 +144,22 @@ impl World {
             return Err("the armed write never happened".into());
         }
         let (written, length) = self.storage.written();
-        match written {
-            0 => self.report.faults.writes_lost += 1,
-            w if w < length => self.report.faults.writes_torn += 1,
-            _ => self.report.faults.writes_unacknowledged_on_disk += 1,
+        match log_fault {
+            Some(replica::LogFault::AckLost) => self.report.faults.acks_lost += 1,
+            Some(replica::LogFault::PublishLost) => self.report.faults.publishes_lost += 1,
+            None => match written {
+                0 => self.report.faults.writes_lost += 1,
+                w if w < length => self.report.faults.writes_torn += 1,
+                _ => self.report.faults.writes_unacknowledged_on_disk += 1,
+            },
         }
         self.report.faults.crashes += 1;
         self.crash();
+        // The dead leader's lease runs out a TTL after its last renewal (now).
+        let now = self.clock.now_ns();
+        if let Some(replica) = self.replica.as_mut() {
+            replica.lease.expires_ns = now + replica::LEASE_TTL_MS * 1_000_000;
+        }
         let down = self.rng.below(DOWNTIME_MAX_MS + 1);
         self.clock.advance(down * 1_000_000);
         self.trace(format!(
@@ -146,7 +171,11 @@ impl World {
             },
             length
         ));
-        self.start()?;
+        if self.replica.is_some() {
+            self.failover()?;
+        } else {
+            self.start()?;
+        }
         // The interrupted liquidity transfer: retried with its request id, applied once.
         if let Some(interrupted) = self.interrupted_liquidity.take() {
             let switch = self.live().switch.clone();

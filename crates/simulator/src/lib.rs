@@ -51,6 +51,7 @@ mod actions;
 mod checks;
 mod faults;
 mod model;
+mod replica;
 mod world;
 
 /// Simulated participants: the first three prefunded, the others deferred net.
@@ -86,6 +87,9 @@ pub struct SimOptions {
     pub data_dir: PathBuf,
     /// Print every trace line to stderr as it happens.
     pub verbose: bool,
+    /// Replicated: a simulated replicated log and lease, a standby node on a second directory,
+    /// failover instead of restart on every crash (crate's `replica.rs`).
+    pub replicated: bool,
 }
 
 /// Faults injected during a run.
@@ -102,6 +106,13 @@ pub struct Faults {
     pub writes_torn: u64,
     pub writes_unacknowledged_on_disk: u64,
     pub clock_advances: u64,
+    /// Replicated runs: groups lost before the log stored them, groups stored with the ack lost,
+    /// failovers, and records cut from a former leader's journal because the log never stored
+    /// them.
+    pub publishes_lost: u64,
+    pub acks_lost: u64,
+    pub failovers: u64,
+    pub unreplicated_records_cut: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -318,6 +329,8 @@ struct World {
     storage: Arc<StorageFaults>,
     data_dir: PathBuf,
     live: Option<Live>,
+    /// Replicated runs: the log, the lease, the standby.
+    replica: Option<replica::Replica>,
     banks: Vec<Bank>,
     payments: Vec<Payment>,
     by_id: BTreeMap<u128, usize>,

@@ -23,8 +23,15 @@ impl World {
             rng: Rng(options.seed),
             clock: SimClock::new(START_NS),
             storage: Arc::new(StorageFaults::default()),
-            data_dir: options.data_dir.clone(),
+            data_dir: if options.replicated {
+                options.data_dir.join("n0")
+            } else {
+                options.data_dir.clone()
+            },
             live: None,
+            replica: options
+                .replicated
+                .then(|| replica::Replica::new(&options.data_dir)),
             banks,
             payments: Vec::new(),
             by_id: BTreeMap::new(),
@@ -73,9 +80,15 @@ impl World {
         while self.step < self.steps {
             self.step += 1;
             self.act()?;
+            if self.replica.is_some() && self.rng.chance(40) {
+                // The standby lags: it applies a few groups now and then.
+                let count = 1 + self.rng.below(3) as usize;
+                self.standby_apply(count)?;
+            }
             self.check()?;
             if self.step.is_multiple_of(25) {
                 self.verify_vouchers()?;
+                self.check_standby()?;
             }
         }
         self.step += 1;
@@ -87,15 +100,12 @@ impl World {
             .enable_all()
             .build()
             .map_err(|e| format!("runtime: {e}"))?;
-        let mut options = NodeOptions::new(&self.data_dir);
-        options.clock = Some(self.clock.shared());
-        options.journal.faults = Some(self.storage.clone());
         // Small segments: every restart reads its segment whole, and a seed restarts ~20 times
         // (64 MiB each made the sweep spend most of its time in the kernel); rolling over to a
         // new segment is exercised more often too.
-        options.journal.segment_size = 4 * 1024 * 1024;
-        options.disk_free_min_bytes = 16 * 1024 * 1024;
-        options.unindexed_transfers_max = 100_000;
+        let mut options = replica::node_options(&self.data_dir, &self.clock);
+        options.journal.faults = Some(self.storage.clone());
+        options.replication = self.leader_replication();
         let node = Node::start(options).map_err(|e| format!("engine start: {e}"))?;
         let (sender, calls) = mpsc::channel(CALLS_MAX);
         let environment = Environment {
@@ -118,7 +128,29 @@ impl World {
             calls,
         });
         self.resume_expectations(truth)?;
+        if self
+            .replica
+            .as_ref()
+            .is_some_and(|replica| replica.standby.is_none())
+        {
+            self.start_standby()?;
+        }
         self.pump()
+    }
+
+    /// (bytes of the interrupted write that count as durable, its length): on one node what
+    /// reached the disk; replicated, the group is durable whole if the log stored it (ack lost),
+    /// not at all otherwise (lost before the log, or the local write failed before publishing).
+    pub(crate) fn interrupted_write(&self) -> (u64, u64) {
+        match &self.replica {
+            None => self.storage.written(),
+            Some(replica) => match replica.log.tripped() {
+                Some(replica::LogFault::AckLost) => (1, 1),
+                Some(replica::LogFault::PublishLost) => (0, 1),
+                None if self.storage.tripped() => (0, 1),
+                None => (0, 0),
+            },
+        }
     }
 
     /// The state on disk of every payment the model has open, read from the recovered engine
@@ -152,7 +184,7 @@ impl World {
     /// After a restart: what the switch must emit for the payments it resumes.
     pub(crate) fn resume_expectations(&mut self, truth: Vec<(usize, State)>) -> Outcome {
         let now = self.clock.now_ns();
-        let (written, length) = self.storage.written();
+        let (written, length) = self.interrupted_write();
         for (index, state) in truth {
             let interrupted = self.payments[index].interrupted.take();
             match state {

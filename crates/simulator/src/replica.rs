@@ -1,0 +1,338 @@
+//! Replication as simulated components (`SimOptions::replicated`): the replicated log (a vector
+//! of groups with the stream's rules: only the leader appends, an acknowledged group is in it),
+//! the lease (a holder and an expiry on the simulated clock), and a standby node on a second data
+//! directory that applies the log with a lag.
+//!
+//! Faults: the leader's group lost before the log stored it, or stored with its ack lost (the
+//! leader stops answering either way: outcome unknown), or a power loss during its local write
+//! (never submitted). Each ends in a failover: the lease expires on the clock, the standby
+//! applies the rest of the log, checks the barrier (its journal ends where the log does), and
+//! becomes the leader; the old leader's directory restarts as the standby, cutting the records
+//! the log never stored. The model is the same as for a single node, with one rule changed: a
+//! write is durable when the log holds it, not when the old leader's disk does.
+
+use std::sync::Mutex;
+
+use clearhouse_engine::replica::{
+    GroupLog, ReplicaTicket, ReplicatedGroup, Replication, TailCheck, TailCheckHandle,
+};
+use clearhouse_journal::Record;
+
+use crate::*;
+
+/// The lease's TTL on the simulated clock.
+pub(crate) const LEASE_TTL_MS: u64 = 2_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LogFault {
+    /// The next group is not stored; its ticket fails.
+    PublishLost,
+    /// The next group is stored; its ticket fails.
+    AckLost,
+}
+
+#[derive(Default)]
+pub(crate) struct SimLog {
+    groups: Mutex<Vec<ReplicatedGroup>>,
+    armed: Mutex<Option<LogFault>>,
+    /// The fault that ended the last term (read when the new leader resolves what it
+    /// interrupted).
+    tripped: Mutex<Option<LogFault>>,
+    /// Like the real publisher: after a failed group, every later group of the term fails.
+    term_failed: Mutex<bool>,
+}
+
+impl SimLog {
+    pub(crate) fn arm(&self, fault: Option<LogFault>) {
+        *self.armed.lock().expect("log") = fault;
+        *self.tripped.lock().expect("log") = None;
+    }
+    /// A new term (after a failover): the new leader's groups are taken again.
+    pub(crate) fn new_term(&self) {
+        *self.term_failed.lock().expect("log") = false;
+    }
+    pub(crate) fn tripped(&self) -> Option<LogFault> {
+        *self.tripped.lock().expect("log")
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.groups.lock().expect("log").len()
+    }
+    pub(crate) fn groups(&self, from: usize, to: usize) -> Vec<ReplicatedGroup> {
+        self.groups.lock().expect("log")[from..to].to_vec()
+    }
+    /// The last journal sequence the log holds.
+    pub(crate) fn last_journal_seq(&self) -> u64 {
+        self.groups
+            .lock()
+            .expect("log")
+            .iter()
+            .rev()
+            .find_map(|g| g.records.last().map(|r| r.seq))
+            .unwrap_or(0)
+    }
+}
+
+impl GroupLog for SimLog {
+    fn submit(&self, group: ReplicatedGroup) -> ReplicaTicket {
+        let (sender, ticket) = ReplicaTicket::new();
+        if *self.term_failed.lock().expect("log") {
+            sender.resolve(Err("an earlier group of this term failed".into()));
+            return ticket;
+        }
+        let fault = self.armed.lock().expect("log").take();
+        let mut groups = self.groups.lock().expect("log");
+        // A group must continue the log (only the leader appends, in order).
+        let last = groups
+            .iter()
+            .rev()
+            .find_map(|g| g.records.last().map(|r| r.seq))
+            .unwrap_or(0);
+        if group.records.first().map(|r| r.seq) != Some(last + 1) {
+            sender.resolve(Err(format!(
+                "the log's last journal record is {last}; a group starting at {:?} does not follow it",
+                group.records.first().map(|r| r.seq)
+            )));
+            return ticket;
+        }
+        match fault {
+            None => {
+                groups.push(group);
+                sender.resolve(Ok(groups.len() as u64));
+            }
+            Some(LogFault::AckLost) => {
+                groups.push(group);
+                *self.term_failed.lock().expect("log") = true;
+                *self.tripped.lock().expect("log") = fault;
+                sender.resolve(Err("the ack was lost".into()));
+            }
+            Some(LogFault::PublishLost) => {
+                *self.term_failed.lock().expect("log") = true;
+                *self.tripped.lock().expect("log") = fault;
+                sender.resolve(Err("the publish was lost".into()));
+            }
+        }
+        ticket
+    }
+
+    fn available(&self) -> bool {
+        true
+    }
+}
+
+/// The tail check against the simulated log: keeps the local records it holds byte for byte.
+struct SimTail(Arc<SimLog>);
+
+impl TailCheck for SimTail {
+    fn keep_through(&self, checkpoint_seq: u64, tail: &[Record]) -> Result<u64, String> {
+        let groups = self.0.groups.lock().expect("log");
+        let mut kept = checkpoint_seq;
+        let mut stored = groups.iter().flat_map(|g| g.records.iter());
+        for mine in tail {
+            match stored.find(|r| r.seq >= mine.seq) {
+                Some(record) if record == mine => kept = mine.seq,
+                _ => break,
+            }
+        }
+        Ok(kept)
+    }
+}
+
+pub(crate) struct SimLease {
+    pub(crate) holder: usize,
+    pub(crate) term: u64,
+    /// The holder renews while it runs; a dead holder's lease expires at this instant.
+    pub(crate) expires_ns: u64,
+}
+
+pub(crate) struct Replica {
+    pub(crate) log: Arc<SimLog>,
+    pub(crate) lease: SimLease,
+    pub(crate) dirs: [PathBuf; 2],
+    pub(crate) leader: usize,
+    pub(crate) standby: Option<Node>,
+    /// Log groups the standby has applied.
+    pub(crate) applied: usize,
+}
+
+impl Replica {
+    pub(crate) fn new(data_dir: &std::path::Path) -> Replica {
+        Replica {
+            log: Arc::new(SimLog::default()),
+            lease: SimLease {
+                holder: 0,
+                term: 1,
+                expires_ns: 0,
+            },
+            dirs: [data_dir.join("n0"), data_dir.join("n1")],
+            leader: 0,
+            standby: None,
+            applied: 0,
+        }
+    }
+}
+
+pub(crate) fn node_options(dir: &std::path::Path, clock: &SimClock) -> NodeOptions {
+    let mut options = NodeOptions::new(dir);
+    options.clock = Some(clock.shared());
+    options.journal.segment_size = 4 * 1024 * 1024;
+    options.disk_free_min_bytes = 16 * 1024 * 1024;
+    options.unindexed_transfers_max = 100_000;
+    options
+}
+
+impl World {
+    /// The leader node's replication role (None when not replicated).
+    pub(crate) fn leader_replication(&self) -> Replication {
+        match &self.replica {
+            Some(replica) => Replication::Leader(replica.log.clone()),
+            None => Replication::None,
+        }
+    }
+
+    /// Starts the standby node on the other directory (cutting what the log never stored).
+    pub(crate) fn start_standby(&mut self) -> Outcome {
+        let clock = self.clock.clone();
+        let Some(replica) = self.replica.as_mut() else {
+            return Ok(());
+        };
+        let dir = replica.dirs[1 - replica.leader].clone();
+        let mut options = node_options(&dir, &clock);
+        options.replication = Replication::Follower;
+        options.tail_check = Some(TailCheckHandle(Arc::new(SimTail(replica.log.clone()))));
+        let node = Node::start(options).map_err(|e| format!("standby start: {e}"))?;
+        let cut = node.recovery_report().unreplicated_records_cut;
+        let committed = node.committed_seq();
+        // Where the standby's journal ends in the log: it applies the groups after it.
+        let groups = replica.log.groups(0, replica.log.len());
+        replica.applied = groups
+            .iter()
+            .position(|g| g.records.last().is_some_and(|r| r.seq > committed))
+            .unwrap_or(groups.len());
+        replica.standby = Some(node);
+        self.report.faults.unreplicated_records_cut += cut;
+        self.trace(format!(
+            "standby n{} started at journal record {committed}{}",
+            1 - self.replica.as_ref().expect("replica").leader,
+            if cut > 0 {
+                format!(", {cut} records the log never stored cut")
+            } else {
+                String::new()
+            }
+        ));
+        Ok(())
+    }
+
+    /// The standby applies up to `count` more log groups (it lags by the rest).
+    pub(crate) fn standby_apply(&mut self, count: usize) -> Outcome {
+        let Some(replica) = self.replica.as_mut() else {
+            return Ok(());
+        };
+        let Some(node) = replica.standby.clone() else {
+            return Ok(());
+        };
+        let to = replica.applied.saturating_add(count).min(replica.log.len());
+        for group in replica.log.groups(replica.applied, to) {
+            node.apply(group.records, Some((group.chain_seq, group.chain_hash)))
+                .map_err(|e| format!("the standby diverges from the log: {e}"))?;
+        }
+        replica.applied = to;
+        Ok(())
+    }
+
+    /// After the leader died: the lease expires, the standby applies the rest of the log and
+    /// takes over (barrier: its journal ends where the log ends), the old leader's directory
+    /// becomes the standby.
+    pub(crate) fn failover(&mut self) -> Outcome {
+        let expires = self.replica.as_ref().expect("replica").lease.expires_ns;
+        if self.clock.now_ns() < expires {
+            self.clock.advance(expires - self.clock.now_ns());
+        }
+        self.standby_apply(usize::MAX)?;
+        let replica = self.replica.as_mut().expect("replica");
+        let node = replica.standby.take().ok_or("no standby to take over")?;
+        let (committed, in_log) = (node.committed_seq(), replica.log.last_journal_seq());
+        if committed != in_log {
+            return Err(format!(
+                "barrier: the standby applied journal record {committed} but the log ends at {in_log}"
+            ));
+        }
+        drop(node);
+        replica.log.new_term();
+        let old = replica.leader;
+        replica.leader = 1 - old;
+        replica.lease = SimLease {
+            holder: replica.leader,
+            term: replica.lease.term + 1,
+            expires_ns: 0,
+        };
+        let (term, new_dir, old_dir) = (
+            replica.lease.term,
+            replica.dirs[replica.leader].clone(),
+            replica.dirs[old].clone(),
+        );
+        // Every node holds the same operator keys.
+        for key in [
+            "operator.key",
+            "operator-ed25519.key",
+            "operator-ed25519.pub",
+        ] {
+            if !new_dir.join(key).exists() && old_dir.join(key).exists() {
+                std::fs::copy(old_dir.join(key), new_dir.join(key))
+                    .map_err(|e| format!("copying {key}: {e}"))?;
+            }
+        }
+        self.data_dir = new_dir;
+        self.report.faults.failovers += 1;
+        self.trace(format!(
+            "failover: n{} leads (term {term}) from journal record {committed}",
+            1 - old
+        ));
+        self.start()
+    }
+
+    /// The standby, caught up, holds exactly what the log holds, which ends at the leader's
+    /// voucher chain head (each record was replayed with its sealed results checked); the lease
+    /// is held by the leader.
+    pub(crate) fn check_standby(&mut self) -> Outcome {
+        if self.replica.is_none() {
+            return Ok(());
+        }
+        self.standby_apply(usize::MAX)?;
+        let leader = self.live().node.clone();
+        let replica = self.replica.as_ref().expect("replica");
+        if replica.lease.holder != replica.leader {
+            return Err(format!(
+                "n{} leads but n{} holds the lease",
+                replica.leader, replica.lease.holder
+            ));
+        }
+        let Some(standby) = replica.standby.clone() else {
+            return Ok(());
+        };
+        let in_log = replica
+            .log
+            .groups(0, replica.applied)
+            .iter()
+            .rev()
+            .find_map(|g| g.records.last().map(|r| r.seq))
+            .unwrap_or(0);
+        let (a, b) = (
+            leader.stats().map_err(|e| format!("leader stats: {e}"))?,
+            standby.stats().map_err(|e| format!("standby stats: {e}"))?,
+        );
+        if b.committed_seq != in_log {
+            return Err(format!(
+                "the standby applied the log to journal record {} but the log ends at {in_log}",
+                b.committed_seq
+            ));
+        }
+        if (a.chain_seq, a.chain_hash) != (b.chain_seq, b.chain_hash) {
+            return Err(format!(
+                "the caught-up standby's voucher chain ({} vouchers) differs from the leader's ({})",
+                b.chain_seq, a.chain_seq
+            ));
+        }
+        self.report.checks += 1;
+        Ok(())
+    }
+}
