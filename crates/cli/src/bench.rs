@@ -45,6 +45,10 @@ pub struct LedgerArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Replicated (R3): every journal group also published to a JetStream stream on 3 loopback
+    /// nats-servers, answered only once the stream stored it.
+    #[arg(long)]
+    replicated: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -111,7 +115,15 @@ pub fn ledger(args: LedgerArgs) -> anyhow::Result<()> {
         bail!("--transfer-batch-size is at most {BATCH_EVENTS_MAX}");
     }
     let (dir, _temp) = data_dir(&args.data_dir)?;
-    let node = Node::start(NodeOptions::new(&dir))?;
+    let mut options = NodeOptions::new(&dir);
+    let _replication = if args.replicated {
+        let (cluster, runtime, publisher) = crate::ha_demo::bench_publisher(&dir)?;
+        options.replication = clearhouse_engine::replica::Replication::Leader(publisher);
+        Some((cluster, runtime))
+    } else {
+        None
+    };
+    let node = Node::start(options)?;
     let written_before = storage_bytes_written();
 
     for chunk in l1_accounts(args.account_count).chunks(BATCH_EVENTS_MAX) {

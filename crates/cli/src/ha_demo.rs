@@ -427,3 +427,63 @@ impl LagSampler {
         })
     }
 }
+
+/// For `bench ledger --replicated`: 3 NATS servers, the journal stream, a barrier, and a
+/// publisher for a leader node (term 1). Keep the returned values alive while the node runs.
+pub fn bench_publisher(
+    dir: &Path,
+) -> anyhow::Result<(
+    NatsCluster,
+    tokio::runtime::Runtime,
+    Arc<clearhouse_replication::publisher::Publisher>,
+)> {
+    let cluster = NatsCluster::start(3, &dir.join("nats"))
+        .context("starting nats-server (Debian package nats-server)")?;
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let config: clearhouse_replication::ReplicationConfig = toml::from_str(&format!(
+        "node_id = \"bench\"\nnats_urls = [{}]\nadvertise = \"http://bench.invalid\"\nstream_max_bytes = 4294967296\n",
+        urls.join(", ")
+    ))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let publisher = runtime.block_on(async {
+        let js = clearhouse_replication::connect(&config).await?;
+        let mut ready = None;
+        for _ in 0..120 {
+            if clearhouse_replication::ensure_objects(&js, &config)
+                .await
+                .is_ok()
+            {
+                ready = Some(());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        ready.context("JetStream did not become ready")?;
+        let term = clearhouse_replication::publisher::Term {
+            term: 1,
+            node_id: "bench".into(),
+        };
+        let barrier = clearhouse_replication::publisher::publish_barrier(
+            &js,
+            &config.subject(),
+            &term,
+            0,
+            0,
+            (0, [0; 32]),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        Ok::<_, anyhow::Error>(clearhouse_replication::publisher::Publisher::start(
+            &tokio::runtime::Handle::current(),
+            js,
+            config.subject(),
+            term,
+            barrier,
+            Duration::from_millis(config.publish_retry_ms),
+        ))
+    })?;
+    Ok((cluster, runtime, publisher))
+}
