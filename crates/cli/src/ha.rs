@@ -153,6 +153,52 @@ fn standby_router(state: Arc<StandbyState>) -> Router {
         .fallback(fallback)
 }
 
+/// The leader's `/metrics` with the replication figures appended.
+async fn with_replication_metrics(
+    response: Response,
+    metrics: &clearhouse_replication::publisher::PublishMetrics,
+    term: u64,
+    lease_left: Duration,
+) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 16 << 20).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    let load = |value: &std::sync::atomic::AtomicU64| value.load(Ordering::Relaxed);
+    text.push_str(&format!(
+        "# HELP clearhouse_replication_role This node's role (leader or standby).
+# TYPE clearhouse_replication_role gauge
+clearhouse_replication_role{{role=\"leader\"}} 1
+         # HELP clearhouse_replication_term The leader's term (the lease revision it took).
+# TYPE clearhouse_replication_term gauge
+clearhouse_replication_term {term}
+         # HELP clearhouse_replication_stream_seq The last stream sequence this leader published.
+# TYPE clearhouse_replication_stream_seq gauge
+clearhouse_replication_stream_seq {}
+         # HELP clearhouse_replication_published_messages_total Stream messages published (journal groups, coalesced).
+# TYPE clearhouse_replication_published_messages_total counter
+clearhouse_replication_published_messages_total {}
+         # HELP clearhouse_replication_publish_seconds_total Time from publish to the stream's ack, summed.
+# TYPE clearhouse_replication_publish_seconds_total counter
+clearhouse_replication_publish_seconds_total {:.6}
+         # HELP clearhouse_replication_resends_total Publishes resent after a timeout or lost connection.
+# TYPE clearhouse_replication_resends_total counter
+clearhouse_replication_resends_total {}
+         # HELP clearhouse_replication_lease_valid_seconds How long this leader may still act without a renewal.
+# TYPE clearhouse_replication_lease_valid_seconds gauge
+clearhouse_replication_lease_valid_seconds {:.3}
+",
+        load(&metrics.last_stream_seq),
+        load(&metrics.messages),
+        load(&metrics.publish_nanos) as f64 / 1e9,
+        load(&metrics.resends),
+        lease_left.as_secs_f64(),
+    ));
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(text))
+}
+
 fn lease_lapsed() -> Response {
     let mut response = (
         StatusCode::SERVICE_UNAVAILABLE,
@@ -520,19 +566,27 @@ async fn run(
     // clock: a leader paused past its lease (SIGSTOP, a long GC-like stall) answers nothing, not
     // even a read, when it resumes; writes are fenced by the stream anyway.
     let validity = held.clone();
+    let metrics = publisher.metrics.clone();
+    let term_number = term.term;
     let router = clearhouse_switch::http::router(switch).layer(axum::middleware::from_fn(
         move |request: axum::extract::Request, next: axum::middleware::Next| {
-            let validity = validity.clone();
+            let (validity, metrics) = (validity.clone(), metrics.clone());
             async move {
-                let valid = || Instant::now() < validity.lock().expect("held").valid_until;
-                if !valid() {
+                let valid_until = || validity.lock().expect("held").valid_until;
+                if Instant::now() >= valid_until() {
                     return lease_lapsed();
                 }
+                let is_metrics = request.uri().path() == "/metrics";
                 let response = next.run(request).await;
-                if !valid() {
+                if Instant::now() >= valid_until() {
                     // Computed, perhaps written, but not to be sent: the outcome is unknown to
                     // the client, who asks the next leader (by instruction id).
                     return lease_lapsed_outcome_unknown();
+                }
+                if is_metrics && response.status() == StatusCode::OK {
+                    let lease_left = valid_until().saturating_duration_since(Instant::now());
+                    return with_replication_metrics(response, &metrics, term_number, lease_left)
+                        .await;
                 }
                 response
             }

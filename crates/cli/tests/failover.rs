@@ -110,8 +110,19 @@ fn start_node(data: &Path, config: &Path) -> Killed {
 
 type Told = Arc<Mutex<BTreeMap<String, (String, Option<(String, Option<String>)>)>>>;
 
+/// The tests of this file run one at a time: each starts 3 NATS servers and 2-3 nodes, and on 2
+/// cores two such clusters at once only measure contention.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[test]
 fn the_leader_killed_20_times_under_load_loses_nothing() {
+    let _serial = one_at_a_time();
     if nats_server_binary().is_none() {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -201,6 +212,19 @@ fn the_leader_killed_20_times_under_load_loses_nothing() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let (status, body) = answer.unwrap();
+        // Each node says its role in /metrics (Prometheus text).
+        for (url, role) in [(&urls[0], "leader"), (&urls[1], "standby")] {
+            let (code, text) = SignedClient::new(url, "none", vec![])
+                .send("GET", "/metrics", b"", &[])
+                .await
+                .unwrap();
+            let text = String::from_utf8_lossy(&text);
+            assert_eq!(code, 200);
+            assert!(
+                text.contains(&format!("clearhouse_replication_role{{role=\"{role}\"}} 1")),
+                "{url}: {text}"
+            );
+        }
         assert_eq!((status, body["code"].as_str()), (503, Some("not_leader")), "{body}");
         assert_eq!(body["leader"].as_str(), Some(urls[0].as_str()), "{body}");
         let op = operator(&url);
@@ -532,6 +556,7 @@ async fn status_of(url: &str, instruction: &str) -> (u16, Value) {
 
 #[test]
 fn a_leader_paused_past_its_lease_acknowledges_nothing_after_the_takeover() {
+    let _serial = one_at_a_time();
     let Some(mut scheme) = scheme() else { return };
     let urls = scheme.urls.clone();
     let old = urls[0].clone();
@@ -618,6 +643,7 @@ fn a_leader_paused_past_its_lease_acknowledges_nothing_after_the_takeover() {
 
 #[test]
 fn nats_one_server_down_service_continues_two_down_work_refused_then_resumes() {
+    let _serial = one_at_a_time();
     let Some(mut scheme) = scheme() else { return };
     let urls = scheme.urls.clone();
     let mut leader = urls[0].clone();
@@ -771,6 +797,7 @@ extern "C" {
 
 #[test]
 fn a_node_the_stream_was_trimmed_past_restores_a_snapshot_and_can_take_over() {
+    let _serial = one_at_a_time();
     // A stream that keeps 150 messages (more than a loaded standby lags by here, far fewer than
     // the history); standbys snapshot every 20.
     let extra = "stream_max_messages = 150\nsnapshot_every_messages = 20\n";

@@ -29,6 +29,22 @@ pub struct FollowerStatus {
 /// The first stream sequence holding journal records at or after `journal_next` (the stream's
 /// last sequence + 1 when it holds none). Binary search on the `Clearhouse-Last` headers.
 pub async fn locate(stream: &Stream, journal_next: u64) -> Result<u64, ReplicationError> {
+    // The stream may discard its oldest messages while this searches: try again from fresh
+    // bounds (a few times, then give the error).
+    let mut attempt = 0;
+    loop {
+        match locate_once(stream, journal_next).await {
+            Err(ReplicationError::Nats(reason)) if attempt < 5 => {
+                attempt += 1;
+                tracing::debug!(%reason, attempt, "locating in the stream again");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn locate_once(stream: &Stream, journal_next: u64) -> Result<u64, ReplicationError> {
     let info = stream.get_info().await.map_err(nats)?;
     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
     if last == 0 || info.state.messages == 0 {
