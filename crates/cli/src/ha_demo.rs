@@ -366,7 +366,7 @@ impl Replicated {
 }
 
 /// A plain HTTP/1.0 GET on loopback: (status, body).
-fn get(url: &str, path: &str) -> Option<(u16, String)> {
+pub(crate) fn get(url: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let address = url.strip_prefix("http://")?;
     let mut stream = std::net::TcpStream::connect(address).ok()?;

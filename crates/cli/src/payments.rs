@@ -519,6 +519,19 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
         }
         report["cpu_seconds_per_1000_with_replication"] = json!((total * 1000.0).round() / 1000.0);
         report["standby_lag"] = sampler.finish();
+        // Stream messages per payment: what the NATS servers store and replicate.
+        let published = crate::ha_demo::get(&switch.url, "/metrics").and_then(|(_, text)| {
+            text.lines()
+                .find_map(|line| {
+                    line.strip_prefix("clearhouse_replication_published_messages_total ")
+                })
+                .and_then(|value| value.trim().parse::<f64>().ok())
+        });
+        if let Some(messages) = published {
+            report["stream_messages"] = json!(messages);
+            report["stream_messages_per_payment"] =
+                json!((messages / payments * 1000.0).round() / 1000.0);
+        }
         report["workload"] = json!(format!(
             "{} replicated (R3 JetStream stream on 3 loopback nats-servers, 1 standby)",
             report["workload"].as_str().unwrap_or("P1")
