@@ -251,7 +251,11 @@ async fn run(
     handle: tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)?;
-    for key in ["operator.key", "operator-ed25519.key"] {
+    for key in [
+        "operator.key",
+        "operator-ed25519.key",
+        "operator-ed25519.pub",
+    ] {
         if !data_dir.join(key).exists() {
             bail!(
                 "{} is missing: every node of a replicated cluster needs the same operator keys (run `clearhouse init` once and copy operator.key, operator-ed25519.key and operator-ed25519.pub into each node's data directory)",
@@ -276,6 +280,17 @@ async fn run(
     let Some((stream, kv)) = objects else {
         bail!("JetStream did not become available within 60 s");
     };
+    let mut keys = blake3::Hasher::new();
+    keys.update(b"clearhouse operator keys v1\0");
+    for key in ["operator.key", "operator-ed25519.pub"] {
+        let bytes = std::fs::read(data_dir.join(key))
+            .with_context(|| format!("reading {}", data_dir.join(key).display()))?;
+        keys.update(&(bytes.len() as u64).to_le_bytes());
+        keys.update(&bytes);
+    }
+    clearhouse_replication::check_identity(&js, &replication, keys.finalize().to_hex().to_string())
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
     let lease = Lease::new(kv, replication.lease_ttl());
     let me = Holder {
         node_id: replication.node_id.clone(),

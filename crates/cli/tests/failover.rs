@@ -911,3 +911,53 @@ fn a_node_the_stream_was_trimmed_past_restores_a_snapshot_and_can_take_over() {
         String::from_utf8_lossy(&verify.stderr)
     );
 }
+
+#[test]
+fn a_node_with_other_operator_keys_refuses_to_join_and_says_why() {
+    let _serial = one_at_a_time();
+    let Some(scheme) = scheme() else { return };
+    // A data directory initialised on its own: other operator keys.
+    let other = scheme.dir.path().join("other");
+    let init = Command::new(env!("CARGO_BIN_EXE_clearhouse"))
+        .args(["init", "--data-dir"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let config = node_config(
+        scheme.dir.path(),
+        "other",
+        free_port(),
+        &scheme.cluster.urls(),
+    );
+    let refused = Command::new(env!("CARGO_BIN_EXE_clearhouse"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&other)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("operator keys") && stderr.contains("differ"),
+        "{stderr}"
+    );
+    assert!(
+        !other.join("ledger").join("journal").exists()
+            || std::fs::read_dir(other.join("ledger").join("journal"))
+                .unwrap()
+                .count()
+                == 0,
+        "nothing was written"
+    );
+    // The cluster is unaffected.
+    scheme.runtime.block_on(async {
+        let (status, body) = pay(&scheme.urls[0], "AFTER-INTRUDER").await.unwrap();
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("ACSC")),
+            "{body}"
+        );
+    });
+}

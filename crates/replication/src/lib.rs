@@ -114,6 +114,8 @@ pub enum ReplicationError {
     Trimmed(String),
     #[error("deposed: {0}")]
     Deposed(String),
+    #[error("this node does not belong to the cluster: {0}")]
+    Identity(String),
 }
 
 pub(crate) fn nats<E: std::fmt::Display>(error: E) -> ReplicationError {
@@ -182,4 +184,65 @@ pub async fn ensure_objects(
     .map_err(nats)?;
     let lease = js.get_key_value(bucket).await.map_err(nats)?;
     Ok((journal, lease))
+}
+
+/// What every node of a cluster must share, recorded once in the `{stream}_meta` key-value bucket
+/// by the first node: a fingerprint of the operator keys (BLAKE3 over the operator's HMAC key
+/// file and the checkpoint signing public key; neither key is stored).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ClusterIdentity {
+    pub operator_keys_blake3: String,
+    pub first_node: String,
+}
+
+/// Records the cluster's identity if none is, or checks this node's against it: a node whose
+/// operator keys differ refuses to join (it would sign checkpoints nobody else's key verifies).
+pub async fn check_identity(
+    js: &jetstream::Context,
+    config: &ReplicationConfig,
+    operator_keys_blake3: String,
+) -> Result<ClusterIdentity, ReplicationError> {
+    let bucket = format!("{}_meta", config.stream.to_lowercase());
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(nats)?;
+    let store = js.get_key_value(bucket).await.map_err(nats)?;
+    let mine = ClusterIdentity {
+        operator_keys_blake3,
+        first_node: config.node_id.clone(),
+    };
+    let value = serde_json::to_vec(&mine).expect("json");
+    match store.create("cluster", value.into()).await {
+        Ok(_) => return Ok(mine),
+        Err(error) if error.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+        }
+        Err(error) => return Err(nats(error)),
+    }
+    let entry = store
+        .entry("cluster")
+        .await
+        .map_err(nats)?
+        .ok_or_else(|| ReplicationError::Identity("the cluster record vanished".into()))?;
+    let recorded: ClusterIdentity = serde_json::from_slice(&entry.value)
+        .map_err(|e| ReplicationError::Identity(format!("unreadable cluster record: {e}")))?;
+    if recorded.operator_keys_blake3 != mine.operator_keys_blake3 {
+        return Err(ReplicationError::Identity(format!(
+            "its operator keys (fingerprint {}) differ from the cluster's ({}, recorded by node {}): copy operator.key, operator-ed25519.key and operator-ed25519.pub from a node of the cluster",
+            &mine.operator_keys_blake3[..16],
+            &recorded.operator_keys_blake3[..16.min(recorded.operator_keys_blake3.len())],
+            recorded.first_node
+        )));
+    }
+    Ok(recorded)
 }
