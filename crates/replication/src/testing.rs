@@ -20,10 +20,6 @@ pub struct NatsCluster {
     pub servers: Vec<NatsServer>,
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// The nats-server binary, or None when it is not installed.
 pub fn nats_server_binary() -> Option<PathBuf> {
     if let Ok(path) = std::env::var("NATS_SERVER") {
@@ -40,15 +36,48 @@ impl NatsCluster {
     /// Starts `size` servers clustered on loopback (JetStream on, 8 MiB max payload) and waits
     /// until each answers its health check.
     pub fn start(size: usize, dir: &Path) -> std::io::Result<NatsCluster> {
+        // Free ports are found by binding port 0 and releasing it: another process may take one
+        // in between. Try again with fresh ports (and fresh store directories) a few times.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let attempt_dir = dir.join(format!("attempt-{attempt}"));
+            match Self::start_once(size, &attempt_dir) {
+                Ok(cluster) => return Ok(cluster),
+                Err(error) if attempt < 3 => {
+                    eprintln!("nats cluster did not start ({error}); trying other ports");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    fn start_once(size: usize, dir: &Path) -> std::io::Result<NatsCluster> {
         let binary = nats_server_binary().ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 "nats-server is not installed (Debian package nats-server, or set NATS_SERVER)",
             )
         })?;
-        let ports: Vec<(u16, u16, u16)> = (0..size)
-            .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
+        // Hold every listener until all ports are chosen, so no port is handed out twice.
+        let listeners: Vec<TcpListener> = (0..size * 3)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<std::io::Result<_>>()?;
+        let mut free = listeners
+            .iter()
+            .map(|listener| listener.local_addr().map(|address| address.port()))
+            .collect::<std::io::Result<Vec<u16>>>()?
+            .into_iter();
+        let ports: Vec<(u16, u16, u16)> = (0..size)
+            .map(|_| {
+                (
+                    free.next().expect("port"),
+                    free.next().expect("port"),
+                    free.next().expect("port"),
+                )
+            })
+            .collect();
+        drop(listeners);
         let mut servers = Vec::new();
         for (index, (client, monitor, route)) in ports.iter().enumerate() {
             let name = format!("n{}", index + 1);

@@ -49,3 +49,123 @@ pub fn spawn(args: &[&str], data: Option<&Path>, env: &[(&str, &str)]) -> (Kille
 pub fn secret(bic: &str) -> String {
     hex::encode(format!("secret-of-{bic}-0123456789"))
 }
+
+/// A participant's signed client, with the secret the tests give `bic`.
+pub fn client(url: &str, bic: &str) -> clearhouse_switch::client::SignedClient {
+    clearhouse_switch::client::SignedClient::new(
+        url,
+        &format!("{bic}-1"),
+        hex::decode(secret(bic)).unwrap(),
+    )
+}
+
+/// A signed JSON call: (status, body), or None when the switch did not answer.
+pub async fn call(
+    client: &clearhouse_switch::client::SignedClient,
+    method: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> Option<(u16, serde_json::Value)> {
+    let bytes = if body.is_null() {
+        vec![]
+    } else {
+        body.to_string().into_bytes()
+    };
+    let (status, answer) = client.request(method, path, &bytes).await.ok()?;
+    Some((
+        status,
+        serde_json::from_slice(&answer).unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+/// What each debtor agent was told about each instruction: (debtor, Some((status, reason)) when
+/// the answer was final).
+pub type ToldMap = std::collections::BTreeMap<String, (String, Option<(String, Option<String>)>)>;
+
+/// The end-of-run checks of the kill tests, against the switch at `url` (past the hard timeout):
+/// every final answer a debtor agent was given stands (same status and reason); every other
+/// instruction is absent or final; nothing stays reserved and the positions of `banks` sum to
+/// `funded_minor_units`; a window close has no breaks and holds every settled payment exactly
+/// once. Returns the number of payments settled now.
+pub async fn check_told_and_books(
+    url: &str,
+    operator: &clearhouse_switch::client::SignedClient,
+    told: &ToldMap,
+    banks: &[&str],
+    funded_minor_units: i128,
+) -> usize {
+    use serde_json::{json, Value};
+    let mut settled_now = 0usize;
+    for (instruction, (debtor, was_told)) in told {
+        let (status, now) = call(
+            &client(url, debtor),
+            "GET",
+            &format!("/v1/payments?instruction_id={instruction}"),
+            Value::Null,
+        )
+        .await
+        .unwrap();
+        if now["status"] == "ACSC" {
+            settled_now += 1;
+        }
+        match was_told {
+            Some((state, reason)) => {
+                assert_eq!(
+                    status, 200,
+                    "{instruction} was answered {state} but is now {now}"
+                );
+                assert_eq!(
+                    now["status"].as_str(),
+                    Some(state.as_str()),
+                    "{instruction}: {now}"
+                );
+                assert_eq!(
+                    now["reason"].as_str(),
+                    reason.as_deref(),
+                    "{instruction}: {now}"
+                );
+            }
+            // Never answered: never accepted (404), or accepted and final by now.
+            None => assert!(
+                status == 404 || (status == 200 && now["status"] != "PDNG"),
+                "{instruction}: {status} {now}"
+            ),
+        }
+    }
+    let mut total: i128 = 0;
+    for bic in banks {
+        let (_, positions) = call(
+            operator,
+            "GET",
+            &format!("/v1/participants/{bic}/positions"),
+            Value::Null,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            positions[0]["reserved_outgoing"], "0.00",
+            "{bic}: {positions}"
+        );
+        total += positions[0]["balance"]
+            .as_str()
+            .unwrap()
+            .replace('.', "")
+            .parse::<i128>()
+            .unwrap();
+    }
+    assert_eq!(
+        total, funded_minor_units,
+        "positions sum to what was funded"
+    );
+    let (status, window) = call(operator, "POST", "/v1/admin/windows/close", Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{window}");
+    assert_eq!(window["breaks"], json!([]), "{window}");
+    assert_eq!(
+        window["plan"]["figures"][0]["transfers"].as_u64().unwrap() as usize,
+        settled_now,
+        "the window holds every settled payment exactly once"
+    );
+    settled_now
+}
