@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clearhouse_replication::testing::{nats_server_binary, NatsCluster};
-use clearhouse_switch::client::SignedClient;
+use clearhouse_switch::client::{ClientError, SignedClient};
 use serde_json::{json, Value};
 
 mod common;
@@ -379,12 +379,23 @@ impl Scheme {
 }
 
 async fn pay(url: &str, instruction: &str) -> Option<(u16, Value)> {
-    call(&client(url, BANKS[0]), "POST", "/v1/payments", json!({
+    pay_raw(url, instruction).await.ok()
+}
+
+async fn pay_raw(url: &str, instruction: &str) -> Result<(u16, Value), ClientError> {
+    let body = json!({
         "instruction_id": instruction, "end_to_end_id": format!("E2E-{instruction}"),
         "debtor_agent": BANKS[0], "creditor_agent": BANKS[1], "amount": "1.00", "currency": "EUR",
         "debtor": {"name": "Alice", "account": "DE89370400440532013000"},
         "creditor": {"name": "Bob", "account": "FR1420041010050500013M02606"},
-    })).await
+    });
+    let (status, answer) = client(url, BANKS[0])
+        .request("POST", "/v1/payments", body.to_string().as_bytes())
+        .await?;
+    Ok((
+        status,
+        serde_json::from_slice(&answer).unwrap_or(Value::Null),
+    ))
 }
 
 async fn status_of(url: &str, instruction: &str) -> (u16, Value) {
@@ -525,8 +536,8 @@ fn nats_one_server_down_service_continues_two_down_work_refused_then_resumes() {
             let instruction = format!("NO-QUORUM-{n}");
             let mut clean = true;
             for url in &urls {
-                match pay(url, &instruction).await {
-                    Some((status, body)) => {
+                match pay_raw(url, &instruction).await {
+                    Ok((status, body)) => {
                         assert_eq!(
                             status, 503,
                             "{instruction} answered without a NATS quorum: {body}"
@@ -536,7 +547,11 @@ fn nats_one_server_down_service_continues_two_down_work_refused_then_resumes() {
                             Some("not_leader" | "replication_unavailable")
                         );
                     }
-                    None => clean = false,
+                    // Never connected (the old leader exited): nothing was sent.
+                    Err(ClientError::Transport { message, .. })
+                        if message.contains("(Connect)") => {}
+                    // Sent, then cut off or timed out: outcome unknown.
+                    Err(_) => clean = false,
                 }
             }
             refused.push((instruction, clean));
@@ -609,6 +624,10 @@ fn nats_one_server_down_service_continues_two_down_work_refused_then_resumes() {
         }
         eprintln!("{} payments tried without a quorum, none answered 200; {clean_refusals} refused by both nodes with \"nothing changed\" and absent after", refused.len());
         assert!(refused.len() >= 5, "too few attempts without a quorum: {refused:?}");
+        assert!(
+            clean_refusals > 0,
+            "no payment was refused by both nodes without reaching the ledger: {refused:?}"
+        );
         let mut total: i128 = 0;
         for bic in BANKS {
             let (_, positions) = call(
