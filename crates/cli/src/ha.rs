@@ -479,7 +479,13 @@ async fn run(
         replication.node_id, held.term
     );
     let held = Arc::new(Mutex::new(held));
-    spawn_renewal(lease, me.clone(), held.clone(), replication.lease_renew_ms);
+    let lease = Arc::new(lease);
+    let renewal = spawn_renewal(
+        lease.clone(),
+        me.clone(),
+        held.clone(),
+        replication.lease_renew_ms,
+    );
 
     // Apply the stream to its end, then stop following.
     let last = stream
@@ -608,7 +614,17 @@ async fn run(
         },
     ));
     clearhouse_switch::http::serve_router(listener, router, shutdown).await?;
-    release(&data_dir, &replication, held).await;
+    // A graceful stop: no more renewals, then the lease is released so a standby takes over
+    // without waiting for the TTL.
+    renewal.abort();
+    let held = held.lock().expect("held").clone();
+    match lease.release(&held).await {
+        Ok(()) => eprintln!(
+            "clearhouse node {}: stopped; lease released",
+            replication.node_id
+        ),
+        Err(error) => tracing::warn!(%error, "releasing the lease"),
+    }
     Ok(())
 }
 
@@ -646,9 +662,12 @@ async fn trimmed_past(stream: &clearhouse_replication::Stream, node: &Node) -> b
 
 /// Renews the lease; exits the process once its validity passed without a renewal, or at once
 /// when another node wrote the lease.
-fn spawn_renewal(lease: Lease, me: Holder, held: Arc<Mutex<Held>>, every_ms: u64) {
-    let lease = Arc::new(lease);
-    RELEASE.get_or_init(|| lease.clone());
+fn spawn_renewal(
+    lease: Arc<Lease>,
+    me: Holder,
+    held: Arc<Mutex<Held>>,
+    every_ms: u64,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let mut current = held.lock().expect("held").clone();
@@ -672,22 +691,7 @@ fn spawn_renewal(lease: Lease, me: Holder, held: Arc<Mutex<Held>>, every_ms: u64
             }
             tokio::time::sleep(Duration::from_millis(every_ms)).await;
         }
-    });
-}
-
-static RELEASE: std::sync::OnceLock<Arc<Lease>> = std::sync::OnceLock::new();
-
-async fn release(_data_dir: &Path, replication: &ReplicationConfig, held: Arc<Mutex<Held>>) {
-    let held = held.lock().expect("held").clone();
-    if let Some(lease) = RELEASE.get() {
-        match lease.release(&held).await {
-            Ok(()) => eprintln!(
-                "clearhouse node {}: stopped; lease released",
-                replication.node_id
-            ),
-            Err(error) => tracing::warn!(%error, "releasing the lease"),
-        }
-    }
+    })
 }
 
 async fn bind_again(address: &std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

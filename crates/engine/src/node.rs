@@ -1088,33 +1088,30 @@ impl Engine {
         };
         // A follower writes only the leader's records; a leader whose log cannot take groups
         // refuses writes before executing them (nothing changes).
-        let follower = matches!(self.options.replication, Replication::Follower);
-        let refuse_writes = match &self.options.replication {
-            Replication::None => None,
-            Replication::Follower => Some(EngineError::NotLeader),
-            Replication::Leader(log) => {
-                (!log.available()).then_some(EngineError::ReplicationUnavailable)
-            }
+        let refusing = match &self.options.replication {
+            Replication::None => false,
+            Replication::Follower => true,
+            Replication::Leader(log) => !log.available(),
         };
-        if refuse_writes.is_none() {
+        if !refusing {
             self.pulse_due(now)?;
         }
         for request in group.drain(..) {
-            let request = match (&refuse_writes, request) {
-                (Some(_), Request::CreateAccounts(_, reply)) => {
-                    answered.push(Pending::Accounts(reply, Err(self.refusal(follower))));
+            let request = match (refusing, request) {
+                (true, Request::CreateAccounts(_, reply)) => {
+                    answered.push(Pending::Accounts(reply, Err(self.refusal())));
                     continue;
                 }
-                (Some(_), Request::CreateTransfers(_, reply)) => {
-                    answered.push(Pending::Transfers(reply, Err(self.refusal(follower))));
+                (true, Request::CreateTransfers(_, reply)) => {
+                    answered.push(Pending::Transfers(reply, Err(self.refusal())));
                     continue;
                 }
-                (Some(_), Request::Submit(_, _, reply)) => {
-                    answered.push(Pending::Submit(reply, Err(self.refusal(follower))));
+                (true, Request::Submit(_, _, reply)) => {
+                    answered.push(Pending::Submit(reply, Err(self.refusal())));
                     continue;
                 }
                 (_, Request::Apply(records, chain, reply)) => {
-                    if !follower {
+                    if !matches!(self.options.replication, Replication::Follower) {
                         reply(Err(EngineError::NotFollower));
                         continue;
                     }
@@ -1175,7 +1172,7 @@ impl Engine {
         // still held (found by simulation seed 100774: a payment rejected AB05 after a restart
         // kept its pending credit until the clock moved on).
         let stamped = self.ledger.scalars().last_timestamp;
-        if stamped > now && refuse_writes.is_none() {
+        if stamped > now && !refusing {
             self.pulse_due(stamped)?;
         }
         // One write for the whole group; the sync thread fdatasyncs it and only then answers and
@@ -1225,11 +1222,12 @@ impl Engine {
         Ok(())
     }
 
-    fn refusal(&self, follower: bool) -> EngineError {
-        if follower {
-            EngineError::NotLeader
-        } else {
-            EngineError::ReplicationUnavailable
+    /// Why a write is refused before execution: a follower takes none; a leader none while its
+    /// log cannot take groups.
+    fn refusal(&self) -> EngineError {
+        match self.options.replication {
+            Replication::Follower => EngineError::NotLeader,
+            _ => EngineError::ReplicationUnavailable,
         }
     }
 
