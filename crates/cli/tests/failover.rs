@@ -101,9 +101,7 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 #[test]
 fn the_leader_killed_20_times_under_load_loses_nothing() {
     let _serial = one_at_a_time();
-    let Some(mut scheme) = scheme_with("", "100") else {
-        return;
-    };
+    let mut scheme = scheme_with("", "100");
     let (urls, data, configs) = (
         scheme.urls.clone(),
         scheme.data.clone(),
@@ -257,20 +255,16 @@ struct Scheme {
     runtime: tokio::runtime::Runtime,
 }
 
-fn scheme() -> Option<Scheme> {
+fn scheme() -> Scheme {
     scheme_with("", "0")
 }
 
 /// `extra`: more `[replication]` settings; `reject_per_10k`: the simulated banks' AC04 rate.
-fn scheme_with(extra: &str, reject_per_10k: &str) -> Option<Scheme> {
-    if nats_server_binary().is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "nats-server is required in CI (.ci/run installs it)"
-        );
-        eprintln!("skipped: nats-server is not installed (apt-get install nats-server)");
-        return None;
-    }
+fn scheme_with(extra: &str, reject_per_10k: &str) -> Scheme {
+    assert!(
+        nats_server_binary().is_some(),
+        "these tests need nats-server (Debian package nats-server; bash .ci/run installs it)"
+    );
     let dir = tempfile::tempdir().unwrap();
     let cluster = NatsCluster::start(3, &dir.path().join("nats")).unwrap();
     let nats = cluster.urls();
@@ -351,7 +345,7 @@ fn scheme_with(extra: &str, reject_per_10k: &str) -> Option<Scheme> {
             assert_eq!(status, 200);
         }
     });
-    Some(scheme)
+    scheme
 }
 
 impl Scheme {
@@ -412,7 +406,7 @@ async fn status_of(url: &str, instruction: &str) -> (u16, Value) {
 #[test]
 fn a_leader_paused_past_its_lease_acknowledges_nothing_after_the_takeover() {
     let _serial = one_at_a_time();
-    let Some(mut scheme) = scheme() else { return };
+    let mut scheme = scheme();
     let urls = scheme.urls.clone();
     let old = urls[0].clone();
     let pid = scheme.nodes[0].as_ref().unwrap().0.id() as i32;
@@ -499,7 +493,7 @@ fn a_leader_paused_past_its_lease_acknowledges_nothing_after_the_takeover() {
 #[test]
 fn nats_one_server_down_service_continues_two_down_work_refused_then_resumes() {
     let _serial = one_at_a_time();
-    let Some(mut scheme) = scheme() else { return };
+    let mut scheme = scheme();
     let urls = scheme.urls.clone();
     let mut leader = urls[0].clone();
     // One server down (the first: it may lead the stream or the lease bucket; raft re-elects).
@@ -664,9 +658,7 @@ fn a_node_the_stream_was_trimmed_past_restores_a_snapshot_and_can_take_over() {
     // A stream that keeps 400 messages (more than a standby lags by here, its consumer delivering
     // in bursts; fewer than the ~610 of the history); standbys snapshot every 50.
     let extra = "stream_max_messages = 400\nsnapshot_every_messages = 50\n";
-    let Some(mut scheme) = scheme_with(extra, "0") else {
-        return;
-    };
+    let mut scheme = scheme_with(extra, "0");
     let urls = scheme.urls.clone();
     let leader = urls[0].clone();
     let paid: Vec<String> = scheme.runtime.block_on(async {
@@ -778,7 +770,7 @@ fn a_node_the_stream_was_trimmed_past_restores_a_snapshot_and_can_take_over() {
 #[test]
 fn a_node_with_other_operator_keys_refuses_to_join_and_says_why() {
     let _serial = one_at_a_time();
-    let Some(scheme) = scheme() else { return };
+    let scheme = scheme();
     // A data directory initialised on its own: other operator keys.
     let other = scheme.dir.path().join("other");
     let init = Command::new(env!("CARGO_BIN_EXE_clearhouse"))
