@@ -622,28 +622,7 @@ fn nats_one_server_down_service_continues_two_down_work_refused_then_resumes() {
             clean_refusals > 0,
             "no payment was refused by both nodes without reaching the ledger: {refused:?}"
         );
-        let mut total: i128 = 0;
-        for bic in BANKS {
-            let (_, positions) = call(
-                &scheme.operator(&leader),
-                "GET",
-                &format!("/v1/participants/{bic}/positions"),
-                Value::Null,
-            )
-            .await
-            .unwrap();
-            assert_eq!(
-                positions[0]["reserved_outgoing"], "0.00",
-                "{bic}: {positions}"
-            );
-            total += positions[0]["balance"]
-                .as_str()
-                .unwrap()
-                .replace('.', "")
-                .parse::<i128>()
-                .unwrap();
-        }
-        assert_eq!(total, 3 * 100_000_000, "positions sum to what was funded");
+        check_books(&scheme.operator(&leader), &BANKS, 3 * 100_000_000).await;
     });
 }
 
