@@ -634,9 +634,9 @@ extern "C" {
 #[test]
 fn a_node_the_stream_was_trimmed_past_restores_a_snapshot_and_can_take_over() {
     let _serial = one_at_a_time();
-    // A stream that keeps 400 messages (more than a standby lags by here, its consumer delivering
-    // in bursts; fewer than the ~610 of the history); standbys snapshot every 50.
-    let extra = "stream_max_messages = 400\nsnapshot_every_messages = 50\n";
+    // A stream that keeps 500 messages (more than a standby lags by here, where snapshots every
+    // 50 messages pause its applying; fewer than the ~610 of the history).
+    let extra = "stream_max_messages = 500\nsnapshot_every_messages = 50\n";
     let mut scheme = scheme_with(extra, "0");
     let urls = scheme.urls.clone();
     let leader = urls[0].clone();
