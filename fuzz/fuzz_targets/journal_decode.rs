@@ -15,10 +15,11 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = codec::decode_batch(data, codec::decode_transfer);
     let _ = codec::decode_batch(data, codec::decode_account);
-    if let Ok(stored) = compact::decode_stored_transfer(data) {
+    if let Ok(stored) = compact::decode_stored_transfer(1, data) {
         let mut again = Vec::new();
         compact::encode_stored_transfer(&mut again, &stored);
-        assert_eq!(compact::decode_stored_transfer(&again).unwrap(), stored);
+        let key = stored.transfer.id;
+        assert_eq!(compact::decode_stored_transfer(key, &again).unwrap(), stored);
     }
     let mut events = Vec::new();
     if compact::decode_account_events(7, 1_000, data, &mut events).is_ok() && !events.is_empty() {

@@ -17,7 +17,10 @@ use clearhouse_ledger::{
 use crate::codec::CodecError;
 
 /// The version of the index's value encoding, kept in the index's `meta` table.
-pub const INDEX_FORMAT: u32 = 2;
+pub const INDEX_FORMAT: u32 = 3;
+/// The earlier format this build still opens: its values are those of format 3 without the bits
+/// `PENDING_IS_DELTA` and `ID_IS_KEY`, so they decode unchanged (the index is marked 3 on open).
+pub const INDEX_FORMAT_READABLE: u32 = 2;
 
 const DEBIT_IS_SELF: u16 = 1 << 0;
 const CREDIT_IS_SELF: u16 = 1 << 1;
@@ -27,13 +30,19 @@ const HAS_USER_DATA_64: u16 = 1 << 4;
 const HAS_USER_DATA_32: u16 = 1 << 5;
 const HAS_TIMEOUT: u16 = 1 << 6;
 const HAS_FLAGS: u16 = 1 << 7;
-const MASK_ALL: u16 = (1 << 8) - 1;
+/// Format 3: the pending id is stored as a zigzag delta from the transfer's id (a post or void
+/// whose id is its pending transfer's plus 1 or 2, as the switch's are, takes one byte, not 19).
+const PENDING_IS_DELTA: u16 = 1 << 8;
+/// Format 3: the id is not stored; it is the table's key.
+const ID_IS_KEY: u16 = 1 << 9;
+const MASK_ALL: u16 = (1 << 10) - 1;
 
 /// Bit of an event's kind byte: a balance follows the transfer.
 const EVENT_HAS_BALANCE: u8 = 0x80;
 
+/// Appends `v` as a LEB128 varint (also used by the switch's binary payment records).
 #[inline]
-fn put_u64(out: &mut Vec<u8>, mut v: u64) {
+pub fn put_u64(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push(v as u8 | 0x80);
         v >>= 7;
@@ -41,8 +50,9 @@ fn put_u64(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+/// Appends `v` as a LEB128 varint.
 #[inline]
-fn put_u128(out: &mut Vec<u8>, mut v: u128) {
+pub fn put_u128(out: &mut Vec<u8>, mut v: u128) {
     while v > u64::MAX as u128 {
         out.push(v as u8 | 0x80);
         v >>= 7;
@@ -82,13 +92,34 @@ fn error(what: &'static str, expected: usize, found: usize) -> CodecError {
     }
 }
 
-struct Cursor<'a> {
+/// Reads what [`put_u64`] and [`put_u128`] wrote, and raw bytes; every read is bounds-checked and
+/// names `what` in its error.
+pub struct Cursor<'a> {
     bytes: &'a [u8],
     what: &'static str,
 }
 
-impl Cursor<'_> {
-    fn u8(&mut self) -> Result<u8, CodecError> {
+impl<'a> Cursor<'a> {
+    pub fn new(bytes: &'a [u8], what: &'static str) -> Cursor<'a> {
+        Cursor { bytes, what }
+    }
+
+    /// The bytes not read yet.
+    pub fn remaining(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// The next `n` bytes.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
+        if self.bytes.len() < n {
+            return Err(error(self.what, n, self.bytes.len()));
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, CodecError> {
         let (&first, rest) = self
             .bytes
             .split_first()
@@ -120,10 +151,10 @@ impl Cursor<'_> {
         }
     }
 
-    fn u128(&mut self) -> Result<u128, CodecError> {
+    pub fn u128(&mut self) -> Result<u128, CodecError> {
         self.varint(128)
     }
-    fn u64(&mut self) -> Result<u64, CodecError> {
+    pub fn u64(&mut self) -> Result<u64, CodecError> {
         Ok(self.varint(64)? as u64)
     }
     fn u32(&mut self) -> Result<u32, CodecError> {
@@ -135,9 +166,12 @@ impl Cursor<'_> {
 }
 
 /// A transfer relative to `own` (the account whose event this is; 0 for none) and to `base` (the
-/// timestamp it is stored near).
-fn put_transfer(out: &mut Vec<u8>, t: &Transfer, own: u128, base: u64) {
+/// timestamp it is stored near); its id left out when `id_is_key` (the reader knows it).
+fn put_transfer(out: &mut Vec<u8>, t: &Transfer, own: u128, base: u64, id_is_key: bool) {
     let mut mask = 0u16;
+    if id_is_key {
+        mask |= ID_IS_KEY;
+    }
     if t.debit_account_id == own {
         mask |= DEBIT_IS_SELF;
     }
@@ -145,7 +179,7 @@ fn put_transfer(out: &mut Vec<u8>, t: &Transfer, own: u128, base: u64) {
         mask |= CREDIT_IS_SELF;
     }
     if t.pending_id != 0 {
-        mask |= HAS_PENDING_ID;
+        mask |= HAS_PENDING_ID | PENDING_IS_DELTA;
     }
     if t.user_data_128 != 0 {
         mask |= HAS_USER_DATA_128;
@@ -163,7 +197,9 @@ fn put_transfer(out: &mut Vec<u8>, t: &Transfer, own: u128, base: u64) {
         mask |= HAS_FLAGS;
     }
     put_u64(out, mask as u64);
-    put_u128(out, t.id);
+    if !id_is_key {
+        put_u128(out, t.id);
+    }
     if mask & DEBIT_IS_SELF == 0 {
         put_u128(out, t.debit_account_id);
     }
@@ -174,7 +210,7 @@ fn put_transfer(out: &mut Vec<u8>, t: &Transfer, own: u128, base: u64) {
     put_u64(out, t.ledger as u64);
     put_u64(out, t.code as u64);
     if mask & HAS_PENDING_ID != 0 {
-        put_u128(out, t.pending_id);
+        put_u128(out, zigzag_u128(t.pending_id, t.id));
     }
     if mask & HAS_USER_DATA_128 != 0 {
         put_u128(out, t.user_data_128);
@@ -194,16 +230,29 @@ fn put_transfer(out: &mut Vec<u8>, t: &Transfer, own: u128, base: u64) {
     put_u64(out, zigzag_u64(t.timestamp, base));
 }
 
-fn get_transfer(c: &mut Cursor, own: u128, base: u64) -> Result<Transfer, CodecError> {
+/// Reads what [`put_transfer`] wrote; `key` is the id when the value left it out (`None` where
+/// no key holds it: then such a value is an error).
+fn get_transfer(
+    c: &mut Cursor,
+    own: u128,
+    base: u64,
+    key: Option<u128>,
+) -> Result<Transfer, CodecError> {
     let mask = c.u16()?;
-    if mask & !MASK_ALL != 0 {
+    if mask & !MASK_ALL != 0
+        || (mask & PENDING_IS_DELTA != 0 && mask & HAS_PENDING_ID == 0)
+        || (mask & ID_IS_KEY != 0 && key.is_none())
+    {
         return Err(error(
             "transfer presence mask",
             MASK_ALL as usize,
             mask as usize,
         ));
     }
-    let id = c.u128()?;
+    let id = match key {
+        Some(key) if mask & ID_IS_KEY != 0 => key,
+        _ => c.u128()?,
+    };
     let debit_account_id = if mask & DEBIT_IS_SELF != 0 {
         own
     } else {
@@ -227,7 +276,12 @@ fn get_transfer(c: &mut Cursor, own: u128, base: u64) -> Result<Transfer, CodecE
         ..Transfer::default()
     };
     if mask & HAS_PENDING_ID != 0 {
-        t.pending_id = c.u128()?;
+        let stored = c.u128()?;
+        t.pending_id = if mask & PENDING_IS_DELTA != 0 {
+            unzigzag_u128(stored, id)
+        } else {
+            stored
+        };
     }
     if mask & HAS_USER_DATA_128 != 0 {
         t.user_data_128 = c.u128()?;
@@ -248,13 +302,15 @@ fn get_transfer(c: &mut Cursor, own: u128, base: u64) -> Result<Transfer, CodecE
     Ok(t)
 }
 
-/// A transfer with its pending status, as the `transfers` table stores it (the key is its id).
+/// A transfer with its pending status, as the `transfers` table stores it (the key is its id, left
+/// out of the value).
 pub fn encode_stored_transfer(out: &mut Vec<u8>, stored: &StoredTransfer) {
     out.push(stored.status as u8);
-    put_transfer(out, &stored.transfer, 0, 0);
+    put_transfer(out, &stored.transfer, 0, 0, true);
 }
 
-pub fn decode_stored_transfer(bytes: &[u8]) -> Result<StoredTransfer, CodecError> {
+/// Reads a `transfers` value stored under `key`.
+pub fn decode_stored_transfer(key: u128, bytes: &[u8]) -> Result<StoredTransfer, CodecError> {
     let mut c = Cursor {
         bytes,
         what: "stored transfer",
@@ -262,7 +318,7 @@ pub fn decode_stored_transfer(bytes: &[u8]) -> Result<StoredTransfer, CodecError
     let status = c.u8()?;
     let status = PendingStatus::from_u8(status)
         .ok_or_else(|| error("pending status", 1, status as usize))?;
-    let transfer = get_transfer(&mut c, 0, 0)?;
+    let transfer = get_transfer(&mut c, 0, 0, Some(key))?;
     if !c.bytes.is_empty() {
         return Err(error("stored transfer trailing bytes", 0, c.bytes.len()));
     }
@@ -305,7 +361,13 @@ impl ChunkWriter {
                 0
             },
         );
-        put_transfer(out, &event.transfer, event.account_id, event.timestamp);
+        put_transfer(
+            out,
+            &event.transfer,
+            event.account_id,
+            event.timestamp,
+            false,
+        );
         if let Some(balance) = event.balance {
             let previous = self.balance;
             put_u128(
@@ -349,7 +411,7 @@ pub fn decode_account_events(
         let kind_byte = c.u8()?;
         let kind = AccountEventKind::from_u8(kind_byte & !EVENT_HAS_BALANCE)
             .ok_or_else(|| error("account event kind", 1, kind_byte as usize))?;
-        let transfer = get_transfer(&mut c, account_id, timestamp)?;
+        let transfer = get_transfer(&mut c, account_id, timestamp, None)?;
         let balance = if kind_byte & EVENT_HAS_BALANCE != 0 {
             let balance = Balance {
                 debits_pending: unzigzag_u128(c.u128()?, previous.debits_pending),
@@ -420,16 +482,56 @@ mod tests {
             )
     }
 
+    #[test]
+    fn format_2_values_still_decode_and_format_3_posts_are_short() {
+        // Format 2: status, mask (pending id present), id, debit, credit, amount, ledger, code,
+        // pending id as is, timestamp.
+        let format_2 = [1u8, 0x04, 5, 7, 8, 9, 1, 2, 3, 20];
+        let stored = decode_stored_transfer(5, &format_2).unwrap();
+        assert_eq!(stored.status, PendingStatus::from_u8(1).unwrap());
+        let t = stored.transfer;
+        assert_eq!(
+            (t.id, t.debit_account_id, t.credit_account_id, t.amount),
+            (5, 7, 8, 9)
+        );
+        assert_eq!((t.ledger, t.code, t.pending_id, t.timestamp), (1, 2, 3, 10));
+        // A post whose id is its pending transfer's plus one: neither id costs 19 bytes.
+        let pending = u128::MAX / 3;
+        let post = StoredTransfer {
+            transfer: Transfer {
+                id: pending | 1,
+                pending_id: pending,
+                debit_account_id: 7,
+                credit_account_id: 8,
+                amount: 9,
+                ledger: 1,
+                code: 2,
+                flags: TransferFlags(0),
+                timestamp: 10,
+                ..Transfer::default()
+            },
+            status: PendingStatus::from_u8(0).unwrap(),
+        };
+        let mut out = Vec::new();
+        encode_stored_transfer(&mut out, &post);
+        assert!(out.len() <= 12, "{} bytes", out.len());
+        assert_eq!(decode_stored_transfer(pending | 1, &out).unwrap(), post);
+        // A value that leaves its id to the key means nothing without one.
+        let mut c = Cursor::new(&out[1..], "test");
+        assert!(get_transfer(&mut c, 0, 0, None).is_err());
+    }
+
     proptest! {
         #[test]
         fn stored_transfers_round_trip(t in transfer(), status in 0u8..5) {
             let stored = StoredTransfer { transfer: t, status: PendingStatus::from_u8(status).unwrap() };
             let mut out = Vec::new();
             encode_stored_transfer(&mut out, &stored);
-            prop_assert_eq!(decode_stored_transfer(&out).unwrap(), stored);
+            let key = stored.transfer.id;
+            prop_assert_eq!(decode_stored_transfer(key, &out).unwrap(), stored);
             // Every strict prefix is an error, never a panic or a wrong value.
             for cut in 0..out.len() {
-                prop_assert!(decode_stored_transfer(&out[..cut]).is_err());
+                prop_assert!(decode_stored_transfer(key, &out[..cut]).is_err());
             }
         }
 
@@ -477,7 +579,7 @@ mod tests {
 
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode_stored_transfer(&bytes);
+            let _ = decode_stored_transfer(1, &bytes);
             let mut out = Vec::new();
             let _ = decode_account_events(7, 1000, &bytes, &mut out);
         }

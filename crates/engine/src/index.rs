@@ -16,7 +16,7 @@ use clearhouse_ledger::{
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::codec::{self, RecordPut};
-use crate::compact::{self, ChunkWriter, INDEX_FORMAT};
+use crate::compact::{self, ChunkWriter, INDEX_FORMAT, INDEX_FORMAT_READABLE};
 use crate::vouchers::{Voucher, VoucherChain};
 use crate::EngineError;
 
@@ -131,6 +131,14 @@ impl Index {
             let applied = redb_try!(meta.get("applied_seq"), "read meta").is_some();
             match format {
                 Some(bytes) if bytes.as_slice() == INDEX_FORMAT.to_le_bytes() => {}
+                // Format 2's values decode as format 3's; mark the index 3, since what this build
+                // writes from now on an older build could not read.
+                Some(bytes) if bytes.as_slice() == INDEX_FORMAT_READABLE.to_le_bytes() => {
+                    redb_try!(
+                        meta.insert("index_format", INDEX_FORMAT.to_le_bytes().as_slice()),
+                        "write meta"
+                    );
+                }
                 None if !applied => {
                     redb_try!(
                         meta.insert("index_format", INDEX_FORMAT.to_le_bytes().as_slice()),
@@ -141,7 +149,7 @@ impl Index {
                     return Err(EngineError::Index {
                         context: "index format",
                         message: format!(
-                            "{} holds index format {}, this build reads format {INDEX_FORMAT} only; \
+                            "{} holds index format {}, this build reads formats {INDEX_FORMAT_READABLE} and {INDEX_FORMAT} only; \
                              run the build that wrote it, or start with a new data directory",
                             path.display(),
                             found
@@ -193,7 +201,7 @@ impl Index {
                     message: format!("pending transfer {} missing", id.value()),
                 }
             })?;
-            let stored = compact::decode_stored_transfer(value.value())?;
+            let stored = compact::decode_stored_transfer(id.value(), value.value())?;
             assert_eq!(stored.status, PendingStatus::Pending);
             pending.push(stored);
         }
@@ -461,7 +469,7 @@ impl Index {
         let transfers = redb_try!(txn.open_table(TRANSFERS), "open transfers");
         for id in ids {
             if let Some(value) = redb_try!(transfers.get(*id), "read transfer") {
-                found(compact::decode_stored_transfer(value.value())?);
+                found(compact::decode_stored_transfer(*id, value.value())?);
             }
         }
         Ok(())
@@ -722,6 +730,18 @@ mod tests {
         // Reopening the same format works and keeps the data.
         let index = Index::open(&path).unwrap();
         assert_eq!(index.restore().unwrap().seq, 3);
+        // Format 2 opens, keeps its data and is marked 3 (what is written from now on is 3).
+        set_format(&index, Some(INDEX_FORMAT_READABLE));
+        drop(index);
+        let index = Index::open(&path).unwrap();
+        assert_eq!(index.restore().unwrap().seq, 3);
+        let txn = index.db.begin_read().unwrap();
+        let format = txn.open_table(META).unwrap().get("index_format").unwrap();
+        assert_eq!(
+            format.unwrap().value(),
+            INDEX_FORMAT.to_le_bytes().as_slice()
+        );
+        drop(txn);
         // An unversioned index with data (format 1) and a future format are refused, unchanged.
         set_format(&index, None);
         drop(index);

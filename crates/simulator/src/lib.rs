@@ -37,7 +37,7 @@ use clearhouse_engine::{Node, NodeOptions};
 use clearhouse_journal::StorageFaults;
 use clearhouse_switch::clock::{Clock, SimClock};
 use clearhouse_switch::config::SwitchConfig;
-use clearhouse_switch::model::{Party, SettlementModel};
+use clearhouse_switch::model::{Party, PaymentState, SettlementModel};
 use clearhouse_switch::money::{format_amount, format_signed};
 use clearhouse_switch::outbound::{Decision, Notification, SimAnswer, SimCall, Transport};
 use clearhouse_switch::switch::{

@@ -168,12 +168,13 @@ impl World {
             let record = record.ok_or_else(|| {
                 format!("p{index} was acknowledged as reserved but is not on disk after recovery")
             })?;
-            let value: serde_json::Value =
-                serde_json::from_slice(&record).map_err(|e| format!("p{index} record: {e}"))?;
-            let state = match (value["state"].as_str(), value["reason"].as_str()) {
-                (Some("Reserved"), _) => State::Pending,
-                (Some("Settled"), _) => State::Settled,
-                (Some("Rejected"), Some(reason)) => State::Rejected(reason.to_string()),
+            let record = clearhouse_switch::stored::decode_payment(&record)
+                .map_err(|e| format!("p{index} record: {e}"))?
+                .ok_or_else(|| format!("p{index}: its key holds another kind of record"))?;
+            let state = match (record.state, record.reason) {
+                (PaymentState::Reserved, _) => State::Pending,
+                (PaymentState::Settled, _) => State::Settled,
+                (PaymentState::Rejected, Some(reason)) => State::Rejected(reason),
                 other => return Err(format!("p{index} on disk in state {other:?}")),
             };
             truth.push((index, state));

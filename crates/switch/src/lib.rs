@@ -29,6 +29,7 @@ pub mod money;
 pub mod outbound;
 pub mod profile;
 pub mod sim;
+pub mod stored;
 pub mod switch;
 
 pub use config::SwitchConfig;

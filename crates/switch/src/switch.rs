@@ -54,7 +54,7 @@ use clearhouse_ledger::{
 };
 pub use dashboard::DashboardView;
 use rustc_hash::FxHashMap;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 
 use crate::auth::{self, AuthError, NonceCache, SignedHeaders};
@@ -62,23 +62,10 @@ use crate::config::SwitchConfig;
 use crate::model::*;
 use crate::money::{self, currency};
 use crate::outbound::{Decision, ForwardError, Notification, Outbound};
-
-/// What the engine stores for the switch (the JSON value of each record).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Stored {
-    Participant(Participant),
-    Payment(Box<PaymentRecord>),
-    Return(Box<ReturnRecord>),
-    Recall(Box<RecallRecord>),
-}
+use crate::stored::{decode, encode, Stored};
 
 fn participant_key(bic: &str) -> u128 {
     id128(&[b"participant", bic.as_bytes()])
-}
-
-fn encode(stored: &Stored) -> Vec<u8> {
-    serde_json::to_vec(stored).expect("records serialize")
 }
 
 /// The voucher of a payment's final state (settled or rejected).
@@ -257,7 +244,7 @@ impl Switch {
         let mut participants = BTreeMap::new();
         let mut payments = Vec::new();
         for (key, value) in open {
-            match serde_json::from_slice::<Stored>(&value) {
+            match decode(&value) {
                 Ok(Stored::Participant(p)) => {
                     participants.insert(p.bic.clone(), p);
                 }

@@ -29,7 +29,7 @@ impl Switch {
             .await?
             .pop()
             .flatten();
-        match value.map(|v| serde_json::from_slice::<Stored>(&v)) {
+        match value.map(|v| decode(&v)) {
             None => Ok(None),
             Some(Ok(Stored::Recall(r))) => Ok(Some(*r)),
             Some(_) => Err(ApiError::new(500, "corrupt_record", "not a recall")),

@@ -48,7 +48,7 @@ impl Switch {
             .await?
         };
         if let Some(value) = existing {
-            return match serde_json::from_slice::<Stored>(&value) {
+            return match decode(&value) {
                 Ok(Stored::Return(r)) if r.original_key == payment_key => Ok(ReturnView::of(&r)),
                 _ => Err(ApiError::new(
                     409,

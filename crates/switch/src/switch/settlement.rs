@@ -302,7 +302,7 @@ impl Switch {
             .ok()?
             .pop()
             .flatten()?;
-        match serde_json::from_slice::<Stored>(&value).ok()? {
+        match decode(&value).ok()? {
             Stored::Payment(record) => Some(*record),
             Stored::Participant(_) | Stored::Return(_) | Stored::Recall(_) => None,
         }

@@ -51,7 +51,7 @@ impl Switch {
         }
         // An index read of microseconds: done in place, not on the blocking pool.
         let value = self.node.get_records_now(&[id])?.pop().flatten();
-        match value.map(|v| serde_json::from_slice::<Stored>(&v)) {
+        match value.map(|v| decode(&v)) {
             None => Ok(None),
             Some(Ok(Stored::Payment(record))) => Ok(Some(*record)),
             Some(_) => Err(ApiError::new(
