@@ -39,6 +39,9 @@ const MASK_ALL: u16 = (1 << 10) - 1;
 
 /// Bit of an event's kind byte: a balance follows the transfer.
 const EVENT_HAS_BALANCE: u8 = 0x80;
+/// Bit of an event's kind byte (format 3): the event names its transfer by id (the `transfers`
+/// table, written in the same index transaction, holds it) instead of holding a copy.
+const EVENT_TRANSFER_BY_ID: u8 = 0x40;
 
 /// Appends `v` as a LEB128 varint (also used by the switch's binary payment records).
 #[inline]
@@ -346,6 +349,11 @@ impl ChunkWriter {
     }
 
     pub fn push(&mut self, out: &mut Vec<u8>, event: &AccountEvent) {
+        self.push_with(out, event, true);
+    }
+
+    /// `by_id` false writes the transfer inline, as format 2 did (kept to test reading it).
+    fn push_with(&mut self, out: &mut Vec<u8>, event: &AccountEvent, by_id: bool) {
         assert!(
             event.timestamp >= self.timestamp,
             "account events of a chunk are in timestamp order"
@@ -353,21 +361,25 @@ impl ChunkWriter {
         put_u64(out, event.timestamp - self.timestamp);
         self.timestamp = event.timestamp;
         let kind = event.kind as u8;
-        debug_assert_eq!(kind & EVENT_HAS_BALANCE, 0);
-        out.push(
-            kind | if event.balance.is_some() {
-                EVENT_HAS_BALANCE
-            } else {
-                0
-            },
-        );
-        put_transfer(
-            out,
-            &event.transfer,
-            event.account_id,
-            event.timestamp,
-            false,
-        );
+        debug_assert_eq!(kind & (EVENT_HAS_BALANCE | EVENT_TRANSFER_BY_ID), 0);
+        let by_id_bit = if by_id { EVENT_TRANSFER_BY_ID } else { 0 };
+        let balance_bit = if event.balance.is_some() {
+            EVENT_HAS_BALANCE
+        } else {
+            0
+        };
+        out.push(kind | by_id_bit | balance_bit);
+        if by_id {
+            put_u128(out, event.transfer.id);
+        } else {
+            put_transfer(
+                out,
+                &event.transfer,
+                event.account_id,
+                event.timestamp,
+                false,
+            );
+        }
         if let Some(balance) = event.balance {
             let previous = self.balance;
             put_u128(
@@ -391,12 +403,28 @@ impl ChunkWriter {
     }
 }
 
+/// One decoded account event. When `transfer_by_id`, the chunk named its transfer by id only:
+/// `event.transfer` holds just that id until the reader fills it from the `transfers` table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodedEvent {
+    pub event: AccountEvent,
+    pub transfer_by_id: bool,
+}
+
+/// What a chunk keeps of a transfer: its id (the rest is in the `transfers` table).
+pub fn transfer_reference(transfer: &Transfer) -> Transfer {
+    Transfer {
+        id: transfer.id,
+        ..Transfer::default()
+    }
+}
+
 /// Decodes every event of a chunk of `account_id` whose key timestamp is `first_timestamp`.
 pub fn decode_account_events(
     account_id: u128,
     first_timestamp: u64,
     bytes: &[u8],
-    out: &mut Vec<AccountEvent>,
+    out: &mut Vec<DecodedEvent>,
 ) -> Result<(), CodecError> {
     let mut c = Cursor {
         bytes,
@@ -409,9 +437,18 @@ pub fn decode_account_events(
             .checked_add(c.u64()?)
             .ok_or_else(|| error("account event timestamp", 8, 9))?;
         let kind_byte = c.u8()?;
-        let kind = AccountEventKind::from_u8(kind_byte & !EVENT_HAS_BALANCE)
-            .ok_or_else(|| error("account event kind", 1, kind_byte as usize))?;
-        let transfer = get_transfer(&mut c, account_id, timestamp, None)?;
+        let kind =
+            AccountEventKind::from_u8(kind_byte & !(EVENT_HAS_BALANCE | EVENT_TRANSFER_BY_ID))
+                .ok_or_else(|| error("account event kind", 1, kind_byte as usize))?;
+        let transfer_by_id = kind_byte & EVENT_TRANSFER_BY_ID != 0;
+        let transfer = if transfer_by_id {
+            Transfer {
+                id: c.u128()?,
+                ..Transfer::default()
+            }
+        } else {
+            get_transfer(&mut c, account_id, timestamp, None)?
+        };
         let balance = if kind_byte & EVENT_HAS_BALANCE != 0 {
             let balance = Balance {
                 debits_pending: unzigzag_u128(c.u128()?, previous.debits_pending),
@@ -424,12 +461,15 @@ pub fn decode_account_events(
         } else {
             None
         };
-        out.push(AccountEvent {
-            account_id,
-            timestamp,
-            transfer,
-            kind,
-            balance,
+        out.push(DecodedEvent {
+            event: AccountEvent {
+                account_id,
+                timestamp,
+                transfer,
+                kind,
+                balance,
+            },
+            transfer_by_id,
         });
     }
     Ok(())
@@ -559,20 +599,35 @@ mod tests {
                     }),
                 });
             }
-            let mut out = Vec::new();
-            let mut writer = ChunkWriter::new(list[0].timestamp);
-            for event in &list {
-                writer.push(&mut out, event);
-            }
-            let mut decoded = Vec::new();
-            decode_account_events(account, list[0].timestamp, &out, &mut decoded).unwrap();
-            prop_assert_eq!(&decoded, &list);
-            for cut in 1..out.len() {
-                decoded.clear();
-                // A cut inside the last event is an error; a cut at an event boundary is a shorter chunk.
-                if decode_account_events(account, list[0].timestamp, &out[..cut], &mut decoded).is_ok() {
-                    prop_assert!(decoded.len() < list.len());
-                    prop_assert_eq!(&decoded[..], &list[..decoded.len()]);
+            // Format 3 keeps each transfer's id (the reader looks the rest up); format 2 chunks,
+            // with the transfer inline, still decode whole.
+            for by_id in [true, false] {
+                let expected: Vec<AccountEvent> = list
+                    .iter()
+                    .map(|e| AccountEvent {
+                        transfer: if by_id { transfer_reference(&e.transfer) } else { e.transfer },
+                        ..*e
+                    })
+                    .collect();
+                let mut out = Vec::new();
+                let mut writer = ChunkWriter::new(list[0].timestamp);
+                for event in &list {
+                    writer.push_with(&mut out, event, by_id);
+                }
+                let mut decoded = Vec::new();
+                decode_account_events(account, list[0].timestamp, &out, &mut decoded).unwrap();
+                prop_assert!(decoded.iter().all(|d| d.transfer_by_id == by_id));
+                let events: Vec<AccountEvent> = decoded.iter().map(|d| d.event).collect();
+                prop_assert_eq!(&events, &expected);
+                for cut in 1..out.len() {
+                    decoded.clear();
+                    // A cut inside the last event is an error; a cut at an event boundary is a
+                    // shorter chunk.
+                    if decode_account_events(account, list[0].timestamp, &out[..cut], &mut decoded).is_ok() {
+                        prop_assert!(decoded.len() < list.len());
+                        let events: Vec<AccountEvent> = decoded.iter().map(|d| d.event).collect();
+                        prop_assert_eq!(&events[..], &expected[..decoded.len()]);
+                    }
                 }
             }
         }

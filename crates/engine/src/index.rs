@@ -475,9 +475,13 @@ impl Index {
         Ok(())
     }
 
+    /// The account's events within the filter that `keep` keeps; with `transfers`, each with its
+    /// whole transfer (read from the `transfers` table, in id order, where the chunk named it by
+    /// id), else with at least its id.
     fn account_events(
         &self,
         filter: &AccountFilter,
+        transfers_wanted: bool,
         mut keep: impl FnMut(&AccountEvent) -> bool,
     ) -> Result<Vec<AccountEvent>, EngineError> {
         let limit = filter.limit.min(QUERY_LIMIT_MAX) as usize;
@@ -494,47 +498,84 @@ impl Index {
         let account = filter.account_id;
         let txn = redb_try!(self.db.begin_read(), "begin read");
         let events = redb_try!(txn.open_table(ACCOUNT_EVENTS), "open account events");
+        let transfers = redb_try!(txn.open_table(TRANSFERS), "open transfers");
         let mut chunk = Vec::with_capacity(ACCOUNT_EVENTS_PER_CHUNK_MAX);
-        if filter.reversed {
-            // Chunks starting at or before `max`, newest first; stop below `min`.
-            for entry in redb_try!(events.range((account, 0)..=(account, max)), "range").rev() {
-                let (key, value) = redb_try!(entry, "read account events");
-                chunk.clear();
-                compact::decode_account_events(account, key.value().1, value.value(), &mut chunk)?;
-                for event in chunk.iter().rev() {
-                    if event.timestamp <= max && event.timestamp >= min && keep(event) {
-                        out.push(*event);
-                        if out.len() >= limit {
-                            return Ok(out);
+        // (transfer id, position in `out`) of the events whose transfer is still to be read.
+        let mut by_id: Vec<(u128, usize)> = Vec::new();
+        let mut take = |out: &mut Vec<AccountEvent>, decoded: &compact::DecodedEvent| {
+            if decoded.transfer_by_id {
+                by_id.push((decoded.event.transfer.id, out.len()));
+            }
+            out.push(decoded.event);
+            out.len() >= limit
+        };
+        'scan: {
+            if filter.reversed {
+                // Chunks starting at or before `max`, newest first; stop below `min`.
+                for entry in redb_try!(events.range((account, 0)..=(account, max)), "range").rev() {
+                    let (key, value) = redb_try!(entry, "read account events");
+                    chunk.clear();
+                    compact::decode_account_events(
+                        account,
+                        key.value().1,
+                        value.value(),
+                        &mut chunk,
+                    )?;
+                    for decoded in chunk.iter().rev() {
+                        let event = &decoded.event;
+                        if event.timestamp <= max && event.timestamp >= min && keep(event) {
+                            if take(&mut out, decoded) {
+                                break 'scan;
+                            }
                         }
                     }
+                    if key.value().1 < min {
+                        break;
+                    }
                 }
-                if key.value().1 < min {
-                    break;
-                }
-            }
-        } else {
-            // The chunk that may hold `min` starts at or before it.
-            let first =
-                match redb_try!(events.range((account, 0)..=(account, min)), "range").next_back() {
+            } else {
+                // The chunk that may hold `min` starts at or before it.
+                let first = match redb_try!(events.range((account, 0)..=(account, min)), "range")
+                    .next_back()
+                {
                     Some(entry) => redb_try!(entry, "read account events").0.value().1,
                     None => min,
                 };
-            for entry in redb_try!(events.range((account, first)..=(account, max)), "range") {
-                let (key, value) = redb_try!(entry, "read account events");
-                chunk.clear();
-                compact::decode_account_events(account, key.value().1, value.value(), &mut chunk)?;
-                for event in &chunk {
-                    if event.timestamp > max {
-                        return Ok(out);
-                    }
-                    if event.timestamp >= min && keep(event) {
-                        out.push(*event);
-                        if out.len() >= limit {
-                            return Ok(out);
+                for entry in redb_try!(events.range((account, first)..=(account, max)), "range") {
+                    let (key, value) = redb_try!(entry, "read account events");
+                    chunk.clear();
+                    compact::decode_account_events(
+                        account,
+                        key.value().1,
+                        value.value(),
+                        &mut chunk,
+                    )?;
+                    for decoded in &chunk {
+                        let event = &decoded.event;
+                        if event.timestamp > max {
+                            break 'scan;
+                        }
+                        if event.timestamp >= min && keep(event) {
+                            if take(&mut out, decoded) {
+                                break 'scan;
+                            }
                         }
                     }
                 }
+            }
+        }
+        if transfers_wanted {
+            // In id order: neighbouring ids share the B-tree's pages.
+            by_id.sort_unstable();
+            for (id, position) in by_id {
+                let value = redb_try!(transfers.get(id), "read transfer").ok_or_else(|| {
+                    EngineError::Index {
+                        context: "account event",
+                        message: format!("account event names transfer {id} that is not indexed"),
+                    }
+                })?;
+                out[position].transfer =
+                    compact::decode_stored_transfer(id, value.value())?.transfer;
             }
         }
         Ok(out)
@@ -545,7 +586,7 @@ impl Index {
         &self,
         filter: &AccountFilter,
     ) -> Result<Vec<Transfer>, EngineError> {
-        let events = self.account_events(filter, |event| {
+        let events = self.account_events(filter, true, |event| {
             event.kind.is_transfer()
                 && ((filter.debits && event.kind == clearhouse_ledger::AccountEventKind::Debit)
                     || (filter.credits
@@ -559,7 +600,7 @@ impl Index {
         &self,
         filter: &AccountFilter,
     ) -> Result<Vec<(u64, Balance)>, EngineError> {
-        let events = self.account_events(filter, |event| {
+        let events = self.account_events(filter, false, |event| {
             event.balance.is_some()
                 && (!event.kind.is_transfer()
                     || (filter.debits && event.kind == clearhouse_ledger::AccountEventKind::Debit)
@@ -796,10 +837,21 @@ mod tests {
         }
     }
 
+    /// An update with these events and, as the ledger's change sets always have, their transfers.
     fn update(seq: u64, account_events: Vec<AccountEvent>) -> IndexUpdate {
+        let mut transfers: Vec<StoredTransfer> = account_events
+            .iter()
+            .map(|e| StoredTransfer {
+                transfer: e.transfer,
+                status: PendingStatus::None,
+            })
+            .collect();
+        transfers.sort_by_key(|t| t.transfer.id);
+        transfers.dedup_by_key(|t| t.transfer.id);
         IndexUpdate {
             seq,
             changes: ChangeSet {
+                transfers,
                 account_events,
                 ..ChangeSet::default()
             },
