@@ -17,6 +17,7 @@ mod iso_bench;
 mod node_protocol;
 mod payments;
 mod simulate;
+mod storage;
 mod workload;
 
 use std::path::PathBuf;
@@ -81,6 +82,11 @@ enum Command {
     ///
     /// Example: clearhouse simulate --seed 1 --seeds 20 --steps 1000
     Simulate(simulate::SimulateArgs),
+    /// Where a stopped server's disk goes: each index table's entries, bytes stored, B-tree
+    /// metadata, fragmentation and pages, and the journal's size.
+    ///
+    /// Example: clearhouse storage --data-dir data
+    Storage(storage::StorageArgs),
     /// Benchmarks that print figures (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -173,6 +179,7 @@ fn main() -> anyhow::Result<()> {
         Command::Admin(args) => admin::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Init(args) => init::run(args),
+        Command::Storage(args) => storage::run(args),
         Command::Node {
             data_dir,
             segment_size,

@@ -77,6 +77,57 @@ macro_rules! redb_try {
     };
 }
 
+/// How much of the index file one table takes (redb's own accounting).
+#[derive(Clone, Debug)]
+pub struct TableStorage {
+    pub table: &'static str,
+    pub entries: u64,
+    /// Keys and values as inserted.
+    pub stored_bytes: u64,
+    /// Branch pages' keys and other B-tree metadata.
+    pub metadata_bytes: u64,
+    /// Allocated but unused within the table's pages.
+    pub fragmented_bytes: u64,
+    pub leaf_pages: u64,
+    pub branch_pages: u64,
+}
+
+/// Where an index file's bytes go, table by table. Opens the file read-only: the node that owns
+/// it must be stopped (redb refuses a second opener, and this says so).
+pub fn storage_report(path: &Path) -> Result<Vec<TableStorage>, EngineError> {
+    use redb::ReadableTableMetadata;
+    fn one<K: redb::Key + 'static, V: redb::Value + 'static>(
+        txn: &redb::ReadTransaction,
+        table: &'static str,
+        definition: TableDefinition<K, V>,
+    ) -> Result<TableStorage, EngineError> {
+        let opened = redb_try!(txn.open_table(definition), "open table");
+        let stats = redb_try!(opened.stats(), "table stats");
+        Ok(TableStorage {
+            table,
+            entries: redb_try!(opened.len(), "table length"),
+            stored_bytes: stats.stored_bytes(),
+            metadata_bytes: stats.metadata_bytes(),
+            fragmented_bytes: stats.fragmented_bytes(),
+            leaf_pages: stats.leaf_pages(),
+            branch_pages: stats.branch_pages(),
+        })
+    }
+    let db = redb_try!(redb::ReadOnlyDatabase::open(path), "open index read-only");
+    let txn = redb_try!(db.begin_read(), "begin read");
+    Ok(vec![
+        one(&txn, "transfers", TRANSFERS)?,
+        one(&txn, "account_events", ACCOUNT_EVENTS)?,
+        one(&txn, "pending", PENDING)?,
+        one(&txn, "accounts", ACCOUNTS)?,
+        one(&txn, "meta", META)?,
+        one(&txn, "records", RECORDS)?,
+        one(&txn, "records_open", RECORDS_OPEN)?,
+        one(&txn, "record_aliases", RECORD_ALIASES)?,
+        one(&txn, "vouchers", VOUCHERS)?,
+    ])
+}
+
 /// The state one index transaction brings the index to: as of journal sequence `seq`.
 pub struct IndexUpdate {
     pub seq: u64,
@@ -523,10 +574,12 @@ impl Index {
                     )?;
                     for decoded in chunk.iter().rev() {
                         let event = &decoded.event;
-                        if event.timestamp <= max && event.timestamp >= min && keep(event) {
-                            if take(&mut out, decoded) {
-                                break 'scan;
-                            }
+                        if event.timestamp <= max
+                            && event.timestamp >= min
+                            && keep(event)
+                            && take(&mut out, decoded)
+                        {
+                            break 'scan;
                         }
                     }
                     if key.value().1 < min {
@@ -555,10 +608,8 @@ impl Index {
                         if event.timestamp > max {
                             break 'scan;
                         }
-                        if event.timestamp >= min && keep(event) {
-                            if take(&mut out, decoded) {
-                                break 'scan;
-                            }
+                        if event.timestamp >= min && keep(event) && take(&mut out, decoded) {
+                            break 'scan;
                         }
                     }
                 }
@@ -861,6 +912,31 @@ mod tests {
             vouchers: Vec::new(),
             durable: false,
         }
+    }
+
+    #[test]
+    fn the_storage_report_counts_each_table_and_needs_the_index_closed() {
+        use clearhouse_ledger::AccountEventKind::Debit;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let index = Index::open(&path).unwrap();
+        index
+            .apply_all(&[update(
+                1,
+                (0..50)
+                    .map(|i| event(1, 10 + i, i as u128 + 1, Debit))
+                    .collect(),
+            )])
+            .unwrap();
+        assert!(storage_report(&path).is_err(), "the node still has it open");
+        drop(index);
+        let report = storage_report(&path).unwrap();
+        let table = |name: &str| report.iter().find(|t| t.table == name).unwrap();
+        assert_eq!(table("transfers").entries, 50);
+        assert!(table("transfers").stored_bytes >= 50 * 16);
+        assert_eq!(table("account_events").entries, 1, "one chunk");
+        assert_eq!(table("vouchers").entries, 0);
+        assert_eq!(report.len(), 9);
     }
 
     #[test]
