@@ -17,6 +17,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 use crate::codec::{self, RecordPut};
 use crate::compact::{self, ChunkWriter, INDEX_FORMAT, INDEX_FORMAT_READABLE};
+use crate::voucher_pack;
 use crate::vouchers::{Voucher, VoucherChain};
 use crate::EngineError;
 
@@ -155,12 +156,18 @@ pub struct Restored {
 
 pub struct Index {
     db: Database,
+    /// Vouchers from this sequence on are stored packed ([`crate::voucher_pack`]); those before it
+    /// (written by format 2, before the index was re-marked 3) hold their body as is.
+    vouchers_packed_from: u64,
 }
 
 impl Index {
     pub fn open(path: &Path) -> Result<Index, EngineError> {
         let db = redb_try!(Database::create(path), "open index");
-        let index = Index { db };
+        let mut index = Index {
+            db,
+            vouchers_packed_from: 0,
+        };
         // Make sure every table exists so read transactions never miss one.
         let mut txn = redb_try!(index.db.begin_write(), "begin write");
         redb_try!(txn.set_durability(Durability::Immediate), "durability");
@@ -189,6 +196,14 @@ impl Index {
                         meta.insert("index_format", INDEX_FORMAT.to_le_bytes().as_slice()),
                         "write meta"
                     );
+                    let vouchers = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
+                    let next = redb_try!(vouchers.last(), "read last voucher")
+                        .map_or(0, |(seq, _)| seq.value())
+                        + 1;
+                    redb_try!(
+                        meta.insert("vouchers_packed_from", next.to_le_bytes().as_slice()),
+                        "write meta"
+                    );
                 }
                 None if !applied => {
                     redb_try!(
@@ -209,6 +224,17 @@ impl Index {
                         ),
                     });
                 }
+            }
+            let packed_from = redb_try!(meta.get("vouchers_packed_from"), "read meta")
+                .map(|value| value.value().to_vec());
+            if let Some(bytes) = packed_from {
+                index.vouchers_packed_from =
+                    u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| {
+                        EngineError::Index {
+                            context: "vouchers_packed_from",
+                            message: "bad length".into(),
+                        }
+                    })?);
             }
         }
         redb_try!(txn.commit(), "commit");
@@ -259,7 +285,7 @@ impl Index {
         let vouchers_table = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
         let vouchers = match redb_try!(vouchers_table.last(), "read last voucher") {
             Some((seq, value)) => {
-                let voucher = decode_voucher(seq.value(), value.value())?;
+                let voucher = self.decode_voucher(seq.value(), value.value())?;
                 VoucherChain {
                     seq: voucher.seq,
                     hash: voucher.hash,
@@ -426,7 +452,11 @@ impl Index {
                 for voucher in vouchers_new {
                     buffer.clear();
                     buffer.extend_from_slice(&voucher.hash);
-                    buffer.extend_from_slice(&voucher.body);
+                    if voucher.seq >= self.vouchers_packed_from {
+                        buffer.extend_from_slice(&voucher_pack::pack(&voucher.body));
+                    } else {
+                        buffer.extend_from_slice(&voucher.body);
+                    }
                     redb_try!(
                         vouchers.insert(voucher.seq, buffer.as_slice()),
                         "insert voucher"
@@ -464,6 +494,29 @@ impl Index {
         Ok(out)
     }
 
+    /// A stored voucher: its hash, then its body, packed from `vouchers_packed_from` on.
+    fn decode_voucher(&self, seq: u64, value: &[u8]) -> Result<Voucher, EngineError> {
+        if value.len() < 32 {
+            return Err(EngineError::Index {
+                context: "vouchers",
+                message: format!(
+                    "voucher {seq} is {} bytes, shorter than its hash",
+                    value.len()
+                ),
+            });
+        }
+        let body = if seq >= self.vouchers_packed_from {
+            voucher_pack::unpack(&value[32..], crate::vouchers::VOUCHER_BODY_MAX)?
+        } else {
+            value[32..].to_vec()
+        };
+        Ok(Voucher {
+            seq,
+            hash: value[..32].try_into().expect("32 bytes"),
+            body,
+        })
+    }
+
     /// Vouchers with sequence numbers from `from_seq` on, in order, at most `limit`.
     pub fn vouchers(&self, from_seq: u64, limit: usize) -> Result<Vec<Voucher>, EngineError> {
         let txn = redb_try!(self.db.begin_read(), "begin read");
@@ -474,7 +527,7 @@ impl Index {
                 break;
             }
             let (seq, value) = redb_try!(entry, "read voucher");
-            out.push(decode_voucher(seq.value(), value.value())?);
+            out.push(self.decode_voucher(seq.value(), value.value())?);
         }
         Ok(out)
     }
@@ -764,23 +817,6 @@ fn chunks_by_sorting(updates: &[IndexUpdate]) -> Vec<(u128, u64, Vec<u8>)> {
     chunks
 }
 
-fn decode_voucher(seq: u64, value: &[u8]) -> Result<Voucher, EngineError> {
-    if value.len() < 32 {
-        return Err(EngineError::Index {
-            context: "vouchers",
-            message: format!(
-                "voucher {seq} is {} bytes, shorter than its hash",
-                value.len()
-            ),
-        });
-    }
-    Ok(Voucher {
-        seq,
-        hash: value[..32].try_into().expect("32 bytes"),
-        body: value[32..].to_vec(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -842,6 +878,7 @@ mod tests {
         assert!(error.contains("index.redb"), "{error}");
         let index = Index {
             db: Database::create(&path).unwrap(),
+            vouchers_packed_from: 0,
         };
         set_format(&index, Some(INDEX_FORMAT + 1));
         drop(index);
@@ -912,6 +949,60 @@ mod tests {
             vouchers: Vec::new(),
             durable: false,
         }
+    }
+
+    #[test]
+    fn vouchers_are_stored_packed_and_those_of_a_format_2_index_read_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let body = |n: u64| {
+            format!(
+                "{{\"type\":\"window_closed\",\"window\":{n},\"opened_at_ns\":1,\"closed_at_ns\":2}}"
+            )
+            .into_bytes()
+        };
+        let mut chain = VoucherChain::default();
+        let first = chain.append(body(1));
+        // A format 2 index holding voucher 1 as hash and raw body.
+        let index = Index::open(&path).unwrap();
+        {
+            let txn = index.db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(VOUCHERS).unwrap();
+                let mut value = first.hash.to_vec();
+                value.extend_from_slice(&first.body);
+                table.insert(1, value.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        set_format(&index, Some(INDEX_FORMAT_READABLE));
+        drop(index);
+        // Opened by this build: voucher 2 on is packed, voucher 1 stays as it was.
+        let index = Index::open(&path).unwrap();
+        assert_eq!(index.vouchers_packed_from, 2);
+        let second = chain.append(body(2));
+        let mut next = update(1, Vec::new());
+        next.vouchers = vec![second.clone()];
+        index.apply_all(&[next]).unwrap();
+        assert_eq!(
+            index.vouchers(0, 10).unwrap(),
+            vec![first.clone(), second.clone()]
+        );
+        let txn = index.db.begin_read().unwrap();
+        let table = txn.open_table(VOUCHERS).unwrap();
+        assert_eq!(table.get(1).unwrap().unwrap().value()[32..], first.body[..]);
+        let stored = table.get(2).unwrap().unwrap().value().to_vec();
+        assert!(
+            stored.len() < 32 + second.body.len() / 2,
+            "{} bytes",
+            stored.len()
+        );
+        drop((table, txn));
+        drop(index);
+        // A reopened index keeps the boundary.
+        let index = Index::open(&path).unwrap();
+        assert_eq!(index.vouchers(0, 10).unwrap(), vec![first, second]);
+        assert_eq!(index.restore().unwrap().vouchers.seq, 2);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod compact;
 pub mod index;
 pub mod node;
 pub mod replica;
+pub mod voucher_pack;
 pub mod vouchers;
 
 pub use codec::RecordPut;
