@@ -59,11 +59,11 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
                     "seed {seed}: {} steps, {} payments ({} settled, rejected {:?}), {} windows settled; \
                      faults: {} dropped, {} duplicated, {} reordered, {} late, {} never answered, {} unreachable, \
                      {} crashes (writes lost {}, torn {}, on disk unacknowledged {}; publishes lost {}, acks lost {}; \
-                     {} failovers, {} unreplicated records cut); {} checks, {} vouchers verified; trace {}",
+                     {} partitions, {} failovers, {} unreplicated records cut); {} checks, {} vouchers verified; trace {}",
                     r.steps, r.payments, r.settled, r.rejected, r.windows_settled,
                     f.messages_dropped, f.messages_duplicated, f.messages_reordered, f.answers_late,
                     f.answers_never, f.creditors_unreachable, f.crashes, f.writes_lost, f.writes_torn,
-                    f.writes_unacknowledged_on_disk, f.publishes_lost, f.acks_lost, f.failovers,
+                    f.writes_unacknowledged_on_disk, f.publishes_lost, f.acks_lost, f.partitions, f.failovers,
                     f.unreplicated_records_cut, r.checks, r.vouchers_verified, &r.trace_digest[..16]
                 );
             }

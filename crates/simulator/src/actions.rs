@@ -38,6 +38,7 @@ impl World {
             }
             90..=91 => self.close_window(),
             92..=93 => self.settle_window(),
+            _ if self.replica.is_some() && self.rng.chance(33) => self.partition(),
             _ => self.power_loss(),
         }
     }

@@ -6,7 +6,7 @@ use crate::*;
 
 impl World {
     pub(crate) fn crash(&mut self) {
-        if let Some(live) = self.live.take() {
+        if let Some(live) = self.orphan_live() {
             // Dropping the runtime drops every task of the switch; then the engine's threads stop
             // (a poisoned journal wrote nothing more).
             let Live {
@@ -20,12 +20,17 @@ impl World {
             drop(switch);
             drop(node);
         }
-        // Held forwards belong to the dead process: their answers go nowhere.
+    }
+
+    /// Takes the running switch out of the world (to stop it, or to keep it running deposed):
+    /// the forwards it holds belong to it, so their answers go nowhere.
+    pub(crate) fn orphan_live(&mut self) -> Option<Live> {
         for message in self.network.iter_mut() {
             if let Message::Forward { answer, .. } = message {
                 *answer = None;
             }
         }
+        self.live.take()
     }
 
     /// A power loss while the journal writes: armed, then one action that writes; the process

@@ -113,6 +113,9 @@ pub struct Faults {
     pub acks_lost: u64,
     pub failovers: u64,
     pub unreplicated_records_cut: u64,
+    /// Replicated runs: leaders cut off from the log while alive (then deposed, and refused by
+    /// the log when they tried to write again).
+    pub partitions: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]

@@ -5,7 +5,8 @@
 //!
 //! Faults: the leader's group lost before the log stored it, or stored with its ack lost (the
 //! leader stops answering either way: outcome unknown), or a power loss during its local write
-//! (never submitted). Each ends in a failover: the lease expires on the clock, the standby
+//! (never submitted), or a partition (the leader, alive, cut off from the log: see
+//! [`World::partition`]). Each ends in a failover: the lease expires on the clock, the standby
 //! applies the rest of the log, checks the barrier (its journal ends where the log does), and
 //! becomes the leader; the old leader's directory restarts as the standby, cutting the records
 //! the log never stored. The model is the same as for a single node, with one rule changed: a
@@ -40,6 +41,11 @@ pub(crate) struct SimLog {
     tripped: Mutex<Option<LogFault>>,
     /// Like the real publisher: after a failed group, every later group of the term fails.
     term_failed: Mutex<bool>,
+    /// The term of the last takeover's barrier: a leader of an earlier term is refused, as the
+    /// stream refuses a publish whose expected last sequence is stale.
+    fence: Mutex<u64>,
+    /// The term whose leader is cut off from the log (a partition), if any.
+    cut_off: Mutex<Option<u64>>,
 }
 
 impl SimLog {
@@ -47,9 +53,15 @@ impl SimLog {
         *self.armed.lock().expect("log") = fault;
         *self.tripped.lock().expect("log") = None;
     }
-    /// A new term (after a failover): the new leader's groups are taken again.
-    pub(crate) fn new_term(&self) {
+    /// A new term (after a failover, its barrier): the new leader's groups are taken again, and
+    /// any leader of an earlier term is fenced off.
+    pub(crate) fn new_term(&self, term: u64) {
         *self.term_failed.lock().expect("log") = false;
+        *self.fence.lock().expect("log") = term;
+    }
+    /// Cuts the leader of `term` off from the log (`None`: the partition heals).
+    pub(crate) fn cut_off(&self, term: Option<u64>) {
+        *self.cut_off.lock().expect("log") = term;
     }
     pub(crate) fn tripped(&self) -> Option<LogFault> {
         *self.tripped.lock().expect("log")
@@ -72,7 +84,37 @@ impl SimLog {
     }
 }
 
-impl GroupLog for SimLog {
+/// One leader's view of the log: its term decides whether the log takes its groups.
+pub(crate) struct SimLogHandle {
+    pub(crate) log: Arc<SimLog>,
+    pub(crate) term: u64,
+}
+
+impl GroupLog for SimLogHandle {
+    fn submit(&self, group: ReplicatedGroup) -> ReplicaTicket {
+        if *self.log.cut_off.lock().expect("log") == Some(self.term) {
+            let (sender, ticket) = ReplicaTicket::new();
+            sender.resolve(Err("the log is unreachable".into()));
+            return ticket;
+        }
+        let fence = *self.log.fence.lock().expect("log");
+        if self.term < fence {
+            let (sender, ticket) = ReplicaTicket::new();
+            sender.resolve(Err(format!(
+                "wrong last sequence: term {fence} took over after this leader's term {}",
+                self.term
+            )));
+            return ticket;
+        }
+        self.log.submit(group)
+    }
+
+    fn available(&self) -> bool {
+        *self.log.cut_off.lock().expect("log") != Some(self.term)
+    }
+}
+
+impl SimLog {
     fn submit(&self, group: ReplicatedGroup) -> ReplicaTicket {
         let (sender, ticket) = ReplicaTicket::new();
         if *self.term_failed.lock().expect("log") {
@@ -113,10 +155,6 @@ impl GroupLog for SimLog {
         }
         ticket
     }
-
-    fn available(&self) -> bool {
-        true
-    }
 }
 
 /// The tail check against the simulated log: keeps the local records it holds byte for byte.
@@ -152,6 +190,8 @@ pub(crate) struct Replica {
     pub(crate) standby: Option<Node>,
     /// Log groups the standby has applied.
     pub(crate) applied: usize,
+    /// A deposed leader still runs on the standby's directory: no standby starts there yet.
+    pub(crate) hold_standby: bool,
 }
 
 impl Replica {
@@ -167,6 +207,7 @@ impl Replica {
             leader: 0,
             standby: None,
             applied: 0,
+            hold_standby: false,
         }
     }
 }
@@ -184,7 +225,10 @@ impl World {
     /// The leader node's replication role (None when not replicated).
     pub(crate) fn leader_replication(&self) -> Replication {
         match &self.replica {
-            Some(replica) => Replication::Leader(replica.log.clone()),
+            Some(replica) => Replication::Leader(Arc::new(SimLogHandle {
+                log: replica.log.clone(),
+                term: replica.lease.term,
+            })),
             None => Replication::None,
         }
     }
@@ -257,7 +301,6 @@ impl World {
             ));
         }
         drop(node);
-        replica.log.new_term();
         let old = replica.leader;
         replica.leader = 1 - old;
         replica.lease = SimLease {
@@ -265,6 +308,7 @@ impl World {
             term: replica.lease.term + 1,
             expires_ns: 0,
         };
+        replica.log.new_term(replica.lease.term);
         let (term, new_dir, old_dir) = (
             replica.lease.term,
             replica.dirs[replica.leader].clone(),
@@ -288,6 +332,64 @@ impl World {
             1 - old
         ));
         self.start()
+    }
+
+    /// A partition: the leader, alive, is cut off from the log. It refuses new work (nothing
+    /// changes); its lease lapses and the standby takes over while it still runs; then the
+    /// partition heals and the deposed leader tries to write again: the log refuses it (the new
+    /// term's barrier fences it off), so it acknowledges nothing. Then it stops, and its directory
+    /// restarts as the standby, cutting the record the log refused.
+    pub(crate) fn partition(&mut self) -> Outcome {
+        let term = self.replica.as_ref().expect("replica").lease.term;
+        let log = self.replica.as_ref().expect("replica").log.clone();
+        log.cut_off(Some(term));
+        self.report.faults.partitions += 1;
+        let bank = self.rng.below(PREFUNDED as u64) as usize;
+        let bic = self.banks[bank].bic.clone();
+        let probe = |n: u64| LiquidityRequest {
+            request_id: format!("LIQ-PARTITION-{term}-{n}"),
+            currency: CURRENCY.into(),
+            amount: format_amount(1, EXPONENT),
+            direction: LiquidityDirection::In,
+        };
+        let switch = self.live().switch.clone();
+        let refused = self.block_on(switch.liquidity(&bic, probe(1))).is_err();
+        drop(switch);
+        if !refused {
+            return Err("a leader cut off from the log acknowledged a liquidity transfer".into());
+        }
+        self.trace(format!(
+            "partition: n{} (term {term}) cut off from the log; it refuses work",
+            self.replica.as_ref().expect("replica").leader
+        ));
+        // Its lease runs out a TTL after its last renewal; the standby takes over meanwhile.
+        let now = self.clock.now_ns();
+        let replica = self.replica.as_mut().expect("replica");
+        replica.lease.expires_ns = now + LEASE_TTL_MS * 1_000_000;
+        replica.hold_standby = true;
+        let deposed = self.orphan_live();
+        self.failover()?;
+        // The partition heals: the deposed leader, still running, tries again.
+        log.cut_off(None);
+        let groups = log.len();
+        let answer = deposed.as_ref().map(|live| {
+            let switch = live.switch.clone();
+            live.runtime.block_on(switch.liquidity(&bic, probe(2)))
+        });
+        if let Some(Ok(_)) = answer {
+            return Err(
+                "a deposed leader acknowledged a liquidity transfer after the takeover".into(),
+            );
+        }
+        if log.len() != groups {
+            return Err("the log took a group from a deposed leader".into());
+        }
+        self.trace("partition healed: the deposed leader's write was refused by the log".into());
+        drop(deposed);
+        let replica = self.replica.as_mut().expect("replica");
+        replica.hold_standby = false;
+        self.start_standby()?;
+        self.pump()
     }
 
     /// The standby, caught up, holds exactly what the log holds, which ends at the leader's

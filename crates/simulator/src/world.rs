@@ -131,7 +131,7 @@ impl World {
         if self
             .replica
             .as_ref()
-            .is_some_and(|replica| replica.standby.is_none())
+            .is_some_and(|replica| replica.standby.is_none() && !replica.hold_standby)
         {
             self.start_standby()?;
         }

@@ -60,22 +60,25 @@ fn seeds_keep_every_invariant() {
 }
 
 /// Replicated: the simulated log and lease, a lagging standby, failover on every crash (lost
-/// publishes, lost acks, power loss during the leader's write).
+/// publishes, lost acks, power loss during the leader's write) and partition (the leader cut off
+/// alive, deposed, refused by the log when it writes again).
 #[test]
 fn replicated_seeds_keep_every_invariant_across_failovers() {
     let steps = env("CLEARHOUSE_SIM_STEPS", 400);
     let mut failovers = 0;
     let mut log_faults = 0;
+    let mut partitions = 0;
     for seed in 1..=env("CLEARHOUSE_SIM_SEEDS", 6) {
         let report = run_mode(seed, steps, true);
         eprintln!("{}", serde_json::to_string(&report).unwrap());
         assert!(report.payments > steps / 10, "seed {seed}: {report:?}");
         failovers += report.faults.failovers;
         log_faults += report.faults.acks_lost + report.faults.publishes_lost;
+        partitions += report.faults.partitions;
     }
     assert!(
-        failovers > 0 && log_faults > 0,
-        "no failover or log fault in any seed"
+        failovers > 0 && log_faults > 0 && partitions > 0,
+        "no failover, log fault or partition in any seed"
     );
     // Reproducible too.
     assert_eq!(run_mode(3, 150, true), run_mode(3, 150, true));
