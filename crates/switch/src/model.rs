@@ -170,7 +170,12 @@ pub fn new_uetr() -> String {
     getrandom::fill(&mut b).expect("operating system randomness");
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
+    uuid_text(&b)
+}
+
+/// 16 bytes as a lowercase hyphenated UUID (8-4-4-4-12 hex digits).
+pub fn uuid_text(bytes: &[u8; 16]) -> String {
+    let h = hex::encode(bytes);
     format!(
         "{}-{}-{}-{}-{}",
         &h[..8],

@@ -12,7 +12,9 @@
 use clearhouse_engine::compact::{put_u128, put_u64, Cursor};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Participant, Party, PaymentRecord, PaymentState, RecallRecord, ReturnRecord};
+use crate::model::{
+    uuid_text, Participant, Party, PaymentRecord, PaymentState, RecallRecord, ReturnRecord,
+};
 
 /// What the engine stores for the switch.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -165,7 +167,7 @@ fn decode_payment_v1(bytes: &[u8]) -> Result<PaymentRecord, StoredError> {
     let instruction_id = text(&mut c)?;
     let end_to_end_id = text(&mut c)?;
     let uetr = if flags & UETR_BINARY != 0 {
-        uetr_text(c.take(16)?)
+        uuid_text(c.take(16)?.try_into().expect("16 bytes"))
     } else {
         text(&mut c)?
     };
@@ -260,18 +262,6 @@ fn uetr_bytes(uetr: &str) -> Option<[u8; 16]> {
         nibbles += 1;
     }
     Some(out)
-}
-
-fn uetr_text(bytes: &[u8]) -> String {
-    let h = hex::encode(bytes);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
 }
 
 #[cfg(test)]
