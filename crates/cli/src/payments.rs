@@ -525,12 +525,13 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
                 .find_map(|line| {
                     line.strip_prefix("clearhouse_replication_published_messages_total ")
                 })
-                .and_then(|value| value.trim().parse::<f64>().ok())
+                .and_then(|value| value.trim().parse::<u64>().ok())
         });
         if let Some(messages) = published {
             report["stream_messages"] = json!(messages);
+            // A ratio of two counts (no amount), rounded to 3 places for the report.
             report["stream_messages_per_payment"] =
-                json!((messages / payments * 1000.0).round() / 1000.0);
+                json!((messages as f64 / payments * 1000.0).round() / 1000.0);
         }
         report["workload"] = json!(format!(
             "{} replicated (R3 JetStream stream on 3 loopback nats-servers, 1 standby)",

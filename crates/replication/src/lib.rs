@@ -163,27 +163,44 @@ pub async fn ensure_objects(
         })
         .await
         .map_err(nats)?;
-    // The lease bucket is created as a stream with the key-value layout: async-nats'
-    // create_key_value asks for account fields nats-server 2.9 does not send.
-    let bucket = config.lease_bucket();
+    let lease = key_value_bucket(
+        js,
+        config,
+        &config.lease_bucket(),
+        stream::Config {
+            max_age: config.lease_ttl(),
+            duplicate_window: Duration::from_millis(config.lease_ttl_ms.min(120_000)),
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok((journal, lease))
+}
+
+/// A key-value bucket (one value a key), created when missing as a stream with the key-value
+/// layout: async-nats' create_key_value asks for account fields nats-server 2.9 does not send.
+/// `extra` gives the bucket's own limits (age, duplicate window); the layout fields are set here.
+async fn key_value_bucket(
+    js: &jetstream::Context,
+    config: &ReplicationConfig,
+    bucket: &str,
+    extra: stream::Config,
+) -> Result<async_nats::jetstream::kv::Store, ReplicationError> {
     js.get_or_create_stream(stream::Config {
         name: format!("KV_{bucket}"),
         subjects: vec![format!("$KV.{bucket}.>")],
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
         max_messages_per_subject: 1,
-        max_age: config.lease_ttl(),
         allow_rollup: true,
         deny_delete: true,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
-        duplicate_window: Duration::from_millis(config.lease_ttl_ms.min(120_000)),
-        ..Default::default()
+        ..extra
     })
     .await
     .map_err(nats)?;
-    let lease = js.get_key_value(bucket).await.map_err(nats)?;
-    Ok((journal, lease))
+    js.get_key_value(bucket).await.map_err(nats)
 }
 
 /// What every node of a cluster must share, recorded once in the `{stream}_meta` key-value bucket
@@ -203,21 +220,7 @@ pub async fn check_identity(
     operator_keys_blake3: String,
 ) -> Result<ClusterIdentity, ReplicationError> {
     let bucket = format!("{}_meta", config.stream.to_lowercase());
-    js.get_or_create_stream(stream::Config {
-        name: format!("KV_{bucket}"),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        storage: stream::StorageType::File,
-        num_replicas: config.replicas,
-        max_messages_per_subject: 1,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::New,
-        ..Default::default()
-    })
-    .await
-    .map_err(nats)?;
-    let store = js.get_key_value(bucket).await.map_err(nats)?;
+    let store = key_value_bucket(js, config, &bucket, stream::Config::default()).await?;
     let mine = ClusterIdentity {
         operator_keys_blake3,
         first_node: config.node_id.clone(),

@@ -302,10 +302,7 @@ impl Switch {
             .ok()?
             .pop()
             .flatten()?;
-        match decode(&value).ok()? {
-            Stored::Payment(record) => Some(*record),
-            Stored::Participant(_) | Stored::Return(_) | Stored::Recall(_) => None,
-        }
+        crate::stored::decode_payment(&value).ok().flatten()
     }
 
     /// Picks up an open payment after a restart; `reserved`: its reservation is still pending.
