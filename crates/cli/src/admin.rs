@@ -153,11 +153,7 @@ fn terms(spec: &str) -> anyhow::Result<(String, Value)> {
 }
 
 pub fn run(args: AdminArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.key_file)
-        .with_context(|| format!("reading the operator key {}", args.key_file.display()))?;
-    let mut parts = text.split_whitespace();
-    let key_id = parts.next().context("operator key id")?.to_string();
-    let secret = hex::decode(parts.next().context("operator secret")?)?;
+    let (key_id, secret) = crate::common::read_operator_key(&args.key_file)?;
     let (method, path, body) = match args.command {
         AdminCommand::Onboard {
             bic,

@@ -716,11 +716,7 @@ async fn our_lines(
 /// difference), 2 an input could not be read or the switch refused.
 pub fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
     let outcome = (|| {
-        let text = std::fs::read_to_string(&args.key_file)
-            .with_context(|| format!("reading the operator key {}", args.key_file.display()))?;
-        let mut parts = text.split_whitespace();
-        let key_id = parts.next().context("operator key id")?.to_string();
-        let secret = hex::decode(parts.next().context("operator secret")?)?;
+        let (key_id, secret) = crate::common::read_operator_key(&args.key_file)?;
         let client = clearhouse_switch::client::SignedClient::new(&args.url, &key_id, secret);
         let theirs = statement_lines(&args.statement)?;
         let runtime = tokio::runtime::Builder::new_current_thread()

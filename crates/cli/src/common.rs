@@ -27,6 +27,18 @@ pub(crate) fn percent_of_bp(bp: u64) -> String {
     format!("{}.{:02} %", bp / 100, bp % 100)
 }
 
+/// The operator key file (`<key id> <hex secret>`): its key id and secret.
+pub(crate) fn read_operator_key(path: &std::path::Path) -> anyhow::Result<(String, Vec<u8>)> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the operator key {}", path.display()))?;
+    let mut parts = text.split_whitespace();
+    let key_id = parts.next().context("operator key id")?.to_string();
+    let secret = hex::decode(parts.next().context("operator secret")?)
+        .context("the operator secret is hex")?;
+    Ok((key_id, secret))
+}
+
 /// Progress on stderr when it is a terminal: one line, rewritten.
 pub(crate) struct Progress {
     label: &'static str,

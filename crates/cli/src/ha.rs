@@ -32,29 +32,54 @@ use crate::common::switch_node_options;
 pub const EXIT_STEPPED_DOWN: i32 = 75;
 
 /// Splits a configuration file into the switch's part and the `[replication]` section.
-pub fn split_config(text: &str) -> anyhow::Result<(String, Option<ReplicationConfig>)> {
+pub fn split_config(
+    text: &str,
+) -> anyhow::Result<(
+    String,
+    Option<ReplicationConfig>,
+    Vec<clearhouse_export::ExportConfig>,
+)> {
     let table: toml::Table = toml::from_str(text).context("parsing the configuration")?;
-    let Some(section) = table.get("replication") else {
-        return Ok((text.to_string(), None));
-    };
-    let config: ReplicationConfig = section
-        .clone()
-        .try_into()
+    let replication: Option<ReplicationConfig> = table
+        .get("replication")
+        .map(|section| section.clone().try_into())
+        .transpose()
         .context("the [replication] section")?;
-    // The switch's own parser refuses unknown sections: hand it the text without this one.
+    let exports: Vec<clearhouse_export::ExportConfig> = match table.get("export") {
+        None => Vec::new(),
+        Some(toml::Value::Array(sections)) => sections
+            .iter()
+            .enumerate()
+            .map(|(i, section)| {
+                section
+                    .clone()
+                    .try_into()
+                    .with_context(|| format!("[[export]] section {}", i + 1))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        Some(_) => bail!("export sections are written [[export]], one per sink"),
+    };
+    // A bad export section stops every node at start, not a standby at its takeover.
+    for export in &exports {
+        export.sink_config().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    if replication.is_none() && exports.is_empty() {
+        return Ok((text.to_string(), None, exports));
+    }
+    // The switch's own parser refuses unknown sections: hand it the text without these.
     let mut rest = String::new();
     let mut inside = false;
     for line in text.lines() {
         let trimmed = line.trim_start();
         if trimmed.starts_with('[') {
-            inside = trimmed.starts_with("[replication]");
+            inside = trimmed.starts_with("[replication]") || trimmed.starts_with("[[export]]");
         }
         if !inside {
             rest.push_str(line);
             rest.push('\n');
         }
     }
-    Ok((rest, Some(config)))
+    Ok((rest, replication, exports))
 }
 
 struct StandbyState {
@@ -236,18 +261,20 @@ pub fn serve_replicated(
     data_dir: PathBuf,
     config: SwitchConfig,
     replication: ReplicationConfig,
+    exports: Vec<clearhouse_export::ExportConfig>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let handle = runtime.handle().clone();
-    runtime.block_on(run(data_dir, config, replication, handle))
+    runtime.block_on(run(data_dir, config, replication, exports, handle))
 }
 
 async fn run(
     data_dir: PathBuf,
     config: SwitchConfig,
     replication: ReplicationConfig,
+    exports: Vec<clearhouse_export::ExportConfig>,
     handle: tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)?;
@@ -553,6 +580,8 @@ async fn run(
     let switch = Switch::start(node.clone(), config.clone(), &data_dir)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Exporters run on the leader only; a new leader's resume where the sinks end.
+    clearhouse_export::spawn_in_process(&switch, &data_dir, &exports)?;
     let _ = standby_stop.send(());
     let _ = standby_server.await;
     let listener = bind_again(&address).await?;

@@ -10,6 +10,7 @@ mod admin;
 mod bench;
 mod clearing_cmd;
 mod common;
+mod export;
 mod ha;
 mod ha_demo;
 mod init;
@@ -72,6 +73,12 @@ enum Command {
     ///
     /// Example: clearhouse export-vouchers --data-dir data --out vouchers.export
     ExportVouchers(clearing_cmd::ExportArgs),
+    /// Follows a running switch's voucher chain into a PostgreSQL reporting mirror, a Parquet
+    /// archive (a file per closed window) or a Kafka-protocol broker (a topic per event kind),
+    /// each voucher exactly once; where to start is read back from the sink (docs/EXPORT.md).
+    ///
+    /// Example: clearhouse export parquet --dir archive --key-file data/operator.key
+    Export(export::ExportArgs),
     /// Simulated participant banks (creditor side) for the demo and the payments benchmark.
     ///
     /// Example: clearhouse sim-banks --banks banks.json --reject-per-10k 100
@@ -180,6 +187,7 @@ fn main() -> anyhow::Result<()> {
         Command::Simulate(args) => simulate::run(args),
         Command::Init(args) => init::run(args),
         Command::Storage(args) => storage::run(args),
+        Command::Export(args) => export::run(args),
         Command::Node {
             data_dir,
             segment_size,

@@ -43,13 +43,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => String::new(),
     };
-    let (text, replication) = crate::ha::split_config(&text)?;
+    let (text, replication, exports) = crate::ha::split_config(&text)?;
     let mut config = SwitchConfig::from_toml_and_env(&text, std::env::vars())?;
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
     if let Some(replication) = replication {
-        return crate::ha::serve_replicated(args.data_dir, config, replication);
+        return crate::ha::serve_replicated(args.data_dir, config, replication, exports);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -61,6 +61,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let switch = Switch::start(node, config.clone(), &args.data_dir)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        clearhouse_export::spawn_in_process(&switch, &args.data_dir, &exports)?;
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;

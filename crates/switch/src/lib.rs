@@ -21,6 +21,7 @@ pub mod clock;
 pub mod config;
 pub mod engine_io;
 pub mod error;
+pub mod exports;
 pub mod http;
 pub mod iso;
 pub mod metrics;

@@ -203,6 +203,8 @@ pub struct Switch {
     lsm: lsm::Queue,
     /// Deadlines and timestamps: the system clock, or the simulator's.
     clock: crate::clock::Clock,
+    /// The exporters following the voucher chain (shown on `/metrics` and the dashboard).
+    pub exports: crate::exports::Exports,
 }
 
 /// What the switch runs against: the system clock and HTTP (production), or the deterministic
@@ -299,6 +301,7 @@ impl Switch {
             clearing,
             lsm: lsm::Queue::default(),
             clock: environment.clock,
+            exports: crate::exports::Exports::default(),
             config,
         });
         switch.install_participants(participants);

@@ -16,6 +16,9 @@ pub struct VoucherPage {
     pub public_key: String,
     /// Where the next page starts, when there may be one.
     pub next_from: Option<u64>,
+    /// The chain's last voucher when the page was read (an exporter's lag is measured from it).
+    #[serde(default)]
+    pub head_seq: u64,
 }
 
 /// Most vouchers in one page.
@@ -32,9 +35,14 @@ impl Clearing {
     ) -> Result<VoucherPage, ApiError> {
         let from = from.max(1);
         let limit = limit.clamp(1, VOUCHER_PAGE_MAX);
-        let vouchers = {
+        let (vouchers, head_seq) = {
             let node = self.node.clone();
-            blocking(move || node.vouchers(from - 1, limit + 1)).await?
+            blocking(move || {
+                // The head first: every voucher read after it is at most this far along.
+                let head = node.stats()?.chain_seq;
+                Ok::<_, clearhouse_engine::EngineError>((node.vouchers(from - 1, limit + 1)?, head))
+            })
+            .await?
         };
         let mut previous_hash = clearhouse_engine::vouchers::GENESIS_HASH;
         let mut entries = Vec::with_capacity(limit);
@@ -62,12 +70,14 @@ impl Clearing {
             });
         }
         let next_from = (entries.len() == limit).then(|| from + limit as u64);
+        let entries_last = entries.last().map_or(0, |e| e.seq);
         Ok(VoucherPage {
             previous_hash: hex::encode(previous_hash),
             entries,
             checkpoints,
             public_key: hex::encode(self.public_key().as_bytes()),
             next_from,
+            head_seq: head_seq.max(entries_last),
         })
     }
 }

@@ -51,6 +51,8 @@ pub struct DashboardView {
     /// The last closed windows (summary), newest first.
     pub windows: Vec<WindowReport>,
     pub reconciliation_breaks_total: u64,
+    /// The exporters following the voucher chain (operator only; empty for a participant).
+    pub exports: Vec<crate::exports::ExportView>,
     pub recent: Vec<DashboardPayment>,
 }
 
@@ -142,6 +144,10 @@ impl Switch {
             window,
             windows,
             reconciliation_breaks_total: self.clearing.breaks_total.load(Ordering::Relaxed),
+            exports: match caller {
+                Caller::Operator => self.exports.views(now_ns()),
+                Caller::Participant(_) => Vec::new(),
+            },
             recent,
         })
     }

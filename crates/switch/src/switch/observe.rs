@@ -21,6 +21,7 @@ impl Switch {
     pub async fn render_metrics_full(&self) -> String {
         let mut out = self.render_metrics();
         self.render_window_metrics(&mut out);
+        self.exports.render(&mut out, crate::clock::now_ns());
         out
     }
 
