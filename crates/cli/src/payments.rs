@@ -177,6 +177,11 @@ pub struct PaymentsArgs {
     /// Print one JSON object with the figures.
     #[arg(long)]
     json: bool,
+    /// An extra switch configuration (TOML), e.g. with `[[export]]` sections: the switch runs
+    /// them in process, and the report gains each exporter's vouchers per second and how long it
+    /// took to catch up after the load. Not with --replicated.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Replicated (R3): 3 NATS JetStream servers on loopback, the switch as leader and a standby
     /// following it; adds the NATS servers' and the standby's CPU and the standby's lag.
     #[arg(long)]
@@ -218,6 +223,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         data_dir: None,
         xml: false,
         json: false,
+        config: None,
         replicated: false,
     };
     let report = run_p1(&run, true)?;
@@ -241,6 +247,17 @@ pub fn bench(args: PaymentsArgs) -> anyhow::Result<()> {
 }
 
 fn print_report(r: &Value) {
+    if let Some(exports) = r["exports"].as_object() {
+        for (name, e) in exports {
+            println!(
+                "  export {name}: {} vouchers during the load ({}/s), {} behind at its end, caught up {} ms after the window close",
+                e["vouchers_during_load"],
+                e["vouchers_per_second_during_load"],
+                e["lag_vouchers_at_end_of_load"],
+                e["caught_up_ms_after_close"]
+            );
+        }
+    }
     println!(
         "  settled:             {} ({:.0}/s)",
         r["settled"],
@@ -418,6 +435,9 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
     if args.participants < 2 || args.clients == 0 {
         bail!("need at least 2 participants and 1 client");
     }
+    if args.replicated && args.config.is_some() {
+        bail!("--config and --replicated do not go together (the replicated run writes its own)");
+    }
     let (dir, _temp) = data_dir(&args.data_dir)?;
     let exe = std::env::current_exe()?;
     let banks: Vec<(String, String)> = (0..args.participants)
@@ -451,6 +471,8 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
                 .arg(&switch_dir);
             if let Some(replicated) = &replicated {
                 c.arg("--config").arg(&replicated.configs[0]);
+            } else if let Some(config) = &args.config {
+                c.arg("--config").arg(config);
             }
             c
         },
@@ -509,6 +531,20 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
         .build()?;
     let report = runtime.block_on(drive(args, &switch, &sim, &switch_dir, &banks, progress));
     let mut report = report?;
+    if args.config.is_some() {
+        // The Parquet archive makes a window durable when it closes: close it, as a scheme's
+        // schedule would, then wait for every exporter to hold the whole chain.
+        let operator = operator_client(&switch_dir, &switch.url)?;
+        let (status, body) =
+            runtime.block_on(operator.request("POST", "/v1/admin/windows/close", b""))?;
+        if status != 200 {
+            bail!(
+                "closing the window: {status} {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        report["exports"] = export_figures(&switch.url, &report)?;
+    }
     if let Some(sampler) = lag_sampler {
         let payments = report["payments"].as_u64().unwrap_or(0).max(1) as f64;
         let mut total = report["cpu_seconds_per_1000"].as_f64().unwrap_or(0.0);
@@ -549,14 +585,72 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
 }
 
 fn operator_client(switch_dir: &Path, url: &str) -> anyhow::Result<SignedClient> {
-    let text = std::fs::read_to_string(switch_dir.join("operator.key"))?;
-    let mut parts = text.split_whitespace();
-    let key_id = parts.next().context("operator key id")?;
-    Ok(SignedClient::new(
-        url,
-        key_id,
-        hex::decode(parts.next().context("operator secret")?)?,
-    ))
+    let (key_id, secret) = crate::common::read_operator_key(&switch_dir.join("operator.key"))?;
+    Ok(SignedClient::new(url, &key_id, secret))
+}
+
+/// Each in-process exporter of the switch at `url` after the load: vouchers written, their rate
+/// over the load's seconds, and how long it took (bounded: 300 s) after the load and the window
+/// close to hold the whole chain.
+fn export_figures(url: &str, report: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    let read = || -> BTreeMap<String, (f64, f64)> {
+        let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        let text = crate::ha_demo::get(url, "/metrics")
+            .map(|(_, t)| t)
+            .unwrap_or_default();
+        for line in text.lines() {
+            for (metric, slot) in [
+                ("clearhouse_export_vouchers_total{export=\"", 0),
+                ("clearhouse_export_lag_vouchers{export=\"", 1),
+            ] {
+                if let Some(rest) = line.strip_prefix(metric) {
+                    let name = rest.split('"').next().unwrap_or("").to_string();
+                    let value = rest
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0.0);
+                    let entry = out.entry(name).or_default();
+                    if slot == 0 {
+                        entry.0 = value
+                    } else {
+                        entry.1 = value
+                    }
+                }
+            }
+        }
+        out
+    };
+    let seconds = report["seconds"].as_f64().unwrap_or(1.0).max(1e-3);
+    let at_end = read();
+    let started = Instant::now();
+    let mut caught_up: BTreeMap<String, Option<u128>> = BTreeMap::new();
+    while started.elapsed() < Duration::from_secs(300) {
+        for (name, (_, lag)) in read() {
+            if lag == 0.0 {
+                caught_up
+                    .entry(name)
+                    .or_insert(Some(started.elapsed().as_millis()));
+            }
+        }
+        if caught_up.len() >= at_end.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut out = serde_json::Map::new();
+    for (name, (vouchers, lag)) in at_end {
+        out.insert(
+            name.clone(),
+            json!({
+                "vouchers_during_load": vouchers,
+                "vouchers_per_second_during_load": (vouchers / seconds).round(),
+                "lag_vouchers_at_end_of_load": lag,
+                "caught_up_ms_after_close": caught_up.get(&name).copied().flatten(),
+            }),
+        );
+    }
+    Ok(serde_json::Value::Object(out))
 }
 
 async fn call(
