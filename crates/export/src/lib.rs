@@ -229,15 +229,7 @@ impl<S: Source, K: Sink> Exporter<S, K> {
             let resume = match self.sink.resume().await {
                 Ok(resume) => resume,
                 Err(error) => {
-                    report.errors += 1;
-                    if !error.is_transient()
-                        || (!self.options.follow && attempt + 1 >= self.options.attempts_max)
-                    {
-                        return Err(error);
-                    }
-                    let wait = self.failed(&error, attempt);
-                    attempt += 1;
-                    self.sleep_refreshing_head(wait).await;
+                    self.back_off(error, &mut attempt, &mut report).await?;
                     continue 'resume;
                 }
             };
@@ -255,15 +247,7 @@ impl<S: Source, K: Sink> Exporter<S, K> {
                 let page = match self.source.page(from, batch_max).await {
                     Ok(page) => page,
                     Err(error) => {
-                        report.errors += 1;
-                        if !error.is_transient()
-                            || (!self.options.follow && attempt + 1 >= self.options.attempts_max)
-                        {
-                            return Err(error);
-                        }
-                        let wait = self.failed(&error, attempt);
-                        attempt += 1;
-                        tokio::time::sleep(wait).await;
+                        self.back_off(error, &mut attempt, &mut report).await?;
                         continue 'resume;
                     }
                 };
@@ -282,13 +266,7 @@ impl<S: Source, K: Sink> Exporter<S, K> {
                         let error = ExportError::Source(format!(
                             "voucher {from} closes a window whose signed checkpoint is missing"
                         ));
-                        report.errors += 1;
-                        if !self.options.follow && attempt + 1 >= self.options.attempts_max {
-                            return Err(error);
-                        }
-                        let wait = self.failed(&error, attempt);
-                        attempt += 1;
-                        tokio::time::sleep(wait).await;
+                        self.back_off(error, &mut attempt, &mut report).await?;
                         continue 'resume;
                     }
                     unsigned_looks = 0;
@@ -312,15 +290,7 @@ impl<S: Source, K: Sink> Exporter<S, K> {
                         .store(now_ns(), Ordering::Relaxed);
                 }
                 if let Err(error) = self.sink.write(&batch).await {
-                    report.errors += 1;
-                    if !error.is_transient()
-                        || (!self.options.follow && attempt + 1 >= self.options.attempts_max)
-                    {
-                        return Err(error);
-                    }
-                    let wait = self.failed(&error, attempt);
-                    attempt += 1;
-                    tokio::time::sleep(wait).await;
+                    self.back_off(error, &mut attempt, &mut report).await?;
                     continue 'resume;
                 }
                 attempt = 0;
@@ -345,6 +315,26 @@ impl<S: Source, K: Sink> Exporter<S, K> {
                 from = last + 1;
             }
         }
+    }
+
+    /// After a failed attempt: gives up (a chain or configuration fault, or a one-off run out of
+    /// attempts) or waits, with backoff, before the exporter resumes from the sink.
+    async fn back_off(
+        &self,
+        error: ExportError,
+        attempt: &mut u32,
+        report: &mut ExportReport,
+    ) -> Result<(), ExportError> {
+        report.errors += 1;
+        if !error.is_transient()
+            || (!self.options.follow && *attempt + 1 >= self.options.attempts_max)
+        {
+            return Err(error);
+        }
+        let wait = self.failed(&error, *attempt);
+        *attempt += 1;
+        self.sleep_refreshing_head(wait).await;
+        Ok(())
     }
 
     /// Waits before a retry while the sink is down; meanwhile the lag on `/metrics` keeps

@@ -58,7 +58,7 @@ fn valid_schema(name: &str) -> bool {
 }
 
 fn timestamp_sql() -> &'static str {
-    "to_timestamp(t.final_at_ns::double precision / 1e9)"
+    "('epoch'::timestamptz + (t.final_at_ns / 1000) * interval '1 microsecond')"
 }
 
 impl PostgresSink {

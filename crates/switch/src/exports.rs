@@ -96,8 +96,8 @@ pub struct ExportView {
     pub last_error: Option<String>,
 }
 
-/// How one exporter's figure is read: (status, now in ns) -> value.
-type Gauge = fn(&ExportStatus, u64) -> f64;
+/// How one exporter's figure is read: (status, now in ns) -> its text (counts as integers).
+type Gauge = fn(&ExportStatus, u64) -> String;
 
 /// The exporters of one switch.
 #[derive(Default)]
@@ -132,32 +132,32 @@ impl Exports {
             (
                 "clearhouse_export_durable_seq",
                 "The last voucher the sink holds durably.",
-                |e, _| e.durable_seq.load(Ordering::Relaxed) as f64,
+                |e, _| (e.durable_seq.load(Ordering::Relaxed)).to_string(),
             ),
             (
                 "clearhouse_export_lag_vouchers",
                 "Vouchers in the chain the sink does not hold yet.",
-                |e, _| e.lag_vouchers() as f64,
+                |e, _| (e.lag_vouchers()).to_string(),
             ),
             (
                 "clearhouse_export_lag_seconds",
                 "Seconds since the sink last held the whole chain (0 while it does).",
-                |e, now| e.lag_seconds(now),
+                |e, now| e.lag_seconds(now).to_string(),
             ),
             (
                 "clearhouse_export_up",
                 "1 if the sink answered the last attempt.",
-                |e, _| u8::from(e.up.load(Ordering::Relaxed)) as f64,
+                |e, _| (u8::from(e.up.load(Ordering::Relaxed))).to_string(),
             ),
             (
                 "clearhouse_export_errors_total",
                 "Failed export attempts (sink or source) since start.",
-                |e, _| e.errors_total.load(Ordering::Relaxed) as f64,
+                |e, _| (e.errors_total.load(Ordering::Relaxed)).to_string(),
             ),
             (
                 "clearhouse_export_vouchers_total",
                 "Vouchers written to the sink since start.",
-                |e, _| e.vouchers_total.load(Ordering::Relaxed) as f64,
+                |e, _| (e.vouchers_total.load(Ordering::Relaxed)).to_string(),
             ),
         ];
         for (name, help, value) in gauges {
