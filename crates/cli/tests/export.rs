@@ -965,6 +965,12 @@ fn serve_runs_exporters_in_process_and_a_sink_down_does_not_stop_payments() {
         "300 payments with the mirror down in {:?}",
         started.elapsed()
     );
+    // The dashboard, in a real browser, says the mirror is down and how far behind it is.
+    let dom = dashboard_dom(&scheme.url, &scheme.data, 2_500);
+    let row = export_row(&dom, "mirror");
+    assert!(row.contains(">down<"), "{row}");
+    assert!(row.contains("postgres"), "{row}");
+    assert!(export_row(&dom, "archive").contains(">up<"), "{dom}");
     // Back: the mirror catches up by itself, and holds the whole chain.
     pg.run();
     wait_caught_up("mirror");
@@ -1004,4 +1010,15 @@ fn serve_runs_exporters_in_process_and_a_sink_down_does_not_stop_payments() {
         .map(|e| e["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["mirror", "archive"]);
+    let dom = dashboard_dom(&scheme.url, &scheme.data, 2_500);
+    let row = export_row(&dom, "mirror");
+    assert!(row.contains(">up<"), "{row}");
+}
+
+/// The dashboard's table row of one exporter.
+fn export_row(dom: &str, name: &str) -> String {
+    let start = dom
+        .find(&format!("data-export=\"{name}\""))
+        .unwrap_or_else(|| panic!("exporter {name} not on the dashboard: {dom}"));
+    dom[start..start + dom[start..].find("</tr>").unwrap()].to_string()
 }

@@ -11,8 +11,10 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::auth;
 
-/// Largest answer body read.
-const ANSWER_BYTES_MAX: usize = 1024 * 1024;
+/// Largest answer body read: a full page of the voucher chain (`VOUCHER_PAGE_MAX` = 4,096
+/// vouchers, each body ≤ a few KiB as JSON; a page of settled payments is ~2.5 MB) fits with
+/// room to spare.
+const ANSWER_BYTES_MAX: usize = 32 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

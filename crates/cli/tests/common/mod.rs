@@ -180,3 +180,35 @@ pub async fn check_books(
         "positions sum to what was funded"
     );
 }
+
+/// The dashboard at `url`, signed in as the operator of `data`, as headless Chromium renders it
+/// after `budget_ms` of virtual time (Debian's `chromium`, installed by .ci/run).
+#[allow(dead_code)]
+pub fn dashboard_dom(url: &str, data: &Path, budget_ms: u64) -> String {
+    let key = std::fs::read_to_string(data.join("operator.key")).unwrap();
+    let mut parts = key.split_whitespace();
+    let (key_id, secret) = (parts.next().unwrap(), parts.next().unwrap());
+    let profile = tempfile::tempdir().unwrap();
+    let output = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--dump-dom",
+        ])
+        .arg(format!("--virtual-time-budget={budget_ms}"))
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("{url}/dashboard#key_id={key_id}&secret={secret}"))
+        .output()
+        .expect("chromium (Debian package chromium; .ci/run installs it)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
