@@ -32,13 +32,16 @@ use crate::common::switch_node_options;
 pub const EXIT_STEPPED_DOWN: i32 = 75;
 
 /// Splits a configuration file into the switch's part and the `[replication]` section.
-pub fn split_config(
-    text: &str,
-) -> anyhow::Result<(
-    String,
-    Option<ReplicationConfig>,
-    Vec<clearhouse_export::ExportConfig>,
-)> {
+/// A configuration file split into the switch's own part and the sections of the components
+/// beside it.
+pub struct SplitConfig {
+    pub rest: String,
+    pub replication: Option<ReplicationConfig>,
+    pub exports: Vec<clearhouse_export::ExportConfig>,
+    pub amqp: Option<clearhouse_amqp::AmqpConfig>,
+}
+
+pub fn split_config(text: &str) -> anyhow::Result<SplitConfig> {
     let table: toml::Table = toml::from_str(text).context("parsing the configuration")?;
     let replication: Option<ReplicationConfig> = table
         .get("replication")
@@ -63,8 +66,21 @@ pub fn split_config(
     for export in &exports {
         export.sink_config().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    if replication.is_none() && exports.is_empty() {
-        return Ok((text.to_string(), None, exports));
+    let amqp: Option<clearhouse_amqp::AmqpConfig> = table
+        .get("amqp")
+        .map(|section| section.clone().try_into())
+        .transpose()
+        .context("the [amqp] section")?;
+    if let Some(amqp) = &amqp {
+        amqp.check().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    if replication.is_none() && exports.is_empty() && amqp.is_none() {
+        return Ok(SplitConfig {
+            rest: text.to_string(),
+            replication,
+            exports,
+            amqp,
+        });
     }
     // The switch's own parser refuses unknown sections: hand it the text without these.
     let mut rest = String::new();
@@ -72,14 +88,21 @@ pub fn split_config(
     for line in text.lines() {
         let trimmed = line.trim_start();
         if trimmed.starts_with('[') {
-            inside = trimmed.starts_with("[replication]") || trimmed.starts_with("[[export]]");
+            inside = trimmed.starts_with("[replication]")
+                || trimmed.starts_with("[[export]]")
+                || trimmed.starts_with("[amqp]");
         }
         if !inside {
             rest.push_str(line);
             rest.push('\n');
         }
     }
-    Ok((rest, replication, exports))
+    Ok(SplitConfig {
+        rest,
+        replication,
+        exports,
+        amqp,
+    })
 }
 
 struct StandbyState {

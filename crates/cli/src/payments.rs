@@ -43,12 +43,20 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => String::new(),
     };
-    let (text, replication, exports) = crate::ha::split_config(&text)?;
+    let crate::ha::SplitConfig {
+        rest: text,
+        replication,
+        exports,
+        amqp,
+    } = crate::ha::split_config(&text)?;
     let mut config = SwitchConfig::from_toml_and_env(&text, std::env::vars())?;
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
     if let Some(replication) = replication {
+        if amqp.is_some() {
+            bail!("[amqp] with [replication] is not supported yet: run the AMQP gateway on a single node");
+        }
         return crate::ha::serve_replicated(args.data_dir, config, replication, exports);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -58,10 +66,36 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(&args.data_dir)?;
         let node = Node::start(switch_node_options(&args.data_dir))
             .context("starting the ledger node")?;
-        let switch = Switch::start(node, config.clone(), &args.data_dir)
+        // Participants whose endpoint is `amqp:` are reached through the broker's queues.
+        let amqp = amqp
+            .map(|amqp| clearhouse_amqp::Amqp::new(amqp, &config))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let environment = clearhouse_switch::switch::Environment {
+            transport: match &amqp {
+                Some(amqp) => clearhouse_switch::outbound::Transport::HttpAndQueues(
+                    amqp.transport.clone(),
+                ),
+                None => clearhouse_switch::outbound::Transport::Http,
+            },
+            ..Default::default()
+        };
+        let switch = Switch::start_in(node, config.clone(), &args.data_dir, environment)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         clearhouse_export::spawn_in_process(&switch, &args.data_dir, &exports)?;
+        let mut router = clearhouse_switch::http::router(switch.clone());
+        if let Some(amqp) = &amqp {
+            let status = amqp.link.status.clone();
+            switch
+                .metrics_extra
+                .lock()
+                .expect("metrics")
+                .push(Arc::new(move |out: &mut String| status.render(out)));
+            let vhost = clearhouse_amqp::vhost_of(&amqp.link.config.url);
+            router = router.merge(clearhouse_amqp::definitions::routes(switch.clone(), vhost));
+            clearhouse_amqp::start(amqp.link.clone(), switch.clone(), router.clone());
+        }
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -91,7 +125,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Some(acceptor) => {
                 clearhouse_switch::http::serve_tls(listener, switch, acceptor, shutdown).await?
             }
-            None => clearhouse_switch::http::serve(listener, switch, shutdown).await?,
+            None => clearhouse_switch::http::serve_router(listener, router, shutdown).await?,
         }
         Ok(())
     })
@@ -110,6 +144,61 @@ pub struct SimBanksArgs {
     /// Delay before answering, milliseconds.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
+    /// The scheme's RabbitMQ broker (`amqp://host:port/vhost`): banks marked `"amqp": true` in
+    /// the banks file take their forwarded payments and notifications off their queues there
+    /// (as their own broker user) instead of over HTTP.
+    #[arg(long)]
+    amqp: Option<String>,
+}
+
+/// A simulated bank on the broker: answers forwarded payments like the HTTP banks (the same
+/// stable accept/reject choice per payment id) and counts notifications; reconnects (every
+/// 500 ms while the broker or its queues are not there) for as long as the process runs.
+fn sim_amqp_bank(url: &str, bank: &SimBank, reject_per_10k: u32, counters: Arc<SimCounters>) {
+    let (url, bank) = (url.to_string(), bank.clone());
+    tokio::spawn(async move {
+        loop {
+            match sim_amqp_session(&url, &bank, reject_per_10k, counters.clone()).await {
+                Ok(participant) => {
+                    eprintln!("bank {} on the broker", bank.bic);
+                    while participant.is_connected() {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    eprintln!("bank {}: broker connection lost; reconnecting", bank.bic);
+                }
+                Err(error) => tracing::debug!(bic = %bank.bic, %error, "not on the broker yet"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}
+
+async fn sim_amqp_session(
+    url: &str,
+    bank: &SimBank,
+    reject_per_10k: u32,
+    counters: Arc<SimCounters>,
+) -> Result<Arc<clearhouse_amqp::client::AmqpParticipant>, clearhouse_amqp::AmqpError> {
+    let participant = Arc::new(
+        clearhouse_amqp::client::AmqpParticipant::connect(url, &bank.bic, &bank.secret).await?,
+    );
+    let seen = counters.clone();
+    participant
+        .serve_forwards(256, move |payment| {
+            let id = payment["payment_id"].as_str()?;
+            seen.payments.fetch_add(1, Ordering::Relaxed);
+            Some(if sim::rejects(id, reject_per_10k) {
+                seen.rejected.fetch_add(1, Ordering::Relaxed);
+                json!({"status": "RJCT", "reason": "AC04"})
+            } else {
+                json!({"status": "ACCP"})
+            })
+        })
+        .await?;
+    participant
+        .take_notifications(Arc::new(AtomicU64::new(0)))
+        .await?;
+    Ok(participant)
 }
 
 pub fn sim_banks(args: SimBanksArgs) -> anyhow::Result<()> {
@@ -138,6 +227,16 @@ pub fn sim_banks(args: SimBanksArgs) -> anyhow::Result<()> {
             switch_url: None,
         };
         let counters = Arc::new(SimCounters::default());
+        for (bank, entry) in banks.iter().zip(&list) {
+            if entry["amqp"].as_bool() != Some(true) {
+                continue;
+            }
+            let url = args
+                .amqp
+                .as_deref()
+                .context("a bank marked \"amqp\": true needs --amqp URL")?;
+            sim_amqp_bank(url, bank, args.reject_per_10k, counters.clone());
+        }
         axum::serve(listener, sim::router(banks, options, counters)).await?;
         Ok(())
     })

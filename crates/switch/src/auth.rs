@@ -170,6 +170,25 @@ pub fn verify(
     nonces.check_and_insert(headers.key_id, headers.nonce, timestamp, now_ms)
 }
 
+/// Checks only a message's signature (key, method, path, timestamp, nonce, body), not its age
+/// or nonce: for messages that wait in a queue (AMQP), whose freshness and replays the
+/// receiver bounds in its own way (a maximum age; idempotent instructions).
+pub fn verify_signature(
+    headers: &SignedHeaders<'_>,
+    secret: &[u8],
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(), AuthError> {
+    if !(16..=64).contains(&headers.nonce.len()) {
+        return Err(AuthError::MissingHeader(HEADER_NONCE));
+    }
+    let expected = hex::decode(headers.signature).map_err(|_| AuthError::BadSignature)?;
+    mac(secret, method, path, headers.timestamp, headers.nonce, body)
+        .verify_slice(&expected)
+        .map_err(|_| AuthError::BadSignature)
+}
+
 /// Nonces seen within the replay window (± the allowed clock skew), bounded; and the earliest
 /// timestamp this process accepts (see the module's comment on replays across restarts).
 pub struct NonceCache {

@@ -120,7 +120,8 @@ pub struct Participant {
     pub bic: String,
     pub name: String,
     /// Base URL of the participant's own API: the switch POSTs `{endpoint}/payments` and
-    /// `{endpoint}/notifications`.
+    /// `{endpoint}/notifications`. [`AMQP_ENDPOINT`] (`amqp:`) instead: the participant is
+    /// reached through its queues on the scheme's RabbitMQ broker (crates/amqp).
     pub endpoint: String,
     pub status: ParticipantStatus,
     pub key_id: String,
@@ -130,6 +131,16 @@ pub struct Participant {
     /// ABA routing number (FedNow-like profile: how messages name this participant).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing_number: Option<String>,
+}
+
+/// The endpoint of a participant connected over AMQP 0-9-1 rather than HTTP.
+pub const AMQP_ENDPOINT: &str = "amqp:";
+
+impl Participant {
+    /// Whether the participant is reached through its message queues (AMQP), not HTTP.
+    pub fn over_amqp(&self) -> bool {
+        self.endpoint == AMQP_ENDPOINT
+    }
 }
 
 /// ISO 20022 BIC shape: 4 letters (institution), 2 letters (country), 2 alphanumerics

@@ -109,6 +109,9 @@ pub enum Transport {
     Http,
     Simulated(mpsc::Sender<SimCall>),
     Custom(Arc<dyn ParticipantTransport>),
+    /// Signed HTTP for participants with an http:// endpoint, the given message-queue
+    /// transport for those whose endpoint is `amqp:`.
+    HttpAndQueues(Arc<dyn ParticipantTransport>),
 }
 
 /// A call to a simulated participant.
@@ -140,6 +143,8 @@ pub enum SimAnswer {
 /// [`ParticipantTransport`] it was started with.
 pub struct Outbound {
     transport: Arc<dyn ParticipantTransport>,
+    /// For participants whose endpoint is `amqp:` (when the switch runs a queue transport).
+    queues: Option<Arc<dyn ParticipantTransport>>,
 }
 
 impl Outbound {
@@ -149,12 +154,25 @@ impl Outbound {
         transport: Transport,
         clock: crate::clock::Clock,
     ) -> Outbound {
+        let mut queues = None;
         let transport: Arc<dyn ParticipantTransport> = match transport {
             Transport::Http => Arc::new(HttpTransport::new(config, registry)),
             Transport::Simulated(sender) => Arc::new(SimulatedTransport { sender, clock }),
             Transport::Custom(transport) => transport,
+            Transport::HttpAndQueues(mq) => {
+                queues = Some(mq);
+                Arc::new(HttpTransport::new(config, registry))
+            }
         };
-        Outbound { transport }
+        Outbound { transport, queues }
+    }
+
+    /// The transport that reaches `participant`.
+    fn to(&self, participant: &Participant) -> &Arc<dyn ParticipantTransport> {
+        match &self.queues {
+            Some(queues) if participant.over_amqp() => queues,
+            _ => &self.transport,
+        }
     }
 
     /// See [`ParticipantTransport::forward`].
@@ -165,14 +183,14 @@ impl Outbound {
         deadline: tokio::time::Instant,
         deadline_ns: u64,
     ) -> Result<Option<Decision>, ForwardError> {
-        self.transport
+        self.to(creditor)
             .forward(creditor, payment, deadline, deadline_ns)
             .await
     }
 
     /// See [`ParticipantTransport::notify`].
     pub fn notify(&self, participant: &Participant, notification: Notification) {
-        self.transport.notify(participant, notification)
+        self.to(participant).notify(participant, notification)
     }
 }
 

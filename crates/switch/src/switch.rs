@@ -205,7 +205,13 @@ pub struct Switch {
     clock: crate::clock::Clock,
     /// The exporters following the voucher chain (shown on `/metrics` and the dashboard).
     pub exports: crate::exports::Exports,
+    /// More Prometheus text for `/metrics` from components beside the switch (the AMQP
+    /// gateway), rendered in order.
+    pub metrics_extra: std::sync::Mutex<Vec<MetricsRenderer>>,
 }
+
+/// Appends Prometheus text.
+pub type MetricsRenderer = Arc<dyn Fn(&mut String) + Send + Sync>;
 
 /// What the switch runs against: the system clock and HTTP (production), or the deterministic
 /// simulator's clock and network.
@@ -302,6 +308,7 @@ impl Switch {
             lsm: lsm::Queue::default(),
             clock: environment.clock,
             exports: crate::exports::Exports::default(),
+            metrics_extra: std::sync::Mutex::new(Vec::new()),
             config,
         });
         switch.install_participants(participants);
@@ -423,6 +430,9 @@ fn check_endpoint(endpoint: &str) -> Result<(), ApiError> {
             "FF01",
         ));
     }
+    if endpoint == crate::model::AMQP_ENDPOINT {
+        return Ok(());
+    }
     let ok = endpoint.len() <= 200
         && endpoint.starts_with("http://")
         && endpoint.parse::<hyper::Uri>().is_ok();
@@ -430,7 +440,7 @@ fn check_endpoint(endpoint: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::bad_request(
-            "endpoint must be an http:// URL of at most 200 characters",
+            "endpoint must be an http:// URL of at most 200 characters, or \"amqp:\" (the participant's queues on the scheme's RabbitMQ broker)",
             "FF01",
         ))
     }
