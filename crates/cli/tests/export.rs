@@ -7,7 +7,6 @@
 //! switch's hash and body, and the sink's figures equal the windows' reports.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -459,15 +458,7 @@ impl Scheme {
     }
 
     fn metrics(&self) -> String {
-        let mut stream = TcpStream::connect(self.url.trim_start_matches("http://")).unwrap();
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        text
+        metrics_text(&self.url)
     }
 
     /// `clearhouse export <args>` against this switch, started (not waited for); its output

@@ -212,3 +212,18 @@ pub fn dashboard_dom(url: &str, data: &Path, budget_ms: u64) -> String {
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// `GET /metrics` of the switch at `url` (plain HTTP/1.1, unauthenticated), headers included.
+#[allow(dead_code)]
+pub fn metrics_text(url: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}

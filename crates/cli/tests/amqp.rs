@@ -1,0 +1,605 @@
+//! Participants over AMQP 0-9-1 with a real RabbitMQ broker (Debian's `rabbitmq-server`,
+//! installed by .ci/run, started here as a private node on free loopback ports): the switch
+//! (`clearhouse serve` with an `[amqp]` section), simulated banks on the broker
+//! (`clearhouse sim-banks --amqp`) and on HTTP, and this test as an AMQP debtor agent.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clearhouse_amqp::client::AmqpParticipant;
+use clearhouse_amqp::{queues, signed_headers, HEADER_METHOD, HEADER_PATH};
+use serde_json::{json, Value};
+
+use common::*;
+
+/// HTTP bank, AMQP bank served by sim-banks, AMQP bank nobody serves, AMQP bank = this test.
+const HTTP_BANK: &str = "MQHTDEFF";
+const MQ_BANK: &str = "MQSBDEFF";
+const SILENT_BANK: &str = "MQSIDEFF";
+const TEST_BANK: &str = "MQTEDEFF";
+const BANKS: [&str; 4] = [HTTP_BANK, MQ_BANK, SILENT_BANK, TEST_BANK];
+const RABBIT: &str = "/usr/lib/rabbitmq/bin";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private RabbitMQ node: its own directory, node name, AMQP, distribution and epmd ports.
+struct Rabbit {
+    dir: PathBuf,
+    port: u16,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Rabbit {
+    fn start(dir: &Path) -> Rabbit {
+        let dir = dir.join("rabbit");
+        for sub in ["mnesia", "log", "home"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let port = free_port();
+        let definitions = clearhouse_amqp::definitions::definitions(
+            "switch",
+            std::iter::empty(),
+            Some(("switch", "switch-password")),
+        );
+        std::fs::write(dir.join("defs.json"), definitions.to_string()).unwrap();
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!(
+                "loopback_users = none\nlog.console = false\nlog.file.level = warning\nload_definitions = {}\n",
+                dir.join("defs.json").display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        std::fs::write(dir.join("rabbitmq-env.conf"), "").unwrap();
+        let path = |name: &str| dir.join(name).display().to_string();
+        let env = vec![
+            ("HOME".into(), path("home")),
+            ("RABBITMQ_CONF_ENV_FILE".into(), path("rabbitmq-env.conf")),
+            ("RABBITMQ_NODENAME".into(), format!("ch{port}@localhost")),
+            ("RABBITMQ_NODE_IP_ADDRESS".into(), "127.0.0.1".into()),
+            ("RABBITMQ_NODE_PORT".into(), port.to_string()),
+            ("RABBITMQ_DIST_PORT".into(), free_port().to_string()),
+            ("ERL_EPMD_PORT".into(), free_port().to_string()),
+            ("ERL_EPMD_ADDRESS".into(), "127.0.0.1".into()),
+            ("RABBITMQ_MNESIA_BASE".into(), path("mnesia")),
+            ("RABBITMQ_LOG_BASE".into(), path("log")),
+            ("RABBITMQ_CONFIG_FILE".into(), path("rabbitmq.conf")),
+            (
+                "RABBITMQ_ENABLED_PLUGINS_FILE".into(),
+                path("enabled_plugins"),
+            ),
+            ("RABBITMQ_PID_FILE".into(), path("rabbit.pid")),
+            (
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS".into(),
+                "-kernel inet_dist_use_interface {127,0,0,1}".into(),
+            ),
+        ];
+        let mut rabbit = Rabbit {
+            dir,
+            port,
+            env,
+            child: None,
+        };
+        rabbit.run();
+        rabbit
+    }
+
+    /// Starts the node (again, on the same directory) and waits for its AMQP listener.
+    fn run(&mut self) {
+        let child = Command::new(format!("{RABBIT}/rabbitmq-server"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("rabbitmq-server (Debian package rabbitmq-server; .ci/run installs it)");
+        self.child = Some(child);
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "rabbitmq-server listening within 90 s (log in {})",
+                self.dir.join("log").display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGKILL to the node's whole process group (the broker crashes).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .output();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://127.0.0.1:{}/switch", self.port)
+    }
+
+    fn ctl(&self, args: &[&str]) -> String {
+        let output = Command::new(format!("{RABBIT}/rabbitmqctl"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+impl Drop for Rabbit {
+    fn drop(&mut self) {
+        self.kill();
+        let epmd = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "ERL_EPMD_PORT")
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        let _ = Command::new("epmd")
+            .args(["-port", &epmd, "-kill"])
+            .env("ERL_EPMD_PORT", &epmd)
+            .output();
+    }
+}
+
+struct Scheme {
+    dir: tempfile::TempDir,
+    rabbit: Rabbit,
+    url: String,
+    _server: Killed,
+    _banks: Option<Killed>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Scheme {
+    fn start() -> Scheme {
+        let dir = tempfile::tempdir().unwrap();
+        let rabbit = Rabbit::start(dir.path());
+        let config = dir.path().join("switch.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "settle_deadline_ms = 3000\n\n[amqp]\nurl = \"amqp://switch:switch-password@127.0.0.1:{}/switch\"\nprefetch = 64\n",
+                rabbit.port
+            ),
+        )
+        .unwrap();
+        let data = dir.path().join("data");
+        let (server, url) = spawn(
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            Some(&data),
+            &[],
+        );
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut scheme = Scheme {
+            dir,
+            rabbit,
+            url,
+            _server: server,
+            _banks: None,
+            runtime,
+        };
+        let banks_file = scheme.dir.path().join("banks.json");
+        std::fs::write(
+            &banks_file,
+            json!(BANKS
+                .iter()
+                .map(|b| json!({"bic": b, "secret_hex": secret(b), "amqp": *b == MQ_BANK}))
+                .collect::<Vec<_>>())
+            .to_string(),
+        )
+        .unwrap();
+        let broker = scheme.rabbit.url();
+        let (banks, banks_url) = spawn(
+            &[
+                "sim-banks",
+                "--reject-per-10k",
+                "2000",
+                "--banks",
+                banks_file.to_str().unwrap(),
+                "--amqp",
+                &broker,
+            ],
+            None,
+            &[],
+        );
+        scheme._banks = Some(banks);
+        let op = scheme.operator();
+        let definitions = scheme.runtime.block_on(async {
+            for bic in BANKS {
+                let endpoint = if bic == HTTP_BANK {
+                    format!("{banks_url}/bank/{bic}")
+                } else {
+                    "amqp:".to_string()
+                };
+                let (status, body) = call(&op, "POST", "/v1/admin/participants", json!({
+                    "bic": bic, "name": format!("Bank {bic}"), "endpoint": endpoint,
+                    "currencies": {"EUR": {"model": "prefunded"}}, "secret_hex": secret(bic),
+                }))
+                .await
+                .unwrap();
+                assert_eq!(status, 201, "{body}");
+                let (status, body) = call(&op, "POST", &format!("/v1/admin/participants/{bic}/liquidity"), json!({
+                    "request_id": format!("fund-{bic}"), "currency": "EUR", "amount": "100000.00", "direction": "in"}))
+                .await
+                .unwrap();
+                assert_eq!(status, 200, "{body}");
+            }
+            let (status, definitions) = call(&op, "GET", "/v1/admin/amqp/definitions", Value::Null)
+                .await
+                .unwrap();
+            assert_eq!(status, 200, "{definitions}");
+            definitions
+        });
+        // The participants' broker users, as the operator imports them.
+        assert_eq!(definitions["users"].as_array().unwrap().len(), 3);
+        let file = scheme.dir.path().join("participants.json");
+        std::fs::write(&file, definitions.to_string()).unwrap();
+        scheme
+            .rabbit
+            .ctl(&["import_definitions", file.to_str().unwrap()]);
+        scheme
+    }
+
+    fn operator(&self) -> clearhouse_switch::client::SignedClient {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("data").join("operator.key")).unwrap();
+        let mut parts = text.split_whitespace();
+        clearhouse_switch::client::SignedClient::new(
+            &self.url,
+            parts.next().unwrap(),
+            hex::decode(parts.next().unwrap()).unwrap(),
+        )
+    }
+
+    /// This test's bank on the broker (retried until the switch has declared its queues).
+    fn connect(&self, bic: &str) -> Arc<AmqpParticipant> {
+        let broker = self.rabbit.url();
+        let secret = hex::decode(secret(bic)).unwrap();
+        let started = Instant::now();
+        loop {
+            match self
+                .runtime
+                .block_on(AmqpParticipant::connect(&broker, bic, &secret))
+            {
+                Ok(participant) => return Arc::new(participant),
+                Err(error) => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(30),
+                        "{bic} on the broker: {error}"
+                    );
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            }
+        }
+    }
+}
+
+fn payment(debtor: &str, creditor: &str, instruction: &str, amount: &str) -> Value {
+    json!({
+        "instruction_id": instruction, "end_to_end_id": format!("E2E-{instruction}"),
+        "debtor_agent": debtor, "creditor_agent": creditor, "amount": amount, "currency": "EUR",
+        "debtor": {"name": "Alice", "account": "DE89370400440532013000"},
+        "creditor": {"name": "Bob", "account": "FR1420041010050500013M02606"},
+    })
+}
+
+/// Sends a JSON instruction over the broker; returns (status, body).
+async fn instruct(bank: &AmqpParticipant, method: &str, path: &str, body: &Value) -> (u16, Value) {
+    let bytes = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let answer = bank
+        .request(
+            method,
+            path,
+            &bytes,
+            "application/json",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    (
+        answer.status,
+        serde_json::from_slice(&answer.body).unwrap_or(Value::Null),
+    )
+}
+
+#[test]
+fn the_payment_lifecycle_over_rabbitmq_mixed_with_http() {
+    let mut scheme = Scheme::start();
+    let me = scheme.connect(TEST_BANK);
+    let url = scheme.url.clone();
+    let mut told: ToldMap = BTreeMap::new();
+    let (outcomes, duplicate, silent) = scheme.runtime.block_on(async {
+        let mut outcomes = BTreeMap::<String, usize>::new();
+        // AMQP debtor -> HTTP creditor, HTTP debtor -> AMQP creditor, AMQP -> AMQP.
+        for n in 0..60u32 {
+            let (debtor, creditor) = match n % 3 {
+                0 => (TEST_BANK, HTTP_BANK),
+                1 => (HTTP_BANK, MQ_BANK),
+                _ => (TEST_BANK, MQ_BANK),
+            };
+            let instruction = format!("MQ-{n}");
+            let body = payment(
+                debtor,
+                creditor,
+                &instruction,
+                &format!("{}.{:02}", 1 + n, n),
+            );
+            let (status, answer) = if debtor == TEST_BANK {
+                instruct(&me, "POST", "/v1/payments", &body).await
+            } else {
+                call(&client(&url, debtor), "POST", "/v1/payments", body)
+                    .await
+                    .unwrap()
+            };
+            assert_eq!(status, 200, "{instruction}: {answer}");
+            let state = answer["status"].as_str().unwrap().to_string();
+            let reason = answer["reason"].as_str().map(str::to_string);
+            assert!(
+                state == "ACSC" || (state == "RJCT" && reason.as_deref() == Some("AC04")),
+                "{answer}"
+            );
+            *outcomes
+                .entry(format!("{debtor}->{creditor} {state}"))
+                .or_default() += 1;
+            told.insert(instruction, (debtor.to_string(), Some((state, reason))));
+        }
+        // The same instruction again, in a new message: the same answer, nothing new.
+        let first = payment(TEST_BANK, MQ_BANK, "MQ-2", "3.02");
+        let (status, again) = instruct(&me, "POST", "/v1/payments", &first).await;
+        let (_, original) = call(
+            &client(&url, TEST_BANK),
+            "GET",
+            "/v1/payments?instruction_id=MQ-2",
+            Value::Null,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{again}");
+        let duplicate = (again["payment_id"] == original["payment_id"])
+            && (again["status"] == original["status"]);
+        // A creditor agent on the broker that never reads its queue: AB05 at the deadline.
+        let (status, silent) = instruct(
+            &me,
+            "POST",
+            "/v1/payments",
+            &payment(TEST_BANK, SILENT_BANK, "MQ-SILENT", "1.00"),
+        )
+        .await;
+        assert_eq!(status, 200, "{silent}");
+        told.insert(
+            "MQ-SILENT".into(),
+            (TEST_BANK.into(), Some(("RJCT".into(), Some("AB05".into())))),
+        );
+        (outcomes, duplicate, silent)
+    });
+    eprintln!("outcomes: {outcomes:?}");
+    assert!(duplicate, "a duplicate instruction is answered the same");
+    assert_eq!(silent["status"], "RJCT");
+    assert_eq!(silent["reason"], "AB05");
+    for pair in [
+        format!("{TEST_BANK}->{HTTP_BANK} ACSC"),
+        format!("{HTTP_BANK}->{MQ_BANK} ACSC"),
+        format!("{TEST_BANK}->{MQ_BANK} ACSC"),
+    ] {
+        assert!(outcomes.contains_key(&pair), "{pair} in {outcomes:?}");
+    }
+    assert!(
+        outcomes.keys().any(|k| k.ends_with("RJCT")),
+        "some rejected (AC04): {outcomes:?}"
+    );
+
+    // A forged instruction on its own queue (body changed after signing): 401, nothing made.
+    let forged = scheme.runtime.block_on(async {
+        let signed = payment(TEST_BANK, HTTP_BANK, "MQ-FORGED", "1.00").to_string();
+        let altered = payment(TEST_BANK, HTTP_BANK, "MQ-FORGED", "9999.00").to_string();
+        let secret = hex::decode(secret(TEST_BANK)).unwrap();
+        let headers = signed_headers(
+            &format!("{TEST_BANK}-1"),
+            &secret,
+            "POST",
+            "/v1/payments",
+            signed.as_bytes(),
+            &[
+                (HEADER_METHOD, "POST".into()),
+                (HEADER_PATH, "/v1/payments".into()),
+            ],
+        );
+        me.publish_raw(
+            &queues::inbound(TEST_BANK),
+            "forged-1",
+            altered.as_bytes(),
+            "application/json",
+            headers,
+        )
+        .await
+        .unwrap();
+        // Its answer arrives on the answers queue under its message id: wait for the refusal by
+        // asking for the payment until the forged message has surely been served.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        call(
+            &client(&url, TEST_BANK),
+            "GET",
+            "/v1/payments?instruction_id=MQ-FORGED",
+            Value::Null,
+        )
+        .await
+        .unwrap()
+    });
+    assert_eq!(
+        forged.0, 404,
+        "a forged instruction changed nothing: {}",
+        forged.1
+    );
+    let metrics = metrics_text(&url);
+    let refused = metric(&metrics, "clearhouse_amqp_refused_total");
+    assert!(
+        refused >= 1,
+        "the forged instruction counted as refused: {metrics}"
+    );
+
+    // Publishing into another participant's queue is refused by the broker itself.
+    let intruder = scheme.connect(TEST_BANK);
+    let intrusion = scheme.runtime.block_on(
+        intruder.publish_instruction(
+            &queues::inbound(MQ_BANK),
+            "intrusion-1",
+            "POST",
+            "/v1/payments",
+            payment(MQ_BANK, HTTP_BANK, "MQ-INTRUDER", "1.00")
+                .to_string()
+                .as_bytes(),
+            "application/json",
+        ),
+    );
+    let error = intrusion
+        .expect_err("the broker refuses a write to another's exchange")
+        .to_string();
+    assert!(
+        error.contains("ACCESS_REFUSED") || error.contains("403"),
+        "{error}"
+    );
+    let intruder = scheme.connect(TEST_BANK);
+    let intrusion = scheme.runtime.block_on(intruder.publish_instruction(
+        "",
+        "intrusion-2",
+        "POST",
+        "/v1/payments",
+        b"{}",
+        "application/json",
+    ));
+    let error = intrusion
+        .expect_err("the default exchange is closed to participants")
+        .to_string();
+    assert!(
+        error.contains("ACCESS_REFUSED") || error.contains("403"),
+        "{error}"
+    );
+
+    // The broker crashes: an HTTP debtor's payment to an AMQP creditor ends AB08 (the forward
+    // could not be queued), payments between HTTP participants are not touched... and once the
+    // broker is back, everyone reconnects and payments over the broker settle again.
+    scheme.rabbit.kill();
+    let (status, unreachable) = scheme
+        .runtime
+        .block_on(call(
+            &client(&url, HTTP_BANK),
+            "POST",
+            "/v1/payments",
+            payment(HTTP_BANK, MQ_BANK, "MQ-DOWN", "1.00"),
+        ))
+        .unwrap();
+    assert_eq!(status, 200, "{unreachable}");
+    assert_eq!(unreachable["status"], "RJCT", "{unreachable}");
+    assert_eq!(unreachable["reason"], "AB08", "{unreachable}");
+    told.insert(
+        "MQ-DOWN".into(),
+        (HTTP_BANK.into(), Some(("RJCT".into(), Some("AB08".into())))),
+    );
+    scheme.rabbit.run();
+    let started = Instant::now();
+    let settled_after = loop {
+        let n = started.elapsed().as_millis();
+        let instruction = format!("MQ-BACK-{n}");
+        let (status, answer) = scheme
+            .runtime
+            .block_on(call(
+                &client(&url, HTTP_BANK),
+                "POST",
+                "/v1/payments",
+                payment(HTTP_BANK, MQ_BANK, &instruction, "2.00"),
+            ))
+            .unwrap();
+        assert_eq!(status, 200, "{answer}");
+        let state = answer["status"].as_str().unwrap().to_string();
+        let reason = answer["reason"].as_str().map(str::to_string);
+        told.insert(
+            instruction,
+            (HTTP_BANK.into(), Some((state.clone(), reason.clone()))),
+        );
+        if state == "ACSC" {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "settling over the broker again: {answer}"
+        );
+    };
+    eprintln!("payments over the broker settle again {settled_after:?} after its restart");
+    // The test's own bank reconnects too, and its instructions are served again.
+    let me = scheme.connect(TEST_BANK);
+    let (status, again) = scheme.runtime.block_on(instruct(
+        &me,
+        "POST",
+        "/v1/payments",
+        &payment(TEST_BANK, HTTP_BANK, "MQ-AFTER", "1.00"),
+    ));
+    assert_eq!(status, 200, "{again}");
+    told.insert(
+        "MQ-AFTER".into(),
+        (
+            TEST_BANK.into(),
+            Some((
+                again["status"].as_str().unwrap().into(),
+                again["reason"].as_str().map(str::to_string),
+            )),
+        ),
+    );
+
+    // Every answer stands, books balance, the window holds each settled payment once.
+    let op = scheme.operator();
+    scheme.runtime.block_on(check_told_and_books(
+        &url,
+        &op,
+        &told,
+        &BANKS,
+        4 * 10_000_000,
+    ));
+}
+
+fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {metrics}"))
+}
