@@ -36,6 +36,11 @@ use crate::{event_kind, ExportError, Resume, Sink, Voucher, EVENT_KINDS};
 
 const SINK: &str = "kafka";
 
+/// Reads of the partitions' ends at a resume, at most (see [`KafkaSink::resume`]).
+const RESUME_READS_MAX: usize = 5;
+/// Between two reads of the partitions' ends at a resume.
+const RESUME_SETTLE: Duration = Duration::from_millis(500);
+
 /// Vouchers per chunk (and how far back a resume looks).
 pub const CHUNK_MAX: usize = 1_024;
 
@@ -374,16 +379,28 @@ impl Sink for KafkaSink {
     async fn resume(&mut self) -> Result<Resume, ExportError> {
         self.client = None;
         self.connect().await?;
-        self.last.clear();
+        // A produce request an earlier (killed) exporter left in flight can still be appended
+        // after a first read: read the partitions' ends until two reads RESUME_SETTLE apart
+        // agree (bounded), so that such a request is counted, not written again.
         let mut highest: Option<(u64, [u8; 32])> = None;
-        for (kind, clients) in self.partitions.iter().enumerate() {
-            for client in clients {
-                if let Some((seq, hash)) = Self::last_record(client).await? {
-                    self.last.insert((kind, client.partition()), seq);
-                    if highest.is_none_or(|(s, _)| seq > s) {
-                        highest = Some((seq, hash));
+        for round in 0..RESUME_READS_MAX {
+            let before = std::mem::take(&mut self.last);
+            highest = None;
+            for (kind, clients) in self.partitions.iter().enumerate() {
+                for client in clients {
+                    if let Some((seq, hash)) = Self::last_record(client).await? {
+                        self.last.insert((kind, client.partition()), seq);
+                        if highest.is_none_or(|(s, _)| seq > s) {
+                            highest = Some((seq, hash));
+                        }
                     }
                 }
+            }
+            if round > 0 && before == self.last {
+                break;
+            }
+            if round + 1 < RESUME_READS_MAX {
+                tokio::time::sleep(RESUME_SETTLE).await;
             }
         }
         let Some((seq, hash)) = highest else {
