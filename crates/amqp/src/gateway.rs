@@ -34,6 +34,8 @@ const SYNC_EVERY: Duration = Duration::from_millis(500);
 /// Retries of an instruction the switch answered 429 or 503 (overloaded) before that answer is
 /// sent as it is.
 const BUSY_RETRIES_MAX: u32 = 5;
+/// Waits of 500 ms for the switch's replay guard after a restart (see [`Context::run`]).
+const RESTART_WAITS_MAX: u32 = 240;
 /// How far an instruction's timestamp may lead the switch's clock.
 const LEAD_MS_MAX: u64 = 30_000;
 
@@ -365,6 +367,7 @@ impl Context {
             .map_or("application/json", |c| c.as_str())
             .to_string();
         let mut attempt = 0;
+        let mut restart_waits = 0;
         loop {
             let mut request = axum::http::Request::builder()
                 .method(method)
@@ -397,6 +400,18 @@ impl Context {
             if matches!(status, 429 | 503) && attempt < BUSY_RETRIES_MAX {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                continue;
+            }
+            // Just after a restart the switch refuses requests signed before it started serving
+            // plus the clock lead it allows (its replay guard across restarts); the instruction
+            // itself was checked above, so it is signed afresh once that moment has passed.
+            if status == 401
+                && restart_waits < RESTART_WAITS_MAX
+                && serde_json::from_slice::<serde_json::Value>(&body)
+                    .is_ok_and(|b| b["code"] == "signed_before_start")
+            {
+                restart_waits += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
             return Answer {

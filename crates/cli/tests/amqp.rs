@@ -170,7 +170,7 @@ struct Scheme {
     dir: tempfile::TempDir,
     rabbit: Rabbit,
     url: String,
-    _server: Killed,
+    server: Option<Killed>,
     _banks: Option<Killed>,
     runtime: tokio::runtime::Runtime,
 }
@@ -209,7 +209,7 @@ impl Scheme {
             dir,
             rabbit,
             url,
-            _server: server,
+            server: Some(server),
             _banks: None,
             runtime,
         };
@@ -273,6 +273,24 @@ impl Scheme {
             .rabbit
             .ctl(&["import_definitions", file.to_str().unwrap()]);
         scheme
+    }
+
+    /// SIGKILL to the switch, then a new one on the same data directory and configuration.
+    fn kill_and_restart_switch(&mut self) {
+        drop(self.server.take());
+        let (server, url) = spawn(
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+                self.dir.path().join("switch.toml").to_str().unwrap(),
+            ],
+            Some(&self.dir.path().join("data")),
+            &[],
+        );
+        self.server = Some(server);
+        self.url = url;
     }
 
     fn operator(&self) -> clearhouse_switch::client::SignedClient {
@@ -602,4 +620,79 @@ fn metric(metrics: &str, name: &str) -> u64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{name} in {metrics}"))
+}
+
+#[test]
+fn a_switch_killed_under_amqp_load_answers_every_instruction_after_its_restart() {
+    let mut scheme = Scheme::start();
+    let me = scheme.connect(TEST_BANK);
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // 4 senders on the broker, each instruction awaited (up to 2 minutes: across the restart).
+    let senders: Vec<_> = (0..4u32)
+        .map(|c| {
+            let me = me.clone();
+            let answered = answered.clone();
+            scheme.runtime.spawn(async move {
+                let mut answers = Vec::new();
+                for n in 0..50u32 {
+                    let instruction = format!("KILL-{c}-{n}");
+                    let creditor = if n % 2 == 0 { HTTP_BANK } else { MQ_BANK };
+                    let body = payment(
+                        TEST_BANK,
+                        creditor,
+                        &instruction,
+                        &format!("{}.{:02}", 1 + n, c),
+                    );
+                    let answer = me
+                        .request_with_id(
+                            &instruction,
+                            "POST",
+                            "/v1/payments",
+                            body.to_string().as_bytes(),
+                            "application/json",
+                            Duration::from_secs(120),
+                        )
+                        .await
+                        .unwrap_or_else(|e| panic!("{instruction}: {e}"));
+                    let value: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+                    answers.push((instruction, answer.status, value));
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                answers
+            })
+        })
+        .collect();
+    // Killed with a quarter answered: the rest are in flight or still in the queue.
+    while answered.load(std::sync::atomic::Ordering::Relaxed) < 50 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let killed_at = Instant::now();
+    scheme.kill_and_restart_switch();
+    eprintln!("switch restarted in {:?}", killed_at.elapsed());
+    let mut told: ToldMap = BTreeMap::new();
+    let mut settled = 0;
+    for sender in senders {
+        for (instruction, status, answer) in scheme.runtime.block_on(sender).unwrap() {
+            assert_eq!(status, 200, "{instruction}: {answer}");
+            let state = answer["status"].as_str().unwrap().to_string();
+            assert!(
+                state == "ACSC" || state == "RJCT",
+                "{instruction}: final, {answer}"
+            );
+            settled += usize::from(state == "ACSC");
+            let reason = answer["reason"].as_str().map(str::to_string);
+            told.insert(instruction, (TEST_BANK.to_string(), Some((state, reason))));
+        }
+    }
+    assert_eq!(told.len(), 200);
+    assert!(settled > 100, "most settle: {settled}");
+    let op = scheme.operator();
+    let url = scheme.url.clone();
+    scheme.runtime.block_on(check_told_and_books(
+        &url,
+        &op,
+        &told,
+        &BANKS,
+        4 * 10_000_000,
+    ));
 }
