@@ -106,6 +106,11 @@ enum AdminCommand {
     ///
     /// Example: clearhouse admin settle-window 3
     SettleWindow { window: u64 },
+    /// The RabbitMQ definitions (users and permissions) of the participants whose endpoint is
+    /// `amqp:`, to import into the scheme's broker (the switch must run with `[amqp]`).
+    ///
+    /// Example: clearhouse admin amqp-definitions > p.json && rabbitmqctl import_definitions p.json
+    AmqpDefinitions,
     /// The open window and the recent ones.
     ///
     /// Example: clearhouse admin windows
@@ -224,6 +229,9 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
             format!("/v1/admin/windows/{window}/settle"),
             Value::Null,
         ),
+        AdminCommand::AmqpDefinitions => {
+            ("GET", "/v1/admin/amqp/definitions".to_string(), Value::Null)
+        }
         AdminCommand::Windows => ("GET", "/v1/windows".to_string(), Value::Null),
         AdminCommand::Window { window, format } => (
             "GET",

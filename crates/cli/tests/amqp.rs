@@ -239,7 +239,7 @@ impl Scheme {
         );
         scheme._banks = Some(banks);
         let op = scheme.operator();
-        let definitions = scheme.runtime.block_on(async {
+        scheme.runtime.block_on(async {
             for bic in BANKS {
                 let endpoint = if bic == HTTP_BANK {
                     format!("{banks_url}/bank/{bic}")
@@ -259,12 +259,20 @@ impl Scheme {
                 .unwrap();
                 assert_eq!(status, 200, "{body}");
             }
-            let (status, definitions) = call(&op, "GET", "/v1/admin/amqp/definitions", Value::Null)
-                .await
-                .unwrap();
-            assert_eq!(status, 200, "{definitions}");
-            definitions
         });
+        // The participants' broker users, as the operator fetches them.
+        let output = Command::new(env!("CARGO_BIN_EXE_clearhouse"))
+            .args(["admin", "--url", &scheme.url, "--key-file"])
+            .arg(scheme.dir.path().join("data").join("operator.key"))
+            .arg("amqp-definitions")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let definitions: Value = serde_json::from_slice(&output.stdout).unwrap();
         // The participants' broker users, as the operator imports them.
         assert_eq!(definitions["users"].as_array().unwrap().len(), 3);
         let file = scheme.dir.path().join("participants.json");
