@@ -23,6 +23,8 @@ use crate::{
     with_credentials, AmqpError, HEADER_METHOD, HEADER_PATH, HEADER_STATUS,
 };
 
+/// How long a publish waits for the broker's confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Answers awaited at once at most (a bound on the map of pending requests).
 const PENDING_MAX: usize = 65_536;
 
@@ -53,6 +55,19 @@ impl AmqpParticipant {
         bic: &str,
         secret: &[u8],
     ) -> Result<AmqpParticipant, AmqpError> {
+        Self::connect_with(url, bic, secret, true).await
+    }
+
+    /// [`AmqpParticipant::connect`], taking the answers queue or not. The answers to a
+    /// participant's instructions are spread over every consumer of `ch.ans.<BIC>`: only the
+    /// system that sends instructions and waits for their answers takes it (a creditor agent's
+    /// process that only sends decisions does not).
+    pub async fn connect_with(
+        url: &str,
+        bic: &str,
+        secret: &[u8],
+        take_answers: bool,
+    ) -> Result<AmqpParticipant, AmqpError> {
         let url = with_credentials(url, bic, &participant_password(secret))?;
         let connection = Connection::connect(
             &url,
@@ -72,7 +87,9 @@ impl AmqpParticipant {
             pending: Arc::new(Mutex::new(HashMap::new())),
             bad_signatures: Arc::new(AtomicU64::new(0)),
         };
-        participant.take_answers().await?;
+        if take_answers {
+            participant.take_answers().await?;
+        }
         Ok(participant)
     }
 
@@ -158,20 +175,24 @@ impl AmqpParticipant {
             .with_user_id(self.bic.clone().into())
             .with_content_type(content_type.into())
             .with_headers(headers);
-        let confirmation = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                "".into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
-            .await?
-            .await?;
+        let publish = async {
+            self.channel
+                .basic_publish(
+                    exchange.into(),
+                    "".into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, publish)
+            .await
+            .map_err(|_| AmqpError::Timeout(CONFIRM_TIMEOUT.as_millis() as u64))??;
         match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(AmqpError::Refused(format!(

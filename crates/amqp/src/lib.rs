@@ -31,6 +31,7 @@ pub mod client;
 pub mod definitions;
 mod gateway;
 mod link;
+pub mod testing;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -190,6 +191,10 @@ pub fn vhost_of(url: &str) -> String {
         Some((_, vhost)) if !vhost.is_empty() => vhost.replace("%2f", "/").replace("%2F", "/"),
         _ => "/".to_string(),
     }
+}
+
+fn auth_nonce() -> String {
+    clearhouse_switch::auth::new_nonce()
 }
 
 /// A text header of a message, if present.

@@ -180,7 +180,8 @@ async fn sim_amqp_session(
     counters: Arc<SimCounters>,
 ) -> Result<Arc<clearhouse_amqp::client::AmqpParticipant>, clearhouse_amqp::AmqpError> {
     let participant = Arc::new(
-        clearhouse_amqp::client::AmqpParticipant::connect(url, &bank.bic, &bank.secret).await?,
+        clearhouse_amqp::client::AmqpParticipant::connect_with(url, &bank.bic, &bank.secret, false)
+            .await?,
     );
     let seen = counters.clone();
     participant
@@ -285,6 +286,11 @@ pub struct PaymentsArgs {
     /// following it; adds the NATS servers' and the standby's CPU and the standby's lag.
     #[arg(long)]
     replicated: bool,
+    /// Every participant over AMQP: a private RabbitMQ node on loopback (rabbitmq-server must
+    /// be installed), endpoints `amqp:`, debtors publish to their queues and read the answers
+    /// there, the simulated creditor agents decide off theirs; adds the broker's CPU.
+    #[arg(long)]
+    amqp: bool,
 }
 
 #[derive(clap::Args)]
@@ -304,6 +310,10 @@ pub struct DemoArgs {
     /// lost (nothing) are printed.
     #[arg(long)]
     ha: bool,
+    /// How the participants reach the switch: `http` (signed HTTP both ways) or `amqp` (their
+    /// queues on a private RabbitMQ node on loopback; rabbitmq-server must be installed).
+    #[arg(long, default_value = "http", value_parser = ["http", "amqp"])]
+    transport: String,
 }
 
 pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
@@ -324,6 +334,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         json: false,
         config: None,
         replicated: false,
+        amqp: args.transport == "amqp",
     };
     let report = run_p1(&run, true)?;
     println!();
@@ -537,6 +548,9 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
     if args.replicated && args.config.is_some() {
         bail!("--config and --replicated do not go together (the replicated run writes its own)");
     }
+    if args.amqp && (args.replicated || args.config.is_some()) {
+        bail!("--amqp goes with neither --replicated nor --config (it writes its own)");
+    }
     let (dir, _temp) = data_dir(&args.data_dir)?;
     let exe = std::env::current_exe()?;
     let banks: Vec<(String, String)> = (0..args.participants)
@@ -553,11 +567,31 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
         serde_json::to_vec(
             &banks
                 .iter()
-                .map(|(bic, secret)| json!({"bic": bic, "secret_hex": secret}))
+                .map(|(bic, secret)| json!({"bic": bic, "secret_hex": secret, "amqp": args.amqp}))
                 .collect::<Vec<_>>(),
         )?,
     )?;
     let switch_dir = dir.join("switch");
+    let rabbit = if args.amqp {
+        Some(clearhouse_amqp::testing::Rabbit::start(&dir).map_err(|e| anyhow::anyhow!("{e}"))?)
+    } else {
+        None
+    };
+    let amqp_config = match &rabbit {
+        Some(rabbit) => {
+            let path = dir.join("amqp.toml");
+            std::fs::write(
+                &path,
+                format!(
+                    "[amqp]\nurl = \"{}\"\nprefetch = {}\n",
+                    rabbit.switch_url(),
+                    args.clients.clamp(1, 4096)
+                ),
+            )?;
+            Some(path)
+        }
+        None => None,
+    };
     let replicated = if args.replicated {
         Some(crate::ha_demo::Replicated::start(&exe, &dir, &switch_dir)?)
     } else {
@@ -570,7 +604,7 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
                 .arg(&switch_dir);
             if let Some(replicated) = &replicated {
                 c.arg("--config").arg(&replicated.configs[0]);
-            } else if let Some(config) = &args.config {
+            } else if let Some(config) = args.config.as_ref().or(amqp_config.as_ref()) {
                 c.arg("--config").arg(config);
             }
             c
@@ -594,13 +628,16 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
         }
         None => None,
     };
-    let extra_pids: Vec<(&str, Vec<u32>)> = match (&replicated, &standby) {
+    let mut extra_pids: Vec<(&str, Vec<u32>)> = match (&replicated, &standby) {
         (Some(replicated), Some(standby)) => vec![
             ("nats", replicated.cluster.pids()),
             ("standby", vec![standby.child.id()]),
         ],
         _ => Vec::new(),
     };
+    if let Some(pid) = rabbit.as_ref().and_then(|r| r.pid()) {
+        extra_pids.push(("rabbitmq", vec![pid]));
+    }
     let extra_cpu = |pids: &[u32]| -> f64 {
         pids.iter()
             .map(|pid| cpu_seconds_of(&format!("/proc/{pid}/stat")))
@@ -620,6 +657,9 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
                 "--delay-ms",
                 &args.delay_ms.to_string(),
             ]);
+            if let Some(rabbit) = &rabbit {
+                c.args(["--amqp", &rabbit.url()]);
+            }
             c
         },
         "the simulated banks",
@@ -628,7 +668,15 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let report = runtime.block_on(drive(args, &switch, &sim, &switch_dir, &banks, progress));
+    let report = runtime.block_on(drive(
+        args,
+        &switch,
+        &sim,
+        &switch_dir,
+        &banks,
+        progress,
+        rabbit.as_ref(),
+    ));
     let mut report = report?;
     if args.config.is_some() {
         // The Parquet archive makes a window durable when it closes: close it, as a scheme's
@@ -645,6 +693,21 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
         let closed: Value = serde_json::from_slice(&body).unwrap_or_default();
         let close_seq = closed["checkpoint"]["seq"].as_u64().unwrap_or(u64::MAX);
         report["exports"] = export_figures(&switch.url, &report, close_seq)?;
+    }
+    if rabbit.is_some() {
+        let payments = report["payments"].as_u64().unwrap_or(0).max(1) as f64;
+        let mut total = report["cpu_seconds_per_1000"].as_f64().unwrap_or(0.0);
+        for ((name, pids), before) in extra_pids.iter().zip(&extra_before) {
+            let per_1000 =
+                ((extra_cpu(pids) - before) * 1000.0 / payments * 1000.0).round() / 1000.0;
+            report["cpu_seconds_per_1000_by_process"][*name] = json!(per_1000);
+            total += per_1000;
+        }
+        report["cpu_seconds_per_1000_with_broker"] = json!((total * 1000.0).round() / 1000.0);
+        report["workload"] = json!(format!(
+            "{} over AMQP (a RabbitMQ node on loopback; every participant's endpoint amqp:)",
+            report["workload"].as_str().unwrap_or("P1")
+        ));
     }
     if let Some(sampler) = lag_sampler {
         let payments = report["payments"].as_u64().unwrap_or(0).max(1) as f64;
@@ -780,6 +843,75 @@ async fn call(
     ))
 }
 
+/// A debtor agent of the load: signed HTTP, or its queues on the broker.
+enum Debtor {
+    Http(SignedClient),
+    Amqp(Box<clearhouse_amqp::client::AmqpParticipant>),
+}
+
+impl Debtor {
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        match self {
+            Debtor::Http(client) => {
+                let (status, bytes) = client.request(method, path, body).await?;
+                Ok((status, bytes.to_vec()))
+            }
+            Debtor::Amqp(participant) => {
+                let content_type = if path.contains("iso20022") {
+                    "application/xml"
+                } else {
+                    "application/json"
+                };
+                let answer = participant
+                    .request(method, path, body, content_type, Duration::from_secs(60))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok((answer.status, answer.body))
+            }
+        }
+    }
+}
+
+/// Imports the participants' broker users, then connects each as a debtor agent (retried
+/// until the switch has declared its queues, up to 30 s).
+async fn amqp_debtors(
+    op: &SignedClient,
+    rabbit: &clearhouse_amqp::testing::Rabbit,
+    banks: &[(String, String)],
+) -> anyhow::Result<Vec<Debtor>> {
+    let (status, definitions) = call(op, "GET", "/v1/admin/amqp/definitions", &Value::Null).await?;
+    if status != 200 {
+        bail!("broker definitions: {status} {definitions}");
+    }
+    rabbit
+        .import(&definitions)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let url = rabbit.url();
+    let mut debtors = Vec::with_capacity(banks.len());
+    for (bic, secret) in banks {
+        let secret = hex::decode(secret)?;
+        let started = Instant::now();
+        let participant = loop {
+            match clearhouse_amqp::client::AmqpParticipant::connect(&url, bic, &secret).await {
+                Ok(participant) => break participant,
+                Err(error) if started.elapsed() > Duration::from_secs(30) => {
+                    bail!("{bic} on the broker: {error}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
+        debtors.push(Debtor::Amqp(Box::new(participant)));
+    }
+    // The simulated creditor agents reconnect every 500 ms: give them that before the load.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(debtors)
+}
+
 #[derive(Default)]
 struct Tally {
     latencies: Vec<Duration>,
@@ -795,14 +927,25 @@ async fn drive(
     switch_dir: &Path,
     banks: &[(String, String)],
     progress: bool,
+    rabbit: Option<&clearhouse_amqp::testing::Rabbit>,
 ) -> anyhow::Result<Value> {
     let op = operator_client(switch_dir, &switch.url)?;
+    let endpoint = |bic: &str| match rabbit {
+        Some(_) => clearhouse_switch::model::AMQP_ENDPOINT.to_string(),
+        None => format!("{}/bank/{bic}", sim.url),
+    };
     const FUNDING: &str = "1000000000.00";
     for (bic, secret) in banks {
-        let (status, body) = call(&op, "POST", "/v1/admin/participants", &json!({
-            "bic": bic, "name": format!("Simulated bank {bic}"), "endpoint": format!("{}/bank/{bic}", sim.url),
-            "currencies": {"EUR": {"model": "prefunded"}}, "secret_hex": secret,
-        })).await?;
+        let (status, body) = call(
+            &op,
+            "POST",
+            "/v1/admin/participants",
+            &json!({
+                "bic": bic, "name": format!("Simulated bank {bic}"), "endpoint": endpoint(bic),
+                "currencies": {"EUR": {"model": "prefunded"}}, "secret_hex": secret,
+            }),
+        )
+        .await?;
         if status != 201 {
             bail!("onboarding {bic}: {status} {body}");
         }
@@ -820,10 +963,15 @@ async fn drive(
             args.clients
         );
     }
-    let clients: Vec<SignedClient> = banks
-        .iter()
-        .map(|(bic, secret)| op.with_key(&format!("{bic}-1"), hex::decode(secret).expect("hex")))
-        .collect();
+    let clients: Vec<Debtor> = match rabbit {
+        None => banks
+            .iter()
+            .map(|(bic, secret)| {
+                Debtor::Http(op.with_key(&format!("{bic}-1"), hex::decode(secret).expect("hex")))
+            })
+            .collect(),
+        Some(rabbit) => amqp_debtors(&op, rabbit, banks).await?,
+    };
     let clients = Arc::new(clients);
     let tally = Arc::new(Mutex::new(Tally::default()));
     let remaining = Arc::new(AtomicU64::new(args.payments));

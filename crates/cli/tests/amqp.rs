@@ -6,14 +6,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clearhouse_amqp::client::AmqpParticipant;
+use clearhouse_amqp::testing::Rabbit;
 use clearhouse_amqp::{queues, signed_headers, HEADER_METHOD, HEADER_PATH};
 use serde_json::{json, Value};
 
@@ -25,146 +23,6 @@ const MQ_BANK: &str = "MQSBDEFF";
 const SILENT_BANK: &str = "MQSIDEFF";
 const TEST_BANK: &str = "MQTEDEFF";
 const BANKS: [&str; 4] = [HTTP_BANK, MQ_BANK, SILENT_BANK, TEST_BANK];
-const RABBIT: &str = "/usr/lib/rabbitmq/bin";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A private RabbitMQ node: its own directory, node name, AMQP, distribution and epmd ports.
-struct Rabbit {
-    dir: PathBuf,
-    port: u16,
-    env: Vec<(String, String)>,
-    child: Option<Child>,
-}
-
-impl Rabbit {
-    fn start(dir: &Path) -> Rabbit {
-        let dir = dir.join("rabbit");
-        for sub in ["mnesia", "log", "home"] {
-            std::fs::create_dir_all(dir.join(sub)).unwrap();
-        }
-        let port = free_port();
-        let definitions = clearhouse_amqp::definitions::definitions(
-            "switch",
-            std::iter::empty(),
-            Some(("switch", "switch-password")),
-        );
-        std::fs::write(dir.join("defs.json"), definitions.to_string()).unwrap();
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!(
-                "loopback_users = none\nlog.console = false\nlog.file.level = warning\nload_definitions = {}\n",
-                dir.join("defs.json").display()
-            ),
-        )
-        .unwrap();
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
-        std::fs::write(dir.join("rabbitmq-env.conf"), "").unwrap();
-        let path = |name: &str| dir.join(name).display().to_string();
-        let env = vec![
-            ("HOME".into(), path("home")),
-            ("RABBITMQ_CONF_ENV_FILE".into(), path("rabbitmq-env.conf")),
-            ("RABBITMQ_NODENAME".into(), format!("ch{port}@localhost")),
-            ("RABBITMQ_NODE_IP_ADDRESS".into(), "127.0.0.1".into()),
-            ("RABBITMQ_NODE_PORT".into(), port.to_string()),
-            ("RABBITMQ_DIST_PORT".into(), free_port().to_string()),
-            ("ERL_EPMD_PORT".into(), free_port().to_string()),
-            ("ERL_EPMD_ADDRESS".into(), "127.0.0.1".into()),
-            ("RABBITMQ_MNESIA_BASE".into(), path("mnesia")),
-            ("RABBITMQ_LOG_BASE".into(), path("log")),
-            ("RABBITMQ_CONFIG_FILE".into(), path("rabbitmq.conf")),
-            (
-                "RABBITMQ_ENABLED_PLUGINS_FILE".into(),
-                path("enabled_plugins"),
-            ),
-            ("RABBITMQ_PID_FILE".into(), path("rabbit.pid")),
-            (
-                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS".into(),
-                "-kernel inet_dist_use_interface {127,0,0,1}".into(),
-            ),
-        ];
-        let mut rabbit = Rabbit {
-            dir,
-            port,
-            env,
-            child: None,
-        };
-        rabbit.run();
-        rabbit
-    }
-
-    /// Starts the node (again, on the same directory) and waits for its AMQP listener.
-    fn run(&mut self) {
-        let child = Command::new(format!("{RABBIT}/rabbitmq-server"))
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("rabbitmq-server (Debian package rabbitmq-server; .ci/run installs it)");
-        self.child = Some(child);
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(90),
-                "rabbitmq-server listening within 90 s (log in {})",
-                self.dir.join("log").display()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// SIGKILL to the node's whole process group (the broker crashes).
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .output();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://127.0.0.1:{}/switch", self.port)
-    }
-
-    fn ctl(&self, args: &[&str]) -> String {
-        let output = Command::new(format!("{RABBIT}/rabbitmqctl"))
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-}
-
-impl Drop for Rabbit {
-    fn drop(&mut self) {
-        self.kill();
-        let epmd = self
-            .env
-            .iter()
-            .find(|(k, _)| k == "ERL_EPMD_PORT")
-            .map(|(_, v)| v.clone())
-            .unwrap();
-        let _ = Command::new("epmd")
-            .args(["-port", &epmd, "-kill"])
-            .env("ERL_EPMD_PORT", &epmd)
-            .output();
-    }
-}
 
 struct Scheme {
     dir: tempfile::TempDir,
@@ -178,13 +36,13 @@ struct Scheme {
 impl Scheme {
     fn start() -> Scheme {
         let dir = tempfile::tempdir().unwrap();
-        let rabbit = Rabbit::start(dir.path());
+        let rabbit = Rabbit::start(dir.path()).unwrap();
         let config = dir.path().join("switch.toml");
         std::fs::write(
             &config,
             format!(
-                "settle_deadline_ms = 3000\n\n[amqp]\nurl = \"amqp://switch:switch-password@127.0.0.1:{}/switch\"\nprefetch = 64\n",
-                rabbit.port
+                "settle_deadline_ms = 3000\n\n[amqp]\nurl = \"{}\"\nprefetch = 64\n",
+                rabbit.switch_url()
             ),
         )
         .unwrap();
@@ -275,11 +133,7 @@ impl Scheme {
         let definitions: Value = serde_json::from_slice(&output.stdout).unwrap();
         // The participants' broker users, as the operator imports them.
         assert_eq!(definitions["users"].as_array().unwrap().len(), 3);
-        let file = scheme.dir.path().join("participants.json");
-        std::fs::write(&file, definitions.to_string()).unwrap();
-        scheme
-            .rabbit
-            .ctl(&["import_definitions", file.to_str().unwrap()]);
+        scheme.rabbit.import(&definitions).unwrap();
         scheme
     }
 
@@ -560,7 +414,7 @@ fn the_payment_lifecycle_over_rabbitmq_mixed_with_http() {
         "MQ-DOWN".into(),
         (HTTP_BANK.into(), Some(("RJCT".into(), Some("AB08".into())))),
     );
-    scheme.rabbit.run();
+    scheme.rabbit.run().unwrap();
     let started = Instant::now();
     let settled_after = loop {
         let n = started.elapsed().as_millis();
