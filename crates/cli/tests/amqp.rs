@@ -558,3 +558,55 @@ fn a_switch_killed_under_amqp_load_answers_every_instruction_after_its_restart()
         4 * 10_000_000,
     ));
 }
+
+/// ISO 20022 over the broker: `bench payments --amqp --xml` sends pacs.008 to the debtors'
+/// queues and reads pacs.002 answers from theirs; every payment ends final, the books balance.
+#[test]
+fn pacs008_in_and_pacs002_out_over_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_clearhouse"))
+        .args([
+            "bench",
+            "payments",
+            "--payments",
+            "300",
+            "--participants",
+            "4",
+            "--clients",
+            "4",
+            "--amqp",
+            "--xml",
+            "--json",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("bench"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let rejected: u64 = report["rejected_by_reason"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        report["settled"].as_u64().unwrap() + rejected,
+        300,
+        "{report}"
+    );
+    assert!(report["settled"].as_u64().unwrap() > 250, "{report}");
+    assert_eq!(report["http_errors_by_status"], json!({}), "{report}");
+    assert_eq!(report["books_balance"], true, "{report}");
+    assert!(report["workload"].as_str().unwrap().contains("pacs.008"));
+    assert!(
+        report["cpu_seconds_per_1000_by_process"]["rabbitmq"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+}
