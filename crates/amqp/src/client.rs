@@ -93,18 +93,25 @@ impl AmqpParticipant {
         Ok(participant)
     }
 
-    async fn take_answers(&self) -> Result<(), AmqpError> {
+    /// A consumer of `queue` on a channel of its own, at most `prefetch` unacknowledged.
+    async fn consume(&self, queue: &str, prefetch: u16) -> Result<lapin::Consumer, AmqpError> {
         let channel = self.connection.create_channel().await?;
-        channel.basic_qos(1024, BasicQosOptions::default()).await?;
-        let queue = queues::answers(&self.bic);
-        let mut consumer = channel
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        Ok(channel
             .basic_consume(
-                queue.clone().into(),
+                queue.into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
-            .await?;
+            .await?)
+    }
+
+    async fn take_answers(&self) -> Result<(), AmqpError> {
+        let queue = queues::answers(&self.bic);
+        let mut consumer = self.consume(&queue, 1024).await?;
         let pending = self.pending.clone();
         let secret = self.secret.clone();
         let bad = self.bad_signatures.clone();
@@ -272,19 +279,8 @@ impl AmqpParticipant {
     where
         F: Fn(&serde_json::Value) -> Option<serde_json::Value> + Send + Sync + 'static,
     {
-        let channel = self.connection.create_channel().await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await?;
         let queue = queues::forwards(&self.bic);
-        let mut consumer = channel
-            .basic_consume(
-                queue.clone().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumer = self.consume(&queue, prefetch).await?;
         let me = self.clone();
         let decide = Arc::new(decide);
         tokio::spawn(async move {
@@ -326,17 +322,8 @@ impl AmqpParticipant {
 
     /// Takes notifications off its queue, counting them into `count` (signature checked).
     pub async fn take_notifications(&self, count: Arc<AtomicU64>) -> Result<(), AmqpError> {
-        let channel = self.connection.create_channel().await?;
-        channel.basic_qos(256, BasicQosOptions::default()).await?;
         let queue = queues::notifications(&self.bic);
-        let mut consumer = channel
-            .basic_consume(
-                queue.clone().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumer = self.consume(&queue, 256).await?;
         let secret = self.secret.clone();
         let bad = self.bad_signatures.clone();
         tokio::spawn(async move {

@@ -610,3 +610,131 @@ fn pacs008_in_and_pacs002_out_over_the_broker() {
             > 0.0
     );
 }
+
+/// Connects `bic` to the broker at `broker`, retrying for up to 60 s (the broker restarting).
+async fn connect_retrying(broker: &str, bic: &str) -> Arc<AmqpParticipant> {
+    let secret = hex::decode(secret(bic)).unwrap();
+    let started = Instant::now();
+    loop {
+        match AmqpParticipant::connect(broker, bic, &secret).await {
+            Ok(participant) => return Arc::new(participant),
+            Err(error) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "{bic} back on the broker: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+}
+
+#[test]
+fn the_broker_killed_and_restarted_under_load_loses_nothing() {
+    let mut scheme = Scheme::start();
+    let broker = scheme.rabbit.url();
+    let url = scheme.url.clone();
+    let me = Arc::new(tokio::sync::RwLock::new(scheme.connect(TEST_BANK)));
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Over the broker: each instruction resent, with the same message id, on a new connection
+    // until it is answered (what a participant's middleware does).
+    let amqp_sender = {
+        let (me, answered, broker) = (me.clone(), answered.clone(), broker.clone());
+        scheme.runtime.spawn(async move {
+            let mut answers = Vec::new();
+            for n in 0..60u32 {
+                let instruction = format!("BRK-MQ-{n}");
+                let body = payment(TEST_BANK, HTTP_BANK, &instruction, &format!("{}.00", 1 + n))
+                    .to_string();
+                let started = Instant::now();
+                let answer = loop {
+                    let participant = me.read().await.clone();
+                    match participant
+                        .request_with_id(
+                            &instruction,
+                            "POST",
+                            "/v1/payments",
+                            body.as_bytes(),
+                            "application/json",
+                            Duration::from_secs(15),
+                        )
+                        .await
+                    {
+                        Ok(answer) => break answer,
+                        Err(error) => {
+                            assert!(
+                                started.elapsed() < Duration::from_secs(120),
+                                "{instruction}: {error}"
+                            );
+                            if !participant.is_connected() {
+                                let fresh = connect_retrying(&broker, TEST_BANK).await;
+                                *me.write().await = fresh;
+                            }
+                        }
+                    }
+                };
+                let value: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+                answers.push((instruction, answer.status, value));
+                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            answers
+        })
+    };
+    // Over HTTP to the AMQP creditor: AB08 while the broker is down, settled before and after.
+    let http_sender = {
+        let (url, answered) = (url.clone(), answered.clone());
+        scheme.runtime.spawn(async move {
+            let mut answers = Vec::new();
+            for n in 0..60u32 {
+                let instruction = format!("BRK-HT-{n}");
+                let (status, value) = call(
+                    &client(&url, HTTP_BANK),
+                    "POST",
+                    "/v1/payments",
+                    payment(HTTP_BANK, MQ_BANK, &instruction, "2.00"),
+                )
+                .await
+                .unwrap();
+                answers.push((instruction, status, value));
+                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            answers
+        })
+    };
+    while answered.load(std::sync::atomic::Ordering::Relaxed) < 30 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    scheme.rabbit.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    scheme.rabbit.run().unwrap();
+    let mut told: ToldMap = BTreeMap::new();
+    let mut outcomes = BTreeMap::<String, usize>::new();
+    for (debtor, sender) in [(TEST_BANK, amqp_sender), (HTTP_BANK, http_sender)] {
+        for (instruction, status, answer) in scheme.runtime.block_on(sender).unwrap() {
+            assert_eq!(status, 200, "{instruction}: {answer}");
+            let state = answer["status"].as_str().unwrap().to_string();
+            let reason = answer["reason"].as_str().map(str::to_string);
+            assert!(
+                state == "ACSC" || state == "RJCT",
+                "{instruction}: final, {answer}"
+            );
+            *outcomes
+                .entry(format!(
+                    "{debtor} {state} {}",
+                    reason.clone().unwrap_or_default()
+                ))
+                .or_default() += 1;
+            told.insert(instruction, (debtor.to_string(), Some((state, reason))));
+        }
+    }
+    eprintln!("outcomes across the broker's restart: {outcomes:?}");
+    assert_eq!(told.len(), 120);
+    let op = scheme.operator();
+    scheme.runtime.block_on(check_told_and_books(
+        &url,
+        &op,
+        &told,
+        &BANKS,
+        4 * 10_000_000,
+    ));
+}
