@@ -366,7 +366,14 @@ impl Scheme {
                 .as_mut()
                 .is_none_or(|node| node.0.try_wait().unwrap().is_some());
             if exited {
-                self.nodes[i] = Some(start_node(&self.data[i], &self.configs[i]));
+                // A node that steps down again before it serves is restarted next time.
+                self.nodes[i] = try_spawn(
+                    &["serve", "--config", self.configs[i].to_str().unwrap()],
+                    Some(&self.data[i]),
+                    DEADLINES,
+                )
+                .ok()
+                .map(|(node, _)| node);
             }
         }
     }
@@ -679,8 +686,15 @@ fn a_node_the_stream_was_trimmed_past_restores_a_snapshot_and_can_take_over() {
     let mut followed = None;
     for _ in 0..200 {
         // Supervised: a node that steps down (exit 75) is restarted.
+        // (It may step down again before it serves: then the next round restarts it.)
         if c.0.try_wait().unwrap().is_some() {
-            c = start_node(&c_dir, &c_config);
+            if let Ok((node, _)) = try_spawn(
+                &["serve", "--config", c_config.to_str().unwrap()],
+                Some(&c_dir),
+                DEADLINES,
+            ) {
+                c = node;
+            }
         }
         let answer = scheme.runtime.block_on(call(
             &client(&c_url, BANKS[0]),

@@ -18,6 +18,16 @@ impl Drop for Killed {
 /// Starts `clearhouse <args> [--data-dir data]` with extra environment, and returns it with the
 /// URL it listens on.
 pub fn spawn(args: &[&str], data: Option<&Path>, env: &[(&str, &str)]) -> (Killed, String) {
+    try_spawn(args, data, env).unwrap_or_else(|line| panic!("{line}"))
+}
+
+/// [`spawn`], or the first line it printed instead of `listening on URL` (a process that exits
+/// at once, e.g. a replicated node stepping down again).
+pub fn try_spawn(
+    args: &[&str],
+    data: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Result<(Killed, String), String> {
     let mut command = Command::new(env!("CARGO_BIN_EXE_clearhouse"));
     command.args(args).envs(env.iter().copied());
     if let Some(data) = data {
@@ -37,12 +47,11 @@ pub fn spawn(args: &[&str], data: Option<&Path>, env: &[(&str, &str)]) -> (Kille
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("{line}"))
-        .to_string();
-    (Killed(child), url)
+    let killed = Killed(child);
+    match line.trim().strip_prefix("listening on ") {
+        Some(url) => Ok((killed, url.to_string())),
+        None => Err(line),
+    }
 }
 
 /// The HMAC secret the tests give a simulated bank (hex).
