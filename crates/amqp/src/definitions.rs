@@ -86,22 +86,11 @@ pub fn routes(
 ) -> axum::Router {
     use axum::http::{HeaderMap, StatusCode, Uri};
     use axum::response::IntoResponse;
-    use clearhouse_switch::auth::{self, SignedHeaders};
+    use clearhouse_switch::auth::SignedHeaders;
     axum::Router::new().route(
         "/v1/admin/amqp/definitions",
         axum::routing::get(move |uri: Uri, headers: HeaderMap| async move {
-            let get = |name| {
-                headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-            };
-            let signed = SignedHeaders {
-                key_id: get(auth::HEADER_KEY_ID),
-                timestamp: get(auth::HEADER_TIMESTAMP),
-                nonce: get(auth::HEADER_NONCE),
-                signature: get(auth::HEADER_SIGNATURE),
-            };
+            let signed = SignedHeaders::of_http(&headers);
             let path = uri.path_and_query().map_or("/", |p| p.as_str());
             match switch.authenticate(&signed, "GET", path, b"") {
                 Ok(clearhouse_switch::api::Caller::Operator) => {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use clearhouse_switch::auth::{self, SignedHeaders};
+use clearhouse_switch::auth;
 use clearhouse_switch::switch::Switch;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -22,7 +22,9 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::link::Link;
-use crate::{header_text, queues, AmqpError, HEADER_METHOD, HEADER_PATH, HEADER_STATUS};
+use crate::{
+    header_text, queues, AmqpError, SignedFields, HEADER_METHOD, HEADER_PATH, HEADER_STATUS,
+};
 
 /// Largest answer body read back from the router.
 const ANSWER_BYTES_MAX: usize = 4 * 1024 * 1024;
@@ -215,7 +217,7 @@ impl Context {
             .instructions_total
             .fetch_add(1, Ordering::Relaxed);
         let answer = match self.check(&delivery, &message_id, &method, &path) {
-            Ok(secret) => self.run(&method, &path, &delivery, &secret).await,
+            Ok((secret, key_id)) => self.run(&method, &path, &delivery, &secret, &key_id).await,
             Err(refused) => {
                 self.link
                     .status
@@ -264,14 +266,15 @@ impl Context {
         }
     }
 
-    /// Checks where an instruction comes from and its signature; returns the secret.
+    /// Checks where an instruction comes from and its signature; returns the participant's
+    /// secret and key id.
     fn check(
         &self,
         delivery: &Delivery,
         message_id: &str,
         method: &str,
         path: &str,
-    ) -> Result<Vec<u8>, Answer> {
+    ) -> Result<(Vec<u8>, String), Answer> {
         let properties = &delivery.properties;
         if message_id.is_empty() || message_id.len() > 128 {
             return Err(Answer::refused(
@@ -311,14 +314,9 @@ impl Context {
             .get(&self.bic)
             .cloned()
             .ok_or_else(|| Answer::refused(401, "unauthorized", "unknown participant"))?;
-        let get = |name| header_text(properties, name).unwrap_or_default();
-        let (key_id, timestamp, nonce, signature) = (
-            get(auth::HEADER_KEY_ID),
-            get(auth::HEADER_TIMESTAMP),
-            get(auth::HEADER_NONCE),
-            get(auth::HEADER_SIGNATURE),
-        );
-        if key_id != participant.key_id {
+        let signed = SignedFields::of(properties);
+        let signed = signed.headers();
+        if signed.key_id != participant.key_id {
             return Err(Answer::refused(
                 401,
                 "unauthorized",
@@ -327,17 +325,11 @@ impl Context {
         }
         let secret = hex::decode(&participant.secret_hex)
             .map_err(|_| Answer::refused(401, "unauthorized", "unknown key"))?;
-        let signed = SignedHeaders {
-            key_id: &key_id,
-            timestamp: &timestamp,
-            nonce: &nonce,
-            signature: &signature,
-        };
         if let Err(error) = auth::verify_signature(&signed, &secret, method, path, &delivery.data) {
             return Err(Answer::refused(401, "unauthorized", &error.to_string()));
         }
         let now = auth::now_ms();
-        let signed_at: u64 = timestamp.parse().unwrap_or(0);
+        let signed_at: u64 = signed.timestamp.parse().unwrap_or(0);
         if signed_at.saturating_add(self.link.config.message_age_max_ms) < now
             || signed_at > now.saturating_add(LEAD_MS_MAX)
         {
@@ -350,16 +342,19 @@ impl Context {
                 ),
             ));
         }
-        Ok(secret)
+        Ok((secret, participant.key_id))
     }
 
     /// Runs a checked instruction through the switch's router, as the same participant's HTTP
     /// request (signed afresh, so the router's own checks and limits apply unchanged).
-    async fn run(&self, method: &str, path: &str, delivery: &Delivery, secret: &[u8]) -> Answer {
-        let participant_key = match self.switch.participants().get(&self.bic) {
-            Some(p) => p.key_id.clone(),
-            None => return Answer::refused(401, "unauthorized", "unknown participant"),
-        };
+    async fn run(
+        &self,
+        method: &str,
+        path: &str,
+        delivery: &Delivery,
+        secret: &[u8],
+        participant_key: &str,
+    ) -> Answer {
         let content_type = delivery
             .properties
             .content_type()
@@ -375,7 +370,7 @@ impl Context {
                 .header("content-type", &content_type)
                 .header("content-length", delivery.data.len());
             for (name, value) in
-                auth::sign_request(&participant_key, secret, method, path, &delivery.data)
+                auth::sign_request(participant_key, secret, method, path, &delivery.data)
             {
                 request = request.header(name, value);
             }

@@ -229,6 +229,36 @@ pub fn signed_headers(
     table
 }
 
+/// The four signature headers of a message, as received (empty when absent).
+pub(crate) struct SignedFields {
+    key_id: String,
+    timestamp: String,
+    nonce: String,
+    signature: String,
+}
+
+impl SignedFields {
+    pub(crate) fn of(properties: &lapin::BasicProperties) -> SignedFields {
+        use clearhouse_switch::auth;
+        let get = |name| header_text(properties, name).unwrap_or_default();
+        SignedFields {
+            key_id: get(auth::HEADER_KEY_ID),
+            timestamp: get(auth::HEADER_TIMESTAMP),
+            nonce: get(auth::HEADER_NONCE),
+            signature: get(auth::HEADER_SIGNATURE),
+        }
+    }
+
+    pub(crate) fn headers(&self) -> clearhouse_switch::auth::SignedHeaders<'_> {
+        clearhouse_switch::auth::SignedHeaders {
+            key_id: &self.key_id,
+            timestamp: &self.timestamp,
+            nonce: &self.nonce,
+            signature: &self.signature,
+        }
+    }
+}
+
 /// Checks a message the switch published to `queue` (signature with the participant's secret,
 /// key id `switch`), as a participant does.
 pub fn verify_from_switch(
@@ -237,22 +267,10 @@ pub fn verify_from_switch(
     queue: &str,
     body: &[u8],
 ) -> bool {
-    use clearhouse_switch::auth;
-    let get = |name| header_text(properties, name).unwrap_or_default();
-    let (key_id, timestamp, nonce, signature) = (
-        get(auth::HEADER_KEY_ID),
-        get(auth::HEADER_TIMESTAMP),
-        get(auth::HEADER_NONCE),
-        get(auth::HEADER_SIGNATURE),
-    );
-    key_id == clearhouse_switch::outbound::SWITCH_KEY_ID
-        && auth::verify_signature(
-            &auth::SignedHeaders {
-                key_id: &key_id,
-                timestamp: &timestamp,
-                nonce: &nonce,
-                signature: &signature,
-            },
+    let signed = SignedFields::of(properties);
+    signed.key_id == clearhouse_switch::outbound::SWITCH_KEY_ID
+        && clearhouse_switch::auth::verify_signature(
+            &signed.headers(),
             secret,
             PUBLISH_METHOD,
             queue,

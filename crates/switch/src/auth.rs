@@ -124,6 +124,24 @@ pub struct SignedHeaders<'a> {
     pub signature: &'a str,
 }
 
+impl<'a> SignedHeaders<'a> {
+    /// The four headers of an HTTP request (empty when absent: the signature check fails).
+    pub fn of_http(headers: &'a axum::http::HeaderMap) -> SignedHeaders<'a> {
+        let get = |name| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        };
+        SignedHeaders {
+            key_id: get(HEADER_KEY_ID),
+            timestamp: get(HEADER_TIMESTAMP),
+            nonce: get(HEADER_NONCE),
+            signature: get(HEADER_SIGNATURE),
+        }
+    }
+}
+
 /// Checks a request's signature with `secret`, its timestamp against `now_ms`, and its nonce
 /// against `nonces` (recorded only when everything else holds).
 pub fn verify(

@@ -64,18 +64,7 @@ fn admit<'a>(
     body: &[u8],
 ) -> Result<&'a SimBank, StatusCode> {
     let bank = state.banks.get(bic).ok_or(StatusCode::NOT_FOUND)?;
-    let get = |name| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    };
-    let signed = SignedHeaders {
-        key_id: get(auth::HEADER_KEY_ID),
-        timestamp: get(auth::HEADER_TIMESTAMP),
-        nonce: get(auth::HEADER_NONCE),
-        signature: get(auth::HEADER_SIGNATURE),
-    };
+    let signed = SignedHeaders::of_http(headers);
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let verified = signed.key_id == SWITCH_KEY_ID
         && auth::verify(
