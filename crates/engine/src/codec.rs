@@ -13,6 +13,13 @@ pub const KIND_CREATE_TRANSFERS: u16 = 2;
 pub const KIND_PULSE: u16 = 3;
 /// Transfers and application records in one atomic, durable batch ([`encode_submit`]).
 pub const KIND_SUBMIT: u16 = 4;
+/// Retention: what leaves the index ([`encode_prune`]).
+pub const KIND_PRUNE: u16 = 5;
+
+/// Most keys in each list of one prune.
+pub const PRUNE_KEYS_MAX: usize = 16_384;
+/// Longest replacement value of a pruned record (a tombstone, not a record).
+pub const PRUNE_REPLACEMENT_MAX: usize = 64;
 
 /// Largest value of one application record.
 pub const RECORD_VALUE_MAX: usize = 4096;
@@ -35,6 +42,122 @@ pub struct RecordPut {
     pub aliases: Vec<u128>,
     pub when_transfer_ok: Option<u32>,
     pub voucher: Option<Vec<u8>>,
+}
+
+/// Retention: what one journaled prune removes from the index (the journal and its replicas
+/// replay it, so every copy of the index forgets the same things). The ledger's balances and
+/// accounts are untouched: only the history of finished work goes.
+/// - `delete`: application records to remove, with their open mark (an open record is kept);
+/// - `replace`: records to overwrite with a short value (a tombstone the application can read);
+/// - `aliases`: alias keys to remove;
+/// - `transfers`: transfers to remove from the index (a pending one is refused);
+/// - `vouchers_through`/`anchor_hash`: vouchers 1..=through leave the index, and the chain is
+///   anchored at (through, hash), which must be the stored hash of voucher `through`;
+/// - `events_before`: each account's event chunks that lie wholly before this timestamp go
+///   (its last chunk starting at or before it stays).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Prune {
+    pub delete: Vec<u128>,
+    pub replace: Vec<(u128, Vec<u8>)>,
+    pub aliases: Vec<u128>,
+    pub transfers: Vec<u128>,
+    pub vouchers_through: u64,
+    pub anchor_hash: [u8; 32],
+    pub events_before: u64,
+}
+
+/// A prune payload: header (8), vouchers_through (u64), anchor hash (32), events_before (u64),
+/// counts of delete, replace, aliases, transfers (u32 each), the delete keys, each replacement as
+/// key (16), length (u8) and bytes, the aliases, the transfer ids (16 bytes each).
+pub fn encode_prune(prune: &Prune) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        PAYLOAD_HEADER_SIZE
+            + 64
+            + 16 * (prune.delete.len() + prune.aliases.len() + prune.transfers.len())
+            + 40 * prune.replace.len(),
+    );
+    out.extend_from_slice(&[0u8; PAYLOAD_HEADER_SIZE]);
+    let mut w = Writer(&mut out);
+    w.u64(prune.vouchers_through);
+    w.0.extend_from_slice(&prune.anchor_hash);
+    w.u64(prune.events_before);
+    for count in [
+        prune.delete.len(),
+        prune.replace.len(),
+        prune.aliases.len(),
+        prune.transfers.len(),
+    ] {
+        w.u32(count as u32);
+    }
+    for key in &prune.delete {
+        w.u128(*key);
+    }
+    for (key, value) in &prune.replace {
+        w.u128(*key);
+        w.0.push(value.len() as u8);
+        w.0.extend_from_slice(value);
+    }
+    for key in prune.aliases.iter().chain(&prune.transfers) {
+        w.u128(*key);
+    }
+    out
+}
+
+/// Decodes a prune payload ([`encode_prune`]); refuses overlong lists and trailing bytes.
+pub fn decode_prune(payload: &[u8]) -> Result<Prune, CodecError> {
+    sealed_results(payload)?;
+    let bytes = &payload[PAYLOAD_HEADER_SIZE..];
+    let short = |what, expected, found| CodecError {
+        what,
+        expected,
+        found,
+    };
+    if bytes.len() < 64 {
+        return Err(short("prune header", 64, bytes.len()));
+    }
+    let mut r = Reader(bytes);
+    let vouchers_through = r.u64();
+    let anchor_hash = r.take::<32>();
+    let events_before = r.u64();
+    let counts = [r.u32(), r.u32(), r.u32(), r.u32()].map(|c| c as usize);
+    if let Some(&count) = counts.iter().find(|c| **c > PRUNE_KEYS_MAX) {
+        return Err(short("prune list", PRUNE_KEYS_MAX, count));
+    }
+    let keys = |r: &mut Reader, count: usize| -> Result<Vec<u128>, CodecError> {
+        if r.0.len() / 16 < count {
+            return Err(short("prune keys", count * 16, r.0.len()));
+        }
+        Ok((0..count).map(|_| r.u128()).collect())
+    };
+    let delete = keys(&mut r, counts[0])?;
+    let mut replace = Vec::with_capacity(counts[1]);
+    for _ in 0..counts[1] {
+        if r.0.len() < 17 {
+            return Err(short("prune replacement", 17, r.0.len()));
+        }
+        let key = r.u128();
+        let [length] = r.take::<1>();
+        let length = length as usize;
+        if length > PRUNE_REPLACEMENT_MAX || r.0.len() < length {
+            return Err(short("prune replacement value", length, r.0.len()));
+        }
+        replace.push((key, r.0[..length].to_vec()));
+        r.0 = &r.0[length..];
+    }
+    let aliases = keys(&mut r, counts[2])?;
+    let transfers = keys(&mut r, counts[3])?;
+    if !r.0.is_empty() {
+        return Err(short("end of prune payload", 0, r.0.len()));
+    }
+    Ok(Prune {
+        delete,
+        replace,
+        aliases,
+        transfers,
+        vouchers_through,
+        anchor_hash,
+        events_before,
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -401,6 +524,31 @@ mod tests {
         for cut in 0..payload.len() {
             assert!(decode_submit(&payload[..cut]).is_err(), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn prune_payloads_round_trip_and_truncation_is_an_error() {
+        let prune = Prune {
+            delete: vec![1, u128::MAX],
+            replace: vec![(5, vec![2, 0, 1]), (6, vec![])],
+            aliases: vec![7, 8, 9],
+            transfers: vec![10],
+            vouchers_through: 42,
+            anchor_hash: [3; 32],
+            events_before: 99,
+        };
+        let payload = encode_prune(&prune);
+        assert_eq!(decode_prune(&payload).unwrap(), prune);
+        for cut in 0..payload.len() {
+            assert!(decode_prune(&payload[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = payload.clone();
+        longer.push(0);
+        assert!(decode_prune(&longer).is_err());
+        assert_eq!(
+            decode_prune(&encode_prune(&Prune::default())).unwrap(),
+            Prune::default()
+        );
     }
 
     #[test]

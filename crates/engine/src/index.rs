@@ -15,7 +15,7 @@ use clearhouse_ledger::{
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::codec::{self, RecordPut};
+use crate::codec::{self, Prune, RecordPut};
 use crate::compact::{self, ChunkWriter, INDEX_FORMAT, INDEX_FORMAT_READABLE};
 use crate::voucher_pack;
 use crate::vouchers::{Voucher, VoucherChain};
@@ -140,6 +140,8 @@ pub struct IndexUpdate {
     pub records: Vec<RecordPut>,
     /// Vouchers appended, in chain order.
     pub vouchers: Vec<Voucher>,
+    /// Retention: what leaves the index, in journal order (after this update's writes).
+    pub prunes: Vec<Prune>,
     /// Commit with fsync: a checkpoint that lets the journal before it be deleted.
     pub durable: bool,
 }
@@ -291,7 +293,11 @@ impl Index {
                     hash: voucher.hash,
                 }
             }
-            None => VoucherChain::default(),
+            // Every voucher pruned: the chain continues from its anchor.
+            None => {
+                let (seq, hash) = read_anchor(&meta)?;
+                VoucherChain { seq, hash }
+            }
         };
         Ok(Restored {
             seq,
@@ -438,6 +444,13 @@ impl Index {
                 // The chain has no gaps: this update starts right after the last stored voucher.
                 let last =
                     redb_try!(vouchers.last(), "read last voucher").map(|(seq, _)| seq.value());
+                let last = match last {
+                    Some(last) => Some(last),
+                    None => {
+                        let meta = redb_try!(txn.open_table(META), "open meta");
+                        Some(read_anchor(&meta)?.0).filter(|seq| *seq > 0)
+                    }
+                };
                 let first = vouchers_new[0].seq;
                 if first != last.unwrap_or(0) + 1
                     || vouchers_new.windows(2).any(|w| w[1].seq != w[0].seq + 1)
@@ -478,6 +491,10 @@ impl Index {
                     "write meta"
                 );
             }
+        }
+        // After this transaction's writes (the tables above are closed): retention.
+        for prune in updates.iter().flat_map(|update| &update.prunes) {
+            apply_prune(&txn, prune)?;
         }
         redb_try!(txn.commit(), "commit");
         Ok(())
@@ -530,6 +547,22 @@ impl Index {
             out.push(self.decode_voucher(seq.value(), value.value())?);
         }
         Ok(out)
+    }
+
+    /// Where the chain is anchored after retention: (last pruned voucher, its hash); (0, zeros)
+    /// while nothing was pruned.
+    pub fn vouchers_anchor(&self) -> Result<(u64, [u8; 32]), EngineError> {
+        let txn = redb_try!(self.db.begin_read(), "begin read");
+        let meta = redb_try!(txn.open_table(META), "open meta");
+        read_anchor(&meta)
+    }
+
+    /// The stored hash of voucher `seq` (None: not in the index).
+    pub fn voucher_hash(&self, seq: u64) -> Result<Option<[u8; 32]>, EngineError> {
+        let txn = redb_try!(self.db.begin_read(), "begin read");
+        let table = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
+        Ok(redb_try!(table.get(seq), "read voucher")
+            .and_then(|value| value.value().get(..32).map(|h| h.try_into().expect("32 bytes"))))
     }
 
     /// The key an alias resolves to.
@@ -718,6 +751,105 @@ impl Index {
     }
 }
 
+/// The voucher chain's anchor in `meta`: (seq, hash) of the last pruned voucher, zeros if none.
+fn read_anchor(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<(u64, [u8; 32]), EngineError> {
+    match redb_try!(meta.get("vouchers_anchor"), "read meta") {
+        None => Ok((0, [0; 32])),
+        Some(value) => {
+            let bytes = value.value();
+            if bytes.len() != 40 {
+                return Err(EngineError::Index {
+                    context: "vouchers_anchor",
+                    message: format!("{} bytes, expected 40", bytes.len()),
+                });
+            }
+            Ok((
+                u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
+                bytes[8..].try_into().expect("32 bytes"),
+            ))
+        }
+    }
+}
+
+/// Applies one prune within an index transaction (see [`Prune`]). Deterministic: replay and
+/// standbys remove the same entries. An open record or a pending transfer is never removed.
+fn apply_prune(txn: &redb::WriteTransaction, prune: &Prune) -> Result<(), EngineError> {
+    {
+        let mut records = redb_try!(txn.open_table(RECORDS), "open records");
+        let open = redb_try!(txn.open_table(RECORDS_OPEN), "open records_open");
+        for key in &prune.delete {
+            if redb_try!(open.get(*key), "read open record").is_none() {
+                redb_try!(records.remove(*key), "prune record");
+            }
+        }
+        for (key, value) in &prune.replace {
+            if redb_try!(open.get(*key), "read open record").is_none()
+                && redb_try!(records.get(*key), "read record").is_some()
+            {
+                redb_try!(records.insert(*key, value.as_slice()), "prune record");
+            }
+        }
+    }
+    {
+        let mut aliases = redb_try!(txn.open_table(RECORD_ALIASES), "open aliases");
+        for alias in &prune.aliases {
+            redb_try!(aliases.remove(*alias), "prune alias");
+        }
+    }
+    {
+        let mut transfers = redb_try!(txn.open_table(TRANSFERS), "open transfers");
+        let pending = redb_try!(txn.open_table(PENDING), "open pending");
+        for id in &prune.transfers {
+            if redb_try!(pending.get(*id), "read pending").is_none() {
+                redb_try!(transfers.remove(*id), "prune transfer");
+            }
+        }
+    }
+    if prune.vouchers_through > 0 {
+        let mut meta = redb_try!(txn.open_table(META), "open meta");
+        if read_anchor(&meta)?.0 < prune.vouchers_through {
+            let mut vouchers = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
+            redb_try!(
+                vouchers.retain_in(..=prune.vouchers_through, |_, _| false),
+                "prune vouchers"
+            );
+            let mut anchor = prune.vouchers_through.to_le_bytes().to_vec();
+            anchor.extend_from_slice(&prune.anchor_hash);
+            redb_try!(meta.insert("vouchers_anchor", anchor.as_slice()), "write meta");
+        }
+    }
+    if prune.events_before > 0 {
+        let accounts: Vec<u128> = {
+            let table = redb_try!(txn.open_table(ACCOUNTS), "open accounts");
+            let mut ids = Vec::new();
+            for entry in redb_try!(table.iter(), "iterate accounts") {
+                ids.push(redb_try!(entry, "read account").0.value());
+            }
+            ids
+        };
+        let mut events = redb_try!(txn.open_table(ACCOUNT_EVENTS), "open account events");
+        for account in accounts {
+            // The chunks starting at or before the cut, but the last of them (it may reach past).
+            let last = match redb_try!(
+                events.range((account, 0)..=(account, prune.events_before)),
+                "range"
+            )
+            .next_back()
+            {
+                Some(entry) => redb_try!(entry, "read account events").0.value().1,
+                None => continue,
+            };
+            if last > 0 {
+                redb_try!(
+                    events.retain_in((account, 0)..(account, last), |_, _| false),
+                    "prune account events"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One account's chunk being built by [`chunks_in_one_pass`].
 struct OpenChunk {
     writer: ChunkWriter,
@@ -851,6 +983,7 @@ mod tests {
                 scalars: LedgerScalars::default(),
                 records: Vec::new(),
                 vouchers: Vec::new(),
+                prunes: Vec::new(),
                 durable: true,
             })
             .unwrap();
@@ -947,6 +1080,7 @@ mod tests {
             scalars: LedgerScalars::default(),
             records: Vec::new(),
             vouchers: Vec::new(),
+            prunes: Vec::new(),
             durable: false,
         }
     }

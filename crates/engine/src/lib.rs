@@ -19,7 +19,7 @@ pub mod replica;
 pub mod voucher_pack;
 pub mod vouchers;
 
-pub use codec::RecordPut;
+pub use codec::{Prune, RecordPut};
 pub use index::QUERY_LIMIT_MAX;
 pub use node::{MetricsSnapshot, Node, NodeOptions, NodeStats, RecoveryReport, SubmitOutcome};
 pub use vouchers::{Voucher, VoucherStamp};

@@ -23,8 +23,9 @@ use clearhouse_ledger::{
 use rustc_hash::FxHashMap;
 
 use crate::codec::{
-    self, RecordPut, KIND_CREATE_ACCOUNTS, KIND_CREATE_TRANSFERS, KIND_PULSE, KIND_SUBMIT,
-    RECORD_ALIASES_MAX, RECORD_PUTS_MAX, RECORD_VALUE_MAX,
+    self, Prune, RecordPut, KIND_CREATE_ACCOUNTS, KIND_CREATE_TRANSFERS, KIND_PRUNE, KIND_PULSE,
+    KIND_SUBMIT, PRUNE_KEYS_MAX, PRUNE_REPLACEMENT_MAX, RECORD_ALIASES_MAX, RECORD_PUTS_MAX,
+    RECORD_VALUE_MAX,
 };
 use crate::index::{Index, IndexUpdate};
 use crate::replica::{
@@ -222,6 +223,7 @@ enum Request {
     CreateAccounts(Vec<Account>, Reply<Vec<CreateAccountResult>>),
     CreateTransfers(Vec<Transfer>, Reply<Vec<CreateTransferResult>>),
     Submit(Vec<Transfer>, Vec<RecordPut>, Reply<SubmitOutcome>),
+    Prune(Box<Prune>, Reply<()>),
     LookupAccounts(Vec<u128>, Reply<Vec<Account>>),
     LookupTransfers(Vec<u128>, Reply<Vec<StoredTransfer>>),
     Stats(Reply<NodeStats>),
@@ -425,16 +427,19 @@ impl Node {
         let mut app_records: Vec<RecordPut> = Vec::new();
         let mut chain = restored.vouchers;
         let mut app_vouchers: Vec<Voucher> = Vec::new();
+        let mut app_prunes: Vec<Prune> = Vec::new();
         let flush = |ledger: &mut Ledger,
                      pending_changes: &mut ChangeSet,
                      pending_records: &mut Vec<RecordPut>,
                      pending_vouchers: &mut Vec<Voucher>,
+                     pending_prunes: &mut Vec<Prune>,
                      seq: u64|
          -> Result<(), EngineError> {
             let update = IndexUpdate {
                 seq,
                 records: std::mem::take(pending_records),
                 vouchers: std::mem::take(pending_vouchers),
+                prunes: std::mem::take(pending_prunes),
                 changes: std::mem::take(pending_changes),
                 accounts: ledger.take_dirty_accounts(),
                 scalars: ledger.scalars(),
@@ -456,6 +461,7 @@ impl Node {
                 &mut app_records,
                 &mut chain,
                 &mut app_vouchers,
+                &mut app_prunes,
                 &mut prefetched,
             )
             .map_err(|error| corrupt(record.seq, "replay", error))?;
@@ -484,6 +490,7 @@ impl Node {
                     &mut pending_changes,
                     &mut app_records,
                     &mut app_vouchers,
+                    &mut app_prunes,
                     record.seq,
                 )
                 .map_err(|error| corrupt(record.seq, "indexing", error))?;
@@ -495,6 +502,7 @@ impl Node {
             &mut pending_changes,
             &mut app_records,
             &mut app_vouchers,
+            &mut app_prunes,
             last_seq,
         )?;
         recovery.records_replayed = replayed;
@@ -506,6 +514,7 @@ impl Node {
                 seq: last_seq,
                 records: Vec::new(),
                 vouchers: Vec::new(),
+                prunes: Vec::new(),
                 changes: ChangeSet::default(),
                 accounts: ledger.take_dirty_accounts(),
                 scalars: ledger.scalars(),
@@ -594,6 +603,7 @@ impl Node {
                 records: Vec::new(),
                 chain,
                 vouchers: Vec::new(),
+                prunes: Vec::new(),
                 free_bytes_this_group: None,
             };
             std::thread::Builder::new()
@@ -708,6 +718,21 @@ impl Node {
         self.enqueue(Request::Submit(transfers, records, Box::new(done)))
     }
 
+    /// Retention: removes finished history from the index as one journaled record (replayed
+    /// after a crash and by standbys, so every copy forgets the same things). Refused, with
+    /// nothing changed, when a list is too long, a transfer is pending, or the voucher anchor is
+    /// not the stored hash of voucher `vouchers_through`.
+    pub fn prune(&self, prune: Prune) -> Result<(), EngineError> {
+        self.call(|reply| Request::Prune(Box::new(prune), reply))
+    }
+
+    /// Where the voucher chain is anchored after retention: (last pruned voucher, its hash);
+    /// (0, zeros) while nothing was pruned. Vouchers before it are no longer in the index.
+    pub fn vouchers_anchor(&self) -> Result<(u64, [u8; 32]), EngineError> {
+        self.wait_indexed()?;
+        self.inner.index.vouchers_anchor()
+    }
+
     /// Application records by key (None where absent), reading every acknowledged write.
     pub fn get_records(&self, keys: &[u128]) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
         self.wait_indexed()?;
@@ -816,9 +841,18 @@ fn replay(
     records_out: &mut Vec<RecordPut>,
     chain: &mut VoucherChain,
     vouchers_out: &mut Vec<Voucher>,
+    prunes_out: &mut Vec<Prune>,
     prefetched: &mut Vec<u128>,
 ) -> Result<(), EngineError> {
     let digest = match record.kind {
+        KIND_PRUNE => {
+            let prune = codec::decode_prune(&record.payload)?;
+            for id in &prune.transfers {
+                ledger.evict(*id);
+            }
+            prunes_out.push(prune);
+            prune_digest()
+        }
         KIND_SUBMIT => {
             let (transfers, records) = codec::decode_submit(&record.payload)?;
             prefetched.extend(prefetch(index, ledger, &transfers)?);
@@ -879,6 +913,11 @@ fn records_written(records: &[RecordPut], results: &[CreateTransferResult]) -> V
             Some(i) => results[i as usize] == CreateTransferResult::Ok,
         })
         .collect()
+}
+
+/// What a prune's record is sealed with (it has no per-item results).
+fn prune_digest() -> (u32, u32) {
+    codec::results_digest(std::iter::once(1))
 }
 
 fn submit_digest(results: &[CreateTransferResult], written: &[bool]) -> (u32, u32) {
@@ -1004,6 +1043,8 @@ struct Engine {
     /// The voucher chain's head, and the vouchers the current group appended, for the index.
     chain: VoucherChain,
     vouchers: Vec<Voucher>,
+    /// Prunes journaled by the current group, for the index.
+    prunes: Vec<Prune>,
     /// Free bytes on the data directory's filesystem, read at the group's first write.
     free_bytes_this_group: Option<(u64, bool)>,
 }
@@ -1018,6 +1059,7 @@ enum Pending {
         Result<Vec<CreateTransferResult>, EngineError>,
     ),
     Submit(Reply<SubmitOutcome>, Result<SubmitOutcome, EngineError>),
+    Pruned(Reply<()>, Result<(), EngineError>),
     Applied(Reply<u64>, u64),
     Lookup(Request),
 }
@@ -1063,6 +1105,7 @@ impl Engine {
                 seq,
                 records: std::mem::take(&mut self.records),
                 vouchers: std::mem::take(&mut self.vouchers),
+                prunes: std::mem::take(&mut self.prunes),
                 changes,
                 accounts: self.ledger.take_dirty_accounts(),
                 scalars: self.ledger.scalars(),
@@ -1108,6 +1151,10 @@ impl Engine {
                 }
                 (true, Request::Submit(_, _, reply)) => {
                     answered.push(Pending::Submit(reply, Err(self.refusal())));
+                    continue;
+                }
+                (true, Request::Prune(_, reply)) => {
+                    answered.push(Pending::Pruned(reply, Err(self.refusal())));
                     continue;
                 }
                 (_, Request::Apply(records, chain, reply)) => {
@@ -1161,6 +1208,10 @@ impl Engine {
                     let result = self.execute_submit(now, &transfers, records);
                     answered.push(Pending::Submit(reply, result));
                 }
+                Request::Prune(prune, reply) => {
+                    let result = self.execute_prune(now, *prune);
+                    answered.push(Pending::Pruned(reply, result));
+                }
                 other => answered.push(Pending::Lookup(other)),
             }
         }
@@ -1198,6 +1249,7 @@ impl Engine {
                 Pending::Accounts(reply, result) => Box::new(move || reply(result)),
                 Pending::Transfers(reply, result) => Box::new(move || reply(result)),
                 Pending::Submit(reply, result) => Box::new(move || reply(result)),
+                Pending::Pruned(reply, result) => Box::new(move || reply(result)),
                 Pending::Applied(reply, last) => Box::new(move || reply(Ok(last))),
                 Pending::Lookup(request) => self.answer_lookup(request),
             });
@@ -1260,6 +1312,7 @@ impl Engine {
                 &mut self.records,
                 &mut self.chain,
                 &mut self.vouchers,
+                &mut self.prunes,
                 &mut prefetched,
             )
             .map_err(|error| {
@@ -1436,6 +1489,73 @@ impl Engine {
         })
     }
 
+    /// Checks and journals a prune (see [`Node::prune`]); the index applies it with the group.
+    fn execute_prune(&mut self, now: u64, prune: Prune) -> Result<(), EngineError> {
+        let refuse = |reason: String| EngineError::RecordRefused { key: 0, reason };
+        let longest = [
+            prune.delete.len(),
+            prune.replace.len(),
+            prune.aliases.len(),
+            prune.transfers.len(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        if longest > PRUNE_KEYS_MAX {
+            return Err(refuse(format!(
+                "prune: a list of {longest} keys (max {PRUNE_KEYS_MAX})"
+            )));
+        }
+        if let Some((key, value)) = prune
+            .replace
+            .iter()
+            .find(|(_, v)| v.len() > PRUNE_REPLACEMENT_MAX)
+        {
+            return Err(refuse(format!(
+                "prune: replacement of record {key:#x} is {} bytes (max {PRUNE_REPLACEMENT_MAX})",
+                value.len()
+            )));
+        }
+        if let Some(id) = prune.transfers.iter().find(|id| {
+            self.ledger
+                .cached_transfer(**id)
+                .is_some_and(|s| s.status == clearhouse_ledger::PendingStatus::Pending)
+        }) {
+            return Err(refuse(format!("prune: transfer {id:#x} is pending")));
+        }
+        if prune.vouchers_through > self.chain.seq {
+            return Err(refuse(format!(
+                "prune: voucher {} is past the chain's head {}",
+                prune.vouchers_through, self.chain.seq
+            )));
+        }
+        let anchor = self.index.vouchers_anchor()?;
+        if prune.vouchers_through > anchor.0 {
+            match self.index.voucher_hash(prune.vouchers_through)? {
+                Some(hash) if hash == prune.anchor_hash => {}
+                Some(_) => {
+                    return Err(refuse(format!(
+                        "prune: the anchor hash is not voucher {}'s",
+                        prune.vouchers_through
+                    )))
+                }
+                None => {
+                    return Err(refuse(format!(
+                        "prune: voucher {} is not indexed yet; retry",
+                        prune.vouchers_through
+                    )))
+                }
+            }
+        }
+        let payload = codec::encode_prune(&prune);
+        self.journal_and_apply(KIND_PRUNE, now, payload, |_| Ok(((), prune_digest())))?;
+        for id in &prune.transfers {
+            self.ledger.evict(*id);
+        }
+        self.prunes.push(prune);
+        Ok(())
+    }
+
     /// Refuses a write while the disk is too full or read-only. Free space is read (statvfs) once
     /// per group, not per request: the required margin dwarfs what one group can write.
     fn check_disk_space(&mut self) -> Result<(), EngineError> {
@@ -1488,6 +1608,7 @@ impl Engine {
             seq,
             records: std::mem::take(&mut self.records),
             vouchers: std::mem::take(&mut self.vouchers),
+            prunes: std::mem::take(&mut self.prunes),
             changes,
             accounts: self.ledger.take_dirty_accounts(),
             scalars: self.ledger.scalars(),
@@ -1569,6 +1690,7 @@ impl Engine {
             Request::CreateAccounts(..)
             | Request::CreateTransfers(..)
             | Request::Submit(..)
+            | Request::Prune(..)
             | Request::Apply(..) => {
                 unreachable!("writes are executed, not looked up")
             }

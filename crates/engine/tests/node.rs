@@ -472,3 +472,128 @@ fn records_are_written_with_their_transfers_atomically_and_survive_restarts() {
     assert!(node.open_records(10).unwrap().is_empty());
     assert_eq!(node.lookup_transfers(vec![1, 2]).unwrap().len(), 1);
 }
+
+#[test]
+fn a_prune_removes_finished_history_keeps_the_chain_and_replays_the_same() {
+    use clearhouse_engine::{Prune, RecordPut};
+    let dir = tempfile::tempdir().unwrap();
+    let options = || {
+        let mut options = small_options(dir.path());
+        // No checkpoint before the end: a restart without the index replays every record.
+        options.checkpoint_every_records = 1_000_000;
+        options.journal.segment_size = 64 * 1024 * 1024;
+        options
+    };
+    let put = |key: u128, open: bool| RecordPut {
+        key,
+        value: format!("record {key}").into_bytes(),
+        open,
+        aliases: vec![key + 1000],
+        when_transfer_ok: None,
+        voucher: Some(format!("voucher {key}").into_bytes()),
+    };
+    let transfer = |id: u128, flags: TransferFlags| Transfer {
+        id,
+        debit_account_id: 1,
+        credit_account_id: 2,
+        amount: 5,
+        ledger: 1,
+        code: 1,
+        flags,
+        ..Transfer::default()
+    };
+    let node = Node::start(options()).unwrap();
+    node.create_accounts(accounts(2)).unwrap();
+    // Records 1..=20 with vouchers 1..=20, transfers 1..=20; transfer 21 stays pending.
+    for key in 1..=20u128 {
+        let outcome = node
+            .submit(
+                vec![transfer(key, TransferFlags::default())],
+                vec![put(key, key == 5)],
+            )
+            .unwrap();
+        assert_eq!(outcome.results, vec![CreateTransferResult::Ok]);
+    }
+    node.submit(vec![transfer(21, TransferFlags::PENDING)], vec![])
+        .unwrap();
+    let vouchers = node.vouchers(1, 100).unwrap();
+    assert_eq!(vouchers.len(), 20);
+    let anchor = (vouchers[9].seq, vouchers[9].hash);
+    let prune = Prune {
+        delete: (1..=9).collect(),
+        replace: vec![(10, b"gone".to_vec())],
+        aliases: (1001..=1010).collect(),
+        transfers: (1..=10).collect(),
+        vouchers_through: anchor.0,
+        anchor_hash: anchor.1,
+        events_before: 0,
+    };
+    // Refused with nothing changed: a wrong anchor hash, a pending transfer, a voucher past
+    // the head.
+    let mut wrong = prune.clone();
+    wrong.anchor_hash = vouchers[8].hash;
+    assert!(node.prune(wrong).is_err());
+    let mut pending = prune.clone();
+    pending.transfers.push(21);
+    assert!(node.prune(pending).is_err());
+    let mut past = prune.clone();
+    past.vouchers_through = 99;
+    assert!(node.prune(past).is_err());
+    assert_eq!(node.vouchers(1, 100).unwrap().len(), 20);
+    assert_eq!(node.lookup_transfers(vec![1]).unwrap().len(), 1);
+
+    node.prune(prune).unwrap();
+    let check = |node: &Node| {
+        let records = node.get_records(&[1, 5, 9, 10, 11]).unwrap();
+        assert_eq!(records[0], None);
+        assert_eq!(records[1], Some(b"record 5".to_vec()), "an open record stays");
+        assert_eq!(records[2], None);
+        assert_eq!(records[3], Some(b"gone".to_vec()), "replaced by its tombstone");
+        assert_eq!(records[4], Some(b"record 11".to_vec()));
+        assert_eq!(node.resolve_alias(1001).unwrap(), None);
+        assert_eq!(node.resolve_alias(1011).unwrap(), Some(11));
+        assert_eq!(node.vouchers_anchor().unwrap(), anchor);
+        let left = node.vouchers(0, 100).unwrap();
+        assert_eq!(left.first().map(|v| v.seq), Some(11));
+        assert_eq!(left.len(), 10);
+        let found: Vec<u128> = node
+            .lookup_transfers((1..=21).collect())
+            .unwrap()
+            .iter()
+            .map(|s| s.transfer.id)
+            .collect();
+        assert_eq!(found, (11..=21).collect::<Vec<_>>());
+    };
+    check(&node);
+    // Balances are untouched by retention.
+    let before = node.lookup_accounts(vec![1, 2]).unwrap();
+    drop(node);
+    // Rebuilding the index from the journal (the prune replayed) gives the same state.
+    std::fs::remove_file(dir.path().join("index.redb")).unwrap();
+    let node = Node::start(options()).unwrap();
+    assert!(node.recovery_report().records_replayed > 20);
+    check(&node);
+    assert_eq!(node.lookup_accounts(vec![1, 2]).unwrap(), before);
+    // Prune every voucher: the chain continues from its anchor after a restart.
+    let head = node.vouchers(0, 100).unwrap().last().cloned().unwrap();
+    node.prune(Prune {
+        vouchers_through: head.seq,
+        anchor_hash: head.hash,
+        ..Prune::default()
+    })
+    .unwrap();
+    assert!(node.vouchers(0, 100).unwrap().is_empty());
+    drop(node);
+    let node = Node::start(options()).unwrap();
+    let outcome = node.submit(vec![], vec![put(30, false)]).unwrap();
+    let stamp = outcome.vouchers[0].unwrap();
+    assert_eq!(stamp.seq, 21);
+    assert_eq!(
+        stamp.hash,
+        clearhouse_engine::vouchers::chain_hash(
+            &head.hash,
+            21,
+            &clearhouse_engine::vouchers::leaf_digest(b"voucher 30")
+        )
+    );
+}
