@@ -152,10 +152,15 @@ pub struct VerifyReport {
     /// Vouchers after the last checkpoint: chained correctly but not yet signed.
     pub unsigned_tail: u64,
     pub public_key: String,
+    /// Vouchers 1..=this were not verified here but taken from the signed checkpoint at this
+    /// voucher (the hot part of a data directory after retention); 0: from the first voucher.
+    #[serde(default)]
+    pub anchored_at: u64,
 }
 
 /// Incremental verifier of a chain given in sequence order (used for exports and the live data
 /// directory alike).
+#[derive(Clone, Debug)]
 pub struct ChainVerifier {
     public_key: VerifyingKey,
     seq: u64,
@@ -164,9 +169,49 @@ pub struct ChainVerifier {
     closed_window: Option<u64>,
     checkpoints: u64,
     last_checkpoint_seq: u64,
+    /// Vouchers 1..=this were taken on trust of a signed checkpoint (retention's anchor).
+    anchored_at: u64,
 }
 
 impl ChainVerifier {
+    /// A verifier that starts after a signed checkpoint instead of at the genesis: the hot part
+    /// of a chain whose older vouchers retention moved to the archive. The checkpoint's
+    /// signature is checked here; what it signs is taken as the chain up to it.
+    pub fn anchored(
+        public_key: VerifyingKey,
+        checkpoint: &Checkpoint,
+    ) -> Result<ChainVerifier, ClearingError> {
+        verify_checkpoint(&public_key, checkpoint)?;
+        Ok(ChainVerifier {
+            public_key,
+            seq: checkpoint.seq,
+            hash: checkpoint.hash,
+            closed_window: None,
+            checkpoints: 1,
+            last_checkpoint_seq: checkpoint.seq,
+            anchored_at: checkpoint.seq,
+        })
+    }
+
+    /// A verifier that takes (seq, hash) as the chain so far without a signature: for checking
+    /// one archive file on its own (its last checkpoint is then checked as usual).
+    pub fn starting_at(public_key: VerifyingKey, seq: u64, hash: [u8; 32]) -> ChainVerifier {
+        ChainVerifier {
+            public_key,
+            seq,
+            hash,
+            closed_window: None,
+            checkpoints: 0,
+            last_checkpoint_seq: seq,
+            anchored_at: seq,
+        }
+    }
+
+    /// The last voucher verified and its hash.
+    pub fn head(&self) -> (u64, [u8; 32]) {
+        (self.seq, self.hash)
+    }
+
     pub fn new(public_key: VerifyingKey) -> ChainVerifier {
         ChainVerifier {
             public_key,
@@ -175,6 +220,7 @@ impl ChainVerifier {
             closed_window: None,
             checkpoints: 0,
             last_checkpoint_seq: 0,
+            anchored_at: 0,
         }
     }
 
@@ -242,6 +288,7 @@ impl ChainVerifier {
             last_checkpoint_seq: self.last_checkpoint_seq,
             unsigned_tail: self.seq - self.last_checkpoint_seq,
             public_key: hex::encode(self.public_key.as_bytes()),
+            anchored_at: self.anchored_at,
         }
     }
 }

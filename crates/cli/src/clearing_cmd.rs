@@ -27,6 +27,12 @@ pub struct VerifyArgs {
     /// Verify an export file (from `clearhouse export-vouchers`).
     #[arg(long)]
     export: Option<PathBuf>,
+    /// With --data-dir after retention: the Parquet archive directory; its files up to the
+    /// pruned horizon are read back and verified first, so the whole chain is verified, from the
+    /// first voucher through the hot part (without it, the hot part is verified from the signed
+    /// checkpoint it is anchored at).
+    #[arg(long, requires = "data_dir")]
+    archive: Option<PathBuf>,
     /// The operator's Ed25519 public key (64 hex digits) to trust; default: the key file
     /// operator-ed25519.pub of --data-dir (for an export without it: the key inside the export,
     /// reported so you can compare it with the one you trust).
@@ -90,12 +96,37 @@ fn verify_inner(args: VerifyArgs) -> anyhow::Result<()> {
                 }
                 Err(error) => return Err(error).context("opening the data directory"),
             };
-            let mut progress = Progress::new("verify", 0, "vouchers");
             let key = trusted.expect("a data directory has its key");
-            let result = clearhouse_switch::clearing::verify_data_dir(&node, &key, |done| {
-                progress.total = progress.total.max(done);
-                progress.update(done)
-            });
+            let archived = match &args.archive {
+                None => None,
+                Some(dir) => {
+                    let state = clearhouse_switch::clearing::retention_state_of(&node)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let mut progress =
+                        Progress::new("verify archive", state.pruned_through, "windows");
+                    let mut verifier = None;
+                    for window in 1..=state.pruned_through {
+                        let path = dir.join(clearhouse_export::archive::file_name(window));
+                        match clearhouse_export::archive::read_window(&path, &key, verifier.take())
+                        {
+                            Ok(read) => verifier = Some(read.verifier),
+                            Err(error) => {
+                                eprintln!("clearhouse verify: FAILED: the archive: {error}");
+                                std::process::exit(1);
+                            }
+                        }
+                        progress.update(window);
+                    }
+                    progress.finish();
+                    verifier
+                }
+            };
+            let mut progress = Progress::new("verify", 0, "vouchers");
+            let result =
+                clearhouse_switch::clearing::verify_data_dir(&node, &key, archived, |done| {
+                    progress.total = progress.total.max(done);
+                    progress.update(done)
+                });
             progress.finish();
             result
         }
@@ -129,6 +160,12 @@ fn verify_inner(args: VerifyArgs) -> anyhow::Result<()> {
                     report.public_key,
                     if trusted.is_none() { " (taken from the export: compare it with the key you trust)" } else { "" }
                 );
+                if report.anchored_at > 0 {
+                    println!(
+                        "vouchers 1 to {} are archived: the hot part was verified from the signed checkpoint at voucher {} (give --archive DIR to verify the whole chain)",
+                        report.anchored_at, report.anchored_at
+                    );
+                }
             }
             Ok(())
         }
@@ -435,7 +472,7 @@ pub fn bench(args: ClearingBenchArgs) -> anyhow::Result<()> {
     let verified = verify_export(std::fs::File::open(&export_path)?, Some(&key), |_| {})?;
     let verify_ms = started.elapsed().as_secs_f64() * 1000.0;
     let started = Instant::now();
-    let in_place = clearhouse_switch::clearing::verify_data_dir(&node, &key, |_| {})?;
+    let in_place = clearhouse_switch::clearing::verify_data_dir(&node, &key, None, |_| {})?;
     let verify_data_dir_ms = started.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(verified.vouchers, vouchers);
     assert_eq!(in_place.vouchers, vouchers);

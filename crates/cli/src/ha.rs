@@ -39,6 +39,7 @@ pub struct SplitConfig {
     pub replication: Option<ReplicationConfig>,
     pub exports: Vec<clearhouse_export::ExportConfig>,
     pub amqp: Option<clearhouse_amqp::AmqpConfig>,
+    pub retention: Option<clearhouse_export::retention::RetentionConfig>,
 }
 
 pub fn split_config(text: &str) -> anyhow::Result<SplitConfig> {
@@ -74,12 +75,23 @@ pub fn split_config(text: &str) -> anyhow::Result<SplitConfig> {
     if let Some(amqp) = &amqp {
         amqp.check().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    if replication.is_none() && exports.is_empty() && amqp.is_none() {
+    let retention: Option<clearhouse_export::retention::RetentionConfig> = table
+        .get("retention")
+        .map(|section| section.clone().try_into())
+        .transpose()
+        .context("the [retention] section")?;
+    if let Some(retention) = &retention {
+        retention
+            .archive_dir(&exports, std::path::Path::new("."))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    if replication.is_none() && exports.is_empty() && amqp.is_none() && retention.is_none() {
         return Ok(SplitConfig {
             rest: text.to_string(),
             replication,
             exports,
             amqp,
+            retention,
         });
     }
     // The switch's own parser refuses unknown sections: hand it the text without these.
@@ -90,7 +102,8 @@ pub fn split_config(text: &str) -> anyhow::Result<SplitConfig> {
         if trimmed.starts_with('[') {
             inside = trimmed.starts_with("[replication]")
                 || trimmed.starts_with("[[export]]")
-                || trimmed.starts_with("[amqp]");
+                || trimmed.starts_with("[amqp]")
+                || trimmed.starts_with("[retention]");
         }
         if !inside {
             rest.push_str(line);
@@ -102,6 +115,7 @@ pub fn split_config(text: &str) -> anyhow::Result<SplitConfig> {
         replication,
         exports,
         amqp,
+        retention,
     })
 }
 

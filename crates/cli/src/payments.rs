@@ -48,6 +48,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         replication,
         exports,
         amqp,
+        retention,
     } = crate::ha::split_config(&text)?;
     let mut config = SwitchConfig::from_toml_and_env(&text, std::env::vars())?;
     if let Some(listen) = args.listen {
@@ -56,6 +57,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(replication) = replication {
         if amqp.is_some() {
             bail!("[amqp] with [replication] is not supported yet: run the AMQP gateway on a single node");
+        }
+        if retention.is_some() {
+            bail!("[retention] with [replication] is not supported yet: run retention on a single node");
         }
         return crate::ha::serve_replicated(args.data_dir, config, replication, exports);
     }
@@ -84,6 +88,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         clearhouse_export::spawn_in_process(&switch, &args.data_dir, &exports)?;
+        if let Some(retention) = retention {
+            let dir = retention.archive_dir(&exports, &args.data_dir)?;
+            clearhouse_export::retention::spawn(&switch, retention, dir);
+        }
         let mut router = clearhouse_switch::http::router(switch.clone());
         if let Some(amqp) = &amqp {
             let status = amqp.link.status.clone();

@@ -561,8 +561,12 @@ impl Index {
     pub fn voucher_hash(&self, seq: u64) -> Result<Option<[u8; 32]>, EngineError> {
         let txn = redb_try!(self.db.begin_read(), "begin read");
         let table = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
-        Ok(redb_try!(table.get(seq), "read voucher")
-            .and_then(|value| value.value().get(..32).map(|h| h.try_into().expect("32 bytes"))))
+        Ok(redb_try!(table.get(seq), "read voucher").and_then(|value| {
+            value
+                .value()
+                .get(..32)
+                .map(|h| h.try_into().expect("32 bytes"))
+        }))
     }
 
     /// The key an alias resolves to.
@@ -752,7 +756,9 @@ impl Index {
 }
 
 /// The voucher chain's anchor in `meta`: (seq, hash) of the last pruned voucher, zeros if none.
-fn read_anchor(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<(u64, [u8; 32]), EngineError> {
+fn read_anchor(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<(u64, [u8; 32]), EngineError> {
     match redb_try!(meta.get("vouchers_anchor"), "read meta") {
         None => Ok((0, [0; 32])),
         Some(value) => {
@@ -815,7 +821,10 @@ fn apply_prune(txn: &redb::WriteTransaction, prune: &Prune) -> Result<(), Engine
             );
             let mut anchor = prune.vouchers_through.to_le_bytes().to_vec();
             anchor.extend_from_slice(&prune.anchor_hash);
-            redb_try!(meta.insert("vouchers_anchor", anchor.as_slice()), "write meta");
+            redb_try!(
+                meta.insert("vouchers_anchor", anchor.as_slice()),
+                "write meta"
+            );
         }
     }
     if prune.events_before > 0 {

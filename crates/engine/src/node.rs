@@ -1700,7 +1700,7 @@ impl Engine {
 
 /// Bytes available to unprivileged writers on the filesystem holding `path` (u64::MAX if unknown),
 /// and whether it is mounted read-only.
-fn free_bytes(path: &Path) -> (u64, bool) {
+pub fn free_bytes(path: &Path) -> (u64, bool) {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return (u64::MAX, false);

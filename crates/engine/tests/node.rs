@@ -546,9 +546,17 @@ fn a_prune_removes_finished_history_keeps_the_chain_and_replays_the_same() {
     let check = |node: &Node| {
         let records = node.get_records(&[1, 5, 9, 10, 11]).unwrap();
         assert_eq!(records[0], None);
-        assert_eq!(records[1], Some(b"record 5".to_vec()), "an open record stays");
+        assert_eq!(
+            records[1],
+            Some(b"record 5".to_vec()),
+            "an open record stays"
+        );
         assert_eq!(records[2], None);
-        assert_eq!(records[3], Some(b"gone".to_vec()), "replaced by its tombstone");
+        assert_eq!(
+            records[3],
+            Some(b"gone".to_vec()),
+            "replaced by its tombstone"
+        );
         assert_eq!(records[4], Some(b"record 11".to_vec()));
         assert_eq!(node.resolve_alias(1001).unwrap(), None);
         assert_eq!(node.resolve_alias(1011).unwrap(), Some(11));

@@ -25,6 +25,7 @@
 pub mod archive;
 pub mod kafka;
 pub mod postgres;
+pub mod retention;
 pub mod source;
 
 use std::future::Future;

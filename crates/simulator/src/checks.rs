@@ -139,7 +139,7 @@ impl World {
         let key = clearhouse_switch::clearing::load_or_create_signing_key(&self.data_dir)
             .map_err(|e| format!("checkpoint key: {e}"))?
             .verifying_key();
-        let verified = clearhouse_switch::clearing::verify_data_dir(&node, &key, |_| {})
+        let verified = clearhouse_switch::clearing::verify_data_dir(&node, &key, None, |_| {})
             .map_err(|e| format!("voucher chain: {e}"))?;
         let mut settled = BTreeSet::new();
         let mut from = 0;

@@ -28,10 +28,12 @@ use crate::error::{internal, ApiError};
 use crate::model::*;
 use crate::money::currency;
 
+mod retention;
 mod settlement;
 mod statements;
 mod vouchers;
 
+pub use retention::{retention_state_of, PruneReport, RetentionState, PRUNE_PAYMENTS_MAX};
 pub use statements::{statement_camt053, statement_camt054};
 pub use vouchers::{
     export_vouchers, participant_view, verify_data_dir, walk_vouchers, VoucherPage,
@@ -98,6 +100,8 @@ pub struct Clearing {
     live: Arc<Mutex<Live>>,
     /// Close and settle run one at a time.
     admin: tokio::sync::Mutex<()>,
+    /// Retention (pruning, clearing tombstones) runs one step at a time.
+    retention: tokio::sync::Mutex<()>,
     /// Recent windows as stored (with their plans), so close and settle never wait for the index.
     cache: Mutex<BTreeMap<u64, WindowRecord>>,
     /// Closing booked balances of recent windows (statements chain them: a window's opening is
@@ -239,6 +243,7 @@ impl Clearing {
                 closed: BTreeMap::new(),
             })),
             admin: tokio::sync::Mutex::new(()),
+            retention: tokio::sync::Mutex::new(()),
             cache: Mutex::new(BTreeMap::new()),
             closings: Mutex::new(BTreeMap::new()),
             breaks_total: AtomicU64::new(0),

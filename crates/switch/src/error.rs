@@ -35,6 +35,16 @@ impl ApiError {
     pub(crate) fn bad_request(message: impl Into<String>, reason: &'static str) -> ApiError {
         ApiError::new(400, "invalid_request", message).with_reason(reason)
     }
+    /// A payment whose window retention moved to the archive (only its tombstone is hot).
+    pub fn archived(window: u64) -> ApiError {
+        ApiError::new(
+            410,
+            "archived",
+            format!(
+                "the payment finished in settlement window {window}, which is archived: ask the archive (docs/RETENTION.md)"
+            ),
+        )
+    }
     pub(crate) fn not_found(what: &str) -> ApiError {
         ApiError::new(404, "not_found", format!("{what} not found"))
     }

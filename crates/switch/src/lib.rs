@@ -30,6 +30,7 @@ pub mod money;
 pub mod outbound;
 pub mod profile;
 pub mod sim;
+pub mod storage;
 pub mod stored;
 pub mod switch;
 

@@ -49,6 +49,10 @@ pub fn post_id(payment: u128) -> u128 {
 pub fn void_id(payment: u128) -> u128 {
     payment | 2
 }
+/// The credit leg of a payment settled by offsetting (its debit leg takes the post id).
+pub fn offset_credit_id(payment: u128) -> u128 {
+    payment | 3
+}
 pub fn end_to_end_alias(debtor_agent: &str, end_to_end_id: &str) -> u128 {
     id128(&[b"e2e", debtor_agent.as_bytes(), end_to_end_id.as_bytes()])
 }

@@ -24,6 +24,18 @@ pub enum Stored {
     Payment(Box<PaymentRecord>),
     Return(Box<ReturnRecord>),
     Recall(Box<RecallRecord>),
+    /// What retention leaves of a payment whose window went to the archive, for as long as the
+    /// scheme's duplicate window lasts (binary only, never JSON).
+    #[serde(skip)]
+    Archived(Archived),
+}
+
+/// A pruned payment's tombstone: the window it settled (or was rejected) in, and its
+/// instruction alias (so the alias can go with the tombstone when the duplicate window ends).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Archived {
+    pub window: u64,
+    pub instruction_alias: u128,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +50,9 @@ pub enum StoredError {
 
 /// The first byte of a binary payment record (layout version 1).
 const TAG_PAYMENT_V1: u8 = 0x01;
+/// The first byte of a tombstone: tag, window (u64 LE), instruction alias (u128 LE).
+const TAG_ARCHIVED: u8 = 0x02;
+const ARCHIVED_LEN: usize = 25;
 /// Longest string field a record may hold (the longest the switch accepts is 140 bytes).
 const STRING_MAX: usize = 4096;
 
@@ -54,6 +69,13 @@ const FLAGS_ALL: u8 = (1 << 7) - 1;
 pub fn encode(stored: &Stored) -> Vec<u8> {
     match stored {
         Stored::Payment(record) => encode_payment(record),
+        Stored::Archived(archived) => {
+            let mut out = Vec::with_capacity(ARCHIVED_LEN);
+            out.push(TAG_ARCHIVED);
+            out.extend_from_slice(&archived.window.to_le_bytes());
+            out.extend_from_slice(&archived.instruction_alias.to_le_bytes());
+            out
+        }
         other => serde_json::to_vec(other).expect("records serialize"),
     }
 }
@@ -61,6 +83,11 @@ pub fn encode(stored: &Stored) -> Vec<u8> {
 pub fn decode(bytes: &[u8]) -> Result<Stored, StoredError> {
     match bytes.first() {
         Some(&TAG_PAYMENT_V1) => Ok(Stored::Payment(Box::new(decode_payment_v1(bytes)?))),
+        Some(&TAG_ARCHIVED) if bytes.len() == ARCHIVED_LEN => Ok(Stored::Archived(Archived {
+            window: u64::from_le_bytes(bytes[1..9].try_into().expect("8 bytes")),
+            instruction_alias: u128::from_le_bytes(bytes[9..25].try_into().expect("16 bytes")),
+        })),
+        Some(&TAG_ARCHIVED) => Err(StoredError::Invalid("tombstone of the wrong length")),
         _ => Ok(serde_json::from_slice(bytes)?),
     }
 }
@@ -69,7 +96,9 @@ pub fn decode(bytes: &[u8]) -> Result<Stored, StoredError> {
 pub fn decode_payment(bytes: &[u8]) -> Result<Option<PaymentRecord>, StoredError> {
     Ok(match decode(bytes)? {
         Stored::Payment(record) => Some(*record),
-        Stored::Participant(_) | Stored::Return(_) | Stored::Recall(_) => None,
+        Stored::Participant(_) | Stored::Return(_) | Stored::Recall(_) | Stored::Archived(_) => {
+            None
+        }
     })
 }
 

@@ -205,6 +205,8 @@ pub struct Switch {
     clock: crate::clock::Clock,
     /// The exporters following the voucher chain (shown on `/metrics` and the dashboard).
     pub exports: crate::exports::Exports,
+    /// The data directory's size and growth, and retention's progress.
+    pub storage: crate::storage::Storage,
     /// More Prometheus text for `/metrics` from components beside the switch (the AMQP
     /// gateway), rendered in order.
     pub metrics_extra: std::sync::Mutex<Vec<MetricsRenderer>>,
@@ -257,7 +259,7 @@ impl Switch {
                     participants.insert(p.bic.clone(), p);
                 }
                 Ok(Stored::Payment(p)) => payments.push(*p),
-                Ok(Stored::Return(_)) | Ok(Stored::Recall(_)) => {}
+                Ok(Stored::Return(_)) | Ok(Stored::Recall(_)) | Ok(Stored::Archived(_)) => {}
                 Err(error) => {
                     return Err(ApiError::new(
                         500,
@@ -308,6 +310,7 @@ impl Switch {
             lsm: lsm::Queue::default(),
             clock: environment.clock,
             exports: crate::exports::Exports::default(),
+            storage: crate::storage::Storage::new(data_dir),
             metrics_extra: std::sync::Mutex::new(Vec::new()),
             config,
         });

@@ -35,16 +35,36 @@ impl Clearing {
     ) -> Result<VoucherPage, ApiError> {
         let from = from.max(1);
         let limit = limit.clamp(1, VOUCHER_PAGE_MAX);
-        let (vouchers, head_seq) = {
+        let (vouchers, head_seq, anchor) = {
             let node = self.node.clone();
             blocking(move || {
                 // The head first: every voucher read after it is at most this far along.
                 let head = node.stats()?.chain_seq;
-                Ok::<_, clearhouse_engine::EngineError>((node.vouchers(from - 1, limit + 1)?, head))
+                let anchor = node.vouchers_anchor()?;
+                Ok::<_, clearhouse_engine::EngineError>((
+                    node.vouchers(from - 1, limit + 1)?,
+                    head,
+                    anchor,
+                ))
             })
             .await?
         };
-        let mut previous_hash = clearhouse_engine::vouchers::GENESIS_HASH;
+        if from <= anchor.0 {
+            return Err(ApiError::new(
+                410,
+                "archived",
+                format!(
+                    "vouchers 1 to {} are archived (retention); the hot chain starts at {}",
+                    anchor.0,
+                    anchor.0 + 1
+                ),
+            ));
+        }
+        let mut previous_hash = if from - 1 == anchor.0 && anchor.0 > 0 {
+            anchor.1
+        } else {
+            clearhouse_engine::vouchers::GENESIS_HASH
+        };
         let mut entries = Vec::with_capacity(limit);
         let mut checkpoints = Vec::new();
         for voucher in vouchers {
@@ -94,17 +114,18 @@ pub fn participant_view(mut report: WindowReport, bic: &str) -> WindowReport {
     report
 }
 
-/// Walks the whole voucher chain in order, with each window's signed checkpoint right after its
-/// closing voucher; `progress` gets the vouchers seen so far. Blocking: for the CLI, on a data
-/// directory no server is using.
+/// Walks the voucher chain in order from voucher `from`, with each window's signed checkpoint
+/// right after its closing voucher; `progress` gets the vouchers seen so far. Blocking: for the
+/// CLI, on a data directory no server is using.
 pub fn walk_vouchers(
     node: &Node,
+    from: u64,
     mut on_voucher: impl FnMut(&clearhouse_engine::Voucher) -> Result<(), ApiError>,
     mut on_checkpoint: impl FnMut(&Checkpoint) -> Result<(), ApiError>,
     mut progress: impl FnMut(u64),
 ) -> Result<(u64, u64), ApiError> {
     let (mut vouchers, mut checkpoints) = (0u64, 0u64);
-    let mut from = 1;
+    let mut from = from.max(1);
     loop {
         let page = node.vouchers(from, VOUCHER_PAGE)?;
         let Some(last) = page.last() else { break };
@@ -139,11 +160,23 @@ pub fn export_vouchers<W: std::io::Write>(
     out: W,
     progress: impl FnMut(u64),
 ) -> Result<(W, u64, u64), ApiError> {
+    let anchor = node.vouchers_anchor()?;
+    if anchor.0 > 0 {
+        return Err(ApiError::new(
+            410,
+            "archived",
+            format!(
+                "vouchers 1 to {} are in the archive (retention): an export holds a whole chain; verify with `clearhouse verify --data-dir D --archive DIR`",
+                anchor.0
+            ),
+        ));
+    }
     let writer = std::cell::RefCell::new(
         clearhouse_clearing::export::ExportWriter::new(out, public_key).map_err(internal)?,
     );
     let (vouchers, checkpoints) = walk_vouchers(
         node,
+        1,
         |v| {
             writer
                 .borrow_mut()
@@ -162,14 +195,51 @@ pub fn export_vouchers<W: std::io::Write>(
 
 /// Verifies the chain and checkpoints of a data directory in place: every hash recomputed from
 /// its body, every checkpoint's hash and signature. The error names the first voucher or
-/// checkpoint that does not hold.
+/// checkpoint that does not hold. After retention the hot part is verified from the signed
+/// checkpoint it is anchored at; with `archived` (a verifier that has checked the archive up to
+/// that checkpoint) the whole chain is.
 pub fn verify_data_dir(
     node: &Node,
     public_key: &VerifyingKey,
+    archived: Option<clearhouse_clearing::export::ChainVerifier>,
     progress: impl FnMut(u64),
 ) -> Result<clearhouse_clearing::export::VerifyReport, clearhouse_clearing::ClearingError> {
-    let verifier =
-        std::cell::RefCell::new(clearhouse_clearing::export::ChainVerifier::new(*public_key));
+    use clearhouse_clearing::export::ChainVerifier;
+    use clearhouse_clearing::ClearingError;
+    let io = |error: ApiError| ClearingError::Io(error.to_string());
+    let anchor = node.vouchers_anchor().map_err(|e| io(ApiError::from(e)))?;
+    let start = if anchor.0 == 0 {
+        ChainVerifier::new(*public_key)
+    } else {
+        let state = super::retention_state_of(node).map_err(io)?;
+        let checkpoint = state
+            .anchor
+            .filter(|c| c.seq == anchor.0 && c.hash == anchor.1)
+            .ok_or_else(|| ClearingError::Voucher {
+                seq: anchor.0,
+                reason: "the hot chain's anchor is not the signed checkpoint retention recorded"
+                    .into(),
+            })?;
+        match archived {
+            Some(archived) => {
+                if archived.head() != anchor {
+                    return Err(ClearingError::Voucher {
+                        seq: anchor.0,
+                        reason: format!(
+                            "the archive ends at voucher {} ({}), the hot chain starts after voucher {} ({})",
+                            archived.head().0,
+                            hex::encode(archived.head().1),
+                            anchor.0,
+                            hex::encode(anchor.1)
+                        ),
+                    });
+                }
+                archived
+            }
+            None => ChainVerifier::anchored(*public_key, &checkpoint)?,
+        }
+    };
+    let verifier = std::cell::RefCell::new(start);
     let failure: std::cell::RefCell<Option<clearhouse_clearing::ClearingError>> =
         std::cell::RefCell::new(None);
     let keep = |result: Result<(), clearhouse_clearing::ClearingError>| {
@@ -181,6 +251,7 @@ pub fn verify_data_dir(
     };
     let walked = walk_vouchers(
         node,
+        anchor.0 + 1,
         |v| keep(verifier.borrow_mut().voucher(v.seq, &v.hash, &v.body)),
         |c| keep(verifier.borrow_mut().checkpoint(c)),
         progress,

@@ -16,8 +16,25 @@ impl Switch {
         let id = record.id();
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
         // Duplicates: in flight, recently finished, or on disk.
-        if let Some(existing) = self.find_instruction(record.instruction_alias()).await? {
-            return self.answer_duplicate(existing, &record, uetr_given).await;
+        match self.find_instruction(record.instruction_alias()).await {
+            Ok(Some(existing)) => {
+                return self.answer_duplicate(existing, &record, uetr_given).await
+            }
+            Ok(None) => {}
+            // Within the duplicate window an archived instruction is refused as any duplicate
+            // whose content cannot be compared: the instruction id is taken.
+            Err(error) if error.code == "archived" => {
+                return Err(ApiError::new(
+                    409,
+                    "duplicate_instruction",
+                    format!(
+                        "this instruction id was used by a payment that is archived now ({})",
+                        error.message
+                    ),
+                )
+                .with_reason("DUPL"))
+            }
+            Err(error) => return Err(error),
         }
         // A UETR the switch generated is fresh; one the participant chose may be reused.
         // (An index read of microseconds: done in place, not on the blocking pool.)

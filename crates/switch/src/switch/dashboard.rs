@@ -53,6 +53,8 @@ pub struct DashboardView {
     pub reconciliation_breaks_total: u64,
     /// The exporters following the voucher chain (operator only; empty for a participant).
     pub exports: Vec<crate::exports::ExportView>,
+    /// Disk, growth and retention (operator only).
+    pub storage: Option<crate::storage::StorageView>,
     pub recent: Vec<DashboardPayment>,
 }
 
@@ -147,6 +149,10 @@ impl Switch {
             exports: match caller {
                 Caller::Operator => self.exports.views(now_ns()),
                 Caller::Participant(_) => Vec::new(),
+            },
+            storage: match caller {
+                Caller::Operator => Some(self.storage.view(now_ns())),
+                Caller::Participant(_) => None,
             },
             recent,
         })

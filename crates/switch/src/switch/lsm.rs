@@ -36,11 +36,6 @@ pub fn suspense_account(currency: &str) -> u128 {
     id128(&[b"lsm-suspense", currency.as_bytes()])
 }
 
-/// The credit leg of a payment settled by offsetting (its debit leg takes the post id).
-pub fn offset_credit_id(payment: u128) -> u128 {
-    payment | 3
-}
-
 impl Switch {
     /// Queues a payment that did not fit (instead of rejecting it), within the limit.
     pub(super) async fn queue_payment(

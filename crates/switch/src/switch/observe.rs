@@ -22,6 +22,7 @@ impl Switch {
         let mut out = self.render_metrics();
         self.render_window_metrics(&mut out);
         self.exports.render(&mut out, crate::clock::now_ns());
+        self.storage.render(&mut out, crate::clock::now_ns());
         let extra = self.metrics_extra.lock().expect("metrics").clone();
         for render in extra {
             render(&mut out);

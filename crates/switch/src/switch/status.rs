@@ -35,7 +35,8 @@ impl Switch {
         }
     }
 
-    /// A payment by id: in flight, recent, or from the index.
+    /// A payment by id: in flight, recent, or from the index; `archived` (410) when only its
+    /// tombstone is left (retention).
     pub(super) async fn find(&self, id: u128) -> Result<Option<PaymentRecord>, ApiError> {
         if let Some(entry) = self.in_flight.lock().expect("in flight").payments.get(&id) {
             return Ok(Some(
@@ -54,6 +55,7 @@ impl Switch {
         match value.map(|v| decode(&v)) {
             None => Ok(None),
             Some(Ok(Stored::Payment(record))) => Ok(Some(*record)),
+            Some(Ok(Stored::Archived(archived))) => Err(ApiError::archived(archived.window)),
             Some(_) => Err(ApiError::new(
                 500,
                 "corrupt_record",
@@ -114,10 +116,18 @@ impl Switch {
                     ))
                 }
             };
-        let record = self
-            .find(id)
-            .await?
-            .ok_or_else(|| ApiError::not_found("payment"))?;
+        let record = match self.find(id).await {
+            // A tombstone does not say whose payment it was: only the operator, or the debtor
+            // agent asking by its own instruction id, learns that it is archived.
+            Err(error)
+                if error.code == "archived"
+                    && matches!(caller, Caller::Participant(_))
+                    && query.instruction_id.is_none() =>
+            {
+                return Err(ApiError::not_found("payment"))
+            }
+            found => found?.ok_or_else(|| ApiError::not_found("payment"))?,
+        };
         match caller {
             Caller::Operator => {}
             Caller::Participant(bic)
