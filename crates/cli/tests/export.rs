@@ -341,6 +341,30 @@ impl Scheme {
         scheme
     }
 
+    /// SIGKILLs the switch and starts it again on the same data directory and configuration.
+    fn restart(&mut self) {
+        self.server.take();
+        let config = self._dir.path().join("switch.toml");
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+        if config.exists() {
+            args.extend(["--config", config.to_str().unwrap()]);
+        }
+        let (server, url) = spawn(&args, Some(&self.data), &[]);
+        self.server = Some(server);
+        self.url = url;
+    }
+
+    /// A signed GET as `who` (a BIC, or the operator): (status, body).
+    fn get(&self, who: Option<&str>, path: &str) -> (u16, Value) {
+        let signer = match who {
+            Some(bic) => client(&self.url, bic),
+            None => self.operator(),
+        };
+        self.runtime
+            .block_on(call(&signer, "GET", path, Value::Null))
+            .unwrap()
+    }
+
     fn key_file(&self) -> PathBuf {
         self.data.join("operator.key")
     }
@@ -1012,4 +1036,304 @@ fn export_row(dom: &str, name: &str) -> String {
         .find(&format!("data-export=\"{name}\""))
         .unwrap_or_else(|| panic!("exporter {name} not on the dashboard: {dom}"));
     dom[start..start + dom[start..].find("</tr>").unwrap()].to_string()
+}
+
+/// A metric's value on `/metrics` (the first line of that name), if it is there.
+fn metric(scheme: &Scheme, name: &str) -> Option<f64> {
+    scheme
+        .metrics()
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(|v| v.parse().unwrap())
+}
+
+fn wait_metric(scheme: &Scheme, name: &str, at_least: f64, seconds: u64) {
+    let started = Instant::now();
+    loop {
+        let value = metric(scheme, name);
+        if value.is_some_and(|v| v >= at_least) {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(seconds) {
+            let (_, dashboard) = scheme.get(None, "/v1/dashboard");
+            panic!(
+                "{name} reached {at_least} within {seconds} s (it is {value:?}); storage: {}",
+                dashboard["storage"]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Resubmits an instruction of `pay` with the same content (its debtor and amount recomputed).
+fn resubmit(scheme: &Scheme, prefix: &str, n: u32) -> (u16, Value) {
+    let debtor = BANKS[(n % 3) as usize];
+    let creditor = BANKS[((n + 1 + n / 3) % 3) as usize];
+    let creditor = if creditor == debtor {
+        BANKS[((n + 2) % 3) as usize]
+    } else {
+        creditor
+    };
+    let instruction = format!("{prefix}-{n}");
+    scheme
+        .runtime
+        .block_on(call(
+            &client(&scheme.url, debtor),
+            "POST",
+            "/v1/payments",
+            json!({
+                "instruction_id": instruction, "end_to_end_id": format!("E2E-{instruction}"),
+                "debtor_agent": debtor, "creditor_agent": creditor,
+                "amount": format!("{}.{:02}", 1 + n % 97, n % 100), "currency": "EUR",
+                "debtor": {"name": "Alice", "account": "DE89370400440532013000"},
+                "creditor": {"name": "Bob", "account": "FR1420041010050500013M02606"},
+            }),
+        ))
+        .unwrap()
+}
+
+#[test]
+fn retention_prunes_only_what_the_archive_holds_and_survives_kill_9() {
+    let config = "[[export]]\nname = \"archive\"\nsink = \"parquet\"\ndir = \"archive\"\n\n\
+                  [retention]\nhot_windows = 1\narchive = \"archive\"\nduplicate_window_seconds = 40\ninterval_ms = 200\n";
+    let mut scheme = Scheme::start(Some(config));
+    let w1 = scheme.pay("W1", 300);
+    scheme.close_window();
+    let w2 = scheme.pay("W2", 200);
+    scheme.close_window();
+    let w3 = scheme.pay("W3", 200);
+    scheme.close_window();
+    // Window 4 is open, one closed window stays hot: 1 and 2 are pruned once archived.
+    wait_metric(
+        &scheme,
+        "clearhouse_retention_pruned_through_window",
+        2.0,
+        60,
+    );
+    assert_eq!(metric(&scheme, "clearhouse_retention_blocked"), Some(0.0));
+    assert!(metric(&scheme, "clearhouse_disk_bytes").unwrap() > 0.0);
+    let settled_w1 = w1.iter().find(|(_, (_, s))| s == "ACSC").unwrap();
+    let (instruction, (id, _)) = settled_w1;
+    let n: u32 = instruction.strip_prefix("W1-").unwrap().parse().unwrap();
+    let debtor = BANKS[(n % 3) as usize];
+    // Status of a pruned payment: "archived" to the operator and to its debtor asking by its
+    // instruction; a participant asking by payment id learns nothing (a tombstone names no one).
+    let (status, body) = scheme.get(None, &format!("/v1/payments/{id}"));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (410, Some("archived")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("window 1"),
+        "{body}"
+    );
+    let (status, body) = scheme.get(
+        Some(debtor),
+        &format!("/v1/payments?instruction_id={instruction}"),
+    );
+    assert_eq!(status, 410, "{body}");
+    let (status, _) = scheme.get(Some(debtor), &format!("/v1/payments/{id}"));
+    assert_eq!(status, 404);
+    // A duplicate of it is still refused within the duplicate window.
+    let (status, body) = resubmit(&scheme, "W1", n);
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (409, Some("DUPL")),
+        "{body}"
+    );
+    // Hot payments answer as before.
+    let (_, (hot_id, hot_state)) = w3.iter().next().unwrap();
+    let (status, body) = scheme.get(None, &format!("/v1/payments/{hot_id}"));
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some(hot_state.as_str())),
+        "{body}"
+    );
+    // The chain: vouchers up to window 2's close are archived; the hot part continues from there.
+    let window2 = scheme.window(2);
+    let anchor = window2["checkpoint"]["seq"].as_u64().unwrap();
+    let (status, body) = scheme.get(None, "/v1/vouchers?from=1&limit=10");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (410, Some("archived")),
+        "{body}"
+    );
+    let (status, page) = scheme.get(None, &format!("/v1/vouchers?from={}&limit=10", anchor + 1));
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(
+        page["previous_hash"], window2["checkpoint"]["hash"],
+        "{page}"
+    );
+    let (status, dashboard) = scheme.get(None, "/v1/dashboard");
+    assert_eq!(status, 200);
+    assert_eq!(dashboard["storage"]["pruned_through"], 2, "{dashboard}");
+
+    // An archive file that is not right stops pruning, loudly, and nothing leaves the hot store.
+    let archive = scheme.data.join("archive");
+    let file3 = archive.join("window-0000000003.parquet");
+    let good = std::fs::read(&file3).unwrap();
+    // Cut short (as by a failing disk or a careless copy): unreadable.
+    std::fs::write(&file3, &good[..good.len() / 2]).unwrap();
+    scheme.pay("W4", 100);
+    scheme.close_window();
+    wait_metric(&scheme, "clearhouse_retention_blocked", 1.0, 30);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        metric(&scheme, "clearhouse_retention_pruned_through_window"),
+        Some(2.0)
+    );
+    let (_, (w3_id, _)) = w3.iter().next().unwrap();
+    assert_eq!(scheme.get(None, &format!("/v1/payments/{w3_id}")).0, 200);
+    // Missing: the same, and the dashboard says which file.
+    std::fs::remove_file(&file3).unwrap();
+    let started = Instant::now();
+    loop {
+        let (_, dashboard) = scheme.get(None, "/v1/dashboard");
+        let storage = &dashboard["storage"];
+        if storage["retention_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no file for window 3"))
+        {
+            assert_eq!(storage["retention_blocked"], true, "{storage}");
+            assert_eq!(storage["pruned_through"], 2, "{storage}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{storage}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Put right: pruning resumes by itself.
+    std::fs::write(&file3, &good).unwrap();
+    wait_metric(
+        &scheme,
+        "clearhouse_retention_pruned_through_window",
+        3.0,
+        30,
+    );
+    assert_eq!(metric(&scheme, "clearhouse_retention_blocked"), Some(0.0));
+
+    // SIGKILL while windows are being pruned, at varied moments; every restart finishes the job.
+    let mut all = w1.clone();
+    all.extend(w2.clone());
+    all.extend(w3.clone());
+    for round in 0..3u64 {
+        all.extend(scheme.pay(&format!("K{round}"), 400));
+        scheme.close_window();
+        std::thread::sleep(Duration::from_millis(40 + 90 * round));
+        scheme.restart();
+    }
+    scheme.close_window();
+    all.extend(scheme.pay("H", 60));
+    // Windows 1..=8 are closed and settled, 9 open: 1..=7 pruned.
+    wait_metric(
+        &scheme,
+        "clearhouse_retention_pruned_through_window",
+        7.0,
+        60,
+    );
+    let pruned = metric(&scheme, "clearhouse_retention_pruned_through_window").unwrap() as u64;
+    // Every payment is hot or archived, never lost: archived ones are in the archive's files.
+    // (Read by pyarrow, a third-party reader.)
+    let mut archived_ids = BTreeSet::new();
+    for file in run_python("read_parquet.py", &[archive.to_str().unwrap()])
+        .as_array()
+        .unwrap()
+    {
+        let window: u64 = file["metadata"]["clearhouse.window"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if window <= pruned {
+            for id in file["payment_ids"].as_array().unwrap() {
+                archived_ids.insert(id.as_str().unwrap().to_string());
+            }
+        }
+    }
+    let mut hot = 0;
+    let mut archived = 0;
+    for (id, state) in all.values() {
+        let (status, body) = scheme.get(None, &format!("/v1/payments/{id}"));
+        match status {
+            200 => {
+                assert_eq!(body["status"].as_str(), Some(state.as_str()), "{body}");
+                hot += 1;
+            }
+            410 => {
+                assert!(
+                    archived_ids.contains(id),
+                    "payment {id} is neither hot nor in the archive: {body}; archive files {:?}",
+                    std::fs::read_dir(&archive)
+                        .unwrap()
+                        .map(|e| e.unwrap().file_name())
+                        .collect::<Vec<_>>()
+                );
+                archived += 1;
+            }
+            other => panic!("payment {id}: {other} {body}"),
+        }
+    }
+    eprintln!("{hot} payments hot, {archived} archived");
+    assert!(archived >= 700 && hot > 0, "{hot} hot, {archived} archived");
+    // The duplicate window of window 1 ends: its tombstones go, and the instruction id is free.
+    wait_metric(
+        &scheme,
+        "clearhouse_retention_tombstones_cleared_through_window",
+        1.0,
+        60,
+    );
+    let (status, body) = resubmit(&scheme, "W1", n);
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(body["payment_id"].as_str(), Some(id.as_str()));
+
+    // Stopped: the data directory verifies from its anchor, and with the archive as a whole.
+    scheme.server.take();
+    let output = Command::new(BIN)
+        .args(["verify", "--json", "--data-dir"])
+        .arg(&scheme.data)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(report["anchored_at"].as_u64().unwrap() > 0, "{report}");
+    let output = Command::new(BIN)
+        .args(["verify", "--json", "--data-dir"])
+        .arg(&scheme.data)
+        .arg("--archive")
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let whole: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(whole["anchored_at"], 0, "{whole}");
+    assert_eq!(whole["head_hash"], report["head_hash"]);
+    // An archive file swapped for another (window 2's under window 1's name) fails the
+    // whole-chain verification.
+    std::fs::copy(
+        archive.join("window-0000000002.parquet"),
+        archive.join("window-0000000001.parquet"),
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .args(["verify", "--data-dir"])
+        .arg(&scheme.data)
+        .arg("--archive")
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

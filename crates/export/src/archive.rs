@@ -688,7 +688,7 @@ pub fn read_window(
         None => ChainVerifier::starting_at(*public_key, info.first_seq - 1, info.previous_hash),
     };
     let projection = parse_message_type(
-        "message p { REQUIRED INT64 seq; REQUIRED FIXED_LEN_BYTE_ARRAY (32) hash; REQUIRED BYTE_ARRAY kind (UTF8); OPTIONAL BYTE_ARRAY payment_id (UTF8); REQUIRED BYTE_ARRAY body (UTF8); }",
+        "message clearhouse_voucher { REQUIRED INT64 seq; REQUIRED FIXED_LEN_BYTE_ARRAY (32) hash; REQUIRED BYTE_ARRAY kind (UTF8); OPTIONAL BYTE_ARRAY payment_id (UTF8); REQUIRED BYTE_ARRAY body (UTF8); }",
     )
     .map_err(io)?;
     let mut out = ReadWindow {

@@ -210,7 +210,7 @@ async fn step(
         ));
     }
     let started = std::time::Instant::now();
-    let pruned = clearing
+    let pruned = switch
         .prune_window(next, &read.vouchers)
         .await
         .map_err(|e| e.to_string())?;

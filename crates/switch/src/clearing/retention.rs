@@ -52,6 +52,9 @@ pub struct PruneReport {
     pub returns: u64,
     /// Journaled prunes it took (0: the window was already pruned).
     pub prunes: u64,
+    /// The pruned payments' keys (for caches in front of the index to let go of them).
+    #[serde(skip)]
+    pub keys: Vec<u128>,
 }
 
 /// Reads the retention state of a node (blocking; for `verify` on a stopped data directory).
@@ -203,6 +206,7 @@ impl Clearing {
                 self.submit_prune(prune).await?;
                 report.prunes += 1;
             }
+            report.keys = payments;
             let mut last_prune = self.prune_of(window, &returns).await?;
             last_prune.vouchers_through = last;
             last_prune.anchor_hash = checkpoint.hash;

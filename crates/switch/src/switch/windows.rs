@@ -17,6 +17,30 @@ impl Switch {
         report
     }
 
+    /// Retention: prunes a settled window whose archive holds `archived` (see
+    /// `Clearing::prune_window`), and lets the cache of recent payments go of its payments so
+    /// every answer about them comes from their tombstone.
+    pub async fn prune_window(
+        &self,
+        window: u64,
+        archived: &[(u64, [u8; 32])],
+    ) -> Result<crate::clearing::PruneReport, ApiError> {
+        let report = self.clearing.prune_window(window, archived).await?;
+        let mut recent = self.recent.lock().expect("recent");
+        let Recent {
+            map,
+            by_instruction,
+            order,
+        } = &mut *recent;
+        for key in &report.keys {
+            if let Some(old) = map.remove(key) {
+                by_instruction.remove(&old.instruction_alias());
+            }
+        }
+        order.retain(|(_, key)| map.contains_key(key));
+        Ok(report)
+    }
+
     pub async fn settle_window(
         &self,
         caller: &Caller,
