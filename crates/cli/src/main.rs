@@ -142,6 +142,12 @@ enum BenchCommand {
     ///
     /// Example: clearhouse bench clearing --payments 1000000 --participants 100 --json
     Clearing(clearing_cmd::ClearingBenchArgs),
+    /// A long run at a steady offered rate, windows closing on a schedule, retention on: every
+    /// minute the switch's RSS, the hot store's bytes per payment, the archive's size and the
+    /// minute's latency percentiles (memory and disk should stay flat).
+    ///
+    /// Example: clearhouse bench soak --minutes 30 --rate 2000
+    Soak(payments::SoakArgs),
     /// ISO 20022: parse and emit throughput of pacs.008 on one core.
     ///
     /// Example: clearhouse bench iso20022 --messages 200000
@@ -177,6 +183,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Payments(args)) => payments::bench(args),
         Command::Bench(BenchCommand::Iso20022(args)) => iso_bench::run(args),
         Command::Bench(BenchCommand::Clearing(args)) => clearing_cmd::bench(args),
+        Command::Bench(BenchCommand::Soak(args)) => payments::soak(args),
         Command::Verify(args) => clearing_cmd::verify(args),
         Command::Reconcile(args) => clearing_cmd::reconcile(args),
         Command::ExportVouchers(args) => clearing_cmd::export(args),

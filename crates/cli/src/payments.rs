@@ -299,6 +299,86 @@ pub struct PaymentsArgs {
     /// there, the simulated creditor agents decide off theirs; adds the broker's CPU.
     #[arg(long)]
     amqp: bool,
+    /// Close (and settle) the settlement window every this many seconds while the load runs
+    /// (0: once, after it).
+    #[arg(long, default_value_t = 0)]
+    window_seconds: u64,
+    /// Every this many seconds, a line (and a row of the JSON's `samples`): payments so far,
+    /// the interval's latency percentiles, the switch's RSS, the hot store's and the archive's
+    /// bytes (0: none).
+    #[arg(long, default_value_t = 0)]
+    sample_seconds: u64,
+    /// Retention on: a Parquet archive in the data directory and `[retention]` keeping this many
+    /// closed windows hot (give --window-seconds too; not with --config, --replicated, --amqp).
+    #[arg(long)]
+    retention_hot_windows: Option<u64>,
+}
+
+/// `bench soak`: a long run at a steady offered rate with windows closing on a schedule and
+/// retention on, sampled every minute.
+#[derive(clap::Args)]
+pub struct SoakArgs {
+    #[arg(long, default_value_t = 30)]
+    minutes: u64,
+    /// Offered load, payments per second.
+    #[arg(long, default_value_t = 2_000)]
+    rate: u64,
+    /// A settlement window closes (and settles) every this many seconds.
+    #[arg(long, default_value_t = 60)]
+    window_seconds: u64,
+    /// Closed windows kept hot by retention (older ones go to the Parquet archive); 0: off.
+    #[arg(long, default_value_t = 2)]
+    hot_windows: u64,
+    /// Seconds between samples.
+    #[arg(long, default_value_t = 60)]
+    sample_seconds: u64,
+    #[arg(long, default_value_t = 100)]
+    participants: usize,
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn soak(args: SoakArgs) -> anyhow::Result<()> {
+    if args.minutes == 0 || args.rate == 0 || args.window_seconds == 0 || args.sample_seconds == 0 {
+        bail!("--minutes, --rate, --window-seconds and --sample-seconds are at least 1");
+    }
+    let run = PaymentsArgs {
+        participants: args.participants,
+        payments: u64::MAX,
+        seconds: args.minutes * 60,
+        clients: args.clients,
+        rate: args.rate,
+        reject_per_10k: 100,
+        delay_ms: 0,
+        seed: 42,
+        data_dir: args.data_dir,
+        xml: false,
+        json: args.json,
+        config: None,
+        replicated: false,
+        amqp: false,
+        window_seconds: args.window_seconds,
+        sample_seconds: args.sample_seconds,
+        retention_hot_windows: (args.hot_windows > 0).then_some(args.hot_windows),
+    };
+    if !args.json {
+        eprintln!(
+            "soak: {} min at {}/s offered, a window every {} s, retention {}",
+            args.minutes,
+            args.rate,
+            args.window_seconds,
+            if args.hot_windows > 0 {
+                format!("on ({} closed windows hot)", args.hot_windows)
+            } else {
+                "off".to_string()
+            }
+        );
+    }
+    bench(run)
 }
 
 #[derive(clap::Args)]
@@ -343,6 +423,9 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         config: None,
         replicated: false,
         amqp: args.transport == "amqp",
+        window_seconds: 0,
+        sample_seconds: 0,
+        retention_hot_windows: None,
     };
     let report = run_p1(&run, true)?;
     println!();
@@ -365,6 +448,46 @@ pub fn bench(args: PaymentsArgs) -> anyhow::Result<()> {
 }
 
 fn print_report(r: &Value) {
+    if let Some(samples) = r["samples"].as_array().filter(|s| !s.is_empty()) {
+        let rss: Vec<u64> = samples
+            .iter()
+            .map(|s| s["switch_rss_bytes"].as_u64().unwrap_or(0))
+            .collect();
+        let first = &samples[0];
+        let last = &samples[samples.len() - 1];
+        println!(
+            "  samples: {}; switch RSS {} MB first, {} MB last, {} MB max; hot store {} -> {} MB ({} bytes per payment at the end); archive {} MB; p99 per interval max {} ms",
+            samples.len(),
+            rss[0] / 1_000_000,
+            rss[rss.len() - 1] / 1_000_000,
+            rss.iter().max().copied().unwrap_or(0) / 1_000_000,
+            first["hot_store_bytes"].as_u64().unwrap_or(0) / 1_000_000,
+            last["hot_store_bytes"].as_u64().unwrap_or(0) / 1_000_000,
+            last["hot_bytes_per_payment"],
+            last["archive_bytes"].as_u64().unwrap_or(0) / 1_000_000,
+            samples
+                .iter()
+                .map(|s| s["latency_ms"]["p99"].as_f64().unwrap_or(0.0))
+                .fold(0.0, f64::max)
+        );
+    }
+    if let Some(windows) = r["windows_closed_during_load"]
+        .as_array()
+        .filter(|w| !w.is_empty())
+    {
+        println!(
+            "  windows closed during the load: {}, slowest close+settle+reconcile {:.0} ms, reconciliation breaks {}",
+            windows.len(),
+            windows
+                .iter()
+                .map(|w| w["close_settle_reconcile_ms"].as_f64().unwrap_or(0.0))
+                .fold(0.0, f64::max),
+            windows
+                .iter()
+                .map(|w| w["reconciliation_breaks"].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        );
+    }
     if let Some(exports) = r["exports"].as_object() {
         for (name, e) in exports {
             println!(
@@ -559,6 +682,11 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
     if args.amqp && (args.replicated || args.config.is_some()) {
         bail!("--amqp goes with neither --replicated nor --config (it writes its own)");
     }
+    if args.retention_hot_windows.is_some()
+        && (args.amqp || args.replicated || args.config.is_some() || args.window_seconds == 0)
+    {
+        bail!("--retention-hot-windows needs --window-seconds, and goes with none of --amqp, --replicated, --config");
+    }
     let (dir, _temp) = data_dir(&args.data_dir)?;
     let exe = std::env::current_exe()?;
     let banks: Vec<(String, String)> = (0..args.participants)
@@ -600,6 +728,19 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
         }
         None => None,
     };
+    let retention_config = match args.retention_hot_windows {
+        Some(hot) => {
+            let path = dir.join("retention.toml");
+            std::fs::write(
+                &path,
+                format!(
+                    "[[export]]\nname = \"archive\"\nsink = \"parquet\"\ndir = \"archive\"\n\n[retention]\nhot_windows = {hot}\narchive = \"archive\"\ninterval_ms = 1000\n"
+                ),
+            )?;
+            Some(path)
+        }
+        None => None,
+    };
     let replicated = if args.replicated {
         Some(crate::ha_demo::Replicated::start(&exe, &dir, &switch_dir)?)
     } else {
@@ -612,7 +753,12 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
                 .arg(&switch_dir);
             if let Some(replicated) = &replicated {
                 c.arg("--config").arg(&replicated.configs[0]);
-            } else if let Some(config) = args.config.as_ref().or(amqp_config.as_ref()) {
+            } else if let Some(config) = args
+                .config
+                .as_ref()
+                .or(amqp_config.as_ref())
+                .or(retention_config.as_ref())
+            {
                 c.arg("--config").arg(config);
             }
             c
@@ -990,8 +1136,12 @@ async fn drive(
     let threads_before = switch.cpu_seconds_by_thread();
     let ledger_dir = switch_dir.join("ledger");
     let disk_before = disk_bytes(&ledger_dir);
+    // The current sample interval's latencies (only when sampling).
+    let sampling = args.sample_seconds > 0;
+    let sampled: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for worker in 0..args.clients {
+        let sampled = sampled.clone();
         let clients = clients.clone();
         let tally = tally.clone();
         let remaining = remaining.clone();
@@ -1062,7 +1212,11 @@ async fn drive(
                 let answer = clients[debtor].request("POST", path, body.as_bytes()).await;
                 match answer {
                     Ok((200, bytes)) => {
-                        local.latencies.push(sent.elapsed());
+                        let latency = sent.elapsed();
+                        local.latencies.push(latency);
+                        if sampling {
+                            sampled.lock().expect("samples").push(latency);
+                        }
                         let view: Value = if xml {
                             pacs002_view(&bytes)
                         } else {
@@ -1115,10 +1269,112 @@ async fn drive(
             }
         })
     };
+    // Windows close on a schedule while the load runs (a scheme's day has many).
+    let closed_windows: Arc<Mutex<Vec<Value>>> = Arc::new(Mutex::new(Vec::new()));
+    let closer = (args.window_seconds > 0).then(|| {
+        let (op, closed_windows) = (op.clone(), closed_windows.clone());
+        let every = Duration::from_secs(args.window_seconds);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let closing = Instant::now();
+                match call(
+                    &op,
+                    "POST",
+                    "/v1/admin/windows/close",
+                    &json!({"settle": true}),
+                )
+                .await
+                {
+                    Ok((200, window)) => closed_windows.lock().expect("windows").push(json!({
+                        "window": window["window"],
+                        "state": window["state"],
+                        "payments": window["plan"]["figures"][0]["transfers"],
+                        "close_settle_reconcile_ms": closing.elapsed().as_secs_f64() * 1000.0,
+                        "reconciliation_breaks": window["breaks"].as_array().map_or(0, |b| b.len()),
+                    })),
+                    Ok((status, body)) => eprintln!("closing a window: {status} {body}"),
+                    Err(error) => eprintln!("closing a window: {error}"),
+                }
+            }
+        })
+    });
+    // Samples: RSS, hot store and archive bytes, the interval's latency percentiles.
+    let samples: Arc<Mutex<Vec<Value>>> = Arc::new(Mutex::new(Vec::new()));
+    let sampler = sampling.then(|| {
+        let (samples, sampled, done) = (samples.clone(), sampled.clone(), done.clone());
+        let every = Duration::from_secs(args.sample_seconds);
+        let (pid, ledger_dir, archive_dir) = (
+            switch.child.id(),
+            ledger_dir.clone(),
+            switch_dir.join("archive"),
+        );
+        let switch_url = switch.url.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let mut latencies = std::mem::take(&mut *sampled.lock().expect("samples"));
+                latencies.sort_unstable();
+                let payments = done.load(Ordering::Relaxed);
+                let hot = disk_bytes(&ledger_dir);
+                let url = switch_url.clone();
+                let pruned = tokio::task::spawn_blocking(move || {
+                    crate::ha_demo::get(&url, "/metrics").and_then(|(_, text)| {
+                        text.lines()
+                            .find_map(|l| {
+                                l.strip_prefix("clearhouse_retention_pruned_through_window ")
+                            })
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    })
+                })
+                .await
+                .ok()
+                .flatten();
+                let row = json!({
+                    "seconds": started.elapsed().as_secs(),
+                    "payments": payments,
+                    "interval_payments": latencies.len(),
+                    "latency_ms": {
+                        "p50": percentile_ms(&latencies, 50),
+                        "p99": percentile_ms(&latencies, 99),
+                        "p999": percentile_p1000(&latencies, 999),
+                        "max": percentile_ms(&latencies, 100),
+                    },
+                    "switch_rss_bytes": rss_bytes(pid),
+                    "hot_store_bytes": hot,
+                    "hot_bytes_per_payment": hot.saturating_sub(disk_before).checked_div(payments).unwrap_or(0),
+                    "archive_bytes": disk_bytes(&archive_dir),
+                    "pruned_through_window": pruned,
+                });
+                if progress {
+                    eprintln!(
+                        "  sample {:>5} s: {:>9} payments, p50 {} p99 {} p99.9 {} max {} ms, RSS {} MB, hot store {} MB, archive {} MB, pruned through window {}",
+                        row["seconds"], payments, row["latency_ms"]["p50"], row["latency_ms"]["p99"],
+                        row["latency_ms"]["p999"], row["latency_ms"]["max"],
+                        row["switch_rss_bytes"].as_u64().unwrap_or(0) / 1_000_000,
+                        hot / 1_000_000,
+                        row["archive_bytes"].as_u64().unwrap_or(0) / 1_000_000,
+                        pruned.map_or("-".to_string(), |w| w.to_string()),
+                    );
+                }
+                samples.lock().expect("samples").push(row);
+            }
+        })
+    });
     for task in tasks {
         task.await?;
     }
     reporter.abort();
+    if let Some(closer) = closer {
+        closer.abort();
+    }
+    if let Some(sampler) = sampler {
+        sampler.abort();
+    }
     let elapsed = started.elapsed();
     let cpu_after = cpu_of();
     let threads_after = switch.cpu_seconds_by_thread();
@@ -1215,9 +1471,23 @@ async fn drive(
             "reconciliation_breaks": window["breaks"].as_array().map_or(0, |b| b.len()),
             "close_settle_reconcile_ms": close_ms,
         },
+        "samples": std::mem::take(&mut *samples.lock().expect("samples")),
+        "windows_closed_during_load": std::mem::take(&mut *closed_windows.lock().expect("windows")),
         "signed_requests": true,
         "durability": "every reservation and final state fsynced (group commit) before it is answered",
     }))
+}
+
+/// Resident memory of a process (VmRSS), bytes; 0 if unknown.
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 fn percentile_p1000(sorted: &[Duration], p: u64) -> f64 {
