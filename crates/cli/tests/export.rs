@@ -1223,6 +1223,15 @@ fn retention_prunes_only_what_the_archive_holds_and_survives_kill_9() {
         std::thread::sleep(Duration::from_millis(40 + 90 * round));
         scheme.restart();
     }
+    // Window 7 is hot now (6 at most pruned): its statement, for the next one's opening.
+    let statement = |scheme: &Scheme, window: u64| {
+        scheme.get(
+            None,
+            &format!("/v1/windows/{window}/statement?participant={}", BANKS[0]),
+        )
+    };
+    let (status, seventh) = statement(&scheme, 7);
+    assert_eq!(status, 200, "{seventh}");
     scheme.close_window();
     all.extend(scheme.pay("H", 60));
     // Windows 1..=8 are closed and settled, 9 open: 1..=7 pruned.
@@ -1275,6 +1284,16 @@ fn retention_prunes_only_what_the_archive_holds_and_survives_kill_9() {
         }
     }
     eprintln!("{hot} payments hot, {archived} archived");
+    // Statements: an archived window's are refused; the first hot window's opening balances
+    // chain from the kept closing balances of the last pruned one, also after a restart.
+    assert_eq!(statement(&scheme, 1).0, 410);
+    scheme.restart();
+    let (status, eighth) = statement(&scheme, 8);
+    assert_eq!(status, 200, "{eighth}");
+    assert_eq!(
+        eighth[0]["opening_balance_minor_units"], seventh[0]["closing_balance_minor_units"],
+        "{eighth} {seventh}"
+    );
     assert!(archived >= 700 && hot > 0, "{hot} hot, {archived} archived");
     // The duplicate window of window 1 ends: its tombstones go, and the instruction id is free.
     wait_metric(

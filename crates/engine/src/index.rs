@@ -418,22 +418,32 @@ impl Index {
                     "insert account"
                 );
             }
-            if updates.iter().any(|update| !update.records.is_empty()) {
+            if updates
+                .iter()
+                .any(|update| !update.records.is_empty() || !update.prunes.is_empty())
+            {
                 let mut records = redb_try!(txn.open_table(RECORDS), "open records");
                 let mut open = redb_try!(txn.open_table(RECORDS_OPEN), "open records_open");
                 let mut aliases = redb_try!(txn.open_table(RECORD_ALIASES), "open aliases");
-                for put in updates.iter().flat_map(|update| &update.records) {
-                    redb_try!(
-                        records.insert(put.key, put.value.as_slice()),
-                        "insert record"
-                    );
-                    if put.open {
-                        redb_try!(open.insert(put.key, 1u8), "insert open record");
-                    } else {
-                        redb_try!(open.remove(put.key), "remove open record");
+                // In journal order, puts and prunes alike: the same result however the updates
+                // are grouped into transactions (live and replay group them differently).
+                for update in updates {
+                    for put in &update.records {
+                        redb_try!(
+                            records.insert(put.key, put.value.as_slice()),
+                            "insert record"
+                        );
+                        if put.open {
+                            redb_try!(open.insert(put.key, 1u8), "insert open record");
+                        } else {
+                            redb_try!(open.remove(put.key), "remove open record");
+                        }
+                        for alias in &put.aliases {
+                            redb_try!(aliases.insert(*alias, put.key), "insert alias");
+                        }
                     }
-                    for alias in &put.aliases {
-                        redb_try!(aliases.insert(*alias, put.key), "insert alias");
+                    for prune in &update.prunes {
+                        prune_records(&mut records, &open, &mut aliases, prune)?;
                     }
                 }
             }
@@ -492,7 +502,9 @@ impl Index {
                 );
             }
         }
-        // After this transaction's writes (the tables above are closed): retention.
+        // After this transaction's writes (the tables above are closed): the rest of retention
+        // (records and aliases were pruned above, in journal order). Transfers, vouchers and
+        // account events a prune removes are final and older than anything written since.
         for prune in updates.iter().flat_map(|update| &update.prunes) {
             apply_prune(&txn, prune)?;
         }
@@ -708,15 +720,35 @@ impl Index {
         if transfers_wanted {
             // In id order: neighbouring ids share the B-tree's pages.
             by_id.sort_unstable();
+            // After retention, the chunk kept across the cut may name transfers that were pruned:
+            // those events are left out. Without retention a missing transfer is corruption.
+            let pruned = read_anchor(&redb_try!(txn.open_table(META), "open meta"))?.0 > 0;
+            let mut gone = Vec::new();
             for (id, position) in by_id {
-                let value = redb_try!(transfers.get(id), "read transfer").ok_or_else(|| {
-                    EngineError::Index {
-                        context: "account event",
-                        message: format!("account event names transfer {id} that is not indexed"),
+                match redb_try!(transfers.get(id), "read transfer") {
+                    Some(value) => {
+                        out[position].transfer =
+                            compact::decode_stored_transfer(id, value.value())?.transfer;
                     }
-                })?;
-                out[position].transfer =
-                    compact::decode_stored_transfer(id, value.value())?.transfer;
+                    None if pruned => gone.push(position),
+                    None => {
+                        return Err(EngineError::Index {
+                            context: "account event",
+                            message: format!(
+                                "account event names transfer {id} that is not indexed"
+                            ),
+                        })
+                    }
+                }
+            }
+            if !gone.is_empty() {
+                gone.sort_unstable();
+                let mut position = 0;
+                out.retain(|_| {
+                    let keep = gone.binary_search(&position).is_err();
+                    position += 1;
+                    keep
+                });
             }
         }
         Ok(out)
@@ -777,31 +809,35 @@ fn read_anchor(
     }
 }
 
-/// Applies one prune within an index transaction (see [`Prune`]). Deterministic: replay and
-/// standbys remove the same entries. An open record or a pending transfer is never removed.
+/// The records and aliases a prune removes (see [`Prune`]); an open record is kept.
+fn prune_records(
+    records: &mut redb::Table<u128, &[u8]>,
+    open: &redb::Table<u128, u8>,
+    aliases: &mut redb::Table<u128, u128>,
+    prune: &Prune,
+) -> Result<(), EngineError> {
+    for key in &prune.delete {
+        if redb_try!(open.get(*key), "read open record").is_none() {
+            redb_try!(records.remove(*key), "prune record");
+        }
+    }
+    for (key, value) in &prune.replace {
+        if redb_try!(open.get(*key), "read open record").is_none()
+            && redb_try!(records.get(*key), "read record").is_some()
+        {
+            redb_try!(records.insert(*key, value.as_slice()), "prune record");
+        }
+    }
+    for alias in &prune.aliases {
+        redb_try!(aliases.remove(*alias), "prune alias");
+    }
+    Ok(())
+}
+
+/// Applies the rest of one prune within an index transaction (see [`Prune`]): transfers,
+/// vouchers, account events. Deterministic: replay and standbys remove the same entries. A
+/// pending transfer is never removed.
 fn apply_prune(txn: &redb::WriteTransaction, prune: &Prune) -> Result<(), EngineError> {
-    {
-        let mut records = redb_try!(txn.open_table(RECORDS), "open records");
-        let open = redb_try!(txn.open_table(RECORDS_OPEN), "open records_open");
-        for key in &prune.delete {
-            if redb_try!(open.get(*key), "read open record").is_none() {
-                redb_try!(records.remove(*key), "prune record");
-            }
-        }
-        for (key, value) in &prune.replace {
-            if redb_try!(open.get(*key), "read open record").is_none()
-                && redb_try!(records.get(*key), "read record").is_some()
-            {
-                redb_try!(records.insert(*key, value.as_slice()), "prune record");
-            }
-        }
-    }
-    {
-        let mut aliases = redb_try!(txn.open_table(RECORD_ALIASES), "open aliases");
-        for alias in &prune.aliases {
-            redb_try!(aliases.remove(*alias), "prune alias");
-        }
-    }
     {
         let mut transfers = redb_try!(txn.open_table(TRANSFERS), "open transfers");
         let pending = redb_try!(txn.open_table(PENDING), "open pending");
@@ -1146,6 +1182,45 @@ mod tests {
         let index = Index::open(&path).unwrap();
         assert_eq!(index.vouchers(0, 10).unwrap(), vec![first, second]);
         assert_eq!(index.restore().unwrap().vouchers.seq, 2);
+    }
+
+    #[test]
+    fn prunes_and_puts_apply_in_journal_order_however_they_are_grouped() {
+        let put = |key: u128, alias: u128| RecordPut {
+            key,
+            value: vec![1],
+            aliases: vec![alias],
+            ..RecordPut::default()
+        };
+        let prune = Prune {
+            delete: vec![1],
+            aliases: vec![100],
+            ..Prune::default()
+        };
+        // Record 1 with alias 100; then a prune of both, then record 2 taking alias 100 over.
+        let updates = || {
+            let mut first = update(1, Vec::new());
+            first.records = vec![put(1, 100)];
+            let mut second = update(2, Vec::new());
+            second.prunes = vec![prune.clone()];
+            let mut third = update(3, Vec::new());
+            third.records = vec![put(2, 100)];
+            [first, second, third]
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let together = Index::open(&dir.path().join("together.redb")).unwrap();
+        together.apply_all(&updates()).unwrap();
+        let apart = Index::open(&dir.path().join("apart.redb")).unwrap();
+        for one in updates() {
+            apart.apply(&one).unwrap();
+        }
+        for index in [&together, &apart] {
+            assert_eq!(index.resolve_alias(100).unwrap(), Some(2));
+            assert_eq!(
+                index.get_records(&[1, 2]).unwrap(),
+                vec![None, Some(vec![1])]
+            );
+        }
     }
 
     #[test]

@@ -26,7 +26,8 @@ impl World {
             72..=74 => self.duplicate_submission(),
             75..=77 => self.return_payment(),
             78..=83 => self.status_query(),
-            84..=89 => {
+            89 => self.prune(false),
+            84..=88 => {
                 let bank = self.rng.below(PREFUNDED as u64) as usize;
                 let amount = 1 + u128::from(self.rng.below(AMOUNT_MAX));
                 let direction = if self.rng.chance(60) {
@@ -114,6 +115,7 @@ impl World {
             told: [None, None],
             returned: 0,
             returns: Vec::new(),
+            archived: false,
         });
         if view.deadline_ns != self.clock.now_ns() + DEADLINE_MS * 1_000_000 {
             return Err(format!(
@@ -140,10 +142,24 @@ impl World {
             request.end_to_end_id.push('X');
         }
         let caller = Caller::Participant(self.banks[p.debtor].bic.clone());
+        let archived = p.archived;
         let switch = self.live().switch.clone();
         let answer = self.block_on(switch.submit(&caller, request));
         self.report.duplicate_submissions += 1;
         let p = &self.payments[index];
+        if archived {
+            // Within the duplicate window an archived instruction id stays taken.
+            return match answer {
+                Err(e) if e.status == 409 && e.reason == Some("DUPL") => {
+                    self.trace(format!("resubmit archived p{index} => 409 DUPL"));
+                    self.pump()
+                }
+                other => Err(format!(
+                    "resubmitted archived p{index} answered {:?}",
+                    other.map(|(_, v)| v.status).map_err(api)
+                )),
+            };
+        }
         match (changed, answer) {
             (false, Ok((_, view))) => {
                 let state = State::of_view(&view)?;
@@ -172,7 +188,7 @@ impl World {
     /// earlier one (answered the same, money moved once), or more than is left (AM09).
     pub(crate) fn return_payment(&mut self) -> Outcome {
         let settled: Vec<usize> = (0..self.payments.len())
-            .filter(|&i| self.payments[i].state == State::Settled)
+            .filter(|&i| self.payments[i].state == State::Settled && !self.payments[i].archived)
             .collect();
         if settled.is_empty() {
             return self.new_payment();
@@ -269,6 +285,7 @@ impl World {
         } else {
             p.creditor
         };
+        let archived = p.archived;
         let query = StatusQuery {
             payment_id: Some(format!("{:032x}", p.id)),
             instruction_id: None,
@@ -278,9 +295,22 @@ impl World {
         };
         let caller = Caller::Participant(self.banks[asker].bic.clone());
         let switch = self.live().switch.clone();
-        let view = self
-            .block_on(switch.status(&caller, query))
-            .map_err(|e| format!("status of p{index} for b{asker}: {}", api(e)))?;
+        let answer = self.block_on(switch.status(&caller, query));
+        if archived {
+            // A tombstone names no one: a participant asking by payment id learns nothing.
+            self.report.status_queries += 1;
+            return match answer {
+                Err(e) if e.status == 404 => {
+                    self.trace(format!("status p{index} by b{asker} => archived (404)"));
+                    Ok(())
+                }
+                other => Err(format!(
+                    "status of archived p{index} for b{asker}: {:?}",
+                    other.map(|v| v.status).map_err(api)
+                )),
+            };
+        }
+        let view = answer.map_err(|e| format!("status of p{index} for b{asker}: {}", api(e)))?;
         let state = State::of_view(&view)?;
         self.report.status_queries += 1;
         if state != self.payments[index].state {
@@ -377,6 +407,113 @@ impl World {
             self.closed_unsettled.push(report.window);
         }
         self.pump()
+    }
+
+    /// Retention: the oldest settled window not yet pruned leaves the hot store, its vouchers
+    /// taken into the simulator's archive first. With `faulted` a power loss is armed: the prune
+    /// fails, and is done again after the restart.
+    pub(crate) fn prune(&mut self, faulted: bool) -> Outcome {
+        let switch = self.live().switch.clone();
+        let node = self.live().node.clone();
+        let (window, settled) = self.next_to_prune()?;
+        if !settled {
+            if faulted {
+                return Err("no window to prune".into());
+            }
+            self.trace(format!("prune: window {window} is not settled yet"));
+            return Ok(());
+        }
+        let (first, last) = self
+            .block_on(switch.clearing.window_span(window))
+            .map_err(|e| format!("span of window {window}: {}", api(e)))?;
+        let anchor = node.vouchers_anchor().map_err(|e| format!("anchor: {e}"))?;
+        let vouchers: Vec<clearhouse_engine::Voucher> = if anchor.0 >= last {
+            // A prune whose last write survived a power loss unacknowledged: the vouchers left
+            // the hot store, and the archive took them before.
+            self.archive
+                .iter()
+                .filter(|(seq, _, _)| (first..=last).contains(seq))
+                .map(|(seq, hash, body)| clearhouse_engine::Voucher {
+                    seq: *seq,
+                    hash: *hash,
+                    body: body.clone(),
+                })
+                .collect()
+        } else {
+            node.vouchers(first, (last + 1 - first) as usize)
+                .map_err(|e| format!("vouchers of window {window}: {e}"))?
+        };
+        if vouchers.first().map(|v| v.seq) != Some(first)
+            || vouchers.len() as u64 != last + 1 - first
+        {
+            return Err(format!(
+                "window {window}'s vouchers {first}..={last} are neither hot nor archived"
+            ));
+        }
+        // The archive: appended once per window (a retried prune finds it there already).
+        if self.archive.last().is_none_or(|(seq, _, _)| *seq < last) {
+            self.archive
+                .extend(vouchers.iter().map(|v| (v.seq, v.hash, v.body.clone())));
+        }
+        let archived: Vec<(u64, [u8; 32])> = vouchers.iter().map(|v| (v.seq, v.hash)).collect();
+        let answer = self.block_on(switch.prune_window(window, &archived));
+        if faulted {
+            return match answer {
+                Ok(_) => Err(format!(
+                    "prune of window {window} acknowledged though its write failed"
+                )),
+                Err(_) => {
+                    self.report.faults.prunes_interrupted += 1;
+                    self.trace(format!("power loss during the prune of window {window}"));
+                    Ok(())
+                }
+            };
+        }
+        let report = answer.map_err(|e| format!("prune window {window}: {}", api(e)))?;
+        let mut archived_now = 0;
+        for voucher in &vouchers {
+            if let Ok(
+                VoucherEvent::PaymentSettled { payment, .. }
+                | VoucherEvent::PaymentRejected { payment, .. },
+            ) = VoucherEvent::parse(&voucher.body)
+            {
+                let id = u128::from_str_radix(&payment, 16).map_err(|e| e.to_string())?;
+                if let Some(&index) = self.by_id.get(&id) {
+                    if self.payments[index].state == State::Pending {
+                        return Err(format!(
+                            "p{index} has a final voucher but is pending in the model"
+                        ));
+                    }
+                    self.payments[index].archived = true;
+                    archived_now += 1;
+                }
+            }
+        }
+        if report.payments != archived_now {
+            return Err(format!(
+                "prune of window {window}: {} payments pruned, the model knows {archived_now}",
+                report.payments
+            ));
+        }
+        self.report.windows_pruned += 1;
+        self.report.payments_archived += archived_now;
+        self.trace(format!(
+            "prune window {window}: {archived_now} payments archived"
+        ));
+        self.pump()
+    }
+
+    /// The next window to prune, and whether it is settled (prunable).
+    pub(crate) fn next_to_prune(&mut self) -> Result<(u64, bool), String> {
+        let switch = self.live().switch.clone();
+        let state = self
+            .block_on(switch.clearing.retention_state())
+            .map_err(|e| format!("retention state: {}", api(e)))?;
+        let window = state.pruned_through + 1;
+        let settled = self
+            .block_on(switch.window_report(&Caller::Operator, window))
+            .is_ok_and(|r| r.state == clearhouse_clearing::report::WindowState::Settled);
+        Ok((window, settled))
     }
 
     pub(crate) fn settle_window(&mut self) -> Outcome {

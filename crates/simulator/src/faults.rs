@@ -79,6 +79,9 @@ impl World {
             }
             self.trace(format!("power loss during the close of window {open}"));
             self.interrupted_window = Some((open, false));
+        } else if target == 4 && self.next_to_prune()?.1 {
+            self.prune(true)?;
+            self.interrupted_prune = true;
         } else if target < 4 && !self.closed_unsettled.is_empty() {
             let window = self.closed_unsettled[0];
             let switch = self.live().switch.clone();
@@ -190,6 +193,10 @@ impl World {
             self.apply_liquidity(interrupted.bank, interrupted.amount, LiquidityDirection::In);
             self.trace(format!("liquidity b{} retried => done", interrupted.bank));
             self.pump()?;
+        }
+        // An interrupted prune: done again (what survived is recognised and skipped).
+        if std::mem::take(&mut self.interrupted_prune) {
+            self.prune(false)?;
         }
         // An interrupted close or settlement: done whole (the write survived) or not at all.
         if let Some((window, settling)) = self.interrupted_window.take() {

@@ -5,7 +5,10 @@
 //! messages to and from participants dropped, delayed, duplicated and reordered; creditor agents
 //! that answer late, never, or cannot be reached; switch crashes by power loss during a journal
 //! write (the write lost, torn, or on disk but never acknowledged) and restarts, with time
-//! passing while the switch is down.
+//! passing while the switch is down. Retention is a step too: the oldest settled window's
+//! vouchers go to the simulator's archive and the window is pruned from the hot store (also
+//! under power loss); pruned payments must then answer "archived" to status queries and stay
+//! refused as duplicates, and the chain is verified whole, archive first.
 //!
 //! Every random choice comes from the seed; the switch runs on a single-threaded runtime that
 //! moves only while the simulator waits for what it expects the switch to emit, and time moves
@@ -116,6 +119,8 @@ pub struct Faults {
     /// Replicated runs: leaders cut off from the log while alive (then deposed, and refused by
     /// the log when they tried to write again).
     pub partitions: u64,
+    /// Prunes (retention) a power loss interrupted, done again after the restart.
+    pub prunes_interrupted: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -133,6 +138,9 @@ pub struct SimReport {
     pub returns_refused_or_replayed: u64,
     pub windows_closed: u64,
     pub windows_settled: u64,
+    /// Windows pruned from the hot store (retention), and the payments that left it.
+    pub windows_pruned: u64,
+    pub payments_archived: u64,
     pub vouchers_verified: u64,
     pub checks: u64,
     pub faults: Faults,
@@ -240,6 +248,8 @@ struct Payment {
     /// Returned so far (pacs.004), and the returns made (id, amount) for replays.
     returned: u128,
     returns: Vec<(String, u128)>,
+    /// Its window was pruned (retention): only its tombstone is hot.
+    archived: bool,
 }
 
 enum Message {
@@ -342,6 +352,11 @@ struct World {
     interrupted_liquidity: Option<InterruptedLiquidity>,
     /// A close (false) or settlement (true) of this window a power loss interrupted.
     interrupted_window: Option<(u64, bool)>,
+    /// A prune a power loss interrupted: done again after the restart.
+    interrupted_prune: bool,
+    /// The simulator's archive: every voucher of the pruned windows (seq, hash, body), in order,
+    /// taken from the chain before each prune.
+    archive: Vec<(u64, [u8; 32], Vec<u8>)>,
     liquidity_requests: u64,
     returns_made: u64,
     /// Return notifications the switch still owes (two per return).

@@ -39,6 +39,8 @@ impl World {
             closed_unsettled: Vec::new(),
             interrupted_liquidity: None,
             interrupted_window: None,
+            interrupted_prune: false,
+            archive: Vec::new(),
             liquidity_requests: 0,
             returns_made: 0,
             return_notes_due: 0,

@@ -43,6 +43,8 @@ pub struct Storage {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StorageView {
     pub disk_bytes: u64,
+    /// The hot store alone: the ledger node's journal and index (`ledger/`).
+    pub hot_bytes: u64,
     pub free_bytes: u64,
     /// Bytes a day, from the samples (None until they span 30 s).
     pub growth_bytes_per_day: Option<i64>,
@@ -56,29 +58,30 @@ pub struct StorageView {
     pub retention_error: Option<String>,
 }
 
-/// Allocated bytes of the files in `dir` and its subdirectories (one level: the journal).
+/// Allocated bytes of the files in `dir` and its subdirectories (at most 4 levels deep; symbolic
+/// links are not followed).
 pub fn dir_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    for entry in entries.flatten() {
-        let Ok(meta) = entry.metadata() else { continue };
-        if meta.is_dir() {
-            if let Ok(inner) = std::fs::read_dir(entry.path()) {
-                total += inner
-                    .flatten()
-                    .filter_map(|e| e.metadata().ok())
-                    .filter(|m| m.is_file())
-                    .map(|m| m.blocks() * 512)
-                    .sum::<u64>();
+    fn walk(dir: &Path, depth: u32) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut total = 0;
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.path().symlink_metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                if depth > 0 {
+                    total += walk(&entry.path(), depth - 1);
+                }
+            } else if meta.is_file() {
+                total += meta.blocks() * 512;
             }
-        } else {
-            total += meta.blocks() * 512;
         }
+        total
     }
-    total
+    walk(dir, 4)
 }
 
 impl Storage {
@@ -116,6 +119,7 @@ impl Storage {
         let r = &self.retention;
         StorageView {
             disk_bytes: last.1,
+            hot_bytes: dir_bytes(&self.data_dir.join("ledger")),
             free_bytes,
             growth_bytes_per_day: growth,
             days_until_full: growth
@@ -145,8 +149,13 @@ impl Storage {
         };
         gauge(
             "clearhouse_disk_bytes",
-            "Bytes the data directory takes on disk (journal, index, keys).",
+            "Bytes the data directory takes on disk (journal, index, keys, and an archive kept inside it).",
             view.disk_bytes.to_string(),
+        );
+        gauge(
+            "clearhouse_hot_store_bytes",
+            "Bytes the hot store takes: the ledger node's journal and index (retention keeps it flat).",
+            view.hot_bytes.to_string(),
         );
         gauge(
             "clearhouse_disk_free_bytes",

@@ -40,6 +40,40 @@ pub struct RetentionState {
     pub cleared_through: u64,
     /// The signed checkpoint the hot chain starts after (window `pruned_through`'s close).
     pub anchor: Option<Checkpoint>,
+    /// Window `pruned_through`'s closing booked balances (participant, currency, minor units):
+    /// statements of later windows chain from them.
+    #[serde(default)]
+    pub closing_balances: Vec<(String, String, String)>,
+    /// The same for window `pruned_through + 1`, written before its vouchers leave (a prune
+    /// interrupted after that finds them here).
+    #[serde(default)]
+    pub next_closing_balances: Option<Vec<(String, String, String)>>,
+}
+
+fn balance_rows(
+    balances: &clearhouse_clearing::statement::Balances,
+) -> Vec<(String, String, String)> {
+    balances
+        .iter()
+        .map(|((participant, currency), balance)| {
+            (participant.clone(), currency.clone(), balance.to_string())
+        })
+        .collect()
+}
+
+impl RetentionState {
+    /// The closing balances of window `pruned_through`.
+    pub fn balances(&self) -> Result<clearhouse_clearing::statement::Balances, ApiError> {
+        self.closing_balances
+            .iter()
+            .map(|(participant, currency, balance)| {
+                Ok((
+                    (participant.clone(), currency.clone()),
+                    balance.parse::<i128>().map_err(internal)?,
+                ))
+            })
+            .collect()
+    }
 }
 
 /// What pruning one window did.
@@ -207,13 +241,30 @@ impl Clearing {
                 report.prunes += 1;
             }
             report.keys = payments;
-            let mut last_prune = self.prune_of(window, &returns).await?;
-            last_prune.vouchers_through = last;
-            last_prune.anchor_hash = checkpoint.hash;
-            last_prune.events_before = record.report.closed_at_ns.unwrap_or(0);
-            self.submit_prune(last_prune).await?;
+            for chunk in returns.chunks(PRUNE_PAYMENTS_MAX) {
+                let prune = self.prune_of(window, chunk).await?;
+                self.submit_prune(prune).await?;
+                report.prunes += 1;
+            }
+            // Statements after this window chain from its closing balances: kept before its
+            // vouchers go.
+            let closings = self.closing_balances(window).await?;
+            state.next_closing_balances = Some(balance_rows(&closings));
+            engine_submit(&self.node, vec![], vec![plain(retention_key(), &state)]).await?;
+            self.submit_prune(Prune {
+                vouchers_through: last,
+                anchor_hash: checkpoint.hash,
+                events_before: record.report.closed_at_ns.unwrap_or(0),
+                ..Prune::default()
+            })
+            .await?;
             report.prunes += 1;
         }
+        state.closing_balances = state.next_closing_balances.take().ok_or_else(|| {
+            internal(format!(
+                "window {window}'s vouchers left the hot store without its closing balances kept"
+            ))
+        })?;
         state.pruned_through = window;
         state.anchor = Some(checkpoint);
         engine_submit(&self.node, vec![], vec![plain(retention_key(), &state)]).await?;

@@ -10,6 +10,14 @@ const CLOSING_BALANCES_CACHED_MAX: usize = 64;
 impl Clearing {
     /// The vouchers of a closed window, its closing voucher last.
     pub async fn window_events(&self, window: u64) -> Result<Vec<(u64, VoucherEvent)>, ApiError> {
+        let pruned = self.retention_state().await?.pruned_through;
+        if window <= pruned {
+            return Err(ApiError::new(
+                410,
+                "archived",
+                format!("window {window} is archived (retention: windows 1 to {pruned}); its vouchers are in the archive"),
+            ));
+        }
         let end = self.closed_seq(window).await?.ok_or_else(|| {
             ApiError::new(409, "window_open", format!("window {window} is not closed"))
         })?;
@@ -29,6 +37,13 @@ impl Clearing {
                 let limit = VOUCHER_PAGE.min((end - from + 1) as usize);
                 blocking(move || node.vouchers(from, limit)).await?
             };
+            if page.first().map(|v| v.seq) != Some(from) {
+                return Err(ApiError::new(
+                    410,
+                    "archived",
+                    format!("voucher {from} of window {window} is not in the hot store"),
+                ));
+            }
             let Some(last) = page.last() else { break };
             from = last.seq + 1;
             for voucher in page {
@@ -73,13 +88,30 @@ impl Clearing {
         &self,
         window: u64,
     ) -> Result<Arc<clearhouse_clearing::statement::Balances>, ApiError> {
-        let (mut at, mut balances) = {
+        let cached = {
             let cached = self.closings.lock().expect("closings");
-            match cached.range(..=window).next_back() {
-                Some((w, b)) => (*w, b.clone()),
-                None => (0, Arc::new(clearhouse_clearing::statement::Balances::new())),
-            }
+            cached
+                .range(..=window)
+                .next_back()
+                .map(|(w, b)| (*w, b.clone()))
         };
+        // After retention the walk starts at the last pruned window's kept closing balances.
+        let state = self.retention_state().await?;
+        let (mut at, mut balances) =
+            match cached {
+                Some((w, b)) if w >= state.pruned_through => (w, b),
+                _ if state.pruned_through == 0 => {
+                    (0, Arc::new(clearhouse_clearing::statement::Balances::new()))
+                }
+                _ if window < state.pruned_through => return Err(ApiError::new(
+                    410,
+                    "archived",
+                    format!(
+                        "window {window} is archived (retention): its balances are in the archive"
+                    ),
+                )),
+                _ => (state.pruned_through, Arc::new(state.balances()?)),
+            };
         while at < window {
             at += 1;
             let (_, closings) = self.window_statements(at, &balances).await?;

@@ -212,9 +212,20 @@ pub fn verify_data_dir(
         ChainVerifier::new(*public_key)
     } else {
         let state = super::retention_state_of(node).map_err(io)?;
+        // The anchor is the close of the last pruned window, or of the next one when a crash
+        // came between its last prune and the retention state's update.
+        let next_close = node
+            .get_records(&[window_key(state.pruned_through + 1)])
+            .map_err(|e| io(ApiError::from(e)))?
+            .pop()
+            .flatten()
+            .and_then(|bytes| serde_json::from_slice::<WindowRecord>(&bytes).ok())
+            .and_then(|record| record.report.checkpoint);
         let checkpoint = state
             .anchor
-            .filter(|c| c.seq == anchor.0 && c.hash == anchor.1)
+            .into_iter()
+            .chain(next_close)
+            .find(|c| c.seq == anchor.0 && c.hash == anchor.1)
             .ok_or_else(|| ClearingError::Voucher {
                 seq: anchor.0,
                 reason: "the hot chain's anchor is not the signed checkpoint retention recorded"

@@ -25,6 +25,9 @@ impl Switch {
         window: u64,
         archived: &[(u64, [u8; 32])],
     ) -> Result<crate::clearing::PruneReport, ApiError> {
+        // Returns rewrite their payment's record: none runs while a window is pruned, so a
+        // return either finds its payment hot (and completes before) or archived (refused).
+        let _returns = self.returns.lock().await;
         let report = self.clearing.prune_window(window, archived).await?;
         let mut recent = self.recent.lock().expect("recent");
         let Recent {
