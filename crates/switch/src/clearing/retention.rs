@@ -40,35 +40,79 @@ pub struct RetentionState {
     pub cleared_through: u64,
     /// The signed checkpoint the hot chain starts after (window `pruned_through`'s close).
     pub anchor: Option<Checkpoint>,
-    /// Window `pruned_through`'s closing booked balances (participant, currency, minor units):
-    /// statements of later windows chain from them.
+    /// Window `pruned_through`'s closing booked balances are kept (statements of later windows
+    /// chain from them) in this many chunk records ([`closings_chunk_key`]).
     #[serde(default)]
-    pub closing_balances: Vec<(String, String, String)>,
+    pub closing_balances_chunks: u32,
     /// The same for window `pruned_through + 1`, written before its vouchers leave (a prune
-    /// interrupted after that finds them here).
+    /// interrupted after that finds them).
     #[serde(default)]
-    pub next_closing_balances: Option<Vec<(String, String, String)>>,
+    pub next_closing_balances_chunks: Option<u32>,
 }
 
-fn balance_rows(
+/// A chunk of a pruned window's closing balances (JSON rows, at most `PLAN_CHUNK_BYTES`).
+fn closings_chunk_key(window: u64, chunk: u32) -> u128 {
+    id128(&[
+        b"retention-closings",
+        &window.to_le_bytes(),
+        &chunk.to_le_bytes(),
+    ])
+}
+
+/// The records holding `balances` as chunks of window `window`, and how many.
+fn closings_records(
+    window: u64,
     balances: &clearhouse_clearing::statement::Balances,
-) -> Vec<(String, String, String)> {
-    balances
+) -> (Vec<RecordPut>, u32) {
+    let rows: Vec<(&str, &str, String)> = balances
         .iter()
         .map(|((participant, currency), balance)| {
-            (participant.clone(), currency.clone(), balance.to_string())
+            (participant.as_str(), currency.as_str(), balance.to_string())
         })
-        .collect()
+        .collect();
+    let bytes = serde_json::to_vec(&rows).expect("balances serialize");
+    let puts: Vec<RecordPut> = bytes
+        .chunks(PLAN_CHUNK_BYTES)
+        .enumerate()
+        .map(|(i, chunk)| RecordPut {
+            key: closings_chunk_key(window, i as u32),
+            value: chunk.to_vec(),
+            ..RecordPut::default()
+        })
+        .collect();
+    let count = puts.len() as u32;
+    (puts, count)
 }
 
-impl RetentionState {
-    /// The closing balances of window `pruned_through`.
-    pub fn balances(&self) -> Result<clearhouse_clearing::statement::Balances, ApiError> {
-        self.closing_balances
-            .iter()
+impl Clearing {
+    /// The closing balances kept for pruned window `window` in `chunks` records.
+    pub(super) async fn kept_closings(
+        &self,
+        window: u64,
+        chunks: u32,
+    ) -> Result<clearhouse_clearing::statement::Balances, ApiError> {
+        let keys: Vec<u128> = (0..chunks).map(|i| closings_chunk_key(window, i)).collect();
+        let values = {
+            let node = self.node.clone();
+            blocking(move || node.get_records(&keys)).await?
+        };
+        let mut bytes = Vec::new();
+        for value in values {
+            bytes.extend(value.ok_or_else(|| {
+                internal(format!(
+                    "window {window}'s kept closing balances are missing"
+                ))
+            })?);
+        }
+        if bytes.is_empty() {
+            return Ok(Default::default());
+        }
+        let rows: Vec<(String, String, String)> =
+            serde_json::from_slice(&bytes).map_err(internal)?;
+        rows.into_iter()
             .map(|(participant, currency, balance)| {
                 Ok((
-                    (participant.clone(), currency.clone()),
+                    (participant, currency),
                     balance.parse::<i128>().map_err(internal)?,
                 ))
             })
@@ -249,8 +293,10 @@ impl Clearing {
             // Statements after this window chain from its closing balances: kept before its
             // vouchers go.
             let closings = self.closing_balances(window).await?;
-            state.next_closing_balances = Some(balance_rows(&closings));
-            engine_submit(&self.node, vec![], vec![plain(retention_key(), &state)]).await?;
+            let (mut puts, chunks) = closings_records(window, &closings);
+            state.next_closing_balances_chunks = Some(chunks);
+            puts.push(plain(retention_key(), &state));
+            engine_submit(&self.node, vec![], puts).await?;
             self.submit_prune(Prune {
                 vouchers_through: last,
                 anchor_hash: checkpoint.hash,
@@ -260,11 +306,12 @@ impl Clearing {
             .await?;
             report.prunes += 1;
         }
-        state.closing_balances = state.next_closing_balances.take().ok_or_else(|| {
-            internal(format!(
+        state.closing_balances_chunks =
+            state.next_closing_balances_chunks.take().ok_or_else(|| {
+                internal(format!(
                 "window {window}'s vouchers left the hot store without its closing balances kept"
             ))
-        })?;
+            })?;
         state.pruned_through = window;
         state.anchor = Some(checkpoint);
         engine_submit(&self.node, vec![], vec![plain(retention_key(), &state)]).await?;

@@ -97,21 +97,28 @@ impl Clearing {
         };
         // After retention the walk starts at the last pruned window's kept closing balances.
         let state = self.retention_state().await?;
-        let (mut at, mut balances) =
-            match cached {
-                Some((w, b)) if w >= state.pruned_through => (w, b),
-                _ if state.pruned_through == 0 => {
-                    (0, Arc::new(clearhouse_clearing::statement::Balances::new()))
-                }
-                _ if window < state.pruned_through => return Err(ApiError::new(
+        let (mut at, mut balances) = match cached {
+            Some((w, b)) if w >= state.pruned_through => (w, b),
+            _ if state.pruned_through == 0 => {
+                (0, Arc::new(clearhouse_clearing::statement::Balances::new()))
+            }
+            _ if window < state.pruned_through => {
+                return Err(ApiError::new(
                     410,
                     "archived",
                     format!(
                         "window {window} is archived (retention): its balances are in the archive"
                     ),
-                )),
-                _ => (state.pruned_through, Arc::new(state.balances()?)),
-            };
+                ))
+            }
+            _ => (
+                state.pruned_through,
+                Arc::new(
+                    self.kept_closings(state.pruned_through, state.closing_balances_chunks)
+                        .await?,
+                ),
+            ),
+        };
         while at < window {
             at += 1;
             let (_, closings) = self.window_statements(at, &balances).await?;
