@@ -425,27 +425,22 @@ impl Index {
                 let mut records = redb_try!(txn.open_table(RECORDS), "open records");
                 let mut open = redb_try!(txn.open_table(RECORDS_OPEN), "open records_open");
                 let mut aliases = redb_try!(txn.open_table(RECORD_ALIASES), "open aliases");
-                // In journal order, puts and prunes alike: the same result however the updates
-                // are grouped into transactions (live and replay group them differently).
+                // Puts and prunes in journal order: the same result however the updates are
+                // grouped into transactions (live and replay group them differently). Between two
+                // prunes the puts are written in key order (a stable sort: a later put of the
+                // same key still lands last), records and aliases each, so the B-trees fill their
+                // pages instead of splitting them in halves behind a newer key.
+                let mut segment: Vec<&RecordPut> = Vec::new();
                 for update in updates {
-                    for put in &update.records {
-                        redb_try!(
-                            records.insert(put.key, put.value.as_slice()),
-                            "insert record"
-                        );
-                        if put.open {
-                            redb_try!(open.insert(put.key, 1u8), "insert open record");
-                        } else {
-                            redb_try!(open.remove(put.key), "remove open record");
+                    segment.extend(&update.records);
+                    if !update.prunes.is_empty() {
+                        put_records(&mut records, &mut open, &mut aliases, &mut segment)?;
+                        for prune in &update.prunes {
+                            prune_records(&mut records, &open, &mut aliases, prune)?;
                         }
-                        for alias in &put.aliases {
-                            redb_try!(aliases.insert(*alias, put.key), "insert alias");
-                        }
-                    }
-                    for prune in &update.prunes {
-                        prune_records(&mut records, &open, &mut aliases, prune)?;
                     }
                 }
+                put_records(&mut records, &mut open, &mut aliases, &mut segment)?;
             }
             let vouchers_new: Vec<&Voucher> =
                 updates.iter().flat_map(|update| &update.vouchers).collect();
@@ -807,6 +802,41 @@ fn read_anchor(
             ))
         }
     }
+}
+
+/// Writes `puts` (in journal order) in key order, records and aliases each; empties `puts`.
+fn put_records(
+    records: &mut redb::Table<u128, &[u8]>,
+    open: &mut redb::Table<u128, u8>,
+    aliases: &mut redb::Table<u128, u128>,
+    puts: &mut Vec<&RecordPut>,
+) -> Result<(), EngineError> {
+    // Taken in journal order, then sorted stably: of two puts of one alias, the later is
+    // written last.
+    let mut pairs: Vec<(u128, u128)> = puts
+        .iter()
+        .flat_map(|put| put.aliases.iter().map(|alias| (*alias, put.key)))
+        .collect();
+    pairs.sort_by_key(|(alias, _)| *alias);
+    if !puts.is_sorted_by_key(|put| put.key) {
+        puts.sort_by_key(|put| put.key);
+    }
+    for put in puts.iter() {
+        redb_try!(
+            records.insert(put.key, put.value.as_slice()),
+            "insert record"
+        );
+        if put.open {
+            redb_try!(open.insert(put.key, 1u8), "insert open record");
+        } else {
+            redb_try!(open.remove(put.key), "remove open record");
+        }
+    }
+    for (alias, key) in pairs {
+        redb_try!(aliases.insert(alias, key), "insert alias");
+    }
+    puts.clear();
+    Ok(())
 }
 
 /// The records and aliases a prune removes (see [`Prune`]); an open record is kept.
