@@ -312,6 +312,10 @@ pub struct PaymentsArgs {
     /// closed windows hot (give --window-seconds too; not with --config, --replicated, --amqp).
     #[arg(long)]
     retention_hot_windows: Option<u64>,
+    /// With --retention-hot-windows: the scheme's duplicate window (seconds; retention's default
+    /// is 7 days).
+    #[arg(long)]
+    retention_duplicate_window_seconds: Option<u64>,
 }
 
 /// `bench soak`: a long run at a steady offered rate with windows closing on a schedule and
@@ -332,6 +336,10 @@ pub struct SoakArgs {
     /// Seconds between samples.
     #[arg(long, default_value_t = 60)]
     sample_seconds: u64,
+    /// How long an instruction id stays refused as a duplicate (then its tombstone goes too);
+    /// retention's default is 7 days, longer than a soak.
+    #[arg(long)]
+    duplicate_window_seconds: Option<u64>,
     #[arg(long, default_value_t = 100)]
     participants: usize,
     #[arg(long, default_value_t = 64)]
@@ -364,6 +372,7 @@ pub fn soak(args: SoakArgs) -> anyhow::Result<()> {
         window_seconds: args.window_seconds,
         sample_seconds: args.sample_seconds,
         retention_hot_windows: (args.hot_windows > 0).then_some(args.hot_windows),
+        retention_duplicate_window_seconds: args.duplicate_window_seconds,
     };
     if !args.json {
         eprintln!(
@@ -426,6 +435,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         window_seconds: 0,
         sample_seconds: 0,
         retention_hot_windows: None,
+        retention_duplicate_window_seconds: None,
     };
     let report = run_p1(&run, true)?;
     println!();
@@ -734,7 +744,9 @@ fn run_p1(args: &PaymentsArgs, progress: bool) -> anyhow::Result<Value> {
             std::fs::write(
                 &path,
                 format!(
-                    "[[export]]\nname = \"archive\"\nsink = \"parquet\"\ndir = \"archive\"\n\n[retention]\nhot_windows = {hot}\narchive = \"archive\"\ninterval_ms = 1000\n"
+                    "[[export]]\nname = \"archive\"\nsink = \"parquet\"\ndir = \"archive\"\n\n[retention]\nhot_windows = {hot}\narchive = \"archive\"\ninterval_ms = 1000\n{}",
+                    args.retention_duplicate_window_seconds
+                        .map_or(String::new(), |s| format!("duplicate_window_seconds = {s}\n"))
                 ),
             )?;
             Some(path)

@@ -48,7 +48,8 @@ pub struct RecordPut {
 /// replay it, so every copy of the index forgets the same things). The ledger's balances and
 /// accounts are untouched: only the history of finished work goes.
 /// - `delete`: application records to remove, with their open mark (an open record is kept);
-/// - `replace`: records to overwrite with a short value (a tombstone the application can read);
+/// - `replace`: records to replace with a short value (a tombstone the application still reads
+///   by its key; the index keeps tombstones apart from the live records);
 /// - `aliases`: alias keys to remove;
 /// - `transfers`: transfers to remove from the index (a pending one is refused);
 /// - `vouchers_through`/`anchor_hash`: vouchers 1..=through leave the index, and the chain is

@@ -34,6 +34,10 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Application records (payments, ...) by key, the open ones, and alias keys.
 const RECORDS: TableDefinition<u128, &[u8]> = TableDefinition::new("records");
 const RECORDS_OPEN: TableDefinition<u128, u8> = TableDefinition::new("records_open");
+/// Retention's replacements of pruned records (tombstones), apart from the live records: the
+/// records table then loses whole pages when a window is pruned (its keys grow with time), and
+/// the tombstones, also in key order, go in whole pages when they are cleared.
+const RECORDS_PRUNED: TableDefinition<u128, &[u8]> = TableDefinition::new("records_pruned");
 const RECORD_ALIASES: TableDefinition<u128, u128> = TableDefinition::new("record_aliases");
 /// The voucher chain: sequence number -> chain hash (32 bytes) followed by the body.
 const VOUCHERS: TableDefinition<u64, &[u8]> = TableDefinition::new("vouchers");
@@ -124,6 +128,7 @@ pub fn storage_report(path: &Path) -> Result<Vec<TableStorage>, EngineError> {
         one(&txn, "meta", META)?,
         one(&txn, "records", RECORDS)?,
         one(&txn, "records_open", RECORDS_OPEN)?,
+        one(&txn, "records_pruned", RECORDS_PRUNED)?,
         one(&txn, "record_aliases", RECORD_ALIASES)?,
         one(&txn, "vouchers", VOUCHERS)?,
     ])
@@ -181,6 +186,7 @@ impl Index {
             redb_try!(txn.open_table(META), "open table");
             redb_try!(txn.open_table(RECORDS), "open table");
             redb_try!(txn.open_table(RECORDS_OPEN), "open table");
+            redb_try!(txn.open_table(RECORDS_PRUNED), "open table");
             redb_try!(txn.open_table(RECORD_ALIASES), "open table");
             redb_try!(txn.open_table(VOUCHERS), "open table");
         }
@@ -425,6 +431,7 @@ impl Index {
                 let mut records = redb_try!(txn.open_table(RECORDS), "open records");
                 let mut open = redb_try!(txn.open_table(RECORDS_OPEN), "open records_open");
                 let mut aliases = redb_try!(txn.open_table(RECORD_ALIASES), "open aliases");
+                let mut pruned = redb_try!(txn.open_table(RECORDS_PRUNED), "open pruned");
                 // Puts and prunes in journal order: the same result however the updates are
                 // grouped into transactions (live and replay group them differently). Between two
                 // prunes the puts are written in key order (a stable sort: a later put of the
@@ -436,7 +443,7 @@ impl Index {
                     if !update.prunes.is_empty() {
                         put_records(&mut records, &mut open, &mut aliases, &mut segment)?;
                         for prune in &update.prunes {
-                            prune_records(&mut records, &open, &mut aliases, prune)?;
+                            prune_records(&mut records, &mut pruned, &open, &mut aliases, prune)?;
                         }
                     }
                 }
@@ -511,9 +518,16 @@ impl Index {
     pub fn get_records(&self, keys: &[u128]) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
         let txn = redb_try!(self.db.begin_read(), "begin read");
         let records = redb_try!(txn.open_table(RECORDS), "open records");
+        let pruned = redb_try!(txn.open_table(RECORDS_PRUNED), "open pruned");
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
-            out.push(redb_try!(records.get(*key), "read record").map(|v| v.value().to_vec()));
+            let value = match redb_try!(records.get(*key), "read record") {
+                Some(value) => Some(value.value().to_vec()),
+                None => {
+                    redb_try!(pruned.get(*key), "read pruned record").map(|v| v.value().to_vec())
+                }
+            };
+            out.push(value);
         }
         Ok(out)
     }
@@ -842,6 +856,7 @@ fn put_records(
 /// The records and aliases a prune removes (see [`Prune`]); an open record is kept.
 fn prune_records(
     records: &mut redb::Table<u128, &[u8]>,
+    pruned: &mut redb::Table<u128, &[u8]>,
     open: &redb::Table<u128, u8>,
     aliases: &mut redb::Table<u128, u128>,
     prune: &Prune,
@@ -849,13 +864,15 @@ fn prune_records(
     for key in &prune.delete {
         if redb_try!(open.get(*key), "read open record").is_none() {
             redb_try!(records.remove(*key), "prune record");
+            redb_try!(pruned.remove(*key), "prune tombstone");
         }
     }
+    // A replacement moves the record out of the live table into the pruned one.
     for (key, value) in &prune.replace {
         if redb_try!(open.get(*key), "read open record").is_none()
-            && redb_try!(records.get(*key), "read record").is_some()
+            && redb_try!(records.remove(*key), "prune record").is_some()
         {
-            redb_try!(records.insert(*key, value.as_slice()), "prune record");
+            redb_try!(pruned.insert(*key, value.as_slice()), "insert tombstone");
         }
     }
     for alias in &prune.aliases {
@@ -1275,7 +1292,7 @@ mod tests {
         assert!(table("transfers").stored_bytes >= 50 * 16);
         assert_eq!(table("account_events").entries, 1, "one chunk");
         assert_eq!(table("vouchers").entries, 0);
-        assert_eq!(report.len(), 9);
+        assert_eq!(report.len(), 10);
     }
 
     #[test]

@@ -432,3 +432,35 @@ impl Clearing {
         Ok(cleared)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closing_balances_of_many_participants_are_kept_in_records_within_the_limit() {
+        let balances: clearhouse_clearing::statement::Balances = (0..1_000)
+            .map(|i| {
+                (
+                    (format!("BANK{i:04}XX"), "EUR".to_string()),
+                    -(i as i128) * 1_000_003,
+                )
+            })
+            .collect();
+        let (puts, chunks) = closings_records(7, &balances);
+        assert!(chunks > 1, "{chunks} chunks");
+        assert_eq!(puts.len(), chunks as usize);
+        let mut bytes = Vec::new();
+        for (i, put) in puts.iter().enumerate() {
+            assert!(put.value.len() <= clearhouse_engine::codec::RECORD_VALUE_MAX);
+            assert_eq!(put.key, closings_chunk_key(7, i as u32));
+            bytes.extend(&put.value);
+        }
+        let rows: Vec<(String, String, String)> = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(rows.len(), 1_000);
+        assert_eq!(
+            rows[5],
+            ("BANK0005XX".into(), "EUR".into(), "-5000015".into())
+        );
+    }
+}
