@@ -433,10 +433,7 @@ impl Index {
                 let mut aliases = redb_try!(txn.open_table(RECORD_ALIASES), "open aliases");
                 let mut pruned = redb_try!(txn.open_table(RECORDS_PRUNED), "open pruned");
                 // Puts and prunes in journal order: the same result however the updates are
-                // grouped into transactions (live and replay group them differently). Between two
-                // prunes the puts are written in key order (a stable sort: a later put of the
-                // same key still lands last), records and aliases each, so the B-trees fill their
-                // pages instead of splitting them in halves behind a newer key.
+                // grouped into transactions (live and replay group them differently).
                 let mut segment: Vec<&RecordPut> = Vec::new();
                 for update in updates {
                     segment.extend(&update.records);
@@ -818,23 +815,14 @@ fn read_anchor(
     }
 }
 
-/// Writes `puts` (in journal order) in key order, records and aliases each; empties `puts`.
+/// Writes `puts` in journal order (a later put of the same key or alias lands last); empties
+/// `puts`.
 fn put_records(
     records: &mut redb::Table<u128, &[u8]>,
     open: &mut redb::Table<u128, u8>,
     aliases: &mut redb::Table<u128, u128>,
     puts: &mut Vec<&RecordPut>,
 ) -> Result<(), EngineError> {
-    // Taken in journal order, then sorted stably: of two puts of one alias, the later is
-    // written last.
-    let mut pairs: Vec<(u128, u128)> = puts
-        .iter()
-        .flat_map(|put| put.aliases.iter().map(|alias| (*alias, put.key)))
-        .collect();
-    pairs.sort_by_key(|(alias, _)| *alias);
-    if !puts.is_sorted_by_key(|put| put.key) {
-        puts.sort_by_key(|put| put.key);
-    }
     for put in puts.iter() {
         redb_try!(
             records.insert(put.key, put.value.as_slice()),
@@ -845,9 +833,9 @@ fn put_records(
         } else {
             redb_try!(open.remove(put.key), "remove open record");
         }
-    }
-    for (alias, key) in pairs {
-        redb_try!(aliases.insert(alias, key), "insert alias");
+        for alias in &put.aliases {
+            redb_try!(aliases.insert(*alias, put.key), "insert alias");
+        }
     }
     puts.clear();
     Ok(())
