@@ -1334,18 +1334,23 @@ async fn drive(
                 let payments = done.load(Ordering::Relaxed);
                 let hot = disk_bytes(&ledger_dir);
                 let url = switch_url.clone();
-                let pruned = tokio::task::spawn_blocking(move || {
-                    crate::ha_demo::get(&url, "/metrics").and_then(|(_, text)| {
-                        text.lines()
-                            .find_map(|l| {
-                                l.strip_prefix("clearhouse_retention_pruned_through_window ")
-                            })
-                            .and_then(|v| v.trim().parse::<u64>().ok())
-                    })
+                // From /metrics: how far retention has pruned, and how far the index is behind
+                // the journal (records acknowledged but not indexed yet).
+                let metrics = tokio::task::spawn_blocking(move || {
+                    crate::ha_demo::get(&url, "/metrics").map(|(_, text)| text)
                 })
                 .await
                 .ok()
-                .flatten();
+                .flatten()
+                .unwrap_or_default();
+                let gauge = |name: &str| {
+                    metrics
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                };
+                let pruned = gauge("clearhouse_retention_pruned_through_window ");
+                let index_lag = gauge("clearhouse_index_lag_records ");
                 let row = json!({
                     "seconds": started.elapsed().as_secs(),
                     "payments": payments,
@@ -1361,6 +1366,7 @@ async fn drive(
                     "hot_bytes_per_payment": hot.saturating_sub(disk_before).checked_div(payments).unwrap_or(0),
                     "archive_bytes": disk_bytes(&archive_dir),
                     "pruned_through_window": pruned,
+                    "index_lag_records": index_lag,
                 });
                 if progress {
                     eprintln!(
