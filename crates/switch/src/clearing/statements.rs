@@ -11,7 +11,7 @@ impl Clearing {
     /// The vouchers of a closed window, its closing voucher last.
     pub async fn window_events(&self, window: u64) -> Result<Vec<(u64, VoucherEvent)>, ApiError> {
         let pruned = self.retention_state().await?.pruned_through;
-        if window <= pruned {
+        if (1..=pruned).contains(&window) {
             return Err(ApiError::new(
                 410,
                 "archived",
