@@ -1308,31 +1308,27 @@ fn retention_prunes_only_what_the_archive_holds_and_survives_kill_9() {
 
     // Stopped: the data directory verifies from its anchor, and with the archive as a whole.
     scheme.server.take();
-    let output = Command::new(BIN)
-        .args(["verify", "--json", "--data-dir"])
-        .arg(&scheme.data)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let verify = |archive_dir: Option<&Path>| {
+        let mut command = Command::new(BIN);
+        command
+            .args(["verify", "--json", "--data-dir"])
+            .arg(&scheme.data);
+        if let Some(dir) = archive_dir {
+            command.arg("--archive").arg(dir);
+        }
+        command.output().unwrap()
+    };
+    let passed = |output: std::process::Output| -> Value {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let report = passed(verify(None));
     assert!(report["anchored_at"].as_u64().unwrap() > 0, "{report}");
-    let output = Command::new(BIN)
-        .args(["verify", "--json", "--data-dir"])
-        .arg(&scheme.data)
-        .arg("--archive")
-        .arg(&archive)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let whole: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let whole = passed(verify(Some(&archive)));
     assert_eq!(whole["anchored_at"], 0, "{whole}");
     assert_eq!(whole["head_hash"], report["head_hash"]);
     // An archive file swapped for another (window 2's under window 1's name) fails the
@@ -1342,13 +1338,7 @@ fn retention_prunes_only_what_the_archive_holds_and_survives_kill_9() {
         archive.join("window-0000000001.parquet"),
     )
     .unwrap();
-    let output = Command::new(BIN)
-        .args(["verify", "--data-dir"])
-        .arg(&scheme.data)
-        .arg("--archive")
-        .arg(&archive)
-        .output()
-        .unwrap();
+    let output = verify(Some(&archive));
     assert_eq!(
         output.status.code(),
         Some(1),
