@@ -4,7 +4,6 @@
 //! never by a task of its own; the samples are bounded.
 
 use std::collections::VecDeque;
-use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -143,9 +142,7 @@ impl Storage {
             } else {
                 "gauge"
             };
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {value}");
+            crate::metrics::metric(out, name, kind, help, &[("", value)]);
         };
         gauge(
             "clearhouse_disk_bytes",
