@@ -434,17 +434,12 @@ impl Index {
                 let mut pruned = redb_try!(txn.open_table(RECORDS_PRUNED), "open pruned");
                 // Puts and prunes in journal order: the same result however the updates are
                 // grouped into transactions (live and replay group them differently).
-                let mut segment: Vec<&RecordPut> = Vec::new();
                 for update in updates {
-                    segment.extend(&update.records);
-                    if !update.prunes.is_empty() {
-                        put_records(&mut records, &mut open, &mut aliases, &mut segment)?;
-                        for prune in &update.prunes {
-                            prune_records(&mut records, &mut pruned, &open, &mut aliases, prune)?;
-                        }
+                    put_records(&mut records, &mut open, &mut aliases, &update.records)?;
+                    for prune in &update.prunes {
+                        prune_records(&mut records, &mut pruned, &open, &mut aliases, prune)?;
                     }
                 }
-                put_records(&mut records, &mut open, &mut aliases, &mut segment)?;
             }
             let vouchers_new: Vec<&Voucher> =
                 updates.iter().flat_map(|update| &update.vouchers).collect();
@@ -815,15 +810,15 @@ fn read_anchor(
     }
 }
 
-/// Writes `puts` in journal order (a later put of the same key or alias lands last); empties
-/// `puts`.
+/// Writes one update's `puts` in journal order (a later put of the same key or alias lands
+/// last).
 fn put_records(
     records: &mut redb::Table<u128, &[u8]>,
     open: &mut redb::Table<u128, u8>,
     aliases: &mut redb::Table<u128, u128>,
-    puts: &mut Vec<&RecordPut>,
+    puts: &[RecordPut],
 ) -> Result<(), EngineError> {
-    for put in puts.iter() {
+    for put in puts {
         redb_try!(
             records.insert(put.key, put.value.as_slice()),
             "insert record"
@@ -837,7 +832,6 @@ fn put_records(
             redb_try!(aliases.insert(*alias, put.key), "insert alias");
         }
     }
-    puts.clear();
     Ok(())
 }
 
