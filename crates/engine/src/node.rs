@@ -1087,11 +1087,7 @@ impl Engine {
             }
             if let Err(error) = self.process_group(&mut group) {
                 tracing::error!(%error, "engine: journal failed; stopping (state in memory is ahead of disk)");
-                let mut state = self.progress.indexed.lock().expect("progress");
-                // Keep the first cause (the index thread may have recorded it already).
-                state.error.get_or_insert_with(|| error.to_string());
-                self.progress.stopped.store(true, Ordering::SeqCst);
-                self.progress.indexed_changed.notify_all();
+                self.record_stop(&error);
                 return;
             }
         }
@@ -1115,6 +1111,15 @@ impl Engine {
                 durable: true,
             }),
         });
+    }
+
+    /// Records why the node stops (the first cause is kept: the index thread may have recorded
+    /// it already) and marks it stopped.
+    fn record_stop(&self, error: &EngineError) {
+        let mut state = self.progress.indexed.lock().expect("progress");
+        state.error.get_or_insert_with(|| error.to_string());
+        self.progress.stopped.store(true, Ordering::SeqCst);
+        self.progress.indexed_changed.notify_all();
     }
 
     fn process_group(&mut self, group: &mut Vec<Request>) -> Result<(), EngineError> {
@@ -1165,8 +1170,17 @@ impl Engine {
                         reply(Err(EngineError::NotFollower));
                         continue;
                     }
-                    // A mismatch is fatal: the node's history diverges from the leader's.
-                    let last = self.apply_records(records, chain)?;
+                    // A mismatch is fatal: the node's history diverges from the leader's. The
+                    // reason is recorded before the reply is dropped, so the caller reads it
+                    // (not "the engine thread has exited").
+                    let last = match self.apply_records(records, chain) {
+                        Ok(last) => last,
+                        Err(error) => {
+                            self.record_stop(&error);
+                            drop(reply);
+                            return Err(error);
+                        }
+                    };
                     answered.push(Pending::Applied(reply, last));
                     continue;
                 }
