@@ -11,7 +11,7 @@ use std::time::Duration;
 use clearhouse_switch::config::SwitchConfig;
 use clearhouse_switch::model::Participant;
 use clearhouse_switch::outbound::{
-    Decision, ForwardError, Notification, ParticipantTransport, SWITCH_KEY_ID,
+    Decision, ForwardError, Notification, ParticipantTransport, QueuedNotifications, SWITCH_KEY_ID,
 };
 use clearhouse_switch::switch::PaymentView;
 use lapin::options::BasicPublishOptions;
@@ -157,6 +157,7 @@ pub struct QueueTransport {
     link: Arc<Link>,
     notifiers: Mutex<std::collections::HashMap<String, mpsc::Sender<Notification>>>,
     queue_max: usize,
+    queued: QueuedNotifications,
     attempts_max: u32,
 }
 
@@ -166,6 +167,7 @@ impl QueueTransport {
             link,
             notifiers: Mutex::new(std::collections::HashMap::new()),
             queue_max: config.notification_queue_max,
+            queued: QueuedNotifications::new(config.notification_queue_total_max),
             attempts_max: config.notification_attempts_max,
         }
     }
@@ -228,11 +230,20 @@ impl ParticipantTransport for QueueTransport {
                 self.link.clone(),
                 participant.clone(),
                 self.attempts_max,
+                self.queued.clone(),
                 receiver,
             ));
             sender
         });
+        if !self.queued.take(&participant.bic) {
+            self.link
+                .status
+                .notifications_dropped_total
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if sender.try_send(notification).is_err() {
+            self.queued.release(1);
             self.link
                 .status
                 .notifications_dropped_total
@@ -247,6 +258,7 @@ async fn notify_worker(
     link: Arc<Link>,
     participant: Participant,
     attempts_max: u32,
+    queued: QueuedNotifications,
     mut receiver: mpsc::Receiver<Notification>,
 ) {
     let queue = queues::notifications(&participant.bic);
@@ -284,5 +296,6 @@ async fn notify_worker(
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             tracing::warn!(bic = %participant.bic, count = batch.len(), "notifications not queued; dropped (status queries still answer)");
         }
+        queued.release(batch.len());
     }
 }

@@ -19,6 +19,9 @@ pub(crate) fn switch_node_options(data_dir: &Path) -> NodeOptions {
     options.index_transaction_interval_min = Duration::from_millis(50);
     options.index_jobs_per_transaction_max = 256;
     options.index_queue_max = 256;
+    // The switch answers from payment records, vouchers and statements, never from account
+    // history: its index keeps none (about a sixth less written per payment).
+    options.account_history = false;
     options
 }
 

@@ -364,7 +364,15 @@ async fn run(
     // Standby: reconcile the tail, recover (from a snapshot when the stream was trimmed past
     // this node), follow.
     let snapshots = snapshot::store(&js, &replication).await?;
-    let mut node = match start_follower(&data_dir, &stream, &handle, true).await {
+    let mut node = match start_follower(
+        &data_dir,
+        &stream,
+        &handle,
+        true,
+        config.index_cache_bytes(),
+    )
+    .await
+    {
         Ok(node) if !trimmed_past(&stream, &node).await => node,
         started => {
             if let Err(error) = &started {
@@ -385,7 +393,14 @@ async fn run(
                 "clearhouse node {}: restored the snapshot taken by {} at stream sequence {} (journal record {})",
                 replication.node_id, manifest.taken_by, manifest.stream_seq, manifest.journal_seq
             );
-            start_follower(&data_dir, &stream, &handle, false).await?
+            start_follower(
+                &data_dir,
+                &stream,
+                &handle,
+                false,
+                config.index_cache_bytes(),
+            )
+            .await?
         }
     };
     let cut = node.recovery_report().unreplicated_records_cut;
@@ -483,7 +498,14 @@ async fn run(
                     ms = started.elapsed().as_millis() as u64,
                     "snapshot: index copied"
                 );
-                node = start_follower(&data_dir, &stream, &handle, false).await?;
+                node = start_follower(
+                    &data_dir,
+                    &stream,
+                    &handle,
+                    false,
+                    config.index_cache_bytes(),
+                )
+                .await?;
                 tracing::info!(
                     ms = started.elapsed().as_millis() as u64,
                     "snapshot: follower restarted"
@@ -606,8 +628,10 @@ async fn run(
     );
     let node = {
         let (dir, publisher) = (data_dir.clone(), publisher.clone());
+        let index_cache_bytes = config.index_cache_bytes();
         tokio::task::spawn_blocking(move || {
             let mut options = switch_node_options(&dir);
+            options.index_cache_bytes = index_cache_bytes;
             options.replication = Replication::Leader(publisher);
             Node::start(options)
         })
@@ -701,10 +725,12 @@ async fn start_follower(
     stream: &clearhouse_replication::Stream,
     handle: &tokio::runtime::Handle,
     tail_check: bool,
+    index_cache_bytes: usize,
 ) -> anyhow::Result<Node> {
     let (dir, stream, handle) = (data_dir.to_path_buf(), stream.clone(), handle.clone());
     tokio::task::spawn_blocking(move || {
         let mut options = switch_node_options(&dir);
+        options.index_cache_bytes = index_cache_bytes;
         options.replication = Replication::Follower;
         if tail_check {
             options.tail_check = Some(TailCheckHandle(Arc::new(StreamTail {

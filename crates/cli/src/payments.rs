@@ -68,8 +68,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         std::fs::create_dir_all(&args.data_dir)?;
-        let node = Node::start(switch_node_options(&args.data_dir))
-            .context("starting the ledger node")?;
+        let mut options = switch_node_options(&args.data_dir);
+        options.index_cache_bytes = config.index_cache_bytes();
+        let node = Node::start(options).context("starting the ledger node")?;
         // Participants whose endpoint is `amqp:` are reached through the broker's queues.
         let amqp = amqp
             .map(|amqp| clearhouse_amqp::Amqp::new(amqp, &config))

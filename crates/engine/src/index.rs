@@ -166,14 +166,34 @@ pub struct Index {
     /// Vouchers from this sequence on are stored packed ([`crate::voucher_pack`]); those before it
     /// (written by format 2, before the index was re-marked 3) hold their body as is.
     vouchers_packed_from: u64,
+    /// Whether account events are written and account history answered.
+    account_history: bool,
 }
 
 impl Index {
+    /// Opens (or creates) the index with the default cache
+    /// ([`crate::node::INDEX_CACHE_BYTES_DEFAULT`]).
     pub fn open(path: &Path) -> Result<Index, EngineError> {
-        let db = redb_try!(Database::create(path), "open index");
+        Index::open_with(path, crate::node::INDEX_CACHE_BYTES_DEFAULT, true)
+    }
+
+    /// Opens (or creates) the index with a page cache of `cache_bytes`, with or without account
+    /// history ([`crate::NodeOptions::account_history`]).
+    pub fn open_with(
+        path: &Path,
+        cache_bytes: usize,
+        account_history: bool,
+    ) -> Result<Index, EngineError> {
+        let db = redb_try!(
+            redb::Builder::new()
+                .set_cache_size(cache_bytes)
+                .create(path),
+            "open index"
+        );
         let mut index = Index {
             db,
             vouchers_packed_from: 0,
+            account_history,
         };
         // Make sure every table exists so read transactions never miss one.
         let mut txn = redb_try!(index.db.begin_write(), "begin write");
@@ -233,6 +253,26 @@ impl Index {
                     });
                 }
             }
+            // Account history: an index kept without it (from its creation, or since it was
+            // turned off) cannot answer for the time in between, so it is never turned back on.
+            // An index from before this setting kept it.
+            let kept = redb_try!(meta.get("account_history"), "read meta")
+                .map(|value| value.value() != [0])
+                .unwrap_or(applied);
+            if account_history && !kept && applied {
+                return Err(EngineError::Index {
+                    context: "account history",
+                    message: format!(
+                        "{} was kept without account history; it cannot be turned back on for this index \
+                         (start with account history off, or with a new data directory)",
+                        path.display()
+                    ),
+                });
+            }
+            redb_try!(
+                meta.insert("account_history", [u8::from(account_history)].as_slice()),
+                "write meta"
+            );
             let packed_from = redb_try!(meta.get("vouchers_packed_from"), "read meta")
                 .map(|value| value.value().to_vec());
             if let Some(bytes) = packed_from {
@@ -433,13 +473,19 @@ impl Index {
                 let mut aliases = redb_try!(txn.open_table(RECORD_ALIASES), "open aliases");
                 let mut pruned = redb_try!(txn.open_table(RECORDS_PRUNED), "open pruned");
                 // Puts and prunes in journal order: the same result however the updates are
-                // grouped into transactions (live and replay group them differently).
-                for update in updates {
-                    put_records(&mut records, &mut open, &mut aliases, &update.records)?;
-                    for prune in &update.prunes {
-                        prune_records(&mut records, &mut pruned, &open, &mut aliases, prune)?;
+                // grouped into transactions (live and replay group them differently). Between
+                // two prunes the puts go in key order (see `put_records`).
+                let mut start = 0;
+                for (at, update) in updates.iter().enumerate() {
+                    if !update.prunes.is_empty() {
+                        put_records(&mut records, &mut open, &mut aliases, &updates[start..=at])?;
+                        start = at + 1;
+                        for prune in &update.prunes {
+                            prune_records(&mut records, &mut pruned, &open, &mut aliases, prune)?;
+                        }
                     }
                 }
+                put_records(&mut records, &mut open, &mut aliases, &updates[start..])?;
             }
             let vouchers_new: Vec<&Voucher> =
                 updates.iter().flat_map(|update| &update.vouchers).collect();
@@ -755,11 +801,23 @@ impl Index {
         Ok(out)
     }
 
+    fn refuse_without_history(&self) -> Result<(), EngineError> {
+        if self.account_history {
+            return Ok(());
+        }
+        Err(EngineError::Index {
+            context: "account history",
+            message: "this node keeps no account history (NodeOptions::account_history is off)"
+                .into(),
+        })
+    }
+
     /// Transfers of an account within the filter, oldest first (newest first when reversed).
     pub fn get_account_transfers(
         &self,
         filter: &AccountFilter,
     ) -> Result<Vec<Transfer>, EngineError> {
+        self.refuse_without_history()?;
         let events = self.account_events(filter, true, |event| {
             event.kind.is_transfer()
                 && ((filter.debits && event.kind == clearhouse_ledger::AccountEventKind::Debit)
@@ -774,6 +832,7 @@ impl Index {
         &self,
         filter: &AccountFilter,
     ) -> Result<Vec<(u64, Balance)>, EngineError> {
+        self.refuse_without_history()?;
         let events = self.account_events(filter, false, |event| {
             event.balance.is_some()
                 && (!event.kind.is_transfer()
@@ -810,14 +869,22 @@ fn read_anchor(
     }
 }
 
-/// Writes one update's `puts` in journal order (a later put of the same key or alias lands
-/// last).
+/// Writes the puts of consecutive updates (no prune among them but in the last). Records go in
+/// key order (a stable sort: a later put of the same key lands last): keys grow with time but
+/// reach the journal slightly out of order, and an insert behind the B-tree's last key splits a
+/// full leaf in two half-empty ones for good, while one past it starts a new leaf and leaves the
+/// full one packed. Aliases (hashes, scattered anyway) go in journal order, so a later put of
+/// the same alias lands last.
 fn put_records(
     records: &mut redb::Table<u128, &[u8]>,
     open: &mut redb::Table<u128, u8>,
     aliases: &mut redb::Table<u128, u128>,
-    puts: &[RecordPut],
+    updates: &[IndexUpdate],
 ) -> Result<(), EngineError> {
+    let mut puts: Vec<&RecordPut> = updates.iter().flat_map(|u| &u.records).collect();
+    if !puts.is_sorted_by_key(|put| put.key) {
+        puts.sort_by_key(|put| put.key);
+    }
     for put in puts {
         redb_try!(
             records.insert(put.key, put.value.as_slice()),
@@ -828,6 +895,8 @@ fn put_records(
         } else {
             redb_try!(open.remove(put.key), "remove open record");
         }
+    }
+    for put in updates.iter().flat_map(|u| &u.records) {
         for alias in &put.aliases {
             redb_try!(aliases.insert(*alias, put.key), "insert alias");
         }
@@ -1086,6 +1155,7 @@ mod tests {
         let index = Index {
             db: Database::create(&path).unwrap(),
             vouchers_packed_from: 0,
+            account_history: true,
         };
         set_format(&index, Some(INDEX_FORMAT + 1));
         drop(index);

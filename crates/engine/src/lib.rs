@@ -21,7 +21,10 @@ pub mod vouchers;
 
 pub use codec::{Prune, RecordPut};
 pub use index::QUERY_LIMIT_MAX;
-pub use node::{MetricsSnapshot, Node, NodeOptions, NodeStats, RecoveryReport, SubmitOutcome};
+pub use node::{
+    MetricsSnapshot, Node, NodeOptions, NodeStats, RecoveryReport, SubmitOutcome,
+    INDEX_CACHE_BYTES_DEFAULT,
+};
 pub use vouchers::{Voucher, VoucherStamp};
 
 #[derive(Debug, thiserror::Error)]

@@ -74,6 +74,15 @@ pub struct NodeOptions {
     /// Checks the journal's tail against the replicated log at start and cuts what it never
     /// stored (crate::replica::TailCheck); `None`: no check (single node).
     pub tail_check: Option<TailCheckHandle>,
+    /// The index's page cache (redb's read cache and write buffer together), bytes. Most of a
+    /// switch's resident memory at a steady load is this cache (docs/MEMORY.md); pages beyond
+    /// it are read back from the file (the operating system's page cache).
+    pub index_cache_bytes: usize,
+    /// Keep each account's transfers and balances in the index for `get_account_transfers` and
+    /// `get_account_balances` (on by default). Off, transfers leave no account events and the
+    /// index writes about a sixth less per payment; those two queries are then refused. It can
+    /// be turned off for an existing index, not back on (the history would have a hole).
+    pub account_history: bool,
 }
 
 impl NodeOptions {
@@ -95,9 +104,15 @@ impl NodeOptions {
             clock: None,
             replication: Replication::None,
             tail_check: None,
+            index_cache_bytes: INDEX_CACHE_BYTES_DEFAULT,
+            account_history: true,
         }
     }
 }
+
+/// The index cache by default: 1 GiB, redb's own default (see
+/// [`NodeOptions::index_cache_bytes`]; the switch sets its own, `index_cache_mb`).
+pub const INDEX_CACHE_BYTES_DEFAULT: usize = 1 << 30;
 
 /// What recovery found and did.
 #[derive(Clone, Debug, Default)]
@@ -340,7 +355,11 @@ impl Node {
                 path: options.data_dir.clone(),
             });
         }
-        let index = Arc::new(Index::open(&options.data_dir.join("index.redb"))?);
+        let index = Arc::new(Index::open_with(
+            &options.data_dir.join("index.redb"),
+            options.index_cache_bytes,
+            options.account_history,
+        )?);
         let restored = index.restore()?;
         let journal_dir = options.data_dir.join("journal");
         let (mut journal, mut open_report) = Journal::open(&journal_dir, options.journal.clone())?;
@@ -400,6 +419,7 @@ impl Node {
             restored.pending.iter().copied(),
             restored.scalars,
         );
+        ledger.set_account_events(options.account_history);
         let mut recovery = RecoveryReport {
             checkpoint_seq: restored.seq,
             accounts: restored.accounts.len(),

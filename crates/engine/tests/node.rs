@@ -605,3 +605,89 @@ fn a_prune_removes_finished_history_keeps_the_chain_and_replays_the_same() {
         )
     );
 }
+
+/// Account history off (the switch's setting): balances and lookups as with it, no account
+/// events in the index, the two history queries refused, and it cannot be turned back on.
+#[test]
+fn without_account_history_the_index_keeps_no_account_events_and_it_stays_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = small_options(dir.path());
+    options.account_history = false;
+    let transfers: Vec<Transfer> = (1..=40u128)
+        .map(|id| Transfer {
+            id,
+            debit_account_id: 1 + id % 2,
+            credit_account_id: 3,
+            amount: id,
+            ledger: 1,
+            code: 1,
+            ..Transfer::default()
+        })
+        .collect();
+    {
+        let node = Node::start(options.clone()).unwrap();
+        node.create_accounts(accounts(3)).unwrap();
+        for chunk in transfers.chunks(7) {
+            node.create_transfers(chunk.to_vec()).unwrap();
+        }
+        let credited = node.lookup_accounts(vec![3]).unwrap()[0].credits_posted;
+        assert_eq!(credited, (1..=40u128).sum::<u128>());
+        assert_eq!(
+            node.lookup_transfers(vec![17]).unwrap()[0].transfer.amount,
+            17
+        );
+        let filter = AccountFilter {
+            account_id: 3,
+            timestamp_min: 0,
+            timestamp_max: 0,
+            limit: 10,
+            debits: true,
+            credits: true,
+            reversed: false,
+        };
+        let error = node.get_account_transfers(&filter).unwrap_err().to_string();
+        assert!(error.contains("no account history"), "{error}");
+        let error = node.get_account_balances(&filter).unwrap_err().to_string();
+        assert!(error.contains("no account history"), "{error}");
+    }
+    let index = dir.path().join("index.redb");
+    let report = clearhouse_engine::index::storage_report(&index).unwrap();
+    let events = report.iter().find(|t| t.table == "account_events").unwrap();
+    assert_eq!(events.entries, 0, "no account events written");
+    let transfers_table = report.iter().find(|t| t.table == "transfers").unwrap();
+    assert_eq!(transfers_table.entries, 40);
+    // Back on would leave a hole in the history: refused, by name.
+    let error = Node::start(small_options(dir.path()))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(error.contains("cannot be turned back on"), "{error}");
+    // Off again: the node starts and has everything.
+    let node = Node::start(options).unwrap();
+    assert_eq!(node.lookup_transfers(vec![40]).unwrap().len(), 1);
+}
+
+/// An index kept with account history can be turned off (the history so far stays, the queries
+/// are refused from then on).
+#[test]
+fn account_history_can_be_turned_off_for_an_existing_index() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let node = Node::start(small_options(dir.path())).unwrap();
+        node.create_accounts(accounts(2)).unwrap();
+        node.create_transfers(vec![Transfer {
+            id: 9,
+            debit_account_id: 1,
+            credit_account_id: 2,
+            amount: 5,
+            ledger: 1,
+            code: 1,
+            ..Transfer::default()
+        }])
+        .unwrap();
+    }
+    let mut off = small_options(dir.path());
+    off.account_history = false;
+    let node = Node::start(off).unwrap();
+    assert_eq!(node.lookup_accounts(vec![2]).unwrap()[0].credits_posted, 5);
+}

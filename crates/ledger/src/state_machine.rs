@@ -138,6 +138,8 @@ pub struct Ledger {
     recording_undo: bool,
     changes: ChangeSet,
     dirty_accounts: FxHashSet<u128>,
+    /// See [`Ledger::set_account_events`].
+    account_events_on: bool,
 }
 
 /// Why the ledger refused a whole batch (nothing was applied).
@@ -171,7 +173,16 @@ impl Ledger {
             recording_undo: false,
             changes: ChangeSet::default(),
             dirty_accounts: FxHashSet::default(),
+            account_events_on: true,
         }
+    }
+
+    /// Whether transfers leave [`AccountEvent`]s (the account-history index behind
+    /// `get_account_transfers` and `get_account_balances`); on by default. A node that never
+    /// asks for account history (the payment switch) turns them off: its index then writes
+    /// neither the events nor their balances.
+    pub fn set_account_events(&mut self, on: bool) {
+        self.account_events_on = on;
     }
 
     /// Rebuilds a ledger from a snapshot: all accounts, all still-pending transfers and the scalars.
@@ -938,6 +949,9 @@ impl Ledger {
         cr: &Account,
         expiry: bool,
     ) {
+        if !self.account_events_on {
+            return;
+        }
         let (debit_kind, credit_kind) = if expiry {
             (
                 AccountEventKind::ExpiryDebit,

@@ -218,6 +218,8 @@ pub(crate) fn node_options(dir: &std::path::Path, clock: &SimClock) -> NodeOptio
     options.journal.segment_size = 4 * 1024 * 1024;
     options.disk_free_min_bytes = 16 * 1024 * 1024;
     options.unindexed_transfers_max = 100_000;
+    // As the switch runs (crates/cli's switch_node_options): no account history.
+    options.account_history = false;
     options
 }
 

@@ -34,6 +34,7 @@ mod statements;
 mod vouchers;
 
 pub use retention::{retention_state_of, PruneReport, RetentionState, PRUNE_PAYMENTS_MAX};
+use statements::StatementsBuilt;
 pub use statements::{statement_camt053, statement_camt054};
 pub use vouchers::{
     export_vouchers, participant_view, verify_data_dir, walk_vouchers, VoucherPage,
@@ -107,6 +108,10 @@ pub struct Clearing {
     /// Closing booked balances of recent windows (statements chain them: a window's opening is
     /// the previous closing); at most [`CLOSING_BALANCES_CACHED_MAX`] windows.
     closings: Mutex<BTreeMap<u64, Arc<clearhouse_clearing::statement::Balances>>>,
+    /// Every participant's statements of the window built last. Statements are built one window
+    /// at a time under this lock, so a burst of statement requests after a close builds the
+    /// window once and holds one window's statements in memory, not one copy per request.
+    statements_built: StatementsBuilt,
     /// Reconciliation breaks found since start (alarm), and accumulation failures.
     pub breaks_total: AtomicU64,
     pub windows_closed: AtomicU64,
@@ -246,6 +251,7 @@ impl Clearing {
             retention: tokio::sync::Mutex::new(()),
             cache: Mutex::new(BTreeMap::new()),
             closings: Mutex::new(BTreeMap::new()),
+            statements_built: tokio::sync::Mutex::new(None),
             breaks_total: AtomicU64::new(0),
             windows_closed: AtomicU64::new(0),
             windows_settled: AtomicU64::new(0),

@@ -25,6 +25,8 @@ pub struct SwitchConfig {
     pub outbound_call_timeout_ms: u64,
     /// Notifications waiting for delivery to one participant.
     pub notification_queue_max: usize,
+    /// Notifications waiting for delivery to all participants together (about 2 KB each).
+    pub notification_queue_total_max: usize,
     /// Delivery attempts of one batch of notifications before it is dropped (logged; the
     /// participant can still ask for the status).
     pub notification_attempts_max: u32,
@@ -69,6 +71,9 @@ pub struct SwitchConfig {
     /// The scheme's rules beyond the XSD: generic, sepa_instant (EUR, IBANs, BICs) or fednow
     /// (USD, account numbers, routing numbers, business application header required).
     pub scheme_profile: crate::profile::SchemeProfile,
+    /// The ledger index's page cache, MiB: the largest single part of the switch's resident
+    /// memory (docs/MEMORY.md). Pages beyond it are read back from the file.
+    pub index_cache_mb: u64,
 }
 
 impl Default for SwitchConfig {
@@ -84,6 +89,7 @@ impl Default for SwitchConfig {
             outbound_per_participant_max: 64,
             outbound_call_timeout_ms: 5_000,
             notification_queue_max: 10_000,
+            notification_queue_total_max: 100_000,
             notification_attempts_max: 8,
             clock_skew_ms: 30_000,
             clock_lead_ms: 2_000,
@@ -101,6 +107,7 @@ impl Default for SwitchConfig {
             queued_payments_max: 10_000,
             gridlock_interval_ms: 200,
             scheme_profile: crate::profile::SchemeProfile::Generic,
+            index_cache_mb: 1024,
         }
     }
 }
@@ -159,6 +166,7 @@ impl SwitchConfig {
             || self.in_flight_total_max == 0
             || self.outbound_per_participant_max == 0
             || self.notification_queue_max == 0
+            || self.notification_queue_total_max == 0
             || self.body_bytes_max < 1024
             || self.participant_requests_per_second == 0
             || self.participant_requests_burst == 0
@@ -179,7 +187,15 @@ impl SwitchConfig {
         if self.queued_payments_max == 0 || self.gridlock_interval_ms == 0 {
             return invalid("queued_payments_max and gridlock_interval_ms must be positive");
         }
+        if !(16..=1 << 20).contains(&self.index_cache_mb) {
+            return invalid("index_cache_mb: 16 to 1048576 (MiB)");
+        }
         Ok(())
+    }
+
+    /// `index_cache_mb` in bytes (validated: at most 1 TiB).
+    pub fn index_cache_bytes(&self) -> usize {
+        usize::try_from(self.index_cache_mb << 20).unwrap_or(usize::MAX)
     }
 
     /// Seconds from `now_unix_seconds` to the next scheduled window close, if any is configured.

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -260,6 +261,7 @@ pub struct HttpTransport {
     per_participant_max: usize,
     call_timeout: Duration,
     queue_max: usize,
+    queued: QueuedNotifications,
     attempts_max: u32,
 }
 
@@ -285,6 +287,7 @@ impl HttpTransport {
             per_participant_max: config.outbound_per_participant_max,
             call_timeout: Duration::from_millis(config.outbound_call_timeout_ms),
             queue_max: config.notification_queue_max,
+            queued: QueuedNotifications::new(config.notification_queue_total_max),
             attempts_max: config.notification_attempts_max,
         }
     }
@@ -402,11 +405,16 @@ impl HttpTransport {
                 registry: self.registry.clone(),
                 attempts_max: self.attempts_max,
                 timeout: self.call_timeout,
+                queued: self.queued.clone(),
             };
             tokio::spawn(worker.run(receiver));
             sender
         });
+        if !self.queued.take(&participant.bic) {
+            return;
+        }
         if sender.try_send(notification).is_err() {
+            self.queued.release(1);
             tracing::warn!(bic = %participant.bic, limit = self.queue_max, "notification queue full; notification dropped (status queries still answer)");
         }
     }
@@ -428,6 +436,45 @@ impl ParticipantTransport for HttpTransport {
     }
 }
 
+/// Notifications queued or being delivered to every participant together, against
+/// `notification_queue_total_max`: each participant's queue is bounded, and so are all of them,
+/// so stalled endpoints cannot hold more than the limit (about 2 KB each). Shared by the HTTP
+/// and AMQP transports.
+#[derive(Clone)]
+pub struct QueuedNotifications {
+    queued: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl QueuedNotifications {
+    pub fn new(max: usize) -> QueuedNotifications {
+        QueuedNotifications {
+            queued: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// Takes a place for one notification to `bic`; false (logged) when every place is taken.
+    pub fn take(&self, bic: &str) -> bool {
+        if self.queued.fetch_add(1, Ordering::SeqCst) < self.max {
+            return true;
+        }
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!(bic, limit = self.max, "notification queues full (all participants together); notification dropped (status queries still answer)");
+        false
+    }
+
+    /// Gives back the places of `count` notifications (delivered, dropped or not queued).
+    pub fn release(&self, count: usize) {
+        let before = self.queued.fetch_sub(count, Ordering::SeqCst);
+        assert!(before >= count, "notification places given back twice");
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+}
+
 /// The switch's participants, shared with the notification workers.
 pub type Registry = Arc<std::sync::RwLock<Arc<std::collections::BTreeMap<String, Participant>>>>;
 
@@ -437,6 +484,7 @@ struct NotificationWorker {
     registry: Registry,
     attempts_max: u32,
     timeout: Duration,
+    queued: QueuedNotifications,
 }
 
 impl NotificationWorker {
@@ -485,6 +533,26 @@ impl NotificationWorker {
             if !delivered {
                 tracing::warn!(bic = %self.participant.bic, count = batch.len(), attempts = self.attempts_max, "notifications not delivered; dropped (status queries still answer)");
             }
+            self.queued.release(batch.len());
         }
+    }
+}
+
+#[cfg(test)]
+mod queued_notifications_tests {
+    use super::QueuedNotifications;
+
+    #[test]
+    fn places_are_bounded_over_all_participants_and_given_back() {
+        let queued = QueuedNotifications::new(3);
+        let other = queued.clone();
+        assert!(queued.take("BANKAAAA"));
+        assert!(other.take("BANKBBBB"));
+        assert!(queued.take("BANKCCCC"));
+        assert!(!other.take("BANKAAAA"), "the fourth is refused");
+        assert_eq!(queued.queued(), 3, "a refusal takes no place");
+        other.release(2);
+        assert!(queued.take("BANKBBBB"));
+        assert_eq!(queued.queued(), 2);
     }
 }

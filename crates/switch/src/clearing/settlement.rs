@@ -259,13 +259,10 @@ impl Clearing {
     ) -> Result<WindowReport, ApiError> {
         let _admin = self.admin.lock().await;
         let mut breaks = Vec::new();
-        let events: Vec<VoucherEvent> = self
-            .window_events(window)
-            .await?
-            .into_iter()
-            .map(|(_, event)| event)
-            .collect();
-        let (windows, _) = accumulators_from_vouchers(window, &events).map_err(internal)?;
+        let events = self.window_events(window).await?;
+        let (windows, _) =
+            accumulators_from_vouchers(window, events.iter().map(|(_, event)| event))
+                .map_err(internal)?;
         let recomputed = windows.get(&window).cloned().unwrap_or_default();
         let plan = report.plan.clone().unwrap_or(SettlementPlan {
             window,
@@ -395,6 +392,9 @@ impl Clearing {
             closed_seq,
             plan_chunks,
         });
+        // Every participant's statements from the vouchers just read: participants fetch them
+        // after a close, and retention needs the closing balances.
+        self.build_statements_from(window, &events).await;
         Ok(report)
     }
 }

@@ -7,9 +7,14 @@ use super::*;
 /// Windows whose closing booked balances are kept in memory for statements.
 const CLOSING_BALANCES_CACHED_MAX: usize = 64;
 
+/// The window whose statements were built last, and those statements (see
+/// `Clearing::statements`).
+pub(super) type StatementsBuilt =
+    tokio::sync::Mutex<Option<(u64, Arc<Vec<clearhouse_clearing::statement::Statement>>)>>;
+
 impl Clearing {
-    /// The vouchers of a closed window, its closing voucher last.
-    pub async fn window_events(&self, window: u64) -> Result<Vec<(u64, VoucherEvent)>, ApiError> {
+    /// 410 `archived` if retention has pruned `window`.
+    async fn refuse_archived(&self, window: u64) -> Result<(), ApiError> {
         let pruned = self.retention_state().await?.pruned_through;
         if (1..=pruned).contains(&window) {
             return Err(ApiError::new(
@@ -18,6 +23,12 @@ impl Clearing {
                 format!("window {window} is archived (retention: windows 1 to {pruned}); its vouchers are in the archive"),
             ));
         }
+        Ok(())
+    }
+
+    /// The vouchers of a closed window, its closing voucher last.
+    pub async fn window_events(&self, window: u64) -> Result<Vec<(u64, VoucherEvent)>, ApiError> {
+        self.refuse_archived(window).await?;
         let end = self.closed_seq(window).await?.ok_or_else(|| {
             ApiError::new(409, "window_open", format!("window {window} is not closed"))
         })?;
@@ -57,15 +68,51 @@ impl Clearing {
     }
 
     /// Every participant's statement of a closed window (one pass over its vouchers), with the
-    /// booked balances at its opening (the previous window's closing) and closing.
+    /// booked balances at its opening (the previous window's closing) and closing. Built one
+    /// window at a time and kept until another window's are asked for: a closed window's
+    /// vouchers never change, and every participant fetches the same window after a close.
     pub async fn statements(
         &self,
         window: u64,
-    ) -> Result<Vec<clearhouse_clearing::statement::Statement>, ApiError> {
+    ) -> Result<Arc<Vec<clearhouse_clearing::statement::Statement>>, ApiError> {
+        let mut built = self.statements_built.lock().await;
+        if let Some((at, statements)) = &*built {
+            if *at == window {
+                // Retention may have pruned the window since.
+                self.refuse_archived(window).await?;
+                return Ok(statements.clone());
+            }
+        }
+        // The previous window's statements go before this one's are built (one in memory).
+        *built = None;
         let openings = self.closing_balances(window.saturating_sub(1)).await?;
         let (statements, closings) = self.window_statements(window, &openings).await?;
         self.remember_closings(window, Arc::new(closings));
+        let statements = Arc::new(statements);
+        *built = Some((window, statements.clone()));
         Ok(statements)
+    }
+
+    /// Builds and keeps a just-reconciled window's statements from the vouchers reconciliation
+    /// read (one pass over the window instead of two). Best effort: on an error they are built
+    /// when first asked for.
+    pub(super) async fn build_statements_from(&self, window: u64, events: &[(u64, VoucherEvent)]) {
+        let mut built = self.statements_built.lock().await;
+        *built = None;
+        let result = async {
+            let openings = self.closing_balances(window.saturating_sub(1)).await?;
+            self.statements_of(window, &openings, events).await
+        }
+        .await;
+        match result {
+            Ok((statements, closings)) => {
+                self.remember_closings(window, Arc::new(closings));
+                *built = Some((window, Arc::new(statements)));
+            }
+            Err(error) => {
+                tracing::warn!(window, %error, "statements not built with reconciliation; built when asked for");
+            }
+        }
     }
 
     /// Keeps `window`'s closing balances (the oldest window goes when the cache is full).
@@ -141,9 +188,25 @@ impl Clearing {
         ),
         ApiError,
     > {
+        let events = self.window_events(window).await?;
+        self.statements_of(window, openings, &events).await
+    }
+
+    /// A window's statements from its vouchers (`window_events`).
+    pub(super) async fn statements_of(
+        &self,
+        window: u64,
+        openings: &clearhouse_clearing::statement::Balances,
+        events: &[(u64, VoucherEvent)],
+    ) -> Result<
+        (
+            Vec<clearhouse_clearing::statement::Statement>,
+            clearhouse_clearing::statement::Balances,
+        ),
+        ApiError,
+    > {
         let mut statements =
             clearhouse_clearing::statement::Statements::with_openings(window, openings);
-        let events = self.window_events(window).await?;
         // Fund adjustments as the ledger moved them (a net receiver's may have moved less than
         // its net, or nothing: the rest was carried).
         let adjustment_ids: Vec<u128> = events
@@ -168,7 +231,7 @@ impl Clearing {
                 .map(|s| (s.transfer.id, (s.transfer.amount, s.transfer.timestamp)))
                 .collect()
         };
-        for (seq, event) in &events {
+        for (seq, event) in events {
             if let VoucherEvent::FundAdjustment {
                 window: adjusted,
                 participant,

@@ -93,9 +93,12 @@ impl Switch {
                 return Err(ApiError::bad_request("participant=BIC is required", "FF01"))
             }
         };
-        let mut statements = self.clearing.statements(window).await?;
-        statements.retain(|s| s.participant == bic);
-        Ok(statements)
+        let statements = self.clearing.statements(window).await?;
+        Ok(statements
+            .iter()
+            .filter(|s| s.participant == bic)
+            .cloned()
+            .collect())
     }
 
     /// The open window and the `limit - 1` most recent closed ones.
