@@ -473,19 +473,13 @@ impl Index {
                 let mut aliases = redb_try!(txn.open_table(RECORD_ALIASES), "open aliases");
                 let mut pruned = redb_try!(txn.open_table(RECORDS_PRUNED), "open pruned");
                 // Puts and prunes in journal order: the same result however the updates are
-                // grouped into transactions (live and replay group them differently). Between
-                // two prunes the puts go in key order (see `put_records`).
-                let mut start = 0;
-                for (at, update) in updates.iter().enumerate() {
-                    if !update.prunes.is_empty() {
-                        put_records(&mut records, &mut open, &mut aliases, &updates[start..=at])?;
-                        start = at + 1;
-                        for prune in &update.prunes {
-                            prune_records(&mut records, &mut pruned, &open, &mut aliases, prune)?;
-                        }
+                // grouped into transactions (live and replay group them differently).
+                for update in updates {
+                    put_records(&mut records, &mut open, &mut aliases, &update.records)?;
+                    for prune in &update.prunes {
+                        prune_records(&mut records, &mut pruned, &open, &mut aliases, prune)?;
                     }
                 }
-                put_records(&mut records, &mut open, &mut aliases, &updates[start..])?;
             }
             let vouchers_new: Vec<&Voucher> =
                 updates.iter().flat_map(|update| &update.vouchers).collect();
@@ -869,22 +863,16 @@ fn read_anchor(
     }
 }
 
-/// Writes the puts of consecutive updates (no prune among them but in the last). Records go in
-/// key order (a stable sort: a later put of the same key lands last): keys grow with time but
-/// reach the journal slightly out of order, and an insert behind the B-tree's last key splits a
-/// full leaf in two half-empty ones for good, while one past it starts a new leaf and leaves the
-/// full one packed. Aliases (hashes, scattered anyway) go in journal order, so a later put of
-/// the same alias lands last.
+/// Writes one update's `puts` in journal order (a later put of the same key or alias lands
+/// last). (Writing a transaction's puts in key order instead was measured: the records table
+/// stayed as fragmented, since the keys that land behind the B-tree's last key come from earlier
+/// transactions; BENCHMARKS.md.)
 fn put_records(
     records: &mut redb::Table<u128, &[u8]>,
     open: &mut redb::Table<u128, u8>,
     aliases: &mut redb::Table<u128, u128>,
-    updates: &[IndexUpdate],
+    puts: &[RecordPut],
 ) -> Result<(), EngineError> {
-    let mut puts: Vec<&RecordPut> = updates.iter().flat_map(|u| &u.records).collect();
-    if !puts.is_sorted_by_key(|put| put.key) {
-        puts.sort_by_key(|put| put.key);
-    }
     for put in puts {
         redb_try!(
             records.insert(put.key, put.value.as_slice()),
@@ -895,8 +883,6 @@ fn put_records(
         } else {
             redb_try!(open.remove(put.key), "remove open record");
         }
-    }
-    for put in updates.iter().flat_map(|u| &u.records) {
         for alias in &put.aliases {
             redb_try!(aliases.insert(*alias, put.key), "insert alias");
         }
