@@ -41,13 +41,20 @@ impl Clearing {
                 + 1
         };
         let mut events = Vec::with_capacity((end + 1).saturating_sub(start).min(1 << 20) as usize);
+        // Pages are read (and unpacked) on the blocking pool while the page before is parsed
+        // here: the two halves of the work overlap on two cores.
+        let fetch = |from: u64| {
+            let node = self.node.clone();
+            let limit = VOUCHER_PAGE.min((end - from + 1) as usize);
+            tokio::task::spawn_blocking(move || node.vouchers(from, limit))
+        };
         let mut from = start;
-        while from <= end {
-            let page = {
-                let node = self.node.clone();
-                let limit = VOUCHER_PAGE.min((end - from + 1) as usize);
-                blocking(move || node.vouchers(from, limit)).await?
-            };
+        let mut reading = (from <= end).then(|| fetch(from));
+        while let Some(read) = reading.take() {
+            let page = read
+                .await
+                .map_err(|error| internal(error.to_string()))?
+                .map_err(ApiError::from)?;
             if page.first().map(|v| v.seq) != Some(from) {
                 return Err(ApiError::new(
                     410,
@@ -57,6 +64,9 @@ impl Clearing {
             }
             let Some(last) = page.last() else { break };
             from = last.seq + 1;
+            if from <= end {
+                reading = Some(fetch(from));
+            }
             for voucher in page {
                 events.push((
                     voucher.seq,
