@@ -280,23 +280,55 @@ pub fn accumulators_from_vouchers<'a>(
     open_window: u64,
     events: impl IntoIterator<Item = &'a VoucherEvent>,
 ) -> Result<(BTreeMap<u64, Accumulators>, u64), ClearingError> {
-    let mut windows: BTreeMap<u64, Accumulators> = BTreeMap::new();
-    let mut window = open_window;
+    let mut accumulation = WindowAccumulation::new(open_window);
     for event in events {
-        if let VoucherEvent::WindowClosed { window: closed, .. } = event {
-            if *closed != window {
-                return Err(ClearingError::Voucher {
-                    seq: 0,
-                    reason: format!("window {closed} closed while window {window} was open"),
-                });
-            }
-            windows.entry(window).or_default();
-            window += 1;
-        } else {
-            windows.entry(window).or_default().add_event(event)?;
+        accumulation.add(event)?;
+    }
+    Ok(accumulation.finish())
+}
+
+/// [`accumulators_from_vouchers`] one voucher at a time, for a caller that reads the vouchers in
+/// pages and keeps none of them (a restart's recount of the open window).
+pub struct WindowAccumulation {
+    windows: BTreeMap<u64, Accumulators>,
+    window: u64,
+}
+
+impl WindowAccumulation {
+    /// `open_window` is the window open at the first voucher to come.
+    pub fn new(open_window: u64) -> WindowAccumulation {
+        WindowAccumulation {
+            windows: BTreeMap::new(),
+            window: open_window,
         }
     }
-    Ok((windows, window))
+
+    pub fn add(&mut self, event: &VoucherEvent) -> Result<(), ClearingError> {
+        if let VoucherEvent::WindowClosed { window: closed, .. } = event {
+            if *closed != self.window {
+                return Err(ClearingError::Voucher {
+                    seq: 0,
+                    reason: format!(
+                        "window {closed} closed while window {} was open",
+                        self.window
+                    ),
+                });
+            }
+            self.windows.entry(self.window).or_default();
+            self.window += 1;
+            Ok(())
+        } else {
+            self.windows
+                .entry(self.window)
+                .or_default()
+                .add_event(event)
+        }
+    }
+
+    /// Each window's accumulators, and the window open after the last voucher.
+    pub fn finish(self) -> (BTreeMap<u64, Accumulators>, u64) {
+        (self.windows, self.window)
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use clearhouse_clearing::event::VoucherEvent;
 use clearhouse_clearing::export::{sign_checkpoint, Checkpoint};
-use clearhouse_clearing::netting::{accumulators_from_vouchers, Accumulators, SettlementPlan};
+use clearhouse_clearing::netting::{
+    accumulators_from_vouchers, Accumulators, SettlementPlan, WindowAccumulation,
+};
 use clearhouse_clearing::report::{Break, WindowReport, WindowState};
 use clearhouse_engine::{Node, RecordPut, SubmitOutcome};
 use clearhouse_ledger::{CreateTransferResult, Transfer, TransferFlags};
@@ -209,7 +211,9 @@ impl Clearing {
             }
             back -= 1;
         }
-        let mut events = Vec::new();
+        // One page in memory at a time: the open window can be long (windows close only by
+        // schedule or by the operator).
+        let mut accumulation = WindowAccumulation::new(start_window);
         let mut closes = BTreeMap::new();
         let mut from = start_seq;
         loop {
@@ -226,11 +230,10 @@ impl Clearing {
                 if let VoucherEvent::WindowClosed { window, .. } = &event {
                     closes.insert(*window, (voucher.seq, voucher.hash));
                 }
-                events.push(event);
+                accumulation.add(&event).map_err(internal)?;
             }
         }
-        let (mut windows, open) =
-            accumulators_from_vouchers(start_window, &events).map_err(internal)?;
+        let (mut windows, open) = accumulation.finish();
         if open != state.window {
             return Err(internal(format!(
                 "the vouchers end in window {open} but the clearing state says window {} is open",
