@@ -776,13 +776,13 @@ impl Node {
         self.inner.index.resolve_alias(alias)
     }
 
-    /// Open application records (at most `limit`), reading every acknowledged write.
     /// Vouchers from sequence `from_seq` on, at most `limit` (as of everything committed so far).
     pub fn vouchers(&self, from_seq: u64, limit: usize) -> Result<Vec<Voucher>, EngineError> {
         self.wait_indexed()?;
         self.inner.index.vouchers(from_seq, limit)
     }
 
+    /// Open application records (at most `limit`), reading every acknowledged write.
     pub fn open_records(&self, limit: usize) -> Result<Vec<(u128, Vec<u8>)>, EngineError> {
         self.wait_indexed()?;
         self.inner.index.open_records(limit)

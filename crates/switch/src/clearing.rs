@@ -54,22 +54,23 @@ const SETTLE_ATTEMPTS_MAX: u32 = 4;
 /// Most windows listed at once.
 pub const WINDOWS_LISTED_MAX: u64 = 100;
 
-fn state_key() -> u128 {
-    id128(&[b"clearing-state"])
+/// The data directory's [`KeyScheme`]: named by its record, else legacy when a clearing state
+/// exists under the legacy key, else None (a new directory: [`Clearing::start`] chooses compact).
+pub fn key_scheme_of(node: &Node) -> Result<Option<KeyScheme>, ApiError> {
+    let legacy_state = KeyScheme::Legacy.clearing_state();
+    let mut found = node.get_records(&[KEY_SCHEME_RECORD, legacy_state])?;
+    let legacy = found.pop().flatten();
+    let named = found.pop().flatten();
+    match KeyScheme::from_record(named.as_deref()).map_err(internal)? {
+        Some(scheme) => Ok(Some(scheme)),
+        None if legacy.is_some() => Ok(Some(KeyScheme::Legacy)),
+        None => Ok(None),
+    }
 }
-fn window_key(window: u64) -> u128 {
-    id128(&[b"window", &window.to_le_bytes()])
-}
-fn plan_chunk_key(window: u64, chunk: u32) -> u128 {
-    id128(&[b"window-plan", &window.to_le_bytes(), &chunk.to_le_bytes()])
-}
-pub fn fund_adjustment_id(window: u64, bic: &str, currency: &str) -> u128 {
-    id128(&[
-        b"fund-adjustment",
-        &window.to_le_bytes(),
-        bic.as_bytes(),
-        currency.as_bytes(),
-    ])
+
+/// [`key_scheme_of`] for readers of a directory: nothing stored yet reads as compact.
+pub fn key_scheme_or_compact(node: &Node) -> Result<KeyScheme, ApiError> {
+    Ok(key_scheme_of(node)?.unwrap_or(KeyScheme::Compact))
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -99,6 +100,8 @@ struct Live {
 
 pub struct Clearing {
     node: Node,
+    /// How this directory derives its hash-keyed record and transfer ids.
+    pub keys: KeyScheme,
     key: SigningKey,
     live: Arc<Mutex<Live>>,
     /// Close and settle run one at a time.
@@ -186,14 +189,30 @@ impl Clearing {
         key: SigningKey,
         models: &SettlementModels,
     ) -> Result<Clearing, ApiError> {
-        let state = match read_json::<StateRecord>(&node, state_key()).await? {
+        let (keys, fresh) = {
+            let node = node.clone();
+            match blocking(move || Ok(key_scheme_of(&node))).await?? {
+                Some(keys) => (keys, false),
+                None => (KeyScheme::Compact, true),
+            }
+        };
+        let state = match read_json::<StateRecord>(&node, keys.clearing_state()).await? {
             Some(state) => state,
             None => {
                 let state = StateRecord {
                     window: 1,
                     opened_at_ns: now_ns(),
                 };
-                engine_submit(&node, vec![], vec![plain(state_key(), &state)]).await?;
+                let mut puts = vec![plain(keys.clearing_state(), &state)];
+                if fresh {
+                    // The scheme is written with the first state: one journal record.
+                    puts.push(RecordPut {
+                        key: KEY_SCHEME_RECORD,
+                        value: KEY_SCHEME_COMPACT.to_vec(),
+                        ..RecordPut::default()
+                    });
+                }
+                engine_submit(&node, vec![], puts).await?;
                 state
             }
         };
@@ -202,7 +221,7 @@ impl Clearing {
         let mut start_seq = 1;
         let mut back = state.window.saturating_sub(1);
         while back >= 1 {
-            if let Some(record) = read_json::<WindowRecord>(&node, window_key(back)).await? {
+            if let Some(record) = read_json::<WindowRecord>(&node, keys.window(back)).await? {
                 if let Some(seq) = record.closed_seq {
                     start_window = back + 1;
                     start_seq = seq + 1;
@@ -243,6 +262,7 @@ impl Clearing {
         let current = windows.remove(&state.window).unwrap_or_default();
         let clearing = Clearing {
             node,
+            keys,
             key,
             live: Arc::new(Mutex::new(Live {
                 window: state.window,
@@ -338,7 +358,7 @@ impl Clearing {
                 window: window + 1,
                 opened_at_ns: closed_at_ns,
             };
-            let mut record = plain(state_key(), &next);
+            let mut record = plain(self.keys.clearing_state(), &next);
             record.voucher = Some(event.to_bytes());
             let live = self.live.clone();
             let outcome = submit_then(&self.node, vec![], vec![record], move |outcome| {
@@ -458,14 +478,14 @@ impl Clearing {
         let mut records = Vec::with_capacity(chunks.len() + 1 + extra.len());
         for (i, chunk) in chunks.iter().enumerate() {
             records.push(RecordPut {
-                key: plan_chunk_key(report.window, i as u32),
+                key: self.keys.plan_chunk(report.window, i as u32),
                 value: chunk.to_vec(),
                 when_transfer_ok: condition,
                 ..RecordPut::default()
             });
         }
         records.append(&mut extra);
-        let mut window_record = plain(window_key(report.window), &record);
+        let mut window_record = plain(self.keys.window(report.window), &record);
         window_record.when_transfer_ok = condition;
         if report.state == WindowState::Settled {
             window_record.voucher = Some(
@@ -502,12 +522,13 @@ impl Clearing {
         if let Some(record) = self.cache.lock().expect("clearing cache").get(&window) {
             return Ok(Some(record.clone()));
         }
-        let Some(mut record) = read_json::<WindowRecord>(&self.node, window_key(window)).await?
+        let Some(mut record) =
+            read_json::<WindowRecord>(&self.node, self.keys.window(window)).await?
         else {
             return Ok(None);
         };
         let keys: Vec<u128> = (0..record.plan_chunks)
-            .map(|i| plan_chunk_key(window, i))
+            .map(|i| self.keys.plan_chunk(window, i))
             .collect();
         let chunks = {
             let node = self.node.clone();

@@ -59,8 +59,93 @@ pub fn end_to_end_alias(debtor_agent: &str, end_to_end_id: &str) -> u128 {
 pub fn uetr_alias(uetr: &str) -> u128 {
     id128(&[b"uetr", uetr.as_bytes()])
 }
-pub fn liquidity_transfer_id(bic: &str, request_id: &str) -> u128 {
-    id128(&[b"liquidity", bic.as_bytes(), request_id.as_bytes()])
+
+/// How a data directory derives the ids of its few hash-keyed records and transfers
+/// (participants, clearing state, window records and plans, fund adjustments, liquidity and
+/// net-debit-cap transfers, recalls, retention state).
+///
+/// Payment keys grow with time (their acceptance time in the high 64 bits: 2^124 and above for
+/// any time after 2006), and redb packs a B-tree leaf full only when a new key sorts after the
+/// whole table's last key. One uniform 128-bit hash key above the payment keys turns every payment
+/// insert into a split of a leaf in two halves, so the records and transfers tables stay half
+/// empty. [`KeyScheme::Compact`] keeps those ids below 2^124 (124 bits of hash): every payment
+/// key is then the table's last key and leaves fill. Directories created before it keep
+/// [`KeyScheme::Legacy`] (their ids cannot change under existing ledger transfers); the scheme is
+/// a record of the directory ([`KEY_SCHEME_RECORD`]), written with the first clearing state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyScheme {
+    /// Full 128-bit hash ids (directories created before the compact scheme).
+    Legacy,
+    /// Hash ids below 2^124, under every payment key.
+    Compact,
+}
+
+/// The record that names a directory's [`KeyScheme`] (value `b"compact"`); absent in legacy
+/// directories. A fixed key below 2^124 (the ASCII of "key-scheme").
+pub const KEY_SCHEME_RECORD: u128 = 0x6b65_792d_7363_6865_6d65;
+pub const KEY_SCHEME_COMPACT: &[u8] = b"compact";
+
+impl KeyScheme {
+    /// A hash id under this scheme (never 0, never u128::MAX).
+    pub fn id(self, parts: &[&[u8]]) -> u128 {
+        let id = id128(parts);
+        match self {
+            KeyScheme::Legacy => id,
+            KeyScheme::Compact => (id >> 4).max(1),
+        }
+    }
+    /// The scheme named by the value of [`KEY_SCHEME_RECORD`], if any.
+    pub fn from_record(value: Option<&[u8]>) -> Result<Option<KeyScheme>, String> {
+        match value {
+            None => Ok(None),
+            Some(KEY_SCHEME_COMPACT) => Ok(Some(KeyScheme::Compact)),
+            Some(other) => Err(format!(
+                "unknown key scheme {:?}",
+                String::from_utf8_lossy(other)
+            )),
+        }
+    }
+    pub fn participant(self, bic: &str) -> u128 {
+        self.id(&[b"participant", bic.as_bytes()])
+    }
+    pub fn liquidity_transfer(self, bic: &str, request_id: &str) -> u128 {
+        self.id(&[b"liquidity", bic.as_bytes(), request_id.as_bytes()])
+    }
+    /// A net debit cap line's transfer (`nonce`: b"onboard", or random for a change).
+    pub fn ndc_line(self, bic: &str, currency: &str, nonce: &[u8]) -> u128 {
+        self.id(&[b"ndc-line", bic.as_bytes(), currency.as_bytes(), nonce])
+    }
+    pub fn recall(self, requested_by: &str, case_id: &str) -> u128 {
+        self.id(&[b"recall", requested_by.as_bytes(), case_id.as_bytes()])
+    }
+    pub fn clearing_state(self) -> u128 {
+        self.id(&[b"clearing-state"])
+    }
+    pub fn window(self, window: u64) -> u128 {
+        self.id(&[b"window", &window.to_le_bytes()])
+    }
+    pub fn plan_chunk(self, window: u64, chunk: u32) -> u128 {
+        self.id(&[b"window-plan", &window.to_le_bytes(), &chunk.to_le_bytes()])
+    }
+    pub fn fund_adjustment(self, window: u64, bic: &str, currency: &str) -> u128 {
+        self.id(&[
+            b"fund-adjustment",
+            &window.to_le_bytes(),
+            bic.as_bytes(),
+            currency.as_bytes(),
+        ])
+    }
+    pub fn retention_state(self) -> u128 {
+        self.id(&[b"retention-state"])
+    }
+    /// A chunk of a pruned window's closing balances.
+    pub fn closings_chunk(self, window: u64, chunk: u32) -> u128 {
+        self.id(&[
+            b"retention-closings",
+            &window.to_le_bytes(),
+            &chunk.to_le_bytes(),
+        ])
+    }
 }
 
 /// u128 amounts as decimal strings in stored JSON (serde's buffered enums cannot carry u128).

@@ -64,10 +64,6 @@ use crate::money::{self, currency};
 use crate::outbound::{Decision, ForwardError, Notification, Outbound};
 use crate::stored::{decode, encode, Stored};
 
-fn participant_key(bic: &str) -> u128 {
-    id128(&[b"participant", bic.as_bytes()])
-}
-
 /// The voucher of a payment's final state (settled or rejected).
 fn payment_voucher(record: &PaymentRecord) -> Vec<u8> {
     let payment = format!("{:032x}", record.id());

@@ -523,3 +523,128 @@ fn statements_of_old_windows_survive_a_full_balance_cache() {
         }
     });
 }
+
+/// Runs a day of a scheme in `dir`: two deferred-net banks and a prefunded one onboarded and
+/// funded, three payments, window 1 closed and settled; then a restart and one more payment.
+/// Returns the settled report of window 1.
+fn a_day_in(dir: &std::path::Path) -> Value {
+    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (banks, _) =
+        banks_runtime.block_on(start_banks(vec![bank(A), bank(B), bank(P)], accepting()));
+    let running = start_switch(dir, config());
+    let url = running.url.clone();
+    let report = banks_runtime.block_on(async {
+        let op = operator(dir, &url);
+        for bic in [A, B] {
+            let terms = json!({"model": "deferred_net", "net_debit_cap": "1000.00"});
+            onboard(&op, bic, &banks, terms).await;
+        }
+        onboard(&op, P, &banks, json!({"model": "prefunded"})).await;
+        fund(&op, P, "500.00").await;
+        pay(&url, A, B, "D1-1", "100.00").await;
+        pay(&url, B, A, "D1-2", "40.00").await;
+        pay(&url, P, A, "D1-3", "25.00").await;
+        let (status, report) = call(
+            &op,
+            "POST",
+            "/v1/admin/windows/close",
+            json!({"settle": true}),
+        )
+        .await;
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["state"], "settled", "{report}");
+        assert_eq!(report["breaks"], json!([]), "{report}");
+        report
+    });
+    drop(running);
+    // After a restart the participants, their funds and the settled window are all found.
+    let running = start_switch(dir, config());
+    let url = running.url.clone();
+    banks_runtime.block_on(async {
+        let op = operator(dir, &url);
+        assert_eq!(available(&op, P).await, "475.00");
+        assert_eq!(available(&op, A).await, "1000.00");
+        let (status, window) = call(&op, "GET", "/v1/windows/1", Value::Null).await;
+        assert_eq!((status, &window["state"]), (200, &json!("settled")));
+        pay(&url, A, P, "D2-1", "10.00").await;
+        let (status, statement) = call(
+            &op,
+            "GET",
+            &format!("/v1/windows/1/statement?participant={A}"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, 200, "{statement}");
+    });
+    drop(running);
+    report
+}
+
+/// A new data directory derives its hash-keyed records and transfers below every payment key
+/// (so redb packs the records and transfers tables); a directory created before keeps its ids,
+/// and both run a day, restart and settle the same.
+#[test]
+fn new_directories_keep_hash_ids_below_payment_keys_and_older_ones_keep_theirs() {
+    use clearhouse_switch::clearing::key_scheme_of;
+    use clearhouse_switch::model::{payment_key, KeyScheme, KEY_SCHEME_RECORD};
+    let lowest_payment_key = payment_key(1_700_000_000_000_000_000, "", "");
+    let fresh = tempfile::tempdir().unwrap();
+    let older = tempfile::tempdir().unwrap();
+    {
+        // What a directory created before the compact scheme holds after its first start: the
+        // clearing state under the legacy key, and no scheme record.
+        let node = Node::start(node_options(older.path())).unwrap();
+        let state = json!({"window": 1, "opened_at_ns": 1_700_000_000_000_000_000u64});
+        let put = clearhouse_engine::RecordPut {
+            key: KeyScheme::Legacy.clearing_state(),
+            value: state.to_string().into_bytes(),
+            ..Default::default()
+        };
+        node.submit(vec![], vec![put]).unwrap();
+    }
+    let fresh_report = a_day_in(fresh.path());
+    let older_report = a_day_in(older.path());
+    assert_eq!(fresh_report["plan"], older_report["plan"]);
+
+    for (dir, scheme) in [
+        (fresh.path(), KeyScheme::Compact),
+        (older.path(), KeyScheme::Legacy),
+    ] {
+        let node = Node::start(node_options(dir)).unwrap();
+        assert_eq!(key_scheme_of(&node).unwrap(), Some(scheme));
+        let other = match scheme {
+            KeyScheme::Compact => KeyScheme::Legacy,
+            KeyScheme::Legacy => KeyScheme::Compact,
+        };
+        let records = |keys: &[u128]| node.get_records(keys).unwrap();
+        let keys = [
+            scheme.participant(A),
+            scheme.window(1),
+            scheme.clearing_state(),
+        ];
+        assert!(records(&keys).iter().all(Option::is_some), "{scheme:?}");
+        let others = [other.participant(A), other.window(1)];
+        assert!(records(&others).iter().all(Option::is_none), "{scheme:?}");
+        // The net payer's fund adjustment and the prefunded bank's liquidity are ledger
+        // transfers under the directory's ids.
+        let transfers = [
+            scheme.fund_adjustment(1, A, "EUR"),
+            scheme.liquidity_transfer(P, "fund-PREFDEFF-500.00"),
+        ];
+        let found = node.lookup_transfers(transfers.to_vec()).unwrap();
+        assert_eq!(found.len(), 2, "{scheme:?}: {found:?}");
+        if scheme == KeyScheme::Compact {
+            assert!(keys
+                .iter()
+                .chain(&transfers)
+                .all(|k| *k < lowest_payment_key));
+            assert!(records(&[KEY_SCHEME_RECORD])[0].is_some());
+        } else {
+            assert!(records(&[KEY_SCHEME_RECORD])[0].is_none());
+        }
+    }
+}

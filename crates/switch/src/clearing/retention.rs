@@ -27,10 +27,6 @@ use clearhouse_engine::Prune;
 /// Most payments (or returns) one journaled prune removes.
 pub const PRUNE_PAYMENTS_MAX: usize = 4_096;
 
-fn retention_key() -> u128 {
-    id128(&[b"retention-state"])
-}
-
 /// How far retention has gone (a record in the engine).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetentionState {
@@ -41,7 +37,7 @@ pub struct RetentionState {
     /// The signed checkpoint the hot chain starts after (window `pruned_through`'s close).
     pub anchor: Option<Checkpoint>,
     /// Window `pruned_through`'s closing booked balances are kept (statements of later windows
-    /// chain from them) in this many chunk records ([`closings_chunk_key`]).
+    /// chain from them) in this many chunk records ([`KeyScheme::closings_chunk`]).
     #[serde(default)]
     pub closing_balances_chunks: u32,
     /// The same for window `pruned_through + 1`, written before its vouchers leave (a prune
@@ -50,17 +46,9 @@ pub struct RetentionState {
     pub next_closing_balances_chunks: Option<u32>,
 }
 
-/// A chunk of a pruned window's closing balances (JSON rows, at most `PLAN_CHUNK_BYTES`).
-fn closings_chunk_key(window: u64, chunk: u32) -> u128 {
-    id128(&[
-        b"retention-closings",
-        &window.to_le_bytes(),
-        &chunk.to_le_bytes(),
-    ])
-}
-
 /// The records holding `balances` as chunks of window `window`, and how many.
 fn closings_records(
+    keys: KeyScheme,
     window: u64,
     balances: &clearhouse_clearing::statement::Balances,
 ) -> (Vec<RecordPut>, u32) {
@@ -75,7 +63,7 @@ fn closings_records(
         .chunks(PLAN_CHUNK_BYTES)
         .enumerate()
         .map(|(i, chunk)| RecordPut {
-            key: closings_chunk_key(window, i as u32),
+            key: keys.closings_chunk(window, i as u32),
             value: chunk.to_vec(),
             ..RecordPut::default()
         })
@@ -91,7 +79,9 @@ impl Clearing {
         window: u64,
         chunks: u32,
     ) -> Result<clearhouse_clearing::statement::Balances, ApiError> {
-        let keys: Vec<u128> = (0..chunks).map(|i| closings_chunk_key(window, i)).collect();
+        let keys: Vec<u128> = (0..chunks)
+            .map(|i| self.keys.closings_chunk(window, i))
+            .collect();
         let values = {
             let node = self.node.clone();
             blocking(move || node.get_records(&keys)).await?
@@ -137,7 +127,8 @@ pub struct PruneReport {
 
 /// Reads the retention state of a node (blocking; for `verify` on a stopped data directory).
 pub fn retention_state_of(node: &Node) -> Result<RetentionState, ApiError> {
-    match node.get_records(&[retention_key()])?.pop().flatten() {
+    let keys = super::key_scheme_or_compact(node)?;
+    match node.get_records(&[keys.retention_state()])?.pop().flatten() {
         None => Ok(RetentionState::default()),
         Some(bytes) => serde_json::from_slice(&bytes).map_err(internal),
     }
@@ -145,9 +136,11 @@ pub fn retention_state_of(node: &Node) -> Result<RetentionState, ApiError> {
 
 impl Clearing {
     pub async fn retention_state(&self) -> Result<RetentionState, ApiError> {
-        Ok(read_json::<RetentionState>(&self.node, retention_key())
-            .await?
-            .unwrap_or_default())
+        Ok(
+            read_json::<RetentionState>(&self.node, self.keys.retention_state())
+                .await?
+                .unwrap_or_default(),
+        )
     }
 
     /// The first and last voucher of a closed window's archive file: from the one after the
@@ -293,9 +286,9 @@ impl Clearing {
             // Statements after this window chain from its closing balances: kept before its
             // vouchers go.
             let closings = self.closing_balances(window).await?;
-            let (mut puts, chunks) = closings_records(window, &closings);
+            let (mut puts, chunks) = closings_records(self.keys, window, &closings);
             state.next_closing_balances_chunks = Some(chunks);
-            puts.push(plain(retention_key(), &state));
+            puts.push(plain(self.keys.retention_state(), &state));
             engine_submit(&self.node, vec![], puts).await?;
             self.submit_prune(Prune {
                 vouchers_through: last,
@@ -314,7 +307,12 @@ impl Clearing {
             })?;
         state.pruned_through = window;
         state.anchor = Some(checkpoint);
-        engine_submit(&self.node, vec![], vec![plain(retention_key(), &state)]).await?;
+        engine_submit(
+            &self.node,
+            vec![],
+            vec![plain(self.keys.retention_state(), &state)],
+        )
+        .await?;
         tracing::info!(
             window,
             payments = report.payments,
@@ -428,7 +426,12 @@ impl Clearing {
             }
         }
         state.cleared_through = window;
-        engine_submit(&self.node, vec![], vec![plain(retention_key(), &state)]).await?;
+        engine_submit(
+            &self.node,
+            vec![],
+            vec![plain(self.keys.retention_state(), &state)],
+        )
+        .await?;
         Ok(cleared)
     }
 }
@@ -447,13 +450,13 @@ mod tests {
                 )
             })
             .collect();
-        let (puts, chunks) = closings_records(7, &balances);
+        let (puts, chunks) = closings_records(KeyScheme::Compact, 7, &balances);
         assert!(chunks > 1, "{chunks} chunks");
         assert_eq!(puts.len(), chunks as usize);
         let mut bytes = Vec::new();
         for (i, put) in puts.iter().enumerate() {
             assert!(put.value.len() <= clearhouse_engine::codec::RECORD_VALUE_MAX);
-            assert_eq!(put.key, closings_chunk_key(7, i as u32));
+            assert_eq!(put.key, KeyScheme::Compact.closings_chunk(7, i as u32));
             bytes.extend(&put.value);
         }
         let rows: Vec<(String, String, String)> = serde_json::from_slice(&bytes).unwrap();

@@ -33,7 +33,10 @@ impl Clearing {
         let ids: Vec<u128> = plan
             .instructions
             .iter()
-            .map(|i| fund_adjustment_id(window, &i.participant, &i.currency))
+            .map(|i| {
+                self.keys
+                    .fund_adjustment(window, &i.participant, &i.currency)
+            })
             .collect();
         let moved = if ids.is_empty() {
             vec![]
@@ -47,7 +50,9 @@ impl Clearing {
             .collect();
         let mut carried = Vec::new();
         for instruction in &plan.instructions {
-            let id = fund_adjustment_id(window, &instruction.participant, &instruction.currency);
+            let id =
+                self.keys
+                    .fund_adjustment(window, &instruction.participant, &instruction.currency);
             let left = instruction
                 .net
                 .unsigned_abs()
@@ -125,7 +130,9 @@ impl Clearing {
                 })?;
                 let position = position_account(&instruction.participant, c.code);
                 let settlement = settlement_account(c.code);
-                let id = fund_adjustment_id(window, &instruction.participant, c.code);
+                let id = self
+                    .keys
+                    .fund_adjustment(window, &instruction.participant, c.code);
                 if instruction.net > 0 && empty.contains(&position) {
                     // Spent in full in the next window: no transfer (the ledger refuses a balancing
                     // debit that can move nothing); the whole net is carried and reported.
@@ -304,7 +311,10 @@ impl Clearing {
         let ids: Vec<u128> = plan
             .instructions
             .iter()
-            .map(|i| fund_adjustment_id(window, &i.participant, &i.currency))
+            .map(|i| {
+                self.keys
+                    .fund_adjustment(window, &i.participant, &i.currency)
+            })
             .collect();
         let on_ledger: BTreeMap<u128, Transfer> = if ids.is_empty() {
             BTreeMap::new()
@@ -322,7 +332,9 @@ impl Clearing {
             .map(|(p, c, a)| ((p.clone(), c.clone()), a.parse().unwrap_or(0)))
             .collect();
         for instruction in &plan.instructions {
-            let id = fund_adjustment_id(window, &instruction.participant, &instruction.currency);
+            let id =
+                self.keys
+                    .fund_adjustment(window, &instruction.participant, &instruction.currency);
             let position = position_account(&instruction.participant, &instruction.currency);
             let settlement = settlement_account(&instruction.currency);
             let expected_accounts = if instruction.net < 0 {
@@ -386,7 +398,12 @@ impl Clearing {
             closed_seq,
             plan_chunks,
         };
-        engine_submit(&self.node, vec![], vec![plain(window_key(window), &record)]).await?;
+        engine_submit(
+            &self.node,
+            vec![],
+            vec![plain(self.keys.window(window), &record)],
+        )
+        .await?;
         self.remember(WindowRecord {
             report: report.clone(),
             closed_seq,

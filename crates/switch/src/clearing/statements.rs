@@ -227,7 +227,7 @@ impl Clearing {
                     participant,
                     currency,
                     ..
-                } => Some(fund_adjustment_id(*window, participant, currency)),
+                } => Some(self.keys.fund_adjustment(*window, participant, currency)),
                 _ => None,
             })
             .collect();
@@ -249,7 +249,7 @@ impl Clearing {
                 net,
             } = event
             {
-                let id = fund_adjustment_id(*adjusted, participant, currency);
+                let id = self.keys.fund_adjustment(*adjusted, participant, currency);
                 let (amount, at_ns) = moved.get(&id).copied().unwrap_or((0, 0));
                 let amount = i128::try_from(amount).map_err(internal)?;
                 // A net payer (net < 0) was credited; a net receiver debited.

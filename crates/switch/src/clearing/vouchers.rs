@@ -76,7 +76,7 @@ impl Clearing {
             let visible = participant.is_none_or(|bic| event.involves(bic));
             if let VoucherEvent::WindowClosed { window, .. } = event {
                 if let Some(record) =
-                    read_json::<WindowRecord>(&self.node, window_key(window)).await?
+                    read_json::<WindowRecord>(&self.node, self.keys.window(window)).await?
                 {
                     if let Some(checkpoint) = record.report.checkpoint {
                         checkpoints.push(checkpoint);
@@ -124,6 +124,7 @@ pub fn walk_vouchers(
     mut on_checkpoint: impl FnMut(&Checkpoint) -> Result<(), ApiError>,
     mut progress: impl FnMut(u64),
 ) -> Result<(u64, u64), ApiError> {
+    let keys = super::key_scheme_or_compact(node)?;
     let (mut vouchers, mut checkpoints) = (0u64, 0u64);
     let mut from = from.max(1);
     loop {
@@ -136,7 +137,7 @@ pub fn walk_vouchers(
             if let Ok(VoucherEvent::WindowClosed { window, .. }) =
                 VoucherEvent::parse(&voucher.body)
             {
-                let stored = node.get_records(&[window_key(window)])?.pop().flatten();
+                let stored = node.get_records(&[keys.window(window)])?.pop().flatten();
                 let record: Option<WindowRecord> = stored
                     .map(|bytes| serde_json::from_slice(&bytes))
                     .transpose()
@@ -212,10 +213,11 @@ pub fn verify_data_dir(
         ChainVerifier::new(*public_key)
     } else {
         let state = super::retention_state_of(node).map_err(io)?;
+        let keys = super::key_scheme_or_compact(node).map_err(io)?;
         // The anchor is the close of the last pruned window, or of the next one when a crash
         // came between its last prune and the retention state's update.
         let next_close = node
-            .get_records(&[window_key(state.pruned_through + 1)])
+            .get_records(&[keys.window(state.pruned_through + 1)])
             .map_err(|e| io(ApiError::from(e)))?
             .pop()
             .flatten()

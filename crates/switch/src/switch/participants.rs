@@ -133,12 +133,7 @@ impl Switch {
             ));
             if net_debit_cap > 0 {
                 lines.push(Transfer {
-                    id: id128(&[
-                        b"ndc-line",
-                        request.bic.as_bytes(),
-                        code.as_bytes(),
-                        b"onboard",
-                    ]),
+                    id: self.clearing.keys.ndc_line(&request.bic, code, b"onboard"),
                     debit_account_id: ndc_account(code),
                     credit_account_id: position_account(&request.bic, code),
                     amount: net_debit_cap,
@@ -174,7 +169,7 @@ impl Switch {
         };
         // The net debit cap lines and the participant record are written together.
         let record = RecordPut {
-            key: participant_key(&participant.bic),
+            key: self.clearing.keys.participant(&participant.bic),
             value: encode(&Stored::Participant(participant.clone())),
             open: true,
             aliases: vec![],
@@ -266,7 +261,7 @@ impl Switch {
                 let available = available(&account);
                 let mut id_nonce = [0u8; 16];
                 getrandom::fill(&mut id_nonce).expect("randomness");
-                let id = id128(&[b"ndc-line", bic.as_bytes(), code.as_bytes(), &id_nonce]);
+                let id = self.clearing.keys.ndc_line(bic, &code, &id_nonce);
                 if new_cap >= terms.net_debit_cap {
                     transfers.push(Transfer {
                         id,
@@ -316,7 +311,7 @@ impl Switch {
             }
         }
         let record = RecordPut {
-            key: participant_key(bic),
+            key: self.clearing.keys.participant(bic),
             value: encode(&Stored::Participant(participant.clone())),
             open: true,
             aliases: vec![],
@@ -379,7 +374,10 @@ impl Switch {
             LiquidityDirection::Out => (position, settlement, TRANSFER_CODE_LIQUIDITY_OUT),
         };
         let transfer = Transfer {
-            id: liquidity_transfer_id(bic, &request.request_id),
+            id: self
+                .clearing
+                .keys
+                .liquidity_transfer(bic, &request.request_id),
             debit_account_id: debit,
             credit_account_id: credit,
             amount,

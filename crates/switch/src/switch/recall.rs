@@ -18,10 +18,6 @@ fn is_code_in(list: &str, code: &str) -> bool {
     code.len() == 4 && list.lines().any(|line| line == code)
 }
 
-pub fn recall_key(requested_by: &str, case_id: &str) -> u128 {
-    id128(&[b"recall", requested_by.as_bytes(), case_id.as_bytes()])
-}
-
 impl Switch {
     async fn read_recall(&self, key: u128) -> Result<Option<RecallRecord>, ApiError> {
         let node = self.node.clone();
@@ -132,7 +128,7 @@ impl Switch {
                 ));
             }
         }
-        let key = recall_key(me, &case_id);
+        let key = self.clearing.keys.recall(me, &case_id);
         if let Some(existing) = self.read_recall(key).await? {
             return if existing.payment_id == format!("{:032x}", original.id()) {
                 Ok(existing)
@@ -228,7 +224,7 @@ impl Switch {
             .clone()
             .unwrap_or_else(|| resolution.assignment.assignee_bic.clone());
         let mut record = self
-            .read_recall(recall_key(&requester, &case_id))
+            .read_recall(self.clearing.keys.recall(&requester, &case_id))
             .await?
             .filter(|r| r.assignee == *me)
             .ok_or_else(|| ApiError::not_found("recall"))?;
