@@ -41,11 +41,7 @@ fn instruction_of(report: &Value, bic: &str) -> Option<String> {
 #[test]
 fn windows_net_settle_sign_and_survive_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let banks_runtime = banks_runtime();
     let (banks, _) = banks_runtime.block_on(start_banks(
         vec![bank(A), bank(B), bank(C), bank(P)],
         accepting(),
@@ -87,17 +83,7 @@ fn windows_net_settle_sign_and_survive_restarts() {
         .await;
         assert_eq!(status, 403);
 
-        let (status, report) = call(
-            &op,
-            "POST",
-            "/v1/admin/windows/close",
-            json!({"settle": true}),
-        )
-        .await;
-        assert_eq!(status, 200, "{report}");
-        assert_eq!(report["state"], "settled", "{report}");
-        assert_eq!(report["reconciled"], true);
-        assert_eq!(report["breaks"], json!([]));
+        let report = close_and_settle(&op).await;
         // A pays 30.00, B receives 30.00, C receives 20.00; the prefunded P settled gross.
         assert_eq!(instruction_of(&report, A).as_deref(), Some("-3000"));
         assert_eq!(instruction_of(&report, B).as_deref(), Some("3000"));
@@ -386,11 +372,7 @@ fn windows_net_settle_sign_and_survive_restarts() {
 #[test]
 fn a_gridlock_only_multilateral_offsetting_resolves_is_settled() {
     let dir = tempfile::tempdir().unwrap();
-    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let banks_runtime = banks_runtime();
     let (banks, _) = banks_runtime.block_on(start_banks(
         vec![bank(A), bank(B), bank(C), bank(P)],
         accepting(),
@@ -528,11 +510,7 @@ fn statements_of_old_windows_survive_a_full_balance_cache() {
 /// funded, three payments, window 1 closed and settled; then a restart and one more payment.
 /// Returns the settled report of window 1.
 fn a_day_in(dir: &std::path::Path) -> Value {
-    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let banks_runtime = banks_runtime();
     let (banks, _) =
         banks_runtime.block_on(start_banks(vec![bank(A), bank(B), bank(P)], accepting()));
     let running = start_switch(dir, config());
@@ -548,17 +526,7 @@ fn a_day_in(dir: &std::path::Path) -> Value {
         pay(&url, A, B, "D1-1", "100.00").await;
         pay(&url, B, A, "D1-2", "40.00").await;
         pay(&url, P, A, "D1-3", "25.00").await;
-        let (status, report) = call(
-            &op,
-            "POST",
-            "/v1/admin/windows/close",
-            json!({"settle": true}),
-        )
-        .await;
-        assert_eq!(status, 200, "{report}");
-        assert_eq!(report["state"], "settled", "{report}");
-        assert_eq!(report["breaks"], json!([]), "{report}");
-        report
+        close_and_settle(&op).await
     });
     drop(running);
     // After a restart the participants, their funds and the settled window are all found.

@@ -61,11 +61,7 @@ fn text_of(dom: &str, id: &str) -> String {
 #[test]
 fn the_dashboard_shows_live_figures_in_a_real_browser() {
     let dir = tempfile::tempdir().unwrap();
-    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let banks_runtime = banks_runtime();
     let (banks, _) = banks_runtime.block_on(start_banks(
         BANKS.iter().map(|b| bank(b)).collect(),
         accepting(),

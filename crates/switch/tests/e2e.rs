@@ -25,11 +25,7 @@ const NET: &str = "NETSDEFF";
 #[test]
 fn payments_end_to_end_over_http() {
     let dir = tempfile::tempdir().unwrap();
-    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let banks_runtime = banks_runtime();
     let bank = |bic: &str| SimBank {
         bic: bic.to_string(),
         secret: secret(bic),
@@ -692,11 +688,7 @@ fn payments_end_to_end_over_http() {
 #[test]
 fn overload_is_answered_early_and_nothing_is_left_reserved() {
     let dir = tempfile::tempdir().unwrap();
-    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let banks_runtime = banks_runtime();
     let bank = |bic: &str| SimBank {
         bic: bic.to_string(),
         secret: secret(bic),

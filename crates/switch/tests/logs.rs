@@ -51,11 +51,7 @@ fn logs_hold_no_secret_and_no_personal_data() {
         .init();
 
     let dir = tempfile::tempdir().unwrap();
-    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let banks_runtime = banks_runtime();
     let ((accepting, _), (silent, _)) = banks_runtime.block_on(async {
         (
             start_banks(vec![bank(PAYER), bank(PAYEE)], accepting()).await,

@@ -69,11 +69,7 @@ fn header(id: &str) -> AppHeader {
 #[test]
 fn the_fednow_profile_takes_routing_numbers_and_requires_the_header() {
     let dir = tempfile::tempdir().unwrap();
-    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let banks_runtime = banks_runtime();
     let (banks, _) =
         banks_runtime.block_on(start_banks(vec![bank(PAYER), bank(PAYEE)], accepting()));
     let running = start_switch(
@@ -160,11 +156,7 @@ fn the_fednow_profile_takes_routing_numbers_and_requires_the_header() {
 #[test]
 fn the_sepa_instant_profile_takes_ibans_with_valid_check_sums() {
     let dir = tempfile::tempdir().unwrap();
-    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let banks_runtime = banks_runtime();
     let (banks, _) = banks_runtime.block_on(start_banks(
         vec![bank("SEPADEFF"), bank("SEPBFRPP")],
         accepting(),

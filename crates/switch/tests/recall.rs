@@ -101,11 +101,7 @@ async fn post_xml(
 #[test]
 fn recalls_return_the_money_when_accepted_and_nothing_when_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let banks_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let banks_runtime = banks_runtime();
     let (banks, counters) =
         banks_runtime.block_on(start_banks(vec![bank(A), bank(B), bank(C)], accepting()));
     let running = start_switch(dir.path(), config());

@@ -69,6 +69,31 @@ pub fn start_switch_in(
     Running { runtime, url }
 }
 
+/// A one-thread runtime for the simulated banks and the test's own clients.
+pub fn banks_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Closes the open window and settles it; asserts it settled, reconciled, with no break.
+pub async fn close_and_settle(op: &SignedClient) -> Value {
+    let (status, report) = call(
+        op,
+        "POST",
+        "/v1/admin/windows/close",
+        json!({"settle": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["state"], "settled", "{report}");
+    assert_eq!(report["reconciled"], true, "{report}");
+    assert_eq!(report["breaks"], json!([]), "{report}");
+    report
+}
+
 pub async fn start_banks(banks: Vec<SimBank>, options: SimOptions) -> (String, Arc<SimCounters>) {
     let counters = Arc::new(SimCounters::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
