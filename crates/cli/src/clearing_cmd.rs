@@ -314,8 +314,14 @@ pub fn bench(args: ClearingBenchArgs) -> anyhow::Result<()> {
                     % args.participants;
                 let amount = 1 + u128::from(rng.next_u64() % 100_000);
                 gross += amount;
-                let id = clearhouse_switch::model::id128(&[b"c1", &n.to_le_bytes()]);
                 let (payer, payee) = (bics[from as usize].clone(), bics[to as usize].clone());
+                // Keyed as the switch keys its payments (acceptance time first), so the index
+                // sees the same insert order as under real traffic.
+                let id = clearhouse_switch::model::payment_key(
+                    clearhouse_switch::clock::now_ns(),
+                    &payer,
+                    &format!("C1-{n}"),
+                );
                 transfers.push(Transfer {
                     id,
                     debit_account_id: position_account(&payer, "EUR"),
