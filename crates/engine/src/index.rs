@@ -21,6 +21,10 @@ use crate::voucher_pack;
 use crate::vouchers::{Voucher, VoucherChain};
 use crate::EngineError;
 
+/// The index cache by default: 1 GiB, redb's own default (see
+/// [`crate::NodeOptions::index_cache_bytes`]; the switch sets its own, `index_cache_mb`).
+pub const INDEX_CACHE_BYTES_DEFAULT: usize = 1 << 30;
+
 const TRANSFERS: TableDefinition<u128, &[u8]> = TableDefinition::new("transfers");
 /// Account events in chunks: key (account id, timestamp of the chunk's first event), value the
 /// chunk's events in timestamp order (compact::ChunkWriter). One index transaction writes
@@ -172,9 +176,9 @@ pub struct Index {
 
 impl Index {
     /// Opens (or creates) the index with the default cache
-    /// ([`crate::node::INDEX_CACHE_BYTES_DEFAULT`]).
+    /// ([`INDEX_CACHE_BYTES_DEFAULT`]).
     pub fn open(path: &Path) -> Result<Index, EngineError> {
-        Index::open_with(path, crate::node::INDEX_CACHE_BYTES_DEFAULT, true)
+        Index::open_with(path, INDEX_CACHE_BYTES_DEFAULT, true)
     }
 
     /// Opens (or creates) the index with a page cache of `cache_bytes`, with or without account

@@ -20,11 +20,9 @@ pub mod voucher_pack;
 pub mod vouchers;
 
 pub use codec::{Prune, RecordPut};
+pub use index::INDEX_CACHE_BYTES_DEFAULT;
 pub use index::QUERY_LIMIT_MAX;
-pub use node::{
-    MetricsSnapshot, Node, NodeOptions, NodeStats, RecoveryReport, SubmitOutcome,
-    INDEX_CACHE_BYTES_DEFAULT,
-};
+pub use node::{MetricsSnapshot, Node, NodeOptions, NodeStats, RecoveryReport, SubmitOutcome};
 pub use vouchers::{Voucher, VoucherStamp};
 
 #[derive(Debug, thiserror::Error)]

@@ -27,7 +27,7 @@ use crate::codec::{
     KIND_SUBMIT, PRUNE_KEYS_MAX, PRUNE_REPLACEMENT_MAX, RECORD_ALIASES_MAX, RECORD_PUTS_MAX,
     RECORD_VALUE_MAX,
 };
-use crate::index::{Index, IndexUpdate};
+use crate::index::{Index, IndexUpdate, INDEX_CACHE_BYTES_DEFAULT};
 use crate::replica::{
     ReplicaTicket, ReplicatedGroup, Replication, TailCheckHandle, TICKET_WAIT_MAX,
 };
@@ -109,10 +109,6 @@ impl NodeOptions {
         }
     }
 }
-
-/// The index cache by default: 1 GiB, redb's own default (see
-/// [`NodeOptions::index_cache_bytes`]; the switch sets its own, `index_cache_mb`).
-pub const INDEX_CACHE_BYTES_DEFAULT: usize = 1 << 30;
 
 /// What recovery found and did.
 #[derive(Clone, Debug, Default)]

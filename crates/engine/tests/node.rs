@@ -44,6 +44,37 @@ enum Op {
     Restart,
 }
 
+/// The first page of both sides of an account's history.
+fn all_of(account_id: u128) -> AccountFilter {
+    AccountFilter {
+        account_id,
+        timestamp_min: 0,
+        timestamp_max: 0,
+        limit: 10,
+        debits: true,
+        credits: true,
+        reversed: false,
+    }
+}
+
+/// A posted transfer of ledger 1, code 1.
+fn plain_transfer(
+    id: u128,
+    debit_account_id: u128,
+    credit_account_id: u128,
+    amount: u128,
+) -> Transfer {
+    Transfer {
+        id,
+        debit_account_id,
+        credit_account_id,
+        amount,
+        ledger: 1,
+        code: 1,
+        ..Transfer::default()
+    }
+}
+
 fn transfer_strategy() -> impl Strategy<Value = Transfer> {
     (
         1u128..=60,
@@ -379,15 +410,7 @@ fn records_are_written_with_their_transfers_atomically_and_survive_restarts() {
     {
         let node = Node::start(small_options(dir.path())).unwrap();
         node.create_accounts(accounts(3)).unwrap();
-        let ok = Transfer {
-            id: 1,
-            debit_account_id: 1,
-            credit_account_id: 2,
-            amount: 5,
-            ledger: 1,
-            code: 1,
-            ..Transfer::default()
-        };
+        let ok = plain_transfer(1, 1, 2, 5);
         // Account 3 must not go below zero: this transfer fails, so its record is not written.
         let fails = Transfer {
             id: 2,
@@ -636,15 +659,7 @@ fn without_account_history_the_index_keeps_no_account_events_and_it_stays_off() 
             node.lookup_transfers(vec![17]).unwrap()[0].transfer.amount,
             17
         );
-        let filter = AccountFilter {
-            account_id: 3,
-            timestamp_min: 0,
-            timestamp_max: 0,
-            limit: 10,
-            debits: true,
-            credits: true,
-            reversed: false,
-        };
+        let filter = all_of(3);
         let error = node.get_account_transfers(&filter).unwrap_err().to_string();
         assert!(error.contains("no account history"), "{error}");
         let error = node.get_account_balances(&filter).unwrap_err().to_string();
@@ -675,16 +690,8 @@ fn account_history_can_be_turned_off_for_an_existing_index() {
     {
         let node = Node::start(small_options(dir.path())).unwrap();
         node.create_accounts(accounts(2)).unwrap();
-        node.create_transfers(vec![Transfer {
-            id: 9,
-            debit_account_id: 1,
-            credit_account_id: 2,
-            amount: 5,
-            ledger: 1,
-            code: 1,
-            ..Transfer::default()
-        }])
-        .unwrap();
+        node.create_transfers(vec![plain_transfer(9, 1, 2, 5)])
+            .unwrap();
     }
     let mut off = small_options(dir.path());
     off.account_history = false;
