@@ -235,20 +235,11 @@ impl ParticipantTransport for QueueTransport {
             ));
             sender
         });
-        if !self.queued.take(&participant.bic) {
+        if !self.queued.offer(&participant.bic, sender, notification) {
             self.link
                 .status
                 .notifications_dropped_total
                 .fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        if sender.try_send(notification).is_err() {
-            self.queued.release(1);
-            self.link
-                .status
-                .notifications_dropped_total
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(bic = %participant.bic, limit = self.queue_max, "notification queue full; notification dropped (status queries still answer)");
         }
     }
 }

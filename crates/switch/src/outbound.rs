@@ -410,13 +410,7 @@ impl HttpTransport {
             tokio::spawn(worker.run(receiver));
             sender
         });
-        if !self.queued.take(&participant.bic) {
-            return;
-        }
-        if sender.try_send(notification).is_err() {
-            self.queued.release(1);
-            tracing::warn!(bic = %participant.bic, limit = self.queue_max, "notification queue full; notification dropped (status queries still answer)");
-        }
+        self.queued.offer(&participant.bic, sender, notification);
     }
 }
 
@@ -462,6 +456,29 @@ impl QueuedNotifications {
         self.queued.fetch_sub(1, Ordering::SeqCst);
         tracing::warn!(bic, limit = self.max, "notification queues full (all participants together); notification dropped (status queries still answer)");
         false
+    }
+
+    /// Queues `notification` for `bic`'s worker if a place is free, in all queues together and in
+    /// its own; false (logged) when it was dropped.
+    pub fn offer(
+        &self,
+        bic: &str,
+        sender: &mpsc::Sender<Notification>,
+        notification: Notification,
+    ) -> bool {
+        if !self.take(bic) {
+            return false;
+        }
+        if sender.try_send(notification).is_err() {
+            self.release(1);
+            tracing::warn!(
+                bic,
+                limit = sender.max_capacity(),
+                "notification queue full; notification dropped (status queries still answer)"
+            );
+            return false;
+        }
+        true
     }
 
     /// Gives back the places of `count` notifications (delivered, dropped or not queued).
