@@ -95,12 +95,22 @@ impl Clearing {
         }
         // The previous window's statements go before this one's are built (one in memory).
         *built = None;
-        let openings = self.closing_balances(window.saturating_sub(1)).await?;
-        let (statements, closings) = self.window_statements(window, &openings).await?;
-        self.remember_closings(window, Arc::new(closings));
-        let statements = Arc::new(statements);
+        let events = self.window_events(window).await?;
+        let statements = self.statements_and_closings(window, &events).await?;
         *built = Some((window, statements.clone()));
         Ok(statements)
+    }
+
+    /// A window's statements from its vouchers, its closing balances remembered on the way.
+    async fn statements_and_closings(
+        &self,
+        window: u64,
+        events: &[(u64, VoucherEvent)],
+    ) -> Result<Arc<Vec<clearhouse_clearing::statement::Statement>>, ApiError> {
+        let openings = self.closing_balances(window.saturating_sub(1)).await?;
+        let (statements, closings) = self.statements_of(window, &openings, events).await?;
+        self.remember_closings(window, Arc::new(closings));
+        Ok(Arc::new(statements))
     }
 
     /// Builds and keeps a just-reconciled window's statements from the vouchers reconciliation
@@ -109,16 +119,8 @@ impl Clearing {
     pub(super) async fn build_statements_from(&self, window: u64, events: &[(u64, VoucherEvent)]) {
         let mut built = self.statements_built.lock().await;
         *built = None;
-        let result = async {
-            let openings = self.closing_balances(window.saturating_sub(1)).await?;
-            self.statements_of(window, &openings, events).await
-        }
-        .await;
-        match result {
-            Ok((statements, closings)) => {
-                self.remember_closings(window, Arc::new(closings));
-                *built = Some((window, Arc::new(statements)));
-            }
+        match self.statements_and_closings(window, events).await {
+            Ok(statements) => *built = Some((window, statements)),
             Err(error) => {
                 tracing::warn!(window, %error, "statements not built with reconciliation; built when asked for");
             }
