@@ -1153,6 +1153,8 @@ async fn drive(
     let sampling = args.sample_seconds > 0;
     let sampled: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
+    let clients_count = args.clients;
+    let ticks_from = tokio::time::Instant::now();
     for worker in 0..args.clients {
         let sampled = sampled.clone();
         let clients = clients.clone();
@@ -1165,8 +1167,12 @@ async fn drive(
             .then(|| Duration::from_secs_f64(args.clients as f64 / args.rate as f64));
         tasks.push(tokio::spawn(async move {
             let mut local = Tally::default();
-            let mut ticker = interval.map(|i| {
-                let mut t = tokio::time::interval(i);
+            // Each client's ticks are offset by its share of the interval, so the offered
+            // payments arrive evenly spaced (one every 0.5 ms at 2,000/s), not as a burst of
+            // every client at once each interval, which no scheme's independent senders make.
+            let phase = interval.map(|i| i.mul_f64(worker as f64 / clients_count as f64));
+            let mut ticker = interval.zip(phase).map(|(i, phase)| {
+                let mut t = tokio::time::interval_at(ticks_from + phase, i);
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 t
             });

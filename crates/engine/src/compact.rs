@@ -17,10 +17,11 @@ use clearhouse_ledger::{
 use crate::codec::CodecError;
 
 /// The version of the index's value encoding, kept in the index's `meta` table.
-pub const INDEX_FORMAT: u32 = 3;
-/// The earlier format this build still opens: its values are those of format 3 without the bits
-/// `PENDING_IS_DELTA` and `ID_IS_KEY`, so they decode unchanged (the index is marked 3 on open).
-pub const INDEX_FORMAT_READABLE: u32 = 2;
+pub const INDEX_FORMAT: u32 = 4;
+/// The earlier formats this build still opens (the index is marked 4 on open): their values are
+/// those of format 4 without the bits added since (format 2: `PENDING_IS_DELTA` and `ID_IS_KEY`;
+/// format 3: `TIMESTAMP_NEAR_ID`), so they decode unchanged.
+pub const INDEX_FORMATS_READABLE: [u32; 2] = [2, 3];
 
 const DEBIT_IS_SELF: u16 = 1 << 0;
 const CREDIT_IS_SELF: u16 = 1 << 1;
@@ -35,7 +36,11 @@ const HAS_FLAGS: u16 = 1 << 7;
 const PENDING_IS_DELTA: u16 = 1 << 8;
 /// Format 3: the id is not stored; it is the table's key.
 const ID_IS_KEY: u16 = 1 << 9;
-const MASK_ALL: u16 = (1 << 10) - 1;
+/// Format 4: the timestamp is a zigzag delta from the id's high 64 bits, not from the usual base.
+/// Ids that begin with a time (the switch's payment keys: acceptance ns, then a hash) are
+/// committed microseconds to milliseconds after it: 3 or 4 bytes instead of 9.
+const TIMESTAMP_NEAR_ID: u16 = 1 << 10;
+const MASK_ALL: u16 = (1 << 11) - 1;
 
 /// Bit of an event's kind byte: a balance follows the transfer.
 const EVENT_HAS_BALANCE: u8 = 0x80;
@@ -79,6 +84,12 @@ fn unzigzag_u128(z: u128, previous: u128) -> u128 {
 fn zigzag_u64(current: u64, base: u64) -> u64 {
     let delta = current.wrapping_sub(base) as i64;
     ((delta << 1) ^ (delta >> 63)) as u64
+}
+
+/// Bytes of `v` as a LEB128 varint.
+#[inline]
+fn varint_len(v: u64) -> u32 {
+    (64 - v.leading_zeros()).max(1).div_ceil(7)
 }
 
 #[inline]
@@ -199,6 +210,14 @@ fn put_transfer(out: &mut Vec<u8>, t: &Transfer, own: u128, base: u64, id_is_key
     if t.flags.0 != 0 {
         mask |= HAS_FLAGS;
     }
+    let near = (t.id >> 64) as u64;
+    let base =
+        if varint_len(zigzag_u64(t.timestamp, near)) < varint_len(zigzag_u64(t.timestamp, base)) {
+            mask |= TIMESTAMP_NEAR_ID;
+            near
+        } else {
+            base
+        };
     put_u64(out, mask as u64);
     if !id_is_key {
         put_u128(out, t.id);
@@ -301,6 +320,11 @@ fn get_transfer(
     if mask & HAS_FLAGS != 0 {
         t.flags = TransferFlags(c.u16()?);
     }
+    let base = if mask & TIMESTAMP_NEAR_ID != 0 {
+        (id >> 64) as u64
+    } else {
+        base
+    };
     t.timestamp = unzigzag_u64(c.u64()?, base);
     Ok(t)
 }
@@ -638,6 +662,37 @@ mod tests {
             let mut out = Vec::new();
             let _ = decode_account_events(7, 1000, &bytes, &mut out);
         }
+    }
+
+    #[test]
+    fn format_4_timestamps_of_time_keyed_ids_are_short() {
+        let accepted = 1_764_000_000_123_456_789u64;
+        let encoded = |id: u128, timestamp: u64| {
+            let stored = StoredTransfer {
+                transfer: Transfer {
+                    id,
+                    debit_account_id: 7,
+                    credit_account_id: 8,
+                    amount: 9,
+                    ledger: 1,
+                    code: 2,
+                    timestamp,
+                    ..Transfer::default()
+                },
+                status: PendingStatus::from_u8(1).unwrap(),
+            };
+            let mut out = Vec::new();
+            encode_stored_transfer(&mut out, &stored);
+            assert_eq!(decode_stored_transfer(id, &out).unwrap(), stored);
+            out.len()
+        };
+        let payment_key = (u128::from(accepted) << 64) | 0xABCD_EF01_2345_6780;
+        // Committed 2 ms after acceptance, or (a clock step) 1 ms before it: 3-4 bytes, not 9.
+        let random = encoded(0x1234_5678_9abc_def0, accepted + 2_000_000);
+        assert!(encoded(payment_key, accepted + 2_000_000) + 5 <= random);
+        assert!(encoded(payment_key, accepted - 1_000_000) + 5 <= random);
+        // Far from the id's time: the usual base, whichever is shorter.
+        assert_eq!(encoded(payment_key, 10), encoded(0x1234, 10));
     }
 
     #[test]

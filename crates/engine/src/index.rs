@@ -16,7 +16,7 @@ use clearhouse_ledger::{
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::codec::{self, Prune, RecordPut};
-use crate::compact::{self, ChunkWriter, INDEX_FORMAT, INDEX_FORMAT_READABLE};
+use crate::compact::{self, ChunkWriter, INDEX_FORMAT, INDEX_FORMATS_READABLE};
 use crate::voucher_pack;
 use crate::vouchers::{Voucher, VoucherChain};
 use crate::EngineError;
@@ -221,9 +221,16 @@ impl Index {
             let applied = redb_try!(meta.get("applied_seq"), "read meta").is_some();
             match format {
                 Some(bytes) if bytes.as_slice() == INDEX_FORMAT.to_le_bytes() => {}
-                // Format 2's values decode as format 3's; mark the index 3, since what this build
-                // writes from now on an older build could not read.
-                Some(bytes) if bytes.as_slice() == INDEX_FORMAT_READABLE.to_le_bytes() => {
+                // Older formats' values decode as this one's; mark the index with this format,
+                // since what this build writes from now on an older build could not read.
+                Some(bytes) if bytes.as_slice() == 3u32.to_le_bytes() => {
+                    redb_try!(
+                        meta.insert("index_format", INDEX_FORMAT.to_le_bytes().as_slice()),
+                        "write meta"
+                    );
+                }
+                // Format 2 also stored its vouchers unpacked: they stay so, later ones are packed.
+                Some(bytes) if bytes.as_slice() == 2u32.to_le_bytes() => {
                     redb_try!(
                         meta.insert("index_format", INDEX_FORMAT.to_le_bytes().as_slice()),
                         "write meta"
@@ -247,7 +254,7 @@ impl Index {
                     return Err(EngineError::Index {
                         context: "index format",
                         message: format!(
-                            "{} holds index format {}, this build reads formats {INDEX_FORMAT_READABLE} and {INDEX_FORMAT} only; \
+                            "{} holds index format {}, this build reads formats {INDEX_FORMATS_READABLE:?} and {INDEX_FORMAT} only; \
                              run the build that wrote it, or start with a new data directory",
                             path.display(),
                             found
@@ -1124,18 +1131,21 @@ mod tests {
         // Reopening the same format works and keeps the data.
         let index = Index::open(&path).unwrap();
         assert_eq!(index.restore().unwrap().seq, 3);
-        // Format 2 opens, keeps its data and is marked 3 (what is written from now on is 3).
-        set_format(&index, Some(INDEX_FORMAT_READABLE));
-        drop(index);
-        let index = Index::open(&path).unwrap();
-        assert_eq!(index.restore().unwrap().seq, 3);
-        let txn = index.db.begin_read().unwrap();
-        let format = txn.open_table(META).unwrap().get("index_format").unwrap();
-        assert_eq!(
-            format.unwrap().value(),
-            INDEX_FORMAT.to_le_bytes().as_slice()
-        );
-        drop(txn);
+        // Formats 2 and 3 open, keep their data and are marked with the current format (what is
+        // written from now on is that).
+        let mut index = index;
+        for older in INDEX_FORMATS_READABLE {
+            set_format(&index, Some(older));
+            drop(index);
+            index = Index::open(&path).unwrap();
+            assert_eq!(index.restore().unwrap().seq, 3);
+            let txn = index.db.begin_read().unwrap();
+            let format = txn.open_table(META).unwrap().get("index_format").unwrap();
+            assert_eq!(
+                format.unwrap().value(),
+                INDEX_FORMAT.to_le_bytes().as_slice()
+            );
+        }
         // An unversioned index with data (format 1) and a future format are refused, unchanged.
         set_format(&index, None);
         drop(index);
@@ -1243,7 +1253,7 @@ mod tests {
             }
             txn.commit().unwrap();
         }
-        set_format(&index, Some(INDEX_FORMAT_READABLE));
+        set_format(&index, Some(2));
         drop(index);
         // Opened by this build: voucher 2 on is packed, voucher 1 stays as it was.
         let index = Index::open(&path).unwrap();

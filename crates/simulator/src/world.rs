@@ -170,9 +170,10 @@ impl World {
             let record = record.ok_or_else(|| {
                 format!("p{index} was acknowledged as reserved but is not on disk after recovery")
             })?;
-            let record = clearhouse_switch::stored::decode_payment(&record)
-                .map_err(|e| format!("p{index} record: {e}"))?
-                .ok_or_else(|| format!("p{index}: its key holds another kind of record"))?;
+            let record =
+                clearhouse_switch::stored::decode_payment(self.payments[index].id, &record)
+                    .map_err(|e| format!("p{index} record: {e}"))?
+                    .ok_or_else(|| format!("p{index}: its key holds another kind of record"))?;
             let state = match (record.state, record.reason) {
                 (PaymentState::Reserved, _) => State::Pending,
                 (PaymentState::Settled, _) => State::Settled,

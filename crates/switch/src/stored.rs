@@ -48,8 +48,11 @@ pub enum StoredError {
     Invalid(&'static str),
 }
 
-/// The first byte of a binary payment record (layout version 1).
+/// The first byte of a binary payment record, layout version 1 (still read; no longer written).
 const TAG_PAYMENT_V1: u8 = 0x01;
+/// The first byte of a binary payment record, layout version 2: version 1 without the key (the
+/// record's own key in the engine) and, when it is the key's high 64 bits, the acceptance time.
+const TAG_PAYMENT_V2: u8 = 0x03;
 /// The first byte of a tombstone: tag, window (u64 LE), instruction alias (u128 LE).
 const TAG_ARCHIVED: u8 = 0x02;
 const ARCHIVED_LEN: usize = 25;
@@ -65,6 +68,8 @@ const HAS_REMITTANCE: u8 = 1 << 5;
 /// The UETR is a lowercase UUID and is stored as its 16 bytes (else as text).
 const UETR_BINARY: u8 = 1 << 6;
 const FLAGS_ALL: u8 = (1 << 7) - 1;
+/// Version 2 only: the acceptance time is stored (it is not the key's high 64 bits).
+const ACCEPTED_STORED: u8 = 1 << 7;
 
 pub fn encode(stored: &Stored) -> Vec<u8> {
     match stored {
@@ -80,9 +85,17 @@ pub fn encode(stored: &Stored) -> Vec<u8> {
     }
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Stored, StoredError> {
+/// A record from its stored bytes and the key it is stored under (a version 2 payment leaves its
+/// key, and usually its acceptance time, to it).
+pub fn decode(key: u128, bytes: &[u8]) -> Result<Stored, StoredError> {
     match bytes.first() {
-        Some(&TAG_PAYMENT_V1) => Ok(Stored::Payment(Box::new(decode_payment_v1(bytes)?))),
+        Some(&TAG_PAYMENT_V1) => Ok(Stored::Payment(Box::new(decode_binary_payment(
+            None, bytes,
+        )?))),
+        Some(&TAG_PAYMENT_V2) => Ok(Stored::Payment(Box::new(decode_binary_payment(
+            Some(key),
+            bytes,
+        )?))),
         Some(&TAG_ARCHIVED) if bytes.len() == ARCHIVED_LEN => Ok(Stored::Archived(Archived {
             window: u64::from_le_bytes(bytes[1..9].try_into().expect("8 bytes")),
             instruction_alias: u128::from_le_bytes(bytes[9..25].try_into().expect("16 bytes")),
@@ -92,9 +105,10 @@ pub fn decode(bytes: &[u8]) -> Result<Stored, StoredError> {
     }
 }
 
-/// A payment record from its stored bytes (either layout); `None` for another kind of record.
-pub fn decode_payment(bytes: &[u8]) -> Result<Option<PaymentRecord>, StoredError> {
-    Ok(match decode(bytes)? {
+/// A payment record from its stored bytes (any layout) and its key; `None` for another kind of
+/// record.
+pub fn decode_payment(key: u128, bytes: &[u8]) -> Result<Option<PaymentRecord>, StoredError> {
+    Ok(match decode(key, bytes)? {
         Stored::Payment(record) => Some(*record),
         Stored::Participant(_) | Stored::Return(_) | Stored::Recall(_) | Stored::Archived(_) => {
             None
@@ -103,15 +117,18 @@ pub fn decode_payment(bytes: &[u8]) -> Result<Option<PaymentRecord>, StoredError
 }
 
 /// Layout (integers little-endian; `varint` LEB128; `text` a varint length and UTF-8 bytes):
-/// tag u8 = 1, state u8 (0 reserved, 1 settled, 2 rejected), flags u8, key u128, accepted_at_ns
-/// u64, deadline_ns u64, finished_at_ns u64 (0 when none), amount varint, returned varint,
+/// tag u8 = 3, state u8 (0 reserved, 1 settled, 2 rejected), flags u8, accepted_at_ns u64 only
+/// with flag bit 7 (else it is the key's high 64 bits, as [`crate::model::payment_key`] makes
+/// it), deadline_ns u64, finished_at_ns u64 (0 when none), amount varint, returned varint,
 /// instruction_id, end_to_end_id (text), uetr (16 bytes or text, by flag), debtor_agent,
 /// creditor_agent, currency, debtor name, debtor account, creditor name, creditor account (text),
 /// then by flag: remittance_information, message_id, transaction_id, reason (text).
+/// Version 1 (tag 1, still read) has the key u128 after the flags and accepted_at_ns always.
 /// The fixed-width times keep the final record as long as the reserved one (but for a reason),
 /// so the index rewrites it in place instead of splitting its page.
 fn encode_payment(r: &PaymentRecord) -> Vec<u8> {
     let uetr = uetr_bytes(&r.uetr);
+    let accepted_stored = r.accepted_at_ns != (r.key >> 64) as u64;
     let mut flags = 0u8;
     for (on, bit) in [
         (r.queued, QUEUED),
@@ -121,21 +138,23 @@ fn encode_payment(r: &PaymentRecord) -> Vec<u8> {
         (r.transaction_id.is_some(), HAS_TRANSACTION_ID),
         (r.remittance_information.is_some(), HAS_REMITTANCE),
         (uetr.is_some(), UETR_BINARY),
+        (accepted_stored, ACCEPTED_STORED),
     ] {
         if on {
             flags |= bit;
         }
     }
     let mut out = Vec::with_capacity(160);
-    out.push(TAG_PAYMENT_V1);
+    out.push(TAG_PAYMENT_V2);
     out.push(match r.state {
         PaymentState::Reserved => 0,
         PaymentState::Settled => 1,
         PaymentState::Rejected => 2,
     });
     out.push(flags);
-    out.extend_from_slice(&r.key.to_le_bytes());
-    out.extend_from_slice(&r.accepted_at_ns.to_le_bytes());
+    if accepted_stored {
+        out.extend_from_slice(&r.accepted_at_ns.to_le_bytes());
+    }
     out.extend_from_slice(&r.deadline_ns.to_le_bytes());
     out.extend_from_slice(&r.finished_at_ns.unwrap_or(0).to_le_bytes());
     put_u128(&mut out, r.amount);
@@ -171,7 +190,8 @@ fn encode_payment(r: &PaymentRecord) -> Vec<u8> {
     out
 }
 
-fn decode_payment_v1(bytes: &[u8]) -> Result<PaymentRecord, StoredError> {
+/// Version 1 (`key` None: the value holds it) or 2 (the key it is stored under).
+fn decode_binary_payment(key: Option<u128>, bytes: &[u8]) -> Result<PaymentRecord, StoredError> {
     let mut c = Cursor::new(bytes, "payment record");
     let _tag = c.u8()?;
     let state = match c.u8()? {
@@ -181,14 +201,24 @@ fn decode_payment_v1(bytes: &[u8]) -> Result<PaymentRecord, StoredError> {
         _ => return Err(StoredError::Invalid("unknown payment state")),
     };
     let flags = c.u8()?;
-    if flags & !FLAGS_ALL != 0 {
+    let known = match key {
+        None => FLAGS_ALL,
+        Some(_) => FLAGS_ALL | ACCEPTED_STORED,
+    };
+    if flags & !known != 0 {
         return Err(StoredError::Invalid("unknown payment flags"));
     }
-    let key = u128::from_le_bytes(c.take(16)?.try_into().expect("16 bytes"));
     let u64_le = |c: &mut Cursor| -> Result<u64, StoredError> {
         Ok(u64::from_le_bytes(c.take(8)?.try_into().expect("8 bytes")))
     };
-    let accepted_at_ns = u64_le(&mut c)?;
+    let (key, accepted_at_ns) = match key {
+        None => (
+            u128::from_le_bytes(c.take(16)?.try_into().expect("16 bytes")),
+            u64_le(&mut c)?,
+        ),
+        Some(key) if flags & ACCEPTED_STORED != 0 => (key, u64_le(&mut c)?),
+        Some(key) => (key, (key >> 64) as u64),
+    };
     let deadline_ns = u64_le(&mut c)?;
     let finished_at_ns = u64_le(&mut c)?;
     let amount = c.u128()?;
@@ -331,8 +361,49 @@ mod tests {
 
     fn round_trip(record: &PaymentRecord) -> PaymentRecord {
         let bytes = encode(&Stored::Payment(Box::new(record.clone())));
-        assert_eq!(bytes[0], TAG_PAYMENT_V1);
-        decode_payment(&bytes).unwrap().unwrap()
+        assert_eq!(bytes[0], TAG_PAYMENT_V2);
+        decode_payment(record.key, &bytes).unwrap().unwrap()
+    }
+
+    /// The version 1 layout, as builds before version 2 wrote it.
+    fn encode_v1(r: &PaymentRecord) -> Vec<u8> {
+        let mut r = r.clone();
+        // Version 2 with the acceptance time stored is version 1 without the key.
+        r.accepted_at_ns = r.accepted_at_ns.wrapping_add(1);
+        let mut v2 = encode(&Stored::Payment(Box::new(r.clone())));
+        assert_ne!(v2[2] & ACCEPTED_STORED, 0);
+        let accepted = (r.accepted_at_ns.wrapping_sub(1)).to_le_bytes();
+        v2[3..11].copy_from_slice(&accepted);
+        let mut v1 = vec![TAG_PAYMENT_V1, v2[1], v2[2] & !ACCEPTED_STORED];
+        v1.extend_from_slice(&r.key.to_le_bytes());
+        v1.extend_from_slice(&v2[3..]);
+        v1
+    }
+
+    #[test]
+    fn version_1_records_still_read_and_version_2_leaves_the_key_out() {
+        let record = sample();
+        let v1 = encode_v1(&record);
+        // Read whatever key they are given: version 1 holds its own.
+        assert_eq!(decode_payment(0, &v1).unwrap().unwrap(), record);
+        let v2 = encode(&Stored::Payment(Box::new(record.clone())));
+        assert_eq!(v2.len() + 24, v1.len());
+        // A version 2 record read under another key is that key's (the engine keys it).
+        let other = decode_payment(record.key + (1 << 64), &v2)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (other.key, other.accepted_at_ns),
+            (record.key + (1 << 64), record.accepted_at_ns + 1)
+        );
+        // An acceptance time that is not the key's is kept.
+        let mut odd = record.clone();
+        odd.accepted_at_ns -= 7;
+        assert_eq!(round_trip(&odd), odd);
+        // Flag bit 7 means nothing in version 1.
+        let mut bad = v1;
+        bad[2] |= ACCEPTED_STORED;
+        assert!(decode(record.key, &bad).is_err());
     }
 
     #[test]
@@ -371,33 +442,38 @@ mod tests {
         let record = sample();
         let json = serde_json::to_vec(&Stored::Payment(Box::new(record.clone()))).unwrap();
         assert_eq!(json[0], b'{');
-        assert_eq!(decode_payment(&json).unwrap().unwrap(), record);
+        assert_eq!(decode_payment(record.key, &json).unwrap().unwrap(), record);
     }
 
     #[test]
     fn every_truncation_and_trailing_byte_is_an_error() {
-        let bytes = encode(&Stored::Payment(Box::new(sample())));
-        for len in 0..bytes.len() {
-            assert!(decode(&bytes[..len]).is_err(), "truncated to {len}");
+        let record = sample();
+        for bytes in [
+            encode(&Stored::Payment(Box::new(record.clone()))),
+            encode_v1(&record),
+        ] {
+            let key = record.key;
+            for len in 0..bytes.len() {
+                assert!(decode(key, &bytes[..len]).is_err(), "truncated to {len}");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(decode(key, &longer).is_err());
+            let mut bad_state = bytes.clone();
+            bad_state[1] = 3;
+            assert!(decode(key, &bad_state).is_err());
         }
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert!(decode(&longer).is_err());
-        let mut bad_state = bytes.clone();
-        bad_state[1] = 3;
-        assert!(decode(&bad_state).is_err());
-        let mut bad_flags = bytes;
-        bad_flags[2] |= 0x80;
-        assert!(decode(&bad_flags).is_err());
     }
 
     proptest! {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            if let Some(first) = bytes.first_mut() {
-                *first = TAG_PAYMENT_V1;
+            for tag in [TAG_PAYMENT_V1, TAG_PAYMENT_V2] {
+                if let Some(first) = bytes.first_mut() {
+                    *first = tag;
+                }
+                let _ = decode(7, &bytes);
             }
-            let _ = decode(&bytes);
         }
 
         #[test]
@@ -430,7 +506,8 @@ mod tests {
                 returned: amount / 2,
                 queued: flags & QUEUED != 0,
             };
-            prop_assert_eq!(round_trip(&record), record);
+            prop_assert_eq!(round_trip(&record), record.clone());
+            prop_assert_eq!(decode_payment(0, &encode_v1(&record)).unwrap().unwrap(), record);
         }
     }
 }

@@ -250,7 +250,7 @@ impl Switch {
         let mut participants = BTreeMap::new();
         let mut payments = Vec::new();
         for (key, value) in open {
-            match decode(&value) {
+            match decode(key, &value) {
                 Ok(Stored::Participant(p)) => {
                     participants.insert(p.bic.clone(), p);
                 }

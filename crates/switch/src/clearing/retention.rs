@@ -335,7 +335,7 @@ impl Clearing {
         let mut prune = Prune::default();
         for (key, value) in keys.iter().zip(values) {
             let Some(value) = value else { continue };
-            match decode(&value).map_err(internal)? {
+            match decode(*key, &value).map_err(internal)? {
                 Stored::Payment(record) => {
                     if record.state == PaymentState::Reserved {
                         return Err(internal(format!(
@@ -413,7 +413,7 @@ impl Clearing {
             };
             let mut prune = Prune::default();
             for (key, value) in chunk.iter().zip(values) {
-                if let Some(Ok(Stored::Archived(tombstone))) = value.map(|v| decode(&v)) {
+                if let Some(Ok(Stored::Archived(tombstone))) = value.map(|v| decode(*key, &v)) {
                     if tombstone.window == window {
                         prune.delete.push(*key);
                         prune.aliases.push(tombstone.instruction_alias);

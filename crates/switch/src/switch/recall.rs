@@ -25,7 +25,7 @@ impl Switch {
             .await?
             .pop()
             .flatten();
-        match value.map(|v| decode(&v)) {
+        match value.map(|v| decode(key, &v)) {
             None => Ok(None),
             Some(Ok(Stored::Recall(r))) => Ok(Some(*r)),
             Some(_) => Err(ApiError::new(500, "corrupt_record", "not a recall")),

@@ -41,14 +41,14 @@ impl Switch {
             let node = self.node.clone();
             blocking(move || {
                 Ok(match node.resolve_alias(alias)? {
-                    Some(key) => node.get_records(&[key])?.pop().flatten(),
+                    Some(key) => node.get_records(&[key])?.pop().flatten().map(|v| (key, v)),
                     None => None,
                 })
             })
             .await?
         };
-        if let Some(value) = existing {
-            return match decode(&value) {
+        if let Some((key, value)) = existing {
+            return match decode(key, &value) {
                 Ok(Stored::Return(r)) if r.original_key == payment_key => Ok(ReturnView::of(&r)),
                 _ => Err(ApiError::new(
                     409,

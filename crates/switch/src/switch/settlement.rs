@@ -302,7 +302,7 @@ impl Switch {
             .ok()?
             .pop()
             .flatten()?;
-        crate::stored::decode_payment(&value).ok().flatten()
+        crate::stored::decode_payment(id, &value).ok().flatten()
     }
 
     /// Picks up an open payment after a restart; `reserved`: its reservation is still pending.

@@ -52,7 +52,7 @@ impl Switch {
         }
         // An index read of microseconds: done in place, not on the blocking pool.
         let value = self.node.get_records_now(&[id])?.pop().flatten();
-        match value.map(|v| decode(&v)) {
+        match value.map(|v| decode(id, &v)) {
             None => Ok(None),
             Some(Ok(Stored::Payment(record))) => Ok(Some(*record)),
             Some(Ok(Stored::Archived(archived))) => Err(ApiError::archived(archived.window)),
