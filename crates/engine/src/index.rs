@@ -170,6 +170,10 @@ pub struct Index {
     /// Vouchers from this sequence on are stored packed ([`crate::voucher_pack`]); those before it
     /// (written by format 2, before the index was re-marked 3) hold their body as is.
     vouchers_packed_from: u64,
+    /// Vouchers from this sequence on (format 4) start with a byte saying whether their chain hash
+    /// follows; it is kept for every [`VOUCHER_HASH_EVERY`]th voucher and the last of each index
+    /// transaction, and recomputed from the bodies for the others. Those before it hold theirs.
+    vouchers_sparse_from: u64,
     /// Whether account events are written and account history answered.
     account_history: bool,
 }
@@ -197,6 +201,7 @@ impl Index {
         let mut index = Index {
             db,
             vouchers_packed_from: 0,
+            vouchers_sparse_from: 0,
             account_history,
         };
         // Make sure every table exists so read transactions never miss one.
@@ -228,6 +233,11 @@ impl Index {
                         meta.insert("index_format", INDEX_FORMAT.to_le_bytes().as_slice()),
                         "write meta"
                     );
+                    let next = next_voucher_seq(&txn)?;
+                    redb_try!(
+                        meta.insert("vouchers_sparse_from", next.to_le_bytes().as_slice()),
+                        "write meta"
+                    );
                 }
                 // Format 2 also stored its vouchers unpacked: they stay so, later ones are packed.
                 Some(bytes) if bytes.as_slice() == 2u32.to_le_bytes() => {
@@ -235,14 +245,13 @@ impl Index {
                         meta.insert("index_format", INDEX_FORMAT.to_le_bytes().as_slice()),
                         "write meta"
                     );
-                    let vouchers = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
-                    let next = redb_try!(vouchers.last(), "read last voucher")
-                        .map_or(0, |(seq, _)| seq.value())
-                        + 1;
-                    redb_try!(
-                        meta.insert("vouchers_packed_from", next.to_le_bytes().as_slice()),
-                        "write meta"
-                    );
+                    let next = next_voucher_seq(&txn)?;
+                    for key in ["vouchers_packed_from", "vouchers_sparse_from"] {
+                        redb_try!(
+                            meta.insert(key, next.to_le_bytes().as_slice()),
+                            "write meta"
+                        );
+                    }
                 }
                 None if !applied => {
                     redb_try!(
@@ -284,16 +293,20 @@ impl Index {
                 meta.insert("account_history", [u8::from(account_history)].as_slice()),
                 "write meta"
             );
-            let packed_from = redb_try!(meta.get("vouchers_packed_from"), "read meta")
-                .map(|value| value.value().to_vec());
-            if let Some(bytes) = packed_from {
-                index.vouchers_packed_from =
-                    u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| {
+            for (key, field) in [
+                ("vouchers_packed_from", &mut index.vouchers_packed_from),
+                ("vouchers_sparse_from", &mut index.vouchers_sparse_from),
+            ] {
+                let stored =
+                    redb_try!(meta.get(key), "read meta").map(|value| value.value().to_vec());
+                if let Some(bytes) = stored {
+                    *field = u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| {
                         EngineError::Index {
-                            context: "vouchers_packed_from",
-                            message: "bad length".into(),
+                            context: "vouchers layout",
+                            message: format!("{key}: bad length"),
                         }
                     })?);
+                }
             }
         }
         redb_try!(txn.commit(), "commit");
@@ -342,14 +355,13 @@ impl Index {
             pending.push(stored);
         }
         let vouchers_table = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
-        let vouchers = match redb_try!(vouchers_table.last(), "read last voucher") {
-            Some((seq, value)) => {
-                let voucher = self.decode_voucher(seq.value(), value.value())?;
-                VoucherChain {
-                    seq: voucher.seq,
-                    hash: voucher.hash,
-                }
-            }
+        let last =
+            redb_try!(vouchers_table.last(), "read last voucher").map(|(seq, _)| seq.value());
+        let vouchers = match last {
+            Some(seq) => VoucherChain {
+                seq,
+                hash: self.hash_of(&vouchers_table, &meta, seq)?,
+            },
             // Every voucher pruned: the chain continues from its anchor.
             None => {
                 let (seq, hash) = read_anchor(&meta)?;
@@ -517,12 +529,22 @@ impl Index {
                         ),
                     });
                 }
+                let last_new = vouchers_new.last().map_or(0, |v| v.seq);
                 for voucher in vouchers_new {
                     buffer.clear();
-                    buffer.extend_from_slice(&voucher.hash);
-                    if voucher.seq >= self.vouchers_packed_from {
+                    if voucher.seq >= self.vouchers_sparse_from {
+                        // The hash of every 64th and of the last (the chain head a restart reads).
+                        let keep = voucher.seq % VOUCHER_HASH_EVERY == 0 || voucher.seq == last_new;
+                        buffer.push(u8::from(keep));
+                        if keep {
+                            buffer.extend_from_slice(&voucher.hash);
+                        }
+                        buffer.extend_from_slice(&voucher_pack::pack(&voucher.body));
+                    } else if voucher.seq >= self.vouchers_packed_from {
+                        buffer.extend_from_slice(&voucher.hash);
                         buffer.extend_from_slice(&voucher_pack::pack(&voucher.body));
                     } else {
+                        buffer.extend_from_slice(&voucher.hash);
                         buffer.extend_from_slice(&voucher.body);
                     }
                     redb_try!(
@@ -575,31 +597,134 @@ impl Index {
         Ok(out)
     }
 
-    /// A stored voucher: its hash, then its body, packed from `vouchers_packed_from` on.
-    fn decode_voucher(&self, seq: u64, value: &[u8]) -> Result<Voucher, EngineError> {
-        if value.len() < 32 {
-            return Err(EngineError::Index {
-                context: "vouchers",
-                message: format!(
-                    "voucher {seq} is {} bytes, shorter than its hash",
-                    value.len()
-                ),
-            });
+    /// A stored voucher's hash (when the value holds it) and body: hash then body as is before
+    /// `vouchers_packed_from`, hash then packed body before `vouchers_sparse_from`, then a byte
+    /// (1: the hash follows, 0: not) and the packed body.
+    fn decode_voucher(
+        &self,
+        seq: u64,
+        value: &[u8],
+    ) -> Result<(Option<[u8; 32]>, Vec<u8>), EngineError> {
+        let short = || EngineError::Index {
+            context: "vouchers",
+            message: format!(
+                "voucher {seq} is {} bytes, shorter than its hash",
+                value.len()
+            ),
+        };
+        let hash = |at: usize| -> Result<[u8; 32], EngineError> {
+            value
+                .get(at..at + 32)
+                .map(|h| h.try_into().expect("32 bytes"))
+                .ok_or_else(short)
+        };
+        let max = crate::vouchers::VOUCHER_BODY_MAX;
+        if seq >= self.vouchers_sparse_from {
+            return match value.first() {
+                Some(0) => Ok((None, voucher_pack::unpack(&value[1..], max)?)),
+                Some(1) => Ok((
+                    Some(hash(1)?),
+                    voucher_pack::unpack(value.get(33..).ok_or_else(short)?, max)?,
+                )),
+                _ => Err(EngineError::Index {
+                    context: "vouchers",
+                    message: format!("voucher {seq}: unknown layout byte {:?}", value.first()),
+                }),
+            };
         }
         let body = if seq >= self.vouchers_packed_from {
-            voucher_pack::unpack(&value[32..], crate::vouchers::VOUCHER_BODY_MAX)?
+            voucher_pack::unpack(value.get(32..).ok_or_else(short)?, max)?
         } else {
-            value[32..].to_vec()
+            value.get(32..).ok_or_else(short)?.to_vec()
         };
-        Ok(Voucher {
-            seq,
-            hash: value[..32].try_into().expect("32 bytes"),
-            body,
-        })
+        Ok((Some(hash(0)?), body))
     }
 
-    /// Vouchers with sequence numbers from `from_seq` on, in order, at most `limit`.
+    /// The chain hash of voucher `seq` (which the table holds): stored, or recomputed from the
+    /// nearest stored hash before it (at most [`VOUCHER_HASH_EVERY`] vouchers back), the anchor
+    /// of a pruned chain, or the genesis hash.
+    fn hash_of(
+        &self,
+        table: &impl ReadableTable<u64, &'static [u8]>,
+        meta: &impl ReadableTable<&'static str, &'static [u8]>,
+        seq: u64,
+    ) -> Result<[u8; 32], EngineError> {
+        // The vouchers without a stored hash from `seq` back, newest first.
+        let mut bodies: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut expected = seq;
+        let mut base = None;
+        for entry in redb_try!(table.range(..=seq), "range vouchers").rev() {
+            let (at, value) = redb_try!(entry, "read voucher");
+            let at = at.value();
+            if at != expected || bodies.len() as u64 > VOUCHER_WALK_MAX {
+                break;
+            }
+            match self.decode_voucher(at, value.value())? {
+                (Some(hash), _) => {
+                    base = Some(hash);
+                    break;
+                }
+                (None, body) => bodies.push((at, body)),
+            }
+            expected = at.saturating_sub(1);
+        }
+        let mut hash = match base {
+            Some(hash) => hash,
+            // Back to the start of the chain, or of what retention left of it.
+            None if expected == 0 => crate::vouchers::GENESIS_HASH,
+            None => match read_anchor(meta)? {
+                (anchor_seq, anchor_hash) if anchor_seq == expected => anchor_hash,
+                (anchor_seq, _) => {
+                    return Err(EngineError::Index {
+                        context: "vouchers",
+                        message: format!(
+                            "no chain hash for voucher {seq}: none kept from {expected} back (anchor {anchor_seq})"
+                        ),
+                    })
+                }
+            },
+        };
+        for (at, body) in bodies.iter().rev() {
+            hash = crate::vouchers::chain_hash(&hash, *at, &crate::vouchers::leaf_digest(body));
+        }
+        Ok(hash)
+    }
+
+    /// Vouchers with sequence numbers from `from_seq` on, in order, at most `limit`, with their
+    /// chain hashes.
     pub fn vouchers(&self, from_seq: u64, limit: usize) -> Result<Vec<Voucher>, EngineError> {
+        let txn = redb_try!(self.db.begin_read(), "begin read");
+        let table = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
+        let meta = redb_try!(txn.open_table(META), "open meta");
+        let mut out: Vec<Voucher> = Vec::with_capacity(limit.min(65_536));
+        for entry in redb_try!(table.range(from_seq..), "range vouchers") {
+            if out.len() >= limit {
+                break;
+            }
+            let (seq, value) = redb_try!(entry, "read voucher");
+            let seq = seq.value();
+            let (stored, body) = self.decode_voucher(seq, value.value())?;
+            let hash = match (stored, out.last()) {
+                (Some(hash), _) => hash,
+                (None, Some(previous)) if previous.seq + 1 == seq => crate::vouchers::chain_hash(
+                    &previous.hash,
+                    seq,
+                    &crate::vouchers::leaf_digest(&body),
+                ),
+                (None, _) => self.hash_of(&table, &meta, seq)?,
+            };
+            out.push(Voucher { seq, hash, body });
+        }
+        Ok(out)
+    }
+
+    /// Voucher bodies from `from_seq` on, in order, at most `limit`, without their chain hashes
+    /// (which a reader of bodies alone need not recompute).
+    pub fn voucher_bodies(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, EngineError> {
         let txn = redb_try!(self.db.begin_read(), "begin read");
         let table = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
         let mut out = Vec::with_capacity(limit.min(65_536));
@@ -608,7 +733,10 @@ impl Index {
                 break;
             }
             let (seq, value) = redb_try!(entry, "read voucher");
-            out.push(self.decode_voucher(seq.value(), value.value())?);
+            out.push((
+                seq.value(),
+                self.decode_voucher(seq.value(), value.value())?.1,
+            ));
         }
         Ok(out)
     }
@@ -621,16 +749,15 @@ impl Index {
         read_anchor(&meta)
     }
 
-    /// The stored hash of voucher `seq` (None: not in the index).
+    /// The chain hash of voucher `seq` (None: not in the index).
     pub fn voucher_hash(&self, seq: u64) -> Result<Option<[u8; 32]>, EngineError> {
         let txn = redb_try!(self.db.begin_read(), "begin read");
         let table = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
-        Ok(redb_try!(table.get(seq), "read voucher").and_then(|value| {
-            value
-                .value()
-                .get(..32)
-                .map(|h| h.try_into().expect("32 bytes"))
-        }))
+        let meta = redb_try!(txn.open_table(META), "open meta");
+        if redb_try!(table.get(seq), "read voucher").is_none() {
+            return Ok(None);
+        }
+        self.hash_of(&table, &meta, seq).map(Some)
     }
 
     /// The key an alias resolves to.
@@ -850,6 +977,19 @@ impl Index {
             .map(|event| (event.timestamp, event.balance.expect("filtered")))
             .collect())
     }
+}
+
+/// Format 4 keeps the chain hash of every this many vouchers (and of each index transaction's
+/// last); a reader recomputes the others from the bodies after the nearest kept one.
+pub const VOUCHER_HASH_EVERY: u64 = 64;
+/// Most vouchers a hash is recomputed over (more means a damaged index: refused, not walked).
+const VOUCHER_WALK_MAX: u64 = 4 * VOUCHER_HASH_EVERY;
+
+/// The sequence number after the last stored voucher (1 for an empty table).
+fn next_voucher_seq(txn: &redb::WriteTransaction) -> Result<u64, EngineError> {
+    let vouchers = redb_try!(txn.open_table(VOUCHERS), "open vouchers");
+    let last = redb_try!(vouchers.last(), "read last voucher").map_or(0, |(seq, _)| seq.value());
+    Ok(last + 1)
 }
 
 /// The voucher chain's anchor in `meta`: (seq, hash) of the last pruned voucher, zeros if none.
@@ -1155,6 +1295,7 @@ mod tests {
         let index = Index {
             db: Database::create(&path).unwrap(),
             vouchers_packed_from: 0,
+            vouchers_sparse_from: 0,
             account_history: true,
         };
         set_format(&index, Some(INDEX_FORMAT + 1));
@@ -1227,6 +1368,100 @@ mod tests {
             prunes: Vec::new(),
             durable: false,
         }
+    }
+
+    #[test]
+    fn vouchers_keep_every_64th_hash_and_every_hash_reads_back_before_and_after_a_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let body = |n: u64| {
+            format!("{{\"type\":\"window_closed\",\"window\":{n},\"opened_at_ns\":1,\"closed_at_ns\":2}}")
+                .into_bytes()
+        };
+        // Voucher 1 as a format 3 index stored it (hash, then packed body); then format 4.
+        let mut chain = VoucherChain::default();
+        let mut all = vec![chain.append(body(1))];
+        let index = Index::open(&path).unwrap();
+        {
+            let txn = index.db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(VOUCHERS).unwrap();
+                let mut value = all[0].hash.to_vec();
+                value.extend_from_slice(&voucher_pack::pack(&all[0].body));
+                table.insert(1, value.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        set_format(&index, Some(3));
+        drop(index);
+        let index = Index::open(&path).unwrap();
+        assert_eq!(index.vouchers_sparse_from, 2);
+        // 299 more in index transactions of 1 to 49 vouchers.
+        let mut seq = 1;
+        let mut size = 1;
+        while all.len() < 300 {
+            let mut next = update(seq, Vec::new());
+            for _ in 0..size.min(300 - all.len()) {
+                all.push(chain.append(body(all.len() as u64 + 1)));
+                next.vouchers.push(all.last().unwrap().clone());
+            }
+            seq += 1;
+            size = (size * 7) % 50 + 1;
+            index.apply_all(&[next]).unwrap();
+        }
+        // Most values hold no hash.
+        {
+            let txn = index.db.begin_read().unwrap();
+            let table = txn.open_table(VOUCHERS).unwrap();
+            let hashed = (2..=300)
+                .filter(|s| table.get(*s).unwrap().unwrap().value()[0] == 1)
+                .count();
+            assert!((4..40).contains(&hashed), "{hashed} of 299 hold their hash");
+            assert_eq!(
+                table.get(300).unwrap().unwrap().value()[0],
+                1,
+                "the head keeps its hash"
+            );
+        }
+        let check = |index: &Index, first: u64| {
+            for from in [first, first + 1, 63, 64, 65, 127, 200, 299, 300] {
+                let from = from.max(first);
+                let read = index.vouchers(from, 70).unwrap();
+                assert_eq!(
+                    read[..],
+                    all[from as usize - 1..(from as usize - 1 + 70).min(300)]
+                );
+                let bodies = index.voucher_bodies(from, 3).unwrap();
+                assert_eq!(bodies[0], (from, all[from as usize - 1].body.clone()));
+            }
+            for s in first..=300 {
+                assert_eq!(
+                    index.voucher_hash(s).unwrap(),
+                    Some(all[s as usize - 1].hash),
+                    "voucher {s}"
+                );
+            }
+            assert_eq!(
+                index.restore().unwrap().vouchers,
+                VoucherChain {
+                    seq: 300,
+                    hash: all[299].hash
+                }
+            );
+        };
+        check(&index, 1);
+        // Pruned through 100 (no hash kept there): 101 on are still verified from the anchor.
+        let mut next = update(seq, Vec::new());
+        next.prunes.push(Prune {
+            vouchers_through: 100,
+            anchor_hash: all[99].hash,
+            ..Prune::default()
+        });
+        index.apply_all(&[next]).unwrap();
+        assert_eq!(index.voucher_hash(100).unwrap(), None);
+        check(&index, 101);
+        drop(index);
+        check(&Index::open(&path).unwrap(), 101);
     }
 
     #[test]

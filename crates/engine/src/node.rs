@@ -778,6 +778,17 @@ impl Node {
         self.inner.index.vouchers(from_seq, limit)
     }
 
+    /// Voucher bodies from sequence `from_seq` on, at most `limit`, without their chain hashes
+    /// (cheaper than [`Node::vouchers`] for readers of the events alone).
+    pub fn voucher_bodies(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, EngineError> {
+        self.wait_indexed()?;
+        self.inner.index.voucher_bodies(from_seq, limit)
+    }
+
     /// Open application records (at most `limit`), reading every acknowledged write.
     pub fn open_records(&self, limit: usize) -> Result<Vec<(u128, Vec<u8>)>, EngineError> {
         self.wait_indexed()?;

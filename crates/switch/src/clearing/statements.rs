@@ -46,7 +46,7 @@ impl Clearing {
         let fetch = |from: u64| {
             let node = self.node.clone();
             let limit = VOUCHER_PAGE.min((end - from + 1) as usize);
-            tokio::task::spawn_blocking(move || node.vouchers(from, limit))
+            tokio::task::spawn_blocking(move || node.voucher_bodies(from, limit))
         };
         let mut from = start;
         let mut reading = (from <= end).then(|| fetch(from));
@@ -55,7 +55,7 @@ impl Clearing {
                 .await
                 .map_err(|error| internal(error.to_string()))?
                 .map_err(ApiError::from)?;
-            if page.first().map(|v| v.seq) != Some(from) {
+            if page.first().map(|(seq, _)| *seq) != Some(from) {
                 return Err(ApiError::new(
                     410,
                     "archived",
@@ -63,15 +63,12 @@ impl Clearing {
                 ));
             }
             let Some(last) = page.last() else { break };
-            from = last.seq + 1;
+            from = last.0 + 1;
             if from <= end {
                 reading = Some(fetch(from));
             }
-            for voucher in page {
-                events.push((
-                    voucher.seq,
-                    VoucherEvent::parse(&voucher.body).map_err(internal)?,
-                ));
+            for (seq, body) in page {
+                events.push((seq, VoucherEvent::parse(&body).map_err(internal)?));
             }
         }
         Ok(events)
