@@ -40,7 +40,11 @@ const ID_IS_KEY: u16 = 1 << 9;
 /// Ids that begin with a time (the switch's payment keys: acceptance ns, then a hash) are
 /// committed microseconds to milliseconds after it: 3 or 4 bytes instead of 9.
 const TIMESTAMP_NEAR_ID: u16 = 1 << 10;
-const MASK_ALL: u16 = (1 << 11) - 1;
+/// Format 4, `transfers` table only: the debit (bit 11) or credit (bit 12) account is a varint
+/// account number (the index's `account_numbers` table), not its 16-byte id.
+const DEBIT_IS_NUMBER: u16 = 1 << 11;
+const CREDIT_IS_NUMBER: u16 = 1 << 12;
+const MASK_ALL: u16 = (1 << 13) - 1;
 
 /// Bit of an event's kind byte: a balance follows the transfer.
 const EVENT_HAS_BALANCE: u8 = 0x80;
@@ -181,7 +185,14 @@ impl<'a> Cursor<'a> {
 
 /// A transfer relative to `own` (the account whose event this is; 0 for none) and to `base` (the
 /// timestamp it is stored near); its id left out when `id_is_key` (the reader knows it).
-fn put_transfer(out: &mut Vec<u8>, t: &Transfer, own: u128, base: u64, id_is_key: bool) {
+fn put_transfer(
+    out: &mut Vec<u8>,
+    t: &Transfer,
+    own: u128,
+    base: u64,
+    id_is_key: bool,
+    number_of: &mut dyn FnMut(u128) -> Option<u32>,
+) {
     let mut mask = 0u16;
     if id_is_key {
         mask |= ID_IS_KEY;
@@ -191,6 +202,20 @@ fn put_transfer(out: &mut Vec<u8>, t: &Transfer, own: u128, base: u64, id_is_key
     }
     if t.credit_account_id == own {
         mask |= CREDIT_IS_SELF;
+    }
+    let debit_number = match mask & DEBIT_IS_SELF {
+        0 => number_of(t.debit_account_id),
+        _ => None,
+    };
+    let credit_number = match mask & CREDIT_IS_SELF {
+        0 => number_of(t.credit_account_id),
+        _ => None,
+    };
+    if debit_number.is_some() {
+        mask |= DEBIT_IS_NUMBER;
+    }
+    if credit_number.is_some() {
+        mask |= CREDIT_IS_NUMBER;
     }
     if t.pending_id != 0 {
         mask |= HAS_PENDING_ID | PENDING_IS_DELTA;
@@ -222,11 +247,15 @@ fn put_transfer(out: &mut Vec<u8>, t: &Transfer, own: u128, base: u64, id_is_key
     if !id_is_key {
         put_u128(out, t.id);
     }
-    if mask & DEBIT_IS_SELF == 0 {
-        put_u128(out, t.debit_account_id);
+    match debit_number {
+        Some(number) => put_u64(out, number as u64),
+        None if mask & DEBIT_IS_SELF == 0 => put_u128(out, t.debit_account_id),
+        None => {}
     }
-    if mask & CREDIT_IS_SELF == 0 {
-        put_u128(out, t.credit_account_id);
+    match credit_number {
+        Some(number) => put_u64(out, number as u64),
+        None if mask & CREDIT_IS_SELF == 0 => put_u128(out, t.credit_account_id),
+        None => {}
     }
     put_u128(out, t.amount);
     put_u64(out, t.ledger as u64);
@@ -259,10 +288,13 @@ fn get_transfer(
     own: u128,
     base: u64,
     key: Option<u128>,
+    numbered: &[u128],
 ) -> Result<Transfer, CodecError> {
     let mask = c.u16()?;
     if mask & !MASK_ALL != 0
         || (mask & PENDING_IS_DELTA != 0 && mask & HAS_PENDING_ID == 0)
+        || (mask & DEBIT_IS_NUMBER != 0 && mask & DEBIT_IS_SELF != 0)
+        || (mask & CREDIT_IS_NUMBER != 0 && mask & CREDIT_IS_SELF != 0)
         || (mask & ID_IS_KEY != 0 && key.is_none())
     {
         return Err(error(
@@ -275,16 +307,21 @@ fn get_transfer(
         Some(key) if mask & ID_IS_KEY != 0 => key,
         _ => c.u128()?,
     };
-    let debit_account_id = if mask & DEBIT_IS_SELF != 0 {
-        own
-    } else {
-        c.u128()?
+    let account = |c: &mut Cursor, is_self: u16, is_number: u16| {
+        if mask & is_self != 0 {
+            Ok(own)
+        } else if mask & is_number != 0 {
+            let number = c.u32()?;
+            numbered
+                .get(number as usize)
+                .copied()
+                .ok_or_else(|| error("account number", numbered.len(), number as usize))
+        } else {
+            c.u128()
+        }
     };
-    let credit_account_id = if mask & CREDIT_IS_SELF != 0 {
-        own
-    } else {
-        c.u128()?
-    };
+    let debit_account_id = account(c, DEBIT_IS_SELF, DEBIT_IS_NUMBER)?;
+    let credit_account_id = account(c, CREDIT_IS_SELF, CREDIT_IS_NUMBER)?;
     let amount = c.u128()?;
     let ledger = c.u32()?;
     let code = c.u16()?;
@@ -331,13 +368,22 @@ fn get_transfer(
 
 /// A transfer with its pending status, as the `transfers` table stores it (the key is its id, left
 /// out of the value).
-pub fn encode_stored_transfer(out: &mut Vec<u8>, stored: &StoredTransfer) {
+/// `number_of` gives an account's number, if it has (or may be given) one.
+pub fn encode_stored_transfer(
+    out: &mut Vec<u8>,
+    stored: &StoredTransfer,
+    number_of: &mut dyn FnMut(u128) -> Option<u32>,
+) {
     out.push(stored.status as u8);
-    put_transfer(out, &stored.transfer, 0, 0, true);
+    put_transfer(out, &stored.transfer, 0, 0, true, number_of);
 }
 
-/// Reads a `transfers` value stored under `key`.
-pub fn decode_stored_transfer(key: u128, bytes: &[u8]) -> Result<StoredTransfer, CodecError> {
+/// Reads a `transfers` value stored under `key`; `numbered[n]` is the id of account number `n`.
+pub fn decode_stored_transfer(
+    key: u128,
+    bytes: &[u8],
+    numbered: &[u128],
+) -> Result<StoredTransfer, CodecError> {
     let mut c = Cursor {
         bytes,
         what: "stored transfer",
@@ -345,7 +391,7 @@ pub fn decode_stored_transfer(key: u128, bytes: &[u8]) -> Result<StoredTransfer,
     let status = c.u8()?;
     let status = PendingStatus::from_u8(status)
         .ok_or_else(|| error("pending status", 1, status as usize))?;
-    let transfer = get_transfer(&mut c, 0, 0, Some(key))?;
+    let transfer = get_transfer(&mut c, 0, 0, Some(key), numbered)?;
     if !c.bytes.is_empty() {
         return Err(error("stored transfer trailing bytes", 0, c.bytes.len()));
     }
@@ -402,6 +448,7 @@ impl ChunkWriter {
                 event.account_id,
                 event.timestamp,
                 false,
+                &mut |_| None,
             );
         }
         if let Some(balance) = event.balance {
@@ -471,7 +518,7 @@ pub fn decode_account_events(
                 ..Transfer::default()
             }
         } else {
-            get_transfer(&mut c, account_id, timestamp, None)?
+            get_transfer(&mut c, account_id, timestamp, None, &[])?
         };
         let balance = if kind_byte & EVENT_HAS_BALANCE != 0 {
             let balance = Balance {
@@ -551,7 +598,7 @@ mod tests {
         // Format 2: status, mask (pending id present), id, debit, credit, amount, ledger, code,
         // pending id as is, timestamp.
         let format_2 = [1u8, 0x04, 5, 7, 8, 9, 1, 2, 3, 20];
-        let stored = decode_stored_transfer(5, &format_2).unwrap();
+        let stored = decode_stored_transfer(5, &format_2, &[]).unwrap();
         assert_eq!(stored.status, PendingStatus::from_u8(1).unwrap());
         let t = stored.transfer;
         assert_eq!(
@@ -577,25 +624,38 @@ mod tests {
             status: PendingStatus::from_u8(0).unwrap(),
         };
         let mut out = Vec::new();
-        encode_stored_transfer(&mut out, &post);
+        encode_stored_transfer(&mut out, &post, &mut |_| None);
         assert!(out.len() <= 12, "{} bytes", out.len());
-        assert_eq!(decode_stored_transfer(pending | 1, &out).unwrap(), post);
+        assert_eq!(
+            decode_stored_transfer(pending | 1, &out, &[]).unwrap(),
+            post
+        );
         // A value that leaves its id to the key means nothing without one.
         let mut c = Cursor::new(&out[1..], "test");
-        assert!(get_transfer(&mut c, 0, 0, None).is_err());
+        assert!(get_transfer(&mut c, 0, 0, None, &[]).is_err());
     }
 
     proptest! {
         #[test]
-        fn stored_transfers_round_trip(t in transfer(), status in 0u8..5) {
+        fn stored_transfers_round_trip(t in transfer(), status in 0u8..5, numbers in 0u8..4) {
             let stored = StoredTransfer { transfer: t, status: PendingStatus::from_u8(status).unwrap() };
+            // Accounts by number: neither, the debit, the credit, or both (numbers 0 to 300).
+            let numbered: Vec<u128> = (0..300u128).map(|n| n + (1 << 100)).chain([t.debit_account_id, t.credit_account_id]).collect();
+            let mut number_of = |id: u128| {
+                let wanted = (id == t.debit_account_id && numbers & 1 != 0) || (id == t.credit_account_id && numbers & 2 != 0);
+                wanted.then(|| numbered.iter().position(|n| *n == id).unwrap() as u32)
+            };
             let mut out = Vec::new();
-            encode_stored_transfer(&mut out, &stored);
+            encode_stored_transfer(&mut out, &stored, &mut number_of);
             let key = stored.transfer.id;
-            prop_assert_eq!(decode_stored_transfer(key, &out).unwrap(), stored);
+            prop_assert_eq!(decode_stored_transfer(key, &out, &numbered).unwrap(), stored);
+            let mut plain = Vec::new();
+            encode_stored_transfer(&mut plain, &stored, &mut |_| None);
+            // Without the numbers, a numbered value is an error, never a wrong account.
+            prop_assert!(out == plain || decode_stored_transfer(key, &out, &numbered[..1]).is_err());
             // Every strict prefix is an error, never a panic or a wrong value.
             for cut in 0..out.len() {
-                prop_assert!(decode_stored_transfer(key, &out[..cut]).is_err());
+                prop_assert!(decode_stored_transfer(key, &out[..cut], &numbered).is_err());
             }
         }
 
@@ -658,7 +718,7 @@ mod tests {
 
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode_stored_transfer(1, &bytes);
+            let _ = decode_stored_transfer(1, &bytes, &[]);
             let mut out = Vec::new();
             let _ = decode_account_events(7, 1000, &bytes, &mut out);
         }
@@ -682,8 +742,8 @@ mod tests {
                 status: PendingStatus::from_u8(1).unwrap(),
             };
             let mut out = Vec::new();
-            encode_stored_transfer(&mut out, &stored);
-            assert_eq!(decode_stored_transfer(id, &out).unwrap(), stored);
+            encode_stored_transfer(&mut out, &stored, &mut |_| None);
+            assert_eq!(decode_stored_transfer(id, &out, &[]).unwrap(), stored);
             out.len()
         };
         let payment_key = (u128::from(accepted) << 64) | 0xABCD_EF01_2345_6780;

@@ -43,6 +43,14 @@ const RECORDS_OPEN: TableDefinition<u128, u8> = TableDefinition::new("records_op
 /// the tombstones, also in key order, go in whole pages when they are cleared.
 const RECORDS_PRUNED: TableDefinition<u128, &[u8]> = TableDefinition::new("records_pruned");
 const RECORD_ALIASES: TableDefinition<u128, u128> = TableDefinition::new("record_aliases");
+/// Format 4: account number -> account id. The `transfers` table names a numbered account by its
+/// number (a varint of 1 to 3 bytes) instead of its 16-byte id. Numbers are given in the order
+/// accounts first appear in a transfer this index writes, up to [`ACCOUNT_NUMBERS_MAX`]; they are
+/// this file's own (another copy of the same journal may number differently).
+const ACCOUNT_NUMBERS: TableDefinition<u32, u128> = TableDefinition::new("account_numbers");
+/// Most accounts given a number (the map is held in memory: 4 MB at most); later accounts are
+/// stored by id.
+pub const ACCOUNT_NUMBERS_MAX: usize = 65_536;
 /// The voucher chain: sequence number -> chain hash (32 bytes) followed by the body.
 const VOUCHERS: TableDefinition<u64, &[u8]> = TableDefinition::new("vouchers");
 
@@ -135,6 +143,7 @@ pub fn storage_report(path: &Path) -> Result<Vec<TableStorage>, EngineError> {
         one(&txn, "records_pruned", RECORDS_PRUNED)?,
         one(&txn, "record_aliases", RECORD_ALIASES)?,
         one(&txn, "vouchers", VOUCHERS)?,
+        one(&txn, "account_numbers", ACCOUNT_NUMBERS)?,
     ])
 }
 
@@ -176,6 +185,15 @@ pub struct Index {
     vouchers_sparse_from: u64,
     /// Whether account events are written and account history answered.
     account_history: bool,
+    /// The `account_numbers` table in memory: read by every transfer decoded, grown by the index
+    /// thread (before its transaction commits, so no reader meets a number it does not know).
+    account_numbers: std::sync::RwLock<AccountNumbers>,
+}
+
+#[derive(Default)]
+struct AccountNumbers {
+    ids: Vec<u128>,
+    by_id: std::collections::HashMap<u128, u32>,
 }
 
 impl Index {
@@ -203,6 +221,7 @@ impl Index {
             vouchers_packed_from: 0,
             vouchers_sparse_from: 0,
             account_history,
+            account_numbers: Default::default(),
         };
         // Make sure every table exists so read transactions never miss one.
         let mut txn = redb_try!(index.db.begin_write(), "begin write");
@@ -217,6 +236,7 @@ impl Index {
             redb_try!(txn.open_table(RECORDS_OPEN), "open table");
             redb_try!(txn.open_table(RECORDS_PRUNED), "open table");
             redb_try!(txn.open_table(RECORD_ALIASES), "open table");
+            redb_try!(txn.open_table(ACCOUNT_NUMBERS), "open table");
             redb_try!(txn.open_table(VOUCHERS), "open table");
         }
         {
@@ -309,6 +329,21 @@ impl Index {
                 }
             }
         }
+        {
+            let table = redb_try!(txn.open_table(ACCOUNT_NUMBERS), "open account numbers");
+            let numbers = index.account_numbers.get_mut().expect("account numbers");
+            for entry in redb_try!(table.iter(), "iterate account numbers") {
+                let (number, id) = redb_try!(entry, "read account number");
+                if number.value() as usize != numbers.ids.len() {
+                    return Err(EngineError::Index {
+                        context: "account numbers",
+                        message: format!("number {} out of order", number.value()),
+                    });
+                }
+                numbers.by_id.insert(id.value(), number.value());
+                numbers.ids.push(id.value());
+            }
+        }
         redb_try!(txn.commit(), "commit");
         Ok(index)
     }
@@ -350,7 +385,11 @@ impl Index {
                     message: format!("pending transfer {} missing", id.value()),
                 }
             })?;
-            let stored = compact::decode_stored_transfer(id.value(), value.value())?;
+            let stored = compact::decode_stored_transfer(
+                id.value(),
+                value.value(),
+                &self.account_numbers.read().expect("account numbers").ids,
+            )?;
             assert_eq!(stored.status, PendingStatus::Pending);
             pending.push(stored);
         }
@@ -406,6 +445,27 @@ impl Index {
         let mut buffer = Vec::with_capacity(4096);
         {
             let mut transfers = redb_try!(txn.open_table(TRANSFERS), "open transfers");
+            let mut numbers_table =
+                redb_try!(txn.open_table(ACCOUNT_NUMBERS), "open account numbers");
+            let mut numbering_failed = None;
+            // An account's number, given now if it has none and numbers remain.
+            let mut number_of = |id: u128| -> Option<u32> {
+                if let Some(number) = self.account_numbers.read().expect("numbers").by_id.get(&id) {
+                    return Some(*number);
+                }
+                let mut numbers = self.account_numbers.write().expect("account numbers");
+                if numbers.ids.len() >= ACCOUNT_NUMBERS_MAX || numbering_failed.is_some() {
+                    return None;
+                }
+                let number = numbers.ids.len() as u32;
+                if let Err(error) = numbers_table.insert(number, id) {
+                    numbering_failed = Some(error);
+                    return None;
+                }
+                numbers.ids.push(id);
+                numbers.by_id.insert(id, number);
+                Some(number)
+            };
             let mut pending = redb_try!(txn.open_table(PENDING), "open pending");
             // Insert in id order (B-tree friendly) through a permutation, so the records are not
             // moved; the sort is stable, so a later version of a transfer is written last.
@@ -431,7 +491,7 @@ impl Index {
                 }
                 let stored = &updates[job as usize].changes.transfers[index as usize];
                 buffer.clear();
-                compact::encode_stored_transfer(&mut buffer, stored);
+                compact::encode_stored_transfer(&mut buffer, stored, &mut number_of);
                 redb_try!(
                     transfers.insert(stored.transfer.id, buffer.as_slice()),
                     "insert transfer"
@@ -443,6 +503,9 @@ impl Index {
                 }
             }
             drop(order);
+            if let Some(error) = numbering_failed {
+                return Err(index_error("insert account number")(error.into()));
+            }
             let mut events = redb_try!(txn.open_table(ACCOUNT_EVENTS), "open account events");
             // Chunks in key order; usually built in one sequential pass over the events (journal
             // order is timestamp order), else by sorting.
@@ -801,7 +864,11 @@ impl Index {
         let transfers = redb_try!(txn.open_table(TRANSFERS), "open transfers");
         for id in ids {
             if let Some(value) = redb_try!(transfers.get(*id), "read transfer") {
-                found(compact::decode_stored_transfer(*id, value.value())?);
+                found(compact::decode_stored_transfer(
+                    *id,
+                    value.value(),
+                    &self.account_numbers.read().expect("account numbers").ids,
+                )?);
             }
         }
         Ok(())
@@ -906,8 +973,12 @@ impl Index {
             for (id, position) in by_id {
                 match redb_try!(transfers.get(id), "read transfer") {
                     Some(value) => {
-                        out[position].transfer =
-                            compact::decode_stored_transfer(id, value.value())?.transfer;
+                        out[position].transfer = compact::decode_stored_transfer(
+                            id,
+                            value.value(),
+                            &self.account_numbers.read().expect("account numbers").ids,
+                        )?
+                        .transfer;
                     }
                     None if pruned => gone.push(position),
                     None => {
@@ -1297,6 +1368,7 @@ mod tests {
             vouchers_packed_from: 0,
             vouchers_sparse_from: 0,
             account_history: true,
+            account_numbers: Default::default(),
         };
         set_format(&index, Some(INDEX_FORMAT + 1));
         drop(index);
@@ -1579,7 +1651,10 @@ mod tests {
         assert!(table("transfers").stored_bytes >= 50 * 16);
         assert_eq!(table("account_events").entries, 1, "one chunk");
         assert_eq!(table("vouchers").entries, 0);
-        assert_eq!(report.len(), 10);
+        // The transfers' accounts got numbers (one each), and the transfers name them so: a
+        // transfer takes well under its two 16-byte account ids.
+        assert!((1..=51).contains(&table("account_numbers").entries));
+        assert_eq!(report.len(), 11);
     }
 
     #[test]
