@@ -118,7 +118,23 @@ pub fn storage_report(path: &Path) -> Result<Vec<TableStorage>, EngineError> {
         table: &'static str,
         definition: TableDefinition<K, V>,
     ) -> Result<TableStorage, EngineError> {
-        let opened = redb_try!(txn.open_table(definition), "open table");
+        let opened = match txn.open_table(definition) {
+            Ok(opened) => opened,
+            // A table this build adds, in an index an older build wrote and this one has not
+            // opened yet: empty.
+            Err(redb::TableError::TableDoesNotExist(_)) => {
+                return Ok(TableStorage {
+                    table,
+                    entries: 0,
+                    stored_bytes: 0,
+                    metadata_bytes: 0,
+                    fragmented_bytes: 0,
+                    leaf_pages: 0,
+                    branch_pages: 0,
+                })
+            }
+            Err(error) => return Err(index_error("open table")(error.into())),
+        };
         let stats = redb_try!(opened.stats(), "table stats");
         Ok(TableStorage {
             table,
