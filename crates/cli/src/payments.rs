@@ -1170,7 +1170,7 @@ async fn drive(
             // Each client's ticks are offset by its share of the interval, so the offered
             // payments arrive evenly spaced (one every 0.5 ms at 2,000/s), not as a burst of
             // every client at once each interval, which no scheme's independent senders make.
-            let phase = interval.map(|i| i.mul_f64(worker as f64 / clients_count as f64));
+            let phase = interval.map(|i| i * worker as u32 / clients_count.max(1) as u32);
             let mut ticker = interval.zip(phase).map(|(i, phase)| {
                 let mut t = tokio::time::interval_at(ticks_from + phase, i);
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);

@@ -1320,6 +1320,21 @@ fn chunks_by_sorting(updates: &[IndexUpdate]) -> Vec<(u128, u64, Vec<u8>)> {
 mod tests {
     use super::*;
 
+    /// A window-closed voucher body (packs well).
+    fn window_closed(n: u64) -> Vec<u8> {
+        format!(
+            "{{\"type\":\"window_closed\",\"window\":{n},\"opened_at_ns\":1,\"closed_at_ns\":2}}"
+        )
+        .into_bytes()
+    }
+
+    /// Stores voucher 1 as `value`, the way an older format laid it out.
+    fn put_voucher_1(index: &Index, value: &[u8]) {
+        let txn = index.db.begin_write().unwrap();
+        txn.open_table(VOUCHERS).unwrap().insert(1, value).unwrap();
+        txn.commit().unwrap();
+    }
+
     fn set_format(index: &Index, format: Option<u32>) {
         let txn = index.db.begin_write().unwrap();
         {
@@ -1462,24 +1477,15 @@ mod tests {
     fn vouchers_keep_every_64th_hash_and_every_hash_reads_back_before_and_after_a_prune() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.redb");
-        let body = |n: u64| {
-            format!("{{\"type\":\"window_closed\",\"window\":{n},\"opened_at_ns\":1,\"closed_at_ns\":2}}")
-                .into_bytes()
-        };
+        let body = window_closed;
         // Voucher 1 as a format 3 index stored it (hash, then packed body); then format 4.
         let mut chain = VoucherChain::default();
         let mut all = vec![chain.append(body(1))];
         let index = Index::open(&path).unwrap();
-        {
-            let txn = index.db.begin_write().unwrap();
-            {
-                let mut table = txn.open_table(VOUCHERS).unwrap();
-                let mut value = all[0].hash.to_vec();
-                value.extend_from_slice(&voucher_pack::pack(&all[0].body));
-                table.insert(1, value.as_slice()).unwrap();
-            }
-            txn.commit().unwrap();
-        }
+        put_voucher_1(
+            &index,
+            &[&all[0].hash[..], &voucher_pack::pack(&all[0].body)].concat(),
+        );
         set_format(&index, Some(3));
         drop(index);
         let index = Index::open(&path).unwrap();
@@ -1556,26 +1562,12 @@ mod tests {
     fn vouchers_are_stored_packed_and_those_of_a_format_2_index_read_as_they_were() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.redb");
-        let body = |n: u64| {
-            format!(
-                "{{\"type\":\"window_closed\",\"window\":{n},\"opened_at_ns\":1,\"closed_at_ns\":2}}"
-            )
-            .into_bytes()
-        };
+        let body = window_closed;
         let mut chain = VoucherChain::default();
         let first = chain.append(body(1));
         // A format 2 index holding voucher 1 as hash and raw body.
         let index = Index::open(&path).unwrap();
-        {
-            let txn = index.db.begin_write().unwrap();
-            {
-                let mut table = txn.open_table(VOUCHERS).unwrap();
-                let mut value = first.hash.to_vec();
-                value.extend_from_slice(&first.body);
-                table.insert(1, value.as_slice()).unwrap();
-            }
-            txn.commit().unwrap();
-        }
+        put_voucher_1(&index, &[&first.hash[..], &first.body].concat());
         set_format(&index, Some(2));
         drop(index);
         // Opened by this build: voucher 2 on is packed, voucher 1 stays as it was.
